@@ -1,0 +1,67 @@
+# drover -- build, test, install.  Everything comes from Debian packages;
+# `make deps` installs what is missing.
+PREFIX   ?= /usr/local
+DESTDIR  ?=
+CC       ?= cc
+PKGS      = lua5.4 libuv libcurl libcrypto sqlite3
+CJSON_A   = $(shell pkg-config --variable=libdir lua5.4-cjson 2>/dev/null || echo /usr/lib)/$(shell gcc -print-multiarch 2>/dev/null)/liblua5.4-cjson.a
+OPT      ?= -O2
+CFLAGS   ?= $(OPT) -g
+DRV_CFLAGS = -std=c99 -D_GNU_SOURCE -fPIC -Wall -Wextra -Wno-unused-parameter \
+             -Iengine/include -Iengine/src $(shell pkg-config --cflags $(PKGS)) \
+             -DDRV_PREFIX='"$(PREFIX)"'
+LIBS      = $(shell pkg-config --libs $(PKGS)) -lm -ldl -lpthread
+BUILD    ?= build
+
+ENGINE_SRC = $(sort $(wildcard engine/src/*.c))
+ENGINE_OBJ = $(ENGINE_SRC:engine/src/%.c=$(BUILD)/obj/%.o)
+HEADERS    = $(wildcard engine/src/*.h) engine/include/drover.h
+
+SOVERSION = 0
+
+.PHONY: all deps test test-c test-lua test-asan bench clean install
+all: $(BUILD)/drover $(BUILD)/libdrover.a $(BUILD)/libdrover.so $(BUILD)/lua/drover/core.so
+
+deps:
+	@bash tests/support/deps.sh
+
+$(BUILD)/obj/%.o: engine/src/%.c $(HEADERS) | $(BUILD)/obj
+	$(CC) $(CFLAGS) $(DRV_CFLAGS) -c $< -o $@
+
+$(BUILD)/obj $(BUILD)/lua/drover:
+	mkdir -p $@
+
+$(BUILD)/libdrover.a: $(ENGINE_OBJ)
+	rm -f $@ && ar rcs $@ $^
+
+$(BUILD)/libdrover.so: $(ENGINE_OBJ)
+	$(CC) $(CFLAGS) -shared -Wl,-soname,libdrover.so.$(SOVERSION) -o $@ $^ -llua5.4-cjson $(LIBS) $(LDFLAGS)
+
+# The binary: engine + cjson linked in statically; Lua symbols exported so
+# that C modules loaded with require() find them.
+$(BUILD)/drover: engine/cli/main.c $(BUILD)/libdrover.a $(HEADERS)
+	$(CC) $(CFLAGS) $(DRV_CFLAGS) -Wl,-E -o $@ engine/cli/main.c $(BUILD)/libdrover.a $(CJSON_A) $(LIBS) $(LDFLAGS)
+
+# drover.core for stock lua5.4: the interpreter provides the Lua symbols.
+$(BUILD)/lua/drover/core.so: $(ENGINE_OBJ) | $(BUILD)/lua/drover
+	$(CC) $(CFLAGS) -shared -o $@ $(filter-out $(BUILD)/obj/api.o,$(ENGINE_OBJ)) \
+	  $(shell pkg-config --libs libuv libcurl libcrypto sqlite3) -lm $(LDFLAGS)
+
+test: all
+	@bash tests/run.sh
+
+test-asan:
+	$(MAKE) BUILD=build-asan OPT="-O1 -fsanitize=address,undefined -fno-omit-frame-pointer" \
+	  LDFLAGS="-fsanitize=address,undefined" all
+	@DROVER_BUILD=build-asan bash tests/run.sh
+
+bench: all
+	@bash bench/run.sh
+
+clean:
+	rm -rf build build-asan
+
+# C tests (tests/c/NAME.c -> $(BUILD)/tests/NAME), linked against the static engine.
+$(BUILD)/tests/%: tests/c/%.c $(BUILD)/libdrover.a $(HEADERS)
+	@mkdir -p $(BUILD)/tests
+	$(CC) $(CFLAGS) $(DRV_CFLAGS) -Itests/c -o $@ $< $(BUILD)/libdrover.a $(CJSON_A) $(LIBS) $(LDFLAGS)

@@ -1,0 +1,111 @@
+/*
+ * main.c -- the drover command-line program.
+ *
+ *   drover FILE.lua [args]   run a Lua script inside the scheduler, like lua5.4 FILE.lua
+ *   drover -e CODE           run a string
+ *   drover COMMAND [...]     a subcommand, implemented in Lua by drover.cli
+ *
+ * Everything beyond running a script lives in Lua (lua/drover/cli.lua), so
+ * this file stays a thin shell over the public API in drover.h.
+ */
+#include "drover.h"
+
+#include <lauxlib.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/stat.h>
+
+static void usage(FILE *f) {
+  fputs("usage: drover FILE.lua [args...]   run a Lua script with the drover runtime\n"
+        "       drover -e CODE [args...]    run a string of Lua code\n"
+        "       drover COMMAND [options]    run a command (drover help lists them)\n"
+        "       drover --version\n",
+        f);
+}
+
+static int is_script(const char *a) {
+  struct stat st;
+  size_t n = strlen(a);
+  if (strchr(a, '/') || (n > 4 && strcmp(a + n - 4, ".lua") == 0)) return 1;
+  return stat(a, &st) == 0 && S_ISREG(st.st_mode);
+}
+
+/* Run drover.cli.main(args) and return its exit code. */
+static int run_command(drover *D, int argc, char **argv) {
+  lua_State *L = drover_lua(D);
+  int i, rc;
+  lua_createtable(L, argc, 0);
+  for (i = 1; i < argc; i++) {
+    lua_pushstring(L, argv[i]);
+    lua_rawseti(L, -2, i);
+  }
+  lua_setglobal(L, "arg");
+  rc = drover_dostring(D,
+                       "local code = require('drover.cli').main(arg)\n"
+                       "_G.arg = code\n",
+                       "=drover");
+  if (rc != DROVER_OK) {
+    fprintf(stderr, "drover: %s\n", drover_errmsg(D));
+    return 2;
+  }
+  lua_getglobal(L, "arg");
+  rc = lua_isinteger(L, -1) ? (int)lua_tointeger(L, -1) : 0;
+  lua_pop(L, 1);
+  return rc;
+}
+
+int main(int argc, char **argv) {
+  drover *D;
+  int rc = 0;
+  if (argc >= 2 && (strcmp(argv[1], "--version") == 0 || strcmp(argv[1], "-v") == 0)) {
+    printf("drover %s (%s, libuv %s)\n", DROVER_VERSION, LUA_RELEASE, uv_version_string());
+    return 0;
+  }
+  if (argc >= 2 && (strcmp(argv[1], "-h") == 0)) {
+    usage(stdout);
+    return 0;
+  }
+  D = drover_open(NULL);
+  if (D == NULL) {
+    fputs("drover: out of memory\n", stderr);
+    return 2;
+  }
+  if (*drover_errmsg(D)) {
+    fprintf(stderr, "drover: %s\n", drover_errmsg(D));
+    drover_close(D);
+    return 2;
+  }
+  if (argc < 2) {
+    usage(stderr);
+    rc = 2;
+  } else if (strcmp(argv[1], "-e") == 0) {
+    if (argc < 3) {
+      fputs("drover: -e needs an argument\n", stderr);
+      rc = 2;
+    } else {
+      lua_State *L = drover_lua(D);
+      int i;
+      lua_createtable(L, argc, 0);
+      for (i = 3; i < argc; i++) {
+        lua_pushstring(L, argv[i]);
+        lua_rawseti(L, -2, i - 2);
+      }
+      lua_setglobal(L, "arg");
+      if (drover_dostring(D, argv[2], "=(command line)") != DROVER_OK) {
+        fprintf(stderr, "drover: %s\n", drover_errmsg(D));
+        rc = 1;
+      }
+    }
+  } else if (is_script(argv[1])) {
+    if (drover_dofile(D, argv[1], argc - 1,
+                      (const char *const *)argv + 1) != DROVER_OK) {
+      fprintf(stderr, "drover: %s\n", drover_errmsg(D));
+      rc = 1;
+    }
+  } else {
+    rc = run_command(D, argc, argv);
+  }
+  fflush(stdout);
+  drover_close(D);
+  return rc;
+}

@@ -1,0 +1,109 @@
+/*
+ * drover_int.h -- private interfaces shared by the engine's C files.
+ *
+ * Nothing here is part of the public API (that is engine/include/drover.h).
+ * Private symbols use the drv__ prefix, like libuv's uv__.
+ *
+ * The one idea every primitive builds on is the *wait*:
+ *
+ *   A Lua call that has to wait for libuv (a timer, a child's exit, an HTTP
+ *   response) starts the libuv operation, then ends with
+ *
+ *       return drv__await(L, &ctx->wait);
+ *
+ *   When libuv reports completion, the primitive's callback pushes its
+ *   results onto drv__wait_stack(&ctx->wait) and calls
+ *   drv__wake(&ctx->wait, nresults).  Those values become the return values
+ *   of the original Lua call.
+ *
+ *   Inside a task (a coroutine the scheduler owns), drv__await yields the
+ *   coroutine with lua_yieldk and the scheduler resumes it from its run
+ *   queue after the wake -- the OpenResty cosocket model.  Outside any task
+ *   (a plain script's main chunk), drv__await runs the loop itself until the
+ *   wait is woken, so primitives work in plain scripts too.
+ *
+ *   The drv_wait must stay valid until drv__wake has returned; after that
+ *   the primitive may free it (typically in a uv_close callback).
+ */
+#ifndef DROVER_INT_H
+#define DROVER_INT_H
+
+#include <lua.h>
+#include <lauxlib.h>
+#include <lualib.h>
+#include <uv.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define DRV_VERSION "0.1.0"
+
+typedef struct drv_engine drv_engine;
+typedef struct drv_task drv_task;
+typedef struct drv_wait drv_wait;
+
+/* Called when the waiting task is cancelled: stop the operation early (close
+ * the timer, kill the process group, abort the transfer).  The operation must
+ * still complete through drv__wake; the task then raises "cancelled". */
+typedef void (*drv_cancel_fn)(drv_wait *w);
+
+struct drv_wait {
+  drv_engine *E;
+  lua_State *L;         /* the waiting thread: a task's coroutine or the main thread */
+  drv_task *task;       /* NULL when blocking outside any task */
+  drv_cancel_fn cancel; /* optional */
+  int done;             /* set by drv__wake */
+  int nres;             /* number of values pushed by the waker */
+};
+
+struct drv_engine {
+  uv_loop_t *loop;
+  uv_loop_t own_loop;   /* used when the host gave no loop */
+  int owns_loop;
+  lua_State *L;         /* main state */
+  int loop_depth;       /* > 0 while uv_run is on the C stack */
+  uv_idle_t runq_idle;  /* keeps the loop spinning while the run queue has work */
+  drv_task *runq_head, *runq_tail;
+  int live_tasks;       /* tasks not yet finished */
+  int blocking_done;    /* a wait outside any task was woken (see drv__await) */
+  int blocking_nres;
+  int closing;
+  void *http;           /* http.c state (curl multi), created lazily */
+  void (*http_free)(drv_engine *E);
+};
+
+/* ---- engine.c ---------------------------------------------------------- */
+drv_engine *drv__engine(lua_State *L);              /* the engine this state belongs to */
+void drv__engine_attach(lua_State *L, uv_loop_t *loop); /* creates the engine for L (idempotent) */
+/* Run the loop once (blocking); used by drv__await outside tasks and by drover.run. */
+int drv__run_once(drv_engine *E);
+
+/* ---- sched.c ----------------------------------------------------------- */
+drv_task *drv__current_task(lua_State *L);          /* NULL when L is not a task */
+void drv__wait_init(drv_wait *w, lua_State *L);     /* bind w to the calling thread */
+lua_State *drv__wait_stack(drv_wait *w);            /* where the waker pushes results */
+int drv__await(lua_State *L, drv_wait *w);          /* use as: return drv__await(L, w); */
+/* Like drv__await, but k(L, LUA_YIELD, kctx) produces the results after the wake. */
+int drv__awaitk(lua_State *L, drv_wait *w, lua_KFunction k, lua_KContext kctx);
+int drv__task_cancel(drv_task *t);                  /* request cancellation */
+void drv__wake(drv_wait *w, int nres);
+int drv__open_sched(lua_State *L);                  /* pushes nothing; adds fields to table at -1 */
+void drv__sched_close(drv_engine *E);
+
+/* ---- modules: each adds its functions to the table at the top --------- */
+int drv__open_timer(lua_State *L);
+int drv__open_proc(lua_State *L);
+int drv__open_http(lua_State *L);
+int drv__open_fs(lua_State *L);
+
+/* ---- util -------------------------------------------------------------- */
+/* Raise "drover.MOD.FN: bad argument NAME (expected T, got U)". */
+int drv__argerror(lua_State *L, const char *fname, const char *argname,
+                  const char *expected, int idx);
+/* Optional field of an options table at idx, checked for type. */
+const char *drv__opt_string(lua_State *L, int idx, const char *fname, const char *key,
+                            const char *dflt);
+double drv__opt_number(lua_State *L, int idx, const char *fname, const char *key,
+                       double dflt);
+int drv__opt_bool(lua_State *L, int idx, const char *fname, const char *key, int dflt);
+
+#endif

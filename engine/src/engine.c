@@ -1,0 +1,163 @@
+/*
+ * engine.c -- one engine per lua_State: the libuv loop, and the drover.core
+ * module that exposes the primitives to Lua.
+ *
+ * The engine lives in a full userdata anchored in the registry, so that the
+ * same code serves the drover binary, libdrover embedders and stock lua5.4
+ * loading drover/core.so: whoever closes the lua_State runs the __gc below,
+ * which closes every libuv handle and then the loop.
+ */
+#include "drover_int.h"
+
+#include <stdio.h>
+#include <string.h>
+#include <stdlib.h>
+
+static const char drv__engine_key = 'E';
+
+drv_engine *drv__engine(lua_State *L) {
+  drv_engine *E;
+  lua_rawgetp(L, LUA_REGISTRYINDEX, &drv__engine_key);
+  E = (drv_engine *)lua_touserdata(L, -1);
+  lua_pop(L, 1);
+  if (E == NULL) luaL_error(L, "drover: engine not initialised (require 'drover.core' first)");
+  return E;
+}
+
+int drv__run_once(drv_engine *E) {
+  int r;
+  E->loop_depth++;
+  r = uv_run(E->loop, UV_RUN_ONCE);
+  E->loop_depth--;
+  return r;
+}
+
+static void drv__close_walk(uv_handle_t *h, void *arg) {
+  (void)arg;
+  if (!uv_is_closing(h)) uv_close(h, NULL);
+}
+
+static int drv__engine_gc(lua_State *L) {
+  drv_engine *E = (drv_engine *)lua_touserdata(L, 1);
+  if (E->closing) return 0;
+  E->closing = 1;
+  drv__sched_close(E);
+  if (E->http_free) E->http_free(E);
+  /* Handles owned by primitives whose Lua side is gone (a detached process
+   * nobody waits for, say) are closed here; their close callbacks free them.
+   * With a host-owned loop we only close what is ours; the host runs the
+   * loop to let the close callbacks fire. */
+  if (E->owns_loop) {
+    uv_walk(E->loop, drv__close_walk, NULL);
+    while (uv_run(E->loop, UV_RUN_NOWAIT) != 0) {}
+    uv_loop_close(E->loop);
+  }
+  return 0;
+}
+
+void drv__engine_attach(lua_State *L, uv_loop_t *loop) {
+  drv_engine *E;
+  lua_rawgetp(L, LUA_REGISTRYINDEX, &drv__engine_key);
+  if (!lua_isnil(L, -1)) { lua_pop(L, 1); return; }
+  lua_pop(L, 1);
+  E = (drv_engine *)lua_newuserdatauv(L, sizeof *E, 0);
+  memset(E, 0, sizeof *E);
+  if (loop) {
+    E->loop = loop;
+  } else {
+    if (uv_loop_init(&E->own_loop) != 0) luaL_error(L, "drover: cannot initialise the event loop");
+    E->loop = &E->own_loop;
+    E->owns_loop = 1;
+  }
+  {
+    lua_State *main;
+    lua_rawgeti(L, LUA_REGISTRYINDEX, LUA_RIDX_MAINTHREAD);
+    main = lua_tothread(L, -1);
+    lua_pop(L, 1);
+    E->L = main;
+  }
+  luaL_newmetatable(L, "drover.engine");
+  lua_pushcfunction(L, drv__engine_gc);
+  lua_setfield(L, -2, "__gc");
+  lua_setmetatable(L, -2);
+  lua_rawsetp(L, LUA_REGISTRYINDEX, &drv__engine_key);
+  uv_idle_init(E->loop, &E->runq_idle);
+  E->runq_idle.data = E;
+}
+
+/* ---- argument helpers --------------------------------------------------- */
+
+int drv__argerror(lua_State *L, const char *fname, const char *argname,
+                  const char *expected, int idx) {
+  return luaL_error(L, "%s: bad argument '%s' (%s expected, got %s)", fname, argname,
+                    expected, luaL_typename(L, idx));
+}
+
+const char *drv__opt_string(lua_State *L, int idx, const char *fname, const char *key,
+                            const char *dflt) {
+  const char *s = dflt;
+  if (lua_isnoneornil(L, idx)) return dflt;
+  lua_getfield(L, idx, key);
+  if (!lua_isnil(L, -1)) {
+    if (lua_type(L, -1) != LUA_TSTRING) {
+      luaL_error(L, "%s: bad option '%s' (string expected, got %s)", fname, key,
+                 luaL_typename(L, -1));
+    }
+    s = lua_tostring(L, -1);
+  }
+  lua_pop(L, 1); /* the string stays alive: it is anchored in the options table */
+  return s;
+}
+
+double drv__opt_number(lua_State *L, int idx, const char *fname, const char *key,
+                       double dflt) {
+  double d = dflt;
+  if (lua_isnoneornil(L, idx)) return dflt;
+  lua_getfield(L, idx, key);
+  if (!lua_isnil(L, -1)) {
+    if (lua_type(L, -1) != LUA_TNUMBER) {
+      luaL_error(L, "%s: bad option '%s' (number expected, got %s)", fname, key,
+                 luaL_typename(L, -1));
+    }
+    d = lua_tonumber(L, -1);
+  }
+  lua_pop(L, 1);
+  return d;
+}
+
+int drv__opt_bool(lua_State *L, int idx, const char *fname, const char *key, int dflt) {
+  int b = dflt;
+  if (lua_isnoneornil(L, idx)) return dflt;
+  lua_getfield(L, idx, key);
+  if (!lua_isnil(L, -1)) {
+    if (lua_type(L, -1) != LUA_TBOOLEAN) {
+      luaL_error(L, "%s: bad option '%s' (boolean expected, got %s)", fname, key,
+                 luaL_typename(L, -1));
+    }
+    b = lua_toboolean(L, -1);
+  }
+  lua_pop(L, 1);
+  return b;
+}
+
+/* ---- the drover.core module --------------------------------------------- */
+
+static void drv__submodule(lua_State *L, const char *name, lua_CFunction open) {
+  lua_newtable(L);
+  open(L);
+  lua_setfield(L, -2, name);
+}
+
+int luaopen_drover_core(lua_State *L);
+int luaopen_drover_core(lua_State *L) {
+  drv__engine_attach(L, NULL);
+  lua_newtable(L);
+  drv__open_sched(L);
+  drv__open_timer(L);
+  drv__submodule(L, "proc", drv__open_proc);
+  drv__submodule(L, "http", drv__open_http);
+  drv__submodule(L, "fs", drv__open_fs);
+  lua_pushliteral(L, DRV_VERSION);
+  lua_setfield(L, -2, "version");
+  return 1;
+}

@@ -1,0 +1,41 @@
+--- Shared helpers for the busted specs.
+local H = {}
+
+H.root = os.getenv("DROVER_ROOT") or "."
+H.build = H.root .. "/" .. (os.getenv("DROVER_BUILD") or "build")
+H.drover_bin = H.build .. "/drover"
+
+--- Poll cond() until it returns a truthy value or `timeout` seconds pass.
+-- Generous deadlines, never fixed sleeps: the suite must hold on a loaded
+-- 2-core machine.
+function H.wait_until(cond, timeout, what)
+  local drover = require "drover"
+  local deadline = drover.now() + (timeout or 30)
+  while true do
+    local v = cond()
+    if v then return v end
+    if drover.now() > deadline then
+      error("timed out waiting for " .. (what or "condition"), 2)
+    end
+    drover.sleep(0.02)
+  end
+end
+
+--- Run the drover binary with argv (a table); returns code, stdout, stderr.
+function H.drover(args, opts)
+  local drover = require "drover"
+  local argv = { H.drover_bin }
+  for _, a in ipairs(args) do argv[#argv + 1] = a end
+  local r = assert(drover.proc.run(argv, opts or {}))
+  return r.code, r.stdout, r.stderr
+end
+
+--- A fresh temporary directory, removed by the caller.
+function H.tempdir()
+  local p = io.popen("mktemp -d /tmp/drover-spec.XXXXXX")
+  local d = p:read("l")
+  p:close()
+  return d
+end
+
+return H
