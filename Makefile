@@ -65,3 +65,7 @@ clean:
 $(BUILD)/tests/%: tests/c/%.c $(BUILD)/libdrover.a $(HEADERS)
 	@mkdir -p $(BUILD)/tests
 	$(CC) $(CFLAGS) $(DRV_CFLAGS) -Itests/c -o $@ $< $(BUILD)/libdrover.a $(CJSON_A) $(LIBS) $(LDFLAGS)
+
+# The HTTP server the tests and benchmarks talk to (H2O on libuv).
+$(BUILD)/httpd-test: tests/support/httpd.c
+	$(CC) $(CFLAGS) -std=gnu99 -Wall -o $@ $< $(shell pkg-config --cflags --libs libh2o libuv) -lssl -lcrypto -lz

@@ -94,6 +94,7 @@ int drv__open_timer(lua_State *L);
 int drv__open_proc(lua_State *L);
 int drv__open_http(lua_State *L);
 int drv__open_fs(lua_State *L);
+int drv__open_db(lua_State *L);
 
 /* ---- util -------------------------------------------------------------- */
 /* Raise "drover.MOD.FN: bad argument NAME (expected T, got U)". */

@@ -157,6 +157,7 @@ int luaopen_drover_core(lua_State *L) {
   drv__submodule(L, "proc", drv__open_proc);
   drv__submodule(L, "http", drv__open_http);
   drv__submodule(L, "fs", drv__open_fs);
+  drv__submodule(L, "db", drv__open_db);
   lua_pushliteral(L, DRV_VERSION);
   lua_setfield(L, -2, "version");
   return 1;

@@ -43,7 +43,7 @@ function M.all(fns)
   return results
 end
 
-local lazy = { proc = true, http = true, fs = true, json = true }
+local lazy = { proc = true, http = true, fs = true, json = true, db = true }
 
 return setmetatable(M, {
   __index = function(t, k)
