@@ -91,9 +91,16 @@ int main(int argc, char **argv) {
         lua_rawseti(L, -2, i - 2);
       }
       lua_setglobal(L, "arg");
-      if (drover_dostring(D, argv[2], "=(command line)") != DROVER_OK) {
-        fprintf(stderr, "drover: %s\n", drover_errmsg(D));
+      if (luaL_loadbuffer(L, argv[2], strlen(argv[2]), "=(command line)") != LUA_OK) {
+        fprintf(stderr, "drover: %s\n", lua_tostring(L, -1));
+        lua_pop(L, 1);
         rc = 1;
+      } else {
+        for (i = 3; i < argc; i++) lua_pushstring(L, argv[i]);
+        if (drover_call(D, argc - 3) != DROVER_OK) {
+          fprintf(stderr, "drover: %s\n", drover_errmsg(D));
+          rc = 1;
+        }
       }
     }
   } else if (is_script(argv[1])) {

@@ -73,6 +73,12 @@ int drover_dofile(drover *D, const char *path, int argc, const char *const *argv
 /* drover_dostring -- as drover_dofile, for a chunk of code. */
 int drover_dostring(drover *D, const char *code, const char *chunkname);
 
+/* drover_call -- call the function on the engine's Lua stack (pushed
+ * before its nargs arguments) as a task, like drover_dofile does with a
+ * script, until it and every task it spawned finish.  The function and its
+ * arguments are popped; results are discarded. */
+int drover_call(drover *D, int nargs);
+
 /* drover_lua -- the engine's lua_State, for advanced use (push your own
  * modules, inspect results).  Do not lua_close it. */
 lua_State *drover_lua(drover *D);

@@ -26,7 +26,7 @@ struct drover {
   lua_State *L;
   char errmsg[1024];
   char lua_dir[PATH_MAX + 64];
-  char backends_dir[PATH_MAX + 64];
+  char backends_dir[PATH_MAX + 128];
 };
 
 static void drv__seterr(drover *D, const char *msg) {
@@ -170,6 +170,15 @@ static int drv__run_chunk(drover *D, int nargs) {
   }
   D->errmsg[0] = '\0';
   return DROVER_OK;
+}
+
+int drover_call(drover *D, int nargs) {
+  if (D == NULL) return DROVER_EARG;
+  if (nargs < 0 || lua_gettop(D->L) < nargs + 1 || !lua_isfunction(D->L, -nargs - 1)) {
+    drv__seterr(D, "drover_call: no function below the arguments on the stack");
+    return DROVER_EARG;
+  }
+  return drv__run_chunk(D, nargs);
 }
 
 int drover_dofile(drover *D, const char *path, int argc, const char *const *argv) {
