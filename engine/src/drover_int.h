@@ -55,6 +55,21 @@ struct drv_wait {
   int nres;             /* number of values pushed by the waker */
 };
 
+/*
+ * A resource is anything a primitive keeps open on the loop beyond one call
+ * (a signal watcher, a spawned process and its pipes, the curl multi).
+ * Linked into the engine while alive, so that closing the engine can close
+ * each one properly -- with its own close callbacks that free its memory --
+ * instead of leaking it.  close() must start closing every handle of the
+ * resource and call drv__res_unlink; the loop is then run until the close
+ * callbacks have fired.
+ */
+typedef struct drv_res drv_res;
+struct drv_res {
+  void (*close)(drv_res *r);
+  drv_res *prev, *next;
+};
+
 struct drv_engine {
   uv_loop_t *loop;
   uv_loop_t own_loop;   /* used when the host gave no loop */
@@ -67,6 +82,7 @@ struct drv_engine {
   int blocking_done;    /* a wait outside any task was woken (see drv__await) */
   int blocking_nres;
   int closing;
+  drv_res resources;    /* list head of live resources (circular) */
   void *http;           /* http.c state (curl multi), created lazily */
   void (*http_free)(drv_engine *E);
 };
@@ -74,6 +90,8 @@ struct drv_engine {
 /* ---- engine.c ---------------------------------------------------------- */
 drv_engine *drv__engine(lua_State *L);              /* the engine this state belongs to */
 void drv__engine_attach(lua_State *L, uv_loop_t *loop); /* creates the engine for L (idempotent) */
+void drv__res_link(drv_engine *E, drv_res *r, void (*close)(drv_res *r));
+void drv__res_unlink(drv_res *r);               /* idempotent */
 /* Run the loop once (blocking); used by drv__await outside tasks and by drover.run. */
 int drv__run_once(drv_engine *E);
 
@@ -95,6 +113,9 @@ int drv__open_proc(lua_State *L);
 int drv__open_http(lua_State *L);
 int drv__open_fs(lua_State *L);
 int drv__open_db(lua_State *L);
+int drv__open_signal(lua_State *L);
+/* signal number from a number or a name like "TERM"/"SIGTERM"; -1 if unknown */
+int drv__signum(lua_State *L, int idx);
 
 /* ---- util -------------------------------------------------------------- */
 /* Raise "drover.MOD.FN: bad argument NAME (expected T, got U)". */

@@ -32,6 +32,21 @@ int drv__run_once(drv_engine *E) {
   return r;
 }
 
+void drv__res_link(drv_engine *E, drv_res *r, void (*close)(drv_res *r)) {
+  r->close = close;
+  r->next = E->resources.next;
+  r->prev = &E->resources;
+  E->resources.next->prev = r;
+  E->resources.next = r;
+}
+
+void drv__res_unlink(drv_res *r) {
+  if (r->next == NULL) return;
+  r->prev->next = r->next;
+  r->next->prev = r->prev;
+  r->next = r->prev = NULL;
+}
+
 static void drv__close_walk(uv_handle_t *h, void *arg) {
   (void)arg;
   if (!uv_is_closing(h)) uv_close(h, NULL);
@@ -42,6 +57,11 @@ static int drv__engine_gc(lua_State *L) {
   if (E->closing) return 0;
   E->closing = 1;
   drv__sched_close(E);
+  while (E->resources.next != &E->resources) {
+    drv_res *r = E->resources.next;
+    drv__res_unlink(r);
+    r->close(r);
+  }
   if (E->http_free) E->http_free(E);
   /* Handles owned by primitives whose Lua side is gone (a detached process
    * nobody waits for, say) are closed here; their close callbacks free them.
@@ -81,6 +101,7 @@ void drv__engine_attach(lua_State *L, uv_loop_t *loop) {
   lua_setfield(L, -2, "__gc");
   lua_setmetatable(L, -2);
   lua_rawsetp(L, LUA_REGISTRYINDEX, &drv__engine_key);
+  E->resources.next = E->resources.prev = &E->resources;
   uv_idle_init(E->loop, &E->runq_idle);
   E->runq_idle.data = E;
 }
@@ -154,6 +175,7 @@ int luaopen_drover_core(lua_State *L) {
   lua_newtable(L);
   drv__open_sched(L);
   drv__open_timer(L);
+  drv__open_signal(L);
   drv__submodule(L, "proc", drv__open_proc);
   drv__submodule(L, "http", drv__open_http);
   drv__submodule(L, "fs", drv__open_fs);

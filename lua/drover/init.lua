@@ -14,6 +14,7 @@ local M = {
   now = core.now,
   current = core.current,
   yield = core.yield,
+  on_signal = core.on_signal,
 }
 
 --- Run functions concurrently; return their first results in order.
