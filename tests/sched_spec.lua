@@ -291,3 +291,33 @@ describe("drover scheduler", function()
     assert.matches("^%d+%.%d+%.%d+\ta\tb\nrc=0\n$", out)
   end)
 end)
+
+describe("drover.event", function()
+  it("wakes every waiter on set and stays set until clear", function()
+    drover.run(function()
+      local ev, n = drover.event(), 0
+      for _ = 1, 3 do drover.spawn(function() ev:wait(); n = n + 1 end) end
+      drover.sleep(0.02)
+      assert.are.equal(0, n)
+      ev:set()
+      H.wait_until(function() return n == 3 end, 10, "waiters")
+      assert.is_true(ev:is_set())
+      ev:wait() -- returns at once while set
+      ev:clear()
+      assert.is_false(ev:is_set())
+    end)
+  end)
+
+  it("a waiter can be cancelled; the error is exactly 'cancelled'", function()
+    drover.run(function()
+      local ev = drover.event()
+      local h = drover.spawn(function() ev:wait() end)
+      drover.sleep(0.01)
+      h:cancel()
+      local ok, err = h:wait()
+      assert.is_false(ok)
+      assert.are.equal("cancelled", err)
+      ev:set() -- no stale waiter left behind
+    end)
+  end)
+end)

@@ -176,6 +176,7 @@ int luaopen_drover_core(lua_State *L) {
   drv__open_sched(L);
   drv__open_timer(L);
   drv__open_signal(L);
+  drv__open_event(L);
   drv__submodule(L, "proc", drv__open_proc);
   drv__submodule(L, "http", drv__open_http);
   drv__submodule(L, "fs", drv__open_fs);

@@ -148,7 +148,9 @@ static int drv__await_k(lua_State *L, int status, lua_KContext ctx) {
   drv_task *t = (drv_task *)ctx;
   if (t->cancel_requested && !t->cancel_raised) {
     t->cancel_raised = 1;
-    return luaL_error(L, "cancelled");
+    /* exactly "cancelled", no position: callers compare against it */
+    lua_pushliteral(L, "cancelled");
+    return lua_error(L);
   }
   if (t->k) {
     lua_KFunction k = t->k;

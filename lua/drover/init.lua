@@ -15,6 +15,7 @@ local M = {
   current = core.current,
   yield = core.yield,
   on_signal = core.on_signal,
+  event = core.event,
 }
 
 --- Run functions concurrently; return their first results in order.
