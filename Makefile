@@ -3,7 +3,7 @@
 PREFIX   ?= /usr/local
 DESTDIR  ?=
 CC       ?= cc
-PKGS      = lua5.4 libuv libcurl libcrypto sqlite3
+PKGS      = lua5.4 libuv libcurl libcrypto sqlite3 libh2o
 CJSON_A   = $(shell pkg-config --variable=libdir lua5.4-cjson 2>/dev/null || echo /usr/lib)/$(shell gcc -print-multiarch 2>/dev/null)/liblua5.4-cjson.a
 OPT      ?= -O2
 CFLAGS   ?= $(OPT) -g
@@ -45,7 +45,7 @@ $(BUILD)/drover: engine/cli/main.c $(BUILD)/libdrover.a $(HEADERS)
 # drover.core for stock lua5.4: the interpreter provides the Lua symbols.
 $(BUILD)/lua/drover/core.so: $(ENGINE_OBJ) | $(BUILD)/lua/drover
 	$(CC) $(CFLAGS) -shared -o $@ $(filter-out $(BUILD)/obj/api.o,$(ENGINE_OBJ)) \
-	  $(shell pkg-config --libs libuv libcurl libcrypto sqlite3) -lm $(LDFLAGS)
+	  $(shell pkg-config --libs libuv libcurl libcrypto sqlite3 libh2o) -lm $(LDFLAGS)
 
 test: all
 	@bash tests/run.sh
@@ -68,4 +68,5 @@ $(BUILD)/tests/%: tests/c/%.c $(BUILD)/libdrover.a $(HEADERS)
 
 # The HTTP server the tests and benchmarks talk to (H2O on libuv).
 $(BUILD)/httpd-test: tests/support/httpd.c
+	@mkdir -p $(BUILD)
 	$(CC) $(CFLAGS) -std=gnu99 -Wall -o $@ $< $(shell pkg-config --cflags --libs libh2o libuv) -lssl -lcrypto -lz

@@ -7,7 +7,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 BUILD=${DROVER_BUILD:-build}
-export DROVER_BUILD=$BUILD DROVER_ROOT=$ROOT
+export DROVER_BUILD=$BUILD DROVER_ROOT=$ROOT DROVER_BIN=$ROOT/$BUILD/drover
 export LUA_PATH="$ROOT/lua/?.lua;$ROOT/lua/?/init.lua;$ROOT/tests/?.lua;;"
 export LUA_CPATH="$ROOT/$BUILD/lua/?.so;;"
 export DROVER_HOME=$(mktemp -d /tmp/drover-test-home.XXXXXX)
@@ -45,5 +45,16 @@ for spec in tests/*_spec.lua; do
   [ $rc -ne 0 ] && [ "$f" -eq 0 ] && f=1   # crashed before reporting
   passed=$((passed+p)); failed=$((failed+f))
 done
+# The conformance kit, once per backend the suite can start here.
+for backend in ${DROVER_CONFORMANCE_BACKENDS:-local}; do
+  echo "# conformance: $backend"
+  BUSTED_OUTPUT=TAP DROVER_HOME=$(mktemp -d /tmp/drover-conf.XXXXXX) \
+    bash tests/conformance/run.sh "$backend" >"$log" 2>&1; rc=$?
+  cat "$log"
+  p=$(grep -c '^ok ' "$log"); f=$(grep -c '^not ok ' "$log")
+  [ $rc -ne 0 ] && [ "$f" -eq 0 ] && f=1
+  passed=$((passed+p)); failed=$((failed+f))
+done
+
 echo "$passed passed, $failed failed"
 [ "$failed" -eq 0 ]

@@ -115,6 +115,7 @@ int drv__open_fs(lua_State *L);
 int drv__open_db(lua_State *L);
 int drv__open_signal(lua_State *L);
 int drv__open_event(lua_State *L);
+int drv__open_server(lua_State *L);
 /* signal number from a number or a name like "TERM"/"SIGTERM"; -1 if unknown */
 int drv__signum(lua_State *L, int idx);
 

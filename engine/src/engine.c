@@ -169,6 +169,38 @@ static void drv__submodule(lua_State *L, const char *name, lua_CFunction open) {
   lua_setfield(L, -2, name);
 }
 
+/* drover.pid() -> this process's id */
+static int drv__l_pid(lua_State *L) {
+  lua_pushinteger(L, (lua_Integer)uv_os_getpid());
+  return 1;
+}
+
+/* drover.time() -> wall-clock seconds since the epoch, microsecond resolution */
+static int drv__l_time(lua_State *L) {
+  uv_timeval64_t tv;
+  if (uv_gettimeofday(&tv) != 0) return 0;
+  lua_pushnumber(L, (double)tv.tv_sec + (double)tv.tv_usec / 1e6);
+  return 1;
+}
+
+/* drover.cwd() -> the current working directory */
+static int drv__l_cwd(lua_State *L) {
+  char buf[4096];
+  size_t n = sizeof buf;
+  if (uv_cwd(buf, &n) != 0) return 0;
+  lua_pushlstring(L, buf, n);
+  return 1;
+}
+
+/* drover.exepath() -> the running executable (the drover binary, or lua5.4) */
+static int drv__l_exepath(lua_State *L) {
+  char buf[4096];
+  size_t n = sizeof buf;
+  if (uv_exepath(buf, &n) != 0) return 0;
+  lua_pushlstring(L, buf, n);
+  return 1;
+}
+
 int luaopen_drover_core(lua_State *L);
 int luaopen_drover_core(lua_State *L) {
   drv__engine_attach(L, NULL);
@@ -181,6 +213,15 @@ int luaopen_drover_core(lua_State *L) {
   drv__submodule(L, "http", drv__open_http);
   drv__submodule(L, "fs", drv__open_fs);
   drv__submodule(L, "db", drv__open_db);
+  drv__submodule(L, "server", drv__open_server);
+  lua_pushcfunction(L, drv__l_pid);
+  lua_setfield(L, -2, "pid");
+  lua_pushcfunction(L, drv__l_cwd);
+  lua_setfield(L, -2, "cwd");
+  lua_pushcfunction(L, drv__l_time);
+  lua_setfield(L, -2, "time");
+  lua_pushcfunction(L, drv__l_exepath);
+  lua_setfield(L, -2, "exepath");
   lua_pushliteral(L, DRV_VERSION);
   lua_setfield(L, -2, "version");
   return 1;

@@ -141,6 +141,10 @@ void drv__wake(drv_wait *w, int nres) {
   } else {
     E->blocking_done = 1;
     E->blocking_nres = nres;
+    /* The blocked caller sits in uv_run(UV_RUN_ONCE).  A wake from the
+     * timers phase would otherwise be followed by a poll that can block
+     * forever while any other fd is watched: stop this iteration. */
+    uv_stop(E->loop);
   }
 }
 

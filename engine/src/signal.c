@@ -117,6 +117,31 @@ static int drv__l_on_signal(lua_State *L) {
   return 1;
 }
 
+/* drover.kill(pid, sig) -> true | nil, message.  A negative pid is a
+ * process group; sig 0 only checks that the target exists. */
+static int drv__l_kill(lua_State *L) {
+  lua_Integer pid;
+  int signum = 15;
+  if (!lua_isinteger(L, 1)) return drv__argerror(L, "drover.kill", "pid", "integer", 1);
+  pid = lua_tointeger(L, 1);
+  if (pid == 0 || pid == -1) return luaL_error(L, "drover.kill: bad argument 'pid' (refusing %d)", (int)pid);
+  if (!lua_isnoneornil(L, 2)) {
+    signum = drv__signum(L, 2);
+    if (signum < 0) return luaL_error(L, "drover.kill: bad argument 'signal' (unknown signal '%s')",
+                                      luaL_tolstring(L, 2, NULL));
+  }
+  {
+    int r = uv_kill((int)pid, signum);
+    if (r == 0) {
+      lua_pushboolean(L, 1);
+      return 1;
+    }
+    lua_pushnil(L);
+    lua_pushfstring(L, "drover.kill: %d: %s", (int)pid, uv_strerror(r));
+    return 2;
+  }
+}
+
 int drv__open_signal(lua_State *L) {
   if (luaL_newmetatable(L, DRV_SIGNAL_MT)) {
     lua_newtable(L);
@@ -128,5 +153,7 @@ int drv__open_signal(lua_State *L) {
   lua_pushvalue(L, -1); /* the drover.core table, as upvalue, to reach spawn */
   lua_pushcclosure(L, drv__l_on_signal, 1);
   lua_setfield(L, -2, "on_signal");
+  lua_pushcfunction(L, drv__l_kill);
+  lua_setfield(L, -2, "kill");
   return 0;
 }

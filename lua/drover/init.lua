@@ -6,16 +6,25 @@
 -- spawns processes pays nothing for HTTP or JSON.
 local core = require "drover.core"
 
+local context = require "drover.context"
+
 local M = {
   version = core.version,
-  spawn = core.spawn,
+  -- spawn carries the caller's run context into the new task, so tracked
+  -- calls made there still know their flow run and parent.
+  spawn = context.spawn,
   run = core.run,
   sleep = core.sleep,
   now = core.now,
+  time = core.time,
+  cwd = core.cwd,
   current = core.current,
   yield = core.yield,
   on_signal = core.on_signal,
   event = core.event,
+  kill = core.kill,
+  pid = core.pid,
+  exepath = core.exepath,
 }
 
 --- Run functions concurrently; return their first results in order.
@@ -29,7 +38,7 @@ function M.all(fns)
     if type(fn) ~= "function" then
       error("drover.all: bad argument 'fns[" .. i .. "]' (function expected, got " .. type(fn) .. ")", 2)
     end
-    handles[i] = core.spawn(fn)
+    handles[i] = context.spawn(fn)
   end
   local results, failure = {}, nil
   for i, h in ipairs(handles) do
@@ -45,7 +54,92 @@ function M.all(fns)
   return results
 end
 
-local lazy = { proc = true, http = true, fs = true, json = true, db = true }
+--- Call fn(item, i) for every item, at most opts.concurrency at a time
+-- (default: all at once); results in order.  The first failure cancels the
+-- calls still running and is raised.
+function M.map(fn, items, opts)
+  if type(fn) ~= "function" and not (getmetatable(fn) or {}).__call then
+    error("drover.map: bad argument 'fn' (function expected, got " .. type(fn) .. ")", 2)
+  end
+  if type(items) ~= "table" then
+    error("drover.map: bad argument 'items' (table expected, got " .. type(items) .. ")", 2)
+  end
+  if opts ~= nil and type(opts) ~= "table" then
+    error("drover.map: bad argument 'opts' (table expected, got " .. type(opts) .. ")", 2)
+  end
+  local n = #items
+  local limit = opts and opts.concurrency or n
+  if math.type(limit) ~= "integer" or limit < 1 then
+    if n == 0 then return {} end
+    error("drover.map: option 'concurrency' must be a positive integer", 2)
+  end
+  local results, next_i, failure = {}, 1, nil
+  local workers = {}
+  local function worker()
+    while not failure and next_i <= n do
+      local i = next_i
+      next_i = i + 1
+      results[i] = fn(items[i], i)
+    end
+  end
+  for w = 1, math.min(limit, n) do workers[w] = context.spawn(worker) end
+  for w, h in ipairs(workers) do
+    local ok, err, trace = h:wait()
+    if not ok and not failure then
+      failure = trace or err
+      for j = w + 1, #workers do workers[j]:cancel() end
+    end
+  end
+  if failure then error(failure, 0) end
+  return results
+end
+
+-- The orchestration layer: loaded on first use, so plain scripts that only
+-- use the primitives do not open a store.
+local orchestration = {
+  BaseOrchestrator = function() return require("drover.orchestrator").BaseOrchestrator end,
+  orchestrator = function() return require("drover.orchestrator").orchestrator end,
+  decorate = function() return require("drover.orchestrator").decorate end,
+  class = function() return require "drover.class" end,
+  states = function() return require "drover.states" end,
+  backoff = function() return require("drover.tracker").backoff end,
+  limit = function() return require("drover.tracker").set_limit end,
+  --- drover.task(name, fn, opts) / drover.flow(name, fn, opts): a function
+  -- tracked as a task run / flow run, Prefect-style, without a class.
+  task = function()
+    return function(name, fn, opts) return M.tracked("task", name, fn, opts) end
+  end,
+  flow = function()
+    return function(name, fn, opts) return M.tracked("flow", name, fn, opts) end
+  end,
+  --- drover.log(...): a line in the current run's logs (and on stderr).
+  log = function()
+    local tracker = require "drover.tracker"
+    return function(...)
+      local parts = table.pack(...)
+      for i = 1, parts.n do parts[i] = tostring(parts[i]) end
+      local line = table.concat(parts, " ", 1, parts.n)
+      io.stderr:write(line, "\n")
+      tracker.log("log", line)
+    end
+  end,
+}
+
+function M.tracked(kind, name, fn, opts)
+  local tracker = require "drover.tracker"
+  local where = "drover." .. kind
+  if type(name) ~= "string" then
+    error(where .. ": bad argument 'name' (string expected, got " .. type(name) .. ")", 3)
+  end
+  if type(fn) ~= "function" then
+    error(where .. ": bad argument 'fn' (function expected, got " .. type(fn) .. ")", 3)
+  end
+  opts = tracker.check_options(opts, where)
+  local spec = { name = name, kind = kind, opts = opts }
+  return function(...) return tracker.call(spec, fn, ...) end
+end
+
+local lazy = { proc = true, http = true, fs = true, json = true, db = true, server = true }
 
 return setmetatable(M, {
   __index = function(t, k)
@@ -53,6 +147,12 @@ return setmetatable(M, {
       local m = require("drover." .. k)
       rawset(t, k, m)
       return m
+    end
+    local f = orchestration[k]
+    if f then
+      local v = f()
+      rawset(t, k, v)
+      return v
     end
   end,
 })

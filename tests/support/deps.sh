@@ -3,7 +3,8 @@
 # Safe to run again; waits for other apt users instead of failing.
 set -euo pipefail
 pkgs=(build-essential pkg-config lua5.4 liblua5.4-dev libuv1-dev libcurl4-openssl-dev
-      libssl-dev lua-cjson-dev lua-busted libsqlite3-dev sqlite3 libh2o-dev curl ca-certificates)
+      libssl-dev lua-cjson-dev lua-busted libsqlite3-dev sqlite3 libh2o-dev curl ca-certificates
+      python3 procps)
 pkgs+=("$@")
 missing=()
 for p in "${pkgs[@]}"; do

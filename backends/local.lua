@@ -1,0 +1,303 @@
+--- The `local` backend: drover's embedded default.  Runs each flow run in a
+-- detached, supervised worker process on this machine, tracked in the
+-- store under DROVER_HOME.
+--
+--   package  a content-addressed bundle: a deterministic tar of the workflow
+--            module and the project Lua files it requires, plus manifest.json
+--   deploy   a name, a package, default parameters, an optional schedule and
+--            limit on concurrent runs
+--   run      a worker process (`drover worker RUN_ID`) in its own process
+--            group, outliving the terminal; returns id, url
+--   stop     cancels the deployment's active runs (CANCELLING, the worker's
+--            process group ends, CANCELLED) and pauses the deployment
+local drover = require "drover"
+local fs = require "drover.fs"
+local json = require "drover.json"
+local states = require "drover.states"
+local store_mod = require "drover.store"
+
+local Local = drover.BaseOrchestrator:extend("local")
+Local.backend_name = "local"
+Local.config_keys = {
+  drover_bin = "string",   -- the drover binary workers run (default: found automatically)
+  stop_timeout = "number", -- seconds stop waits for a worker to end before SIGKILL
+}
+
+-- ---- package ---------------------------------------------------------------------
+
+local function module_file(root, module)
+  local rel = module:gsub("%.", "/")
+  for _, cand in ipairs { rel .. ".lua", rel .. "/init.lua" } do
+    if fs.exists(root .. "/" .. cand) then return cand end
+  end
+end
+
+--- The module's file and every project file it requires, transitively
+-- (found by reading `require "x"` calls: modules outside the project, such
+-- as drover itself, are left to the worker's own path).
+local function collect(root, module)
+  local files, seen, todo = {}, {}, { module }
+  while #todo > 0 do
+    local m = table.remove(todo)
+    local rel = module_file(root, m)
+    if rel and not seen[rel] then
+      seen[rel] = true
+      files[#files + 1] = rel
+      local src = assert(fs.read(root .. "/" .. rel))
+      for dep in src:gmatch("require%s*%(?%s*[\"']([%w_%.%-]+)[\"']") do todo[#todo + 1] = dep end
+    end
+  end
+  table.sort(files)
+  return files
+end
+
+function Local:package(class_name, module, entrypoint, opts)
+  opts = opts or {}
+  if type(module) ~= "string" or module == "" then
+    error("local.package: bad argument 'module' (Lua module name expected, got " .. type(module) .. ")", 2)
+  end
+  local root = opts.path or "."
+  local first = module_file(root, module)
+  if not first then
+    error("local.package: module '" .. module .. "' not found under " .. root, 2)
+  end
+  local files = collect(root, module)
+  local manifest = { module = module, class = class_name, entrypoint = entrypoint or "run",
+    drover_version = drover.version, files = {} }
+  local entries = {}
+  for _, rel in ipairs(files) do
+    manifest.files[rel] = fs.sha256(root .. "/" .. rel)
+    entries[#entries + 1] = { name = "src/" .. rel, path = root .. "/" .. rel }
+  end
+  entries[#entries + 1] = { name = "manifest.json", data = require("drover.tracker").canonical(manifest) }
+  local store = self:store()
+  local dir = store.home .. "/packages"
+  fs.mkdir(dir)
+  local tmp = dir .. "/.pkg-" .. store_mod.new_id() .. ".tar"
+  local ok, err = fs.tar(tmp, entries)
+  if not ok then error("local.package: " .. tostring(err), 2) end
+  local sha = fs.sha256(tmp)
+  local location = dir .. "/" .. sha .. ".tar"
+  assert(fs.rename(tmp, location))
+  local p = { id = sha, sha256 = sha, backend = "local", class = class_name, module = module,
+    entrypoint = manifest.entrypoint, location = location, manifest = manifest }
+  store:put_package(p)
+  return p
+end
+
+-- ---- deploy ------------------------------------------------------------------------
+
+function Local:deploy(name, opts)
+  opts = opts or {}
+  if type(name) ~= "string" or not name:match("^[%w_%.%-]+$") then
+    error("local.deploy: bad deployment name '" .. tostring(name) .. "' (letters, digits, _ . - only)", 2)
+  end
+  local store = self:store()
+  if not opts.package then error("local.deploy: a package id is required (drover package prints one)", 2) end
+  local p = store:package(opts.package)
+  if not p then error("local.deploy: unknown package '" .. tostring(opts.package) .. "'", 2) end
+  local ok, err = store:put_deployment({ name = name, backend = "local", package_id = p.id,
+    params = opts.params, schedule = opts.schedule, max_active = opts.max_active }, opts.replace)
+  if not ok then error(err, 0) end
+  return { name = name, package = p.id }
+end
+
+-- ---- run -------------------------------------------------------------------------------
+
+--- The drover binary workers run.
+function Local:drover_bin()
+  if self.config.drover_bin then return self.config.drover_bin end
+  local env = os.getenv("DROVER_BIN")
+  if env and env ~= "" then return env end
+  local exe = drover.exepath()
+  if exe and exe:match("/drover$") then return exe end
+  local cfg_ok, cfg = pcall(require, "drover.config")
+  local lua_dir = cfg_ok and type(cfg) == "table" and cfg.lua_dir
+  if not lua_dir then
+    lua_dir = debug.getinfo(1, "S").source:match("^@(.*)/backends/local%.lua$")
+    lua_dir = lua_dir and (lua_dir .. "/lua")
+  end
+  if lua_dir then
+    for _, cand in ipairs { lua_dir .. "/../build/drover", lua_dir .. "/../../../bin/drover" } do
+      if fs.exists(cand) then return cand end
+    end
+  end
+  return "drover"
+end
+
+function Local:run_url(id)
+  return "file://" .. self:store().home .. "/runs/" .. id .. "/worker.log"
+end
+
+function Local:run(name, params, opts)
+  opts = opts or {}
+  if params ~= nil and type(params) ~= "table" then
+    error("local.run: bad argument 'params' (table expected, got " .. type(params) .. ")", 2)
+  end
+  local store = self:store()
+  local d = store:deployment(name)
+  if not d then error("unknown deployment '" .. tostring(name) .. "'", 0) end
+  if d.paused == 1 then
+    error("deployment '" .. name .. "' is stopped; deploy it again (drover deploy --replace) to run it", 0)
+  end
+  if d.max_active then
+    local active = #store:flow_runs { deployment = name, active = true, limit = 100000 }
+    if active >= d.max_active then
+      error("deployment '" .. name .. "' already has " .. active .. " active run(s) (max " .. d.max_active .. ")", 0)
+    end
+  end
+  local merged = store_mod.decode(d.params) or {}
+  for k, v in pairs(params or {}) do merged[k] = v end
+  local id = store_mod.new_id()
+  local dir = store.home .. "/runs/" .. id
+  fs.mkdir(dir)
+  local url = self:run_url(id)
+  store:create_flow_run { id = id, name = name, deployment = name, backend = "local",
+    state = states.PENDING, params = merged, source = { kind = "deployment" },
+    resumed_from = opts.resumed_from, url = url }
+  local proc, err = drover.proc.spawn({ self:drover_bin(), "worker", id }, {
+    detach = true, stdin = "", stdout = dir .. "/worker.log", stderr = dir .. "/worker.log",
+    env = { DROVER_HOME = store.home },
+  })
+  if not proc then
+    store:set_flow_state(id, states.CRASHED, "worker did not start: " .. tostring(err))
+    error("local.run: " .. tostring(err), 0)
+  end
+  store:update_flow_run(id, { pid = proc.pid })
+  return id, url
+end
+
+function Local:resume(run_id)
+  local store = self:store()
+  local r = store:find_flow_run(run_id)
+  if not r then error("unknown run '" .. tostring(run_id) .. "'", 0) end
+  local d = store:deployment(r.deployment)
+  if d and d.paused == 1 then store:set_paused(d.name, false) end
+  return self:run(r.deployment, store_mod.decode(r.params) or {}, { resumed_from = r.id })
+end
+
+-- ---- status, logs, list, and the reaper -------------------------------------------------
+
+--- A run whose worker died without recording an end becomes CRASHED.
+function Local:reap(run)
+  if run and states.active[run.state] and run.pid and run.backend == "local" then
+    if not drover.kill(math.tointeger(run.pid), 0) then
+      local store = self:store()
+      local fresh = store:flow_run(run.id)
+      if states.active[fresh.state] then
+        store:set_flow_state(run.id, states.CRASHED, "worker process " .. run.pid .. " died")
+        store:write([[UPDATE task_runs SET state = 'CRASHED', message = 'worker died'
+            WHERE flow_run_id = ? AND state IN ('RUNNING','PENDING','SCHEDULED','CANCELLING')]], run.id)
+      end
+      return store:flow_run(run.id)
+    end
+  end
+  return run
+end
+
+function Local:status(run_id)
+  local store = self:store()
+  local r = store:find_flow_run(run_id)
+  if not r then error("unknown run '" .. tostring(run_id) .. "'", 0) end
+  r = self:reap(r)
+  r.task_runs = store:task_runs(r.id)
+  return r
+end
+
+function Local:logs(run_id, opts)
+  local store = self:store()
+  local r = store:find_flow_run(run_id)
+  if not r then error("unknown run '" .. tostring(run_id) .. "'", 0) end
+  local lines = {}
+  for _, l in ipairs(store:logs(r.id, opts and opts.after or 0)) do lines[#lines + 1] = l.line end
+  return lines
+end
+
+function Local:list(opts)
+  local runs = self:store():flow_runs { backend = "local", deployment = opts and opts.deployment, limit = 1000 }
+  for i, r in ipairs(runs) do runs[i] = self:reap(r) end
+  return runs
+end
+
+-- ---- stop -------------------------------------------------------------------------------
+
+function Local:stop(name, opts)
+  opts = opts or {}
+  local store = self:store()
+  local d = store:deployment(name)
+  if not d then error("unknown deployment '" .. tostring(name) .. "'", 0) end
+  store:set_paused(name, true)
+  local stopped = {}
+  local runs = store:flow_runs { deployment = name, active = true, limit = 100000 }
+  local timeout = self.config.stop_timeout or 20
+  for _, r in ipairs(runs) do
+    store:set_flow_state(r.id, states.CANCELLING, "stop requested")
+    if r.pid then drover.kill(-math.tointeger(r.pid), "TERM") end
+  end
+  for _, r in ipairs(runs) do
+    local deadline = drover.now() + timeout
+    local pid = r.pid and math.tointeger(r.pid)
+    while pid and drover.kill(-pid, 0) and drover.now() < deadline do drover.sleep(0.05) end
+    if pid and drover.kill(-pid, 0) then drover.kill(-pid, "KILL") end
+    -- The worker records CANCELLED itself; if it could not, we do.
+    store:set_flow_state(r.id, states.CANCELLED, "stopped")
+    stopped[#stopped + 1] = r.id
+  end
+  return { name = name, cancelled = stopped }
+end
+
+-- ---- the worker side --------------------------------------------------------------------
+
+--- Runs inside `drover worker RUN_ID`: unpack the package, load the class,
+-- decorate it, call the entrypoint as the flow run.  Returns the exit code.
+function Local:work(run_id)
+  local tracker = require "drover.tracker"
+  local store = self:store()
+  local r = store:flow_run(run_id)
+  if not r then error("unknown run '" .. tostring(run_id) .. "'", 0) end
+  local d = store:deployment(r.deployment)
+  local p = d and store:package(d.package_id)
+  if not p then
+    store:set_flow_state(run_id, states.CRASHED, "package of deployment '" .. tostring(r.deployment) .. "' is missing")
+    return 1
+  end
+  local dir = store.home .. "/runs/" .. run_id .. "/bundle"
+  fs.remove(dir, { recursive = true })
+  fs.mkdir(dir)
+  local ok, err = fs.untar(p.location, dir)
+  if not ok then
+    store:set_flow_state(run_id, states.CRASHED, "bad package: " .. tostring(err))
+    return 1
+  end
+  package.path = dir .. "/src/?.lua;" .. dir .. "/src/?/init.lua;" .. package.path
+  local flow = tracker.begin_flow { id = run_id, name = r.name, store = store, pid = drover.pid(),
+    resumed_from = r.resumed_from }
+  local function on_term() flow:cancel("stopped") end
+  local s1 = drover.on_signal("TERM", on_term)
+  local s2 = drover.on_signal("INT", on_term)
+  local real_print = print
+  _G.print = function(...)
+    real_print(...)
+    local parts = table.pack(...)
+    for i = 1, parts.n do parts[i] = tostring(parts[i]) end
+    tracker.log("stdout", table.concat(parts, "\t", 1, parts.n))
+  end
+  local params = store_mod.decode(r.params) or {}
+  local run_ok = flow:run(function()
+    local mod = require(p.module)
+    local cls = mod
+    if p.class and type(mod) == "table" and type(mod[p.class]) == "table" then cls = mod[p.class] end
+    if type(cls) ~= "table" then error("module '" .. p.module .. "' did not return a class", 0) end
+    drover.decorate(cls, self)
+    local obj = cls.new and cls:new(params) or cls
+    local ep = obj[p.entrypoint]
+    if type(ep) ~= "function" then error("class has no method '" .. tostring(p.entrypoint) .. "'", 0) end
+    return ep(obj, params)
+  end)
+  _G.print = real_print
+  s1:stop(); s2:stop()
+  store:flush()
+  return run_ok and 0 or 1
+end
+
+return Local

@@ -1,0 +1,505 @@
+--- The drover command line (everything after the C main's dispatch).
+--
+-- Each command is a function taking parsed options and returning an exit
+-- code: 0 success, 1 the workflow failed, 2 usage or configuration error.
+-- Errors are raised as {usage = true, message = ...} tables or plain
+-- strings and printed as one line "drover: message".
+local M = {}
+
+local EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+local function usage_error(msg) error({ usage = true, message = msg }, 0) end
+
+-- ---- argument parsing --------------------------------------------------------------
+
+--- Parse argv against a spec { flags = {name = {short=, arg=bool, help=}}, positional = {...} }.
+local function parse(cmd, spec, argv)
+  local opts, pos = {}, {}
+  local short = {}
+  for name, f in pairs(spec.flags or {}) do if f.short then short[f.short] = name end end
+  local i = 1
+  while i <= #argv do
+    local a = argv[i]
+    local name, value
+    if a == "--" then
+      for j = i + 1, #argv do pos[#pos + 1] = argv[j] end
+      break
+    elseif a:sub(1, 2) == "--" then
+      name, value = a:match("^%-%-([^=]+)=(.*)$")
+      if not name then name = a:sub(3) end
+    elseif a:sub(1, 1) == "-" and #a > 1 and not a:match("^%-%d") then
+      name = short[a:sub(2)]
+      if not name then usage_error("drover " .. cmd .. ": unknown option '" .. a .. "' (see drover " .. cmd .. " --help)") end
+    end
+    if name then
+      local f = (spec.flags or {})[name]
+      if name == "help" then opts.help = true
+      elseif not f then
+        usage_error("drover " .. cmd .. ": unknown option '--" .. name .. "' (see drover " .. cmd .. " --help)")
+      elseif f.arg then
+        if value == nil then
+          i = i + 1
+          value = argv[i]
+          if value == nil then usage_error("drover " .. cmd .. ": option '--" .. name .. "' needs a value") end
+        end
+        if f.multi then
+          opts[name] = opts[name] or {}
+          table.insert(opts[name], value)
+        else
+          opts[name] = value
+        end
+      else
+        opts[name] = true
+      end
+    else
+      pos[#pos + 1] = a
+    end
+    i = i + 1
+  end
+  return opts, pos
+end
+
+--- key=value parameters; values that parse as JSON are taken as JSON.
+function M.parse_params(list, into)
+  local json = require "drover.json"
+  local params = into or {}
+  for _, kv in ipairs(list) do
+    local k, v = kv:match("^([%a_][%w_%.%-]*)=(.*)$")
+    if not k then usage_error("bad parameter '" .. kv .. "': expected key=value") end
+    local decoded = json.decode(v)
+    if decoded ~= nil and v:match("^[%[{%d%-tfn\"]") then params[k] = decoded else params[k] = v end
+  end
+  return params
+end
+
+local function params_from(opts, pos)
+  local json = require "drover.json"
+  local params = {}
+  if opts.params then
+    local p, err = json.decode(opts.params)
+    if type(p) ~= "table" then
+      usage_error("bad --params: " .. (err or "expected a JSON object"))
+    end
+    params = p
+  end
+  return M.parse_params(pos, params)
+end
+
+-- ---- output -----------------------------------------------------------------------------
+
+local function out_json(v)
+  local json = require "drover.json"
+  io.stdout:write(json.encode(v), "\n")
+end
+
+local function fmt_time(t)
+  if not t then return "-" end
+  return os.date("%Y-%m-%d %H:%M:%S", math.floor(t))
+end
+
+local function fmt_duration(a, b)
+  if not a then return "-" end
+  local d = (b or require("drover.store").time()) - a
+  if d < 1 then return string.format("%.0fms", d * 1000) end
+  if d < 120 then return string.format("%.1fs", d) end
+  return string.format("%dm%02ds", d // 60, math.floor(d % 60))
+end
+
+--- Print rows as an aligned table with the given columns.
+local function print_table(rows, cols)
+  local widths = {}
+  for i, c in ipairs(cols) do widths[i] = #c[1] end
+  local cells = {}
+  for r, row in ipairs(rows) do
+    cells[r] = {}
+    for i, c in ipairs(cols) do
+      local v = c[2](row)
+      v = v == nil and "-" or tostring(v)
+      cells[r][i] = v
+      if #v > widths[i] then widths[i] = #v end
+    end
+  end
+  local function line(vals)
+    local parts = {}
+    for i, v in ipairs(vals) do parts[i] = v .. string.rep(" ", widths[i] - #v) end
+    io.stdout:write((table.concat(parts, "  "):gsub("%s+$", "")), "\n")
+  end
+  local head = {}
+  for i, c in ipairs(cols) do head[i] = c[1]:upper() end
+  line(head)
+  for _, r in ipairs(cells) do line(r) end
+end
+
+-- ---- shared helpers ----------------------------------------------------------------------
+
+local function open_store(opts)
+  local store_mod = require "drover.store"
+  local s, err = store_mod.open(opts and opts.home)
+  if not s then error(err, 0) end
+  return s
+end
+
+local function find_run(store, id)
+  local r = store:find_flow_run(id)
+  if not r then error("unknown run '" .. tostring(id) .. "'", 0) end
+  return r
+end
+
+local function load_config(opts)
+  local cfg = {}
+  if opts.config then
+    local json = require "drover.json"
+    local fs = require "drover.fs"
+    local text, err = fs.read(opts.config)
+    if not text then usage_error("cannot read config file: " .. tostring(err)) end
+    local c, jerr
+    if opts.config:match("%.lua$") then
+      local chunk, lerr = load(text, "@" .. opts.config, "t", {})
+      if not chunk then usage_error("bad config file: " .. lerr) end
+      c = chunk()
+    else
+      c, jerr = json.decode(text)
+    end
+    if type(c) ~= "table" then usage_error("bad config file " .. opts.config .. ": " .. (jerr or "expected an object")) end
+    cfg = c
+  end
+  for _, kv in ipairs(opts.set or {}) do
+    M.parse_params({ kv }, cfg)
+  end
+  return cfg
+end
+
+local function orchestrator_for(opts, backend)
+  local drover = require "drover"
+  local ok, o = pcall(drover.orchestrator, backend or opts.backend or "local", load_config(opts))
+  if not ok then error(type(o) == "table" and o or tostring(o), 0) end
+  return o
+end
+
+-- ---- commands -------------------------------------------------------------------------------
+
+local commands = {}
+local order = {}
+local function command(name, summary, spec, fn)
+  commands[name] = { summary = summary, spec = spec, fn = fn }
+  order[#order + 1] = name
+end
+
+local json_flag = { help = "print JSON instead of a table" }
+local backend_flags = {
+  backend = { short = "b", arg = true, help = "backend name (default: local)" },
+  config = { short = "c", arg = true, help = "backend config file (JSON, or Lua returning a table)" },
+  set = { arg = true, multi = true, help = "backend config key=value (repeatable)" },
+  json = json_flag,
+}
+
+command("exec", "run a workflow script now as one tracked flow run", {
+  args = "FILE.lua [key=value ...]",
+  flags = { json = json_flag, params = { arg = true, help = "parameters as a JSON object" },
+    name = { arg = true, help = "flow run name (default: the file name)" } },
+}, function(opts, pos)
+  local file = table.remove(pos, 1)
+  if not file then usage_error("drover exec: missing FILE.lua") end
+  local params = params_from(opts, pos)
+  return M.exec_file(file, params, { json = opts.json, name = opts.name })
+end)
+
+--- Run a workflow file as a tracked flow run: shared by exec and resume.
+function M.exec_file(file, params, o)
+  local drover = require "drover"
+  local tracker = require "drover.tracker"
+  local chunk, err = loadfile(file)
+  if not chunk then error(err, 0) end -- file:line: message
+  local abs = file:sub(1, 1) == "/" and file or (drover.cwd() .. "/" .. file)
+  local flow = tracker.begin_flow {
+    name = o.name or file:match("([^/]+)%.lua$") or file, params = params, backend = "local",
+    source = { kind = "exec", file = abs, params = params }, resumed_from = o.resumed_from,
+    pid = nil,
+  }
+  if not o.json then io.stderr:write("drover: flow run ", flow.id, " started (", flow.name, ")\n") end
+  -- print() inside the workflow goes to stdout and to the run's logs.
+  local real_print = print
+  _G.print = function(...)
+    real_print(...)
+    local parts = table.pack(...)
+    for i = 1, parts.n do parts[i] = tostring(parts[i]) end
+    tracker.log("stdout", table.concat(parts, "\t", 1, parts.n))
+  end
+  local interrupts = 0
+  local function on_interrupt(sig)
+    interrupts = interrupts + 1
+    if interrupts > 1 then
+      io.stderr:write("drover: interrupted again, exiting now\n")
+      os.exit(130, false)
+    end
+    io.stderr:write("drover: cancelling flow run ", flow.id, " (interrupt again to exit now)\n")
+    flow:cancel(sig == 15 and "terminated" or "interrupted")
+  end
+  local sigint = drover.on_signal("INT", on_interrupt)
+  local sigterm = drover.on_signal("TERM", on_interrupt)
+  local t0 = drover.now()
+  local ok, value = flow:run(chunk, params)
+  sigint:stop()
+  sigterm:stop()
+  _G.print = real_print
+  flow.store:flush()
+  local row = flow.store:flow_run(flow.id)
+  if o.json then
+    out_json { id = row.id, state = row.state, message = row.message, duration = drover.now() - t0 }
+  else
+    io.stderr:write(string.format("drover: flow run %s %s in %s%s\n", row.id, row.state,
+      fmt_duration(0, drover.now() - t0), row.message and (": " .. row.message) or ""))
+    if not ok and row.state == "FAILED" then io.stderr:write(tostring(value), "\n") end
+  end
+  return row.state == "COMPLETED" and EXIT_OK or EXIT_FAILED
+end
+
+command("resume", "rerun a FAILED or CRASHED flow run, reusing its COMPLETED task runs", {
+  args = "RUN_ID", flags = { json = json_flag },
+}, function(opts, pos)
+  local id = pos[1] or usage_error("drover resume: missing RUN_ID")
+  local store = open_store()
+  local run = find_run(store, id)
+  if run.state ~= "FAILED" and run.state ~= "CRASHED" then
+    usage_error("run " .. run.id .. " is " .. run.state .. ": only FAILED or CRASHED runs can be resumed")
+  end
+  local store_mod = require "drover.store"
+  local source = store_mod.decode(run.source) or {}
+  if source.kind == "exec" then
+    return M.exec_file(source.file, source.params or {}, { json = opts.json, name = run.name, resumed_from = run.id })
+  end
+  if not run.deployment then error("run " .. run.id .. " has no deployment and no source to rerun", 0) end
+  local o = orchestrator_for({}, run.backend)
+  if type(o.resume) ~= "function" then error("backend '" .. run.backend .. "' does not implement resume", 0) end
+  local new_id, url = o:resume(run.id)
+  if opts.json then out_json { id = new_id, url = url, resumed_from = run.id }
+  else print(new_id, url) end
+  return EXIT_OK
+end)
+
+command("package", "build something the backend can run", {
+  args = "--class C --module M --entrypoint E",
+  flags = { backend = backend_flags.backend, config = backend_flags.config, set = backend_flags.set,
+    json = json_flag, class = { arg = true, help = "workflow class name" },
+    module = { arg = true, help = "Lua module (as for require) holding the class" },
+    entrypoint = { arg = true, help = "method to call" },
+    path = { arg = true, help = "project directory the module is found in (default: .)" } },
+}, function(opts)
+  if not opts.module then usage_error("drover package: --module is required") end
+  local o = orchestrator_for(opts)
+  local p = o:package(opts.class, opts.module, opts.entrypoint, { path = opts.path })
+  if opts.json then out_json(p) else print(p.id, p.location or "") end
+  return EXIT_OK
+end)
+
+command("deploy", "register a deployment so the backend can run it", {
+  args = "NAME --package ID [key=value default params ...]",
+  flags = { backend = backend_flags.backend, config = backend_flags.config, set = backend_flags.set,
+    json = json_flag, package = { arg = true, help = "package id (from drover package)" },
+    schedule = { arg = true, help = "cron schedule, e.g. '*/5 * * * *'" },
+    ["max-active"] = { arg = true, help = "at most N active runs" },
+    replace = { help = "replace an existing deployment of that name" },
+    params = { arg = true, help = "default parameters as a JSON object" } },
+}, function(opts, pos)
+  local name = table.remove(pos, 1) or usage_error("drover deploy: missing NAME")
+  local o = orchestrator_for(opts)
+  local max_active = opts["max-active"] and tonumber(opts["max-active"])
+  if opts["max-active"] and not max_active then usage_error("drover deploy: --max-active must be a number") end
+  local d = o:deploy(name, { package = opts.package, params = params_from(opts, pos), schedule = opts.schedule,
+    max_active = max_active, replace = opts.replace })
+  if opts.json then out_json(d or { name = name }) else print(name) end
+  return EXIT_OK
+end)
+
+local function deployment_backend(store, name)
+  local d = store:deployment(name)
+  if not d then error("unknown deployment '" .. tostring(name) .. "'", 0) end
+  return d
+end
+
+command("run", "start a run of a deployment; prints its id and URL", {
+  args = "DEPLOYMENT [key=value ...]",
+  flags = { json = json_flag, params = { arg = true, help = "parameters as a JSON object" },
+    config = backend_flags.config, set = backend_flags.set },
+}, function(opts, pos)
+  local name = table.remove(pos, 1) or usage_error("drover run: missing DEPLOYMENT")
+  local params = params_from(opts, pos)
+  local d = deployment_backend(open_store(), name)
+  local o = orchestrator_for(opts, d.backend)
+  local id, url = o:run(name, params)
+  if opts.json then out_json { id = id, url = url } else print(id, url) end
+  return EXIT_OK
+end)
+
+command("stop", "stop a deployment: cancel its active runs, pause it", {
+  args = "DEPLOYMENT", flags = { json = json_flag, config = backend_flags.config, set = backend_flags.set },
+}, function(opts, pos)
+  local name = pos[1] or usage_error("drover stop: missing DEPLOYMENT")
+  local d = deployment_backend(open_store(), name)
+  local o = orchestrator_for(opts, d.backend)
+  local r = o:stop(name, {})
+  if opts.json then out_json(r or { name = name }) else print("stopped " .. name) end
+  return EXIT_OK
+end)
+
+command("status", "show a run and its task runs", {
+  args = "RUN_ID", flags = { json = json_flag },
+}, function(opts, pos)
+  local id = pos[1] or usage_error("drover status: missing RUN_ID")
+  local store = open_store()
+  local run = find_run(store, id)
+  local tasks = store:task_runs(run.id)
+  if opts.json then
+    run.task_runs = tasks
+    out_json(run)
+    return EXIT_OK
+  end
+  print(string.format("run %s  %s  %s", run.id, run.name, run.state))
+  print(string.format("  deployment %s  backend %s  started %s  duration %s", run.deployment or "-",
+    run.backend, fmt_time(run.started or run.created), fmt_duration(run.started, run.ended)))
+  if run.message then print("  message: " .. run.message) end
+  if run.resumed_from then print("  resumed from " .. run.resumed_from) end
+  if #tasks > 0 then
+    print("")
+    local depth = {}
+    for _, t in ipairs(tasks) do depth[t.id] = t.parent_id and ((depth[t.parent_id] or 0) + 1) or 0 end
+    print_table(tasks, {
+      { "task run", function(t) return t.id end },
+      { "name", function(t) return string.rep("  ", depth[t.id]) .. t.name end },
+      { "kind", function(t) return t.kind end },
+      { "state", function(t) return t.state end },
+      { "attempts", function(t) return t.attempts end },
+      { "duration", function(t) return fmt_duration(t.started, t.ended) end },
+      { "note", function(t) return t.message end },
+    })
+  end
+  return EXIT_OK
+end)
+
+command("logs", "print a run's log lines", {
+  args = "RUN_ID", flags = { json = json_flag, follow = { short = "f", help = "keep printing new lines until the run ends" } },
+}, function(opts, pos)
+  local id = pos[1] or usage_error("drover logs: missing RUN_ID")
+  local store = open_store()
+  local run = find_run(store, id)
+  local states = require "drover.states"
+  local drover = require "drover"
+  local last = 0
+  repeat
+    local rows = store:logs(run.id, last)
+    for _, l in ipairs(rows) do
+      last = l.id
+      if opts.json then out_json(l) else io.stdout:write(l.line, "\n") end
+    end
+    io.stdout:flush()
+    if not opts.follow then break end
+    run = store:flow_run(run.id)
+    if states.is_final(run.state) and #rows == 0 then break end
+    drover.sleep(0.2)
+  until false
+  return EXIT_OK
+end)
+
+command("ls", "list runs (or deployments with --deployments)", {
+  args = "", flags = { json = json_flag, deployment = { short = "d", arg = true, help = "only runs of this deployment" },
+    state = { short = "s", arg = true, help = "only runs in this state" },
+    limit = { short = "n", arg = true, help = "at most N runs (default 50)" },
+    deployments = { help = "list deployments instead of runs" } },
+}, function(opts)
+  local store = open_store()
+  if opts.deployments then
+    local ds = store:deployments()
+    if opts.json then out_json(ds) return EXIT_OK end
+    print_table(ds, {
+      { "name", function(d) return d.name end }, { "backend", function(d) return d.backend end },
+      { "package", function(d) return d.package_id and d.package_id:sub(1, 12) end },
+      { "schedule", function(d) return d.schedule end },
+      { "paused", function(d) return d.paused == 1 and "yes" or "no" end },
+    })
+    return EXIT_OK
+  end
+  local states = require "drover.states"
+  if opts.state and not states[opts.state:upper()] then usage_error("drover ls: unknown state '" .. opts.state .. "'") end
+  local runs = store:flow_runs { deployment = opts.deployment, state = opts.state and opts.state:upper(),
+    limit = tonumber(opts.limit) or 50 }
+  if opts.json then out_json(runs) return EXIT_OK end
+  print_table(runs, {
+    { "run", function(r) return r.id end }, { "name", function(r) return r.name end },
+    { "deployment", function(r) return r.deployment end }, { "state", function(r) return r.state end },
+    { "started", function(r) return fmt_time(r.started or r.created) end },
+    { "duration", function(r) return fmt_duration(r.started, r.ended) end },
+  })
+  return EXIT_OK
+end)
+
+command("backends", "list the backends drover can load, and where from", {
+  args = "", flags = { json = json_flag },
+}, function(opts)
+  local list = require("drover.orchestrator").available()
+  if opts.json then out_json(list) return EXIT_OK end
+  print_table(list, { { "backend", function(b) return b.name end }, { "path", function(b) return b.path end } })
+  return EXIT_OK
+end)
+
+command("worker", "(internal) run one flow run of the local backend", {
+  args = "RUN_ID", flags = {},
+}, function(opts, pos)
+  local id = pos[1] or usage_error("drover worker: missing RUN_ID")
+  local o = orchestrator_for({}, "local")
+  return o:work(id)
+end)
+
+-- ---- help and dispatch ----------------------------------------------------------------------
+
+local function help_all()
+  print("usage: drover COMMAND [options]   (drover FILE.lua runs a plain script)\n")
+  print("commands:")
+  for _, name in ipairs(order) do if name ~= "worker" then print(string.format("  %-10s %s", name, commands[name].summary)) end end
+  print("\nEvery command takes --help; most take --json.  Exit codes: 0 success,")
+  print("1 the workflow failed, 2 usage or configuration error.")
+end
+
+local function help_cmd(name)
+  local c = commands[name]
+  print(string.format("usage: drover %s %s\n\n%s\n", name, c.spec.args or "", c.summary))
+  local names = {}
+  for f in pairs(c.spec.flags or {}) do names[#names + 1] = f end
+  table.sort(names)
+  if #names > 0 then print("options:") end
+  for _, f in ipairs(names) do
+    local fl = c.spec.flags[f]
+    local left = (fl.short and ("-" .. fl.short .. ", ") or "    ") .. "--" .. f .. (fl.arg and " VALUE" or "")
+    print(string.format("  %-26s %s", left, fl.help or ""))
+  end
+  print(string.format("  %-26s %s", "    --help", "show this help"))
+end
+
+function M.main(argv)
+  local name = argv[1]
+  if name == nil or name == "help" or name == "--help" then
+    if argv[2] and commands[argv[2]] then help_cmd(argv[2]) else help_all() end
+    return name == nil and EXIT_USAGE or EXIT_OK
+  end
+  local c = commands[name]
+  if not c then
+    io.stderr:write("drover: unknown command '", name, "' (drover help lists them)\n")
+    return EXIT_USAGE
+  end
+  local rest = { table.unpack(argv, 2) }
+  local ok, code = pcall(function()
+    local opts, pos = parse(name, c.spec, rest)
+    if opts.help then help_cmd(name) return EXIT_OK end
+    return c.fn(opts, pos)
+  end)
+  if ok then return code or EXIT_OK end
+  local err = code
+  if type(err) == "table" and err.usage then
+    io.stderr:write("drover: ", err.message, "\n")
+    return EXIT_USAGE
+  end
+  local msg = type(err) == "table" and (err.message or tostring(err)) or tostring(err)
+  io.stderr:write("drover: ", msg, "\n")
+  return EXIT_USAGE
+end
+
+return M

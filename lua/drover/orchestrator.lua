@@ -1,0 +1,240 @@
+--- BaseOrchestrator: lolpop's orchestrator contract as a Lua class, and the
+-- loader that finds backends by name.
+--
+-- A backend is a file backends/NAME.lua returning a subclass:
+--
+--   local drover = require "drover"
+--   local B = drover.BaseOrchestrator:extend("mybackend")
+--   B.config_keys = { queue = "string" }      -- the config it accepts
+--   function B:run(deployment_name, params) ... return id, url end
+--   return B
+--
+-- The five lolpop operations keep their names, arguments and meaning:
+-- decorator(func, cls), package(class, module, entrypoint, opts),
+-- deploy(deployment_name, opts), run(deployment_name, params) -> id, url,
+-- stop(deployment_name, opts).  drover adds status(run_id), logs(run_id,
+-- opts) and list().  An operation a backend leaves out raises
+-- "backend 'NAME' does not implement OP".
+local class = require "drover.class"
+local tracker = require "drover.tracker"
+local store_mod = require "drover.store"
+
+local M = {}
+
+local Base = class("BaseOrchestrator")
+M.BaseOrchestrator = Base
+
+--- Config keys every backend accepts, with their types.
+Base.common_config_keys = {
+  home = "string",            -- the store directory (DROVER_HOME)
+  flow_types = "table",       -- integration types whose methods become flow runs
+  task_types = "table",       -- ... and task runs
+  limits = "table",           -- tag -> max concurrent task runs
+  task_options = "table",     -- default task options for every decorated call
+}
+Base.config_keys = {}
+
+function Base:init(config)
+  config = config or {}
+  if type(config) ~= "table" then
+    error("drover.orchestrator: config for backend '" .. self.name .. "' must be a table, got " .. type(config), 3)
+  end
+  for k, v in pairs(config) do
+    local want = self.config_keys[k] or Base.common_config_keys[k]
+    if not want then
+      error("backend '" .. self.name .. "': unknown config key '" .. tostring(k) .. "'", 3)
+    end
+    if type(v) ~= want then
+      error("backend '" .. self.name .. "': config key '" .. k .. "' must be a " .. want ..
+        ", got " .. type(v), 3)
+    end
+  end
+  self.config = config
+  self.flow_types = {}
+  for _, t in ipairs(config.flow_types or { "runner", "pipeline" }) do self.flow_types[t] = true end
+  self.task_types = {}
+  for _, t in ipairs(config.task_types or { "component" }) do self.task_types[t] = true end
+  if config.limits then
+    for tag, n in pairs(config.limits) do tracker.set_limit(tag, n) end
+  end
+  if config.task_options then tracker.check_options(config.task_options, "backend '" .. self.name .. "'") end
+end
+
+--- The tracking store this orchestrator writes to (opened on first use).
+function Base:store()
+  if not self._store then
+    if self.config.home then
+      local s, err = store_mod.open(self.config.home)
+      if not s then error(err, 0) end
+      self._store = s
+    else
+      self._store = tracker.default_store()
+    end
+  end
+  return self._store
+end
+
+local function unimplemented(op)
+  return function(self)
+    error("backend '" .. tostring(self.name) .. "' does not implement " .. op, 2)
+  end
+end
+for _, op in ipairs { "package", "deploy", "run", "stop", "status", "logs", "list" } do
+  Base[op] = unimplemented(op)
+end
+
+--- Is a method of a class of this integration type a flow or a task run?
+function Base:kind_of(cls)
+  local t = cls and rawget(cls, "integration_type")
+  if t == nil and cls then t = cls.integration_type end
+  if t and self.flow_types[t] then return "flow" end
+  return "task"
+end
+
+--- lolpop's decorator(func, cls): func wrapped so each call is tracked.
+-- drover passes the method name as a third argument when it knows it
+-- (drover.decorate does); options come from the backend's task_options,
+-- the class's task_options["*"] and task_options[name].
+function Base:decorator(func, cls, name)
+  if type(func) ~= "function" then
+    error("decorator: bad argument 'func' (function expected, got " .. type(func) .. ")", 2)
+  end
+  local cname = cls and (rawget(cls, "__name") or cls.__name) or nil
+  local full = (cname and (cname .. ".") or "") .. (name or "call")
+  local opts = {}
+  local function merge(src, where)
+    if src then
+      tracker.check_options(src, where)
+      for k, v in pairs(src) do opts[k] = v end
+    end
+  end
+  merge(self.config.task_options, "backend '" .. self.name .. "' task_options")
+  local per_class = cls and cls.task_options
+  if per_class then
+    merge(per_class["*"], full)
+    if name then merge(per_class[name], full) end
+  end
+  local spec = { name = opts.name or full, kind = opts.kind or self:kind_of(cls), opts = opts,
+    method = cls ~= nil }
+  return function(...) return tracker.call(spec, func, ...) end
+end
+
+-- ---- decorating whole classes --------------------------------------------------
+
+local skip = { init = true, new = true, extend = true, is_a = true, super = true }
+local wrapped = setmetatable({}, { __mode = "k" })
+
+--- Apply orchestrator:decorator to every public method of cls (and the
+-- methods it inherits), as lolpop's decorate_class does.  Returns cls.
+function M.decorate(cls, orchestrator)
+  if type(cls) ~= "table" then
+    error("drover.decorate: bad argument 'cls' (class expected, got " .. type(cls) .. ")", 2)
+  end
+  if type(orchestrator) ~= "table" or type(orchestrator.decorator) ~= "function" then
+    error("drover.decorate: bad argument 'orchestrator' (orchestrator expected, got " ..
+      type(orchestrator) .. ")", 2)
+  end
+  local seen = {}
+  local c = cls
+  while type(c) == "table" do
+    for k, v in pairs(c) do
+      if type(k) == "string" and type(v) == "function" and not seen[k] and not skip[k]
+          and not k:find("^_") and not wrapped[v] then
+        seen[k] = true
+        local w = orchestrator:decorator(v, cls, k)
+        wrapped[w] = true
+        rawset(cls, k, w)
+      end
+    end
+    c = rawget(c, "super")
+  end
+  return cls
+end
+
+-- ---- loading backends by name ------------------------------------------------------
+
+--- Directories searched for backends, in order.
+function M.backend_dirs()
+  local dirs = {}
+  local ok, cfg = pcall(require, "drover.config")
+  if ok and type(cfg) == "table" then
+    if cfg.backends_dir then dirs[#dirs + 1] = cfg.backends_dir end
+  end
+  local root = os.getenv("DROVER_ROOT")
+  if root and root ~= "" then dirs[#dirs + 1] = root .. "/backends" end
+  local function add_path(p)
+    if p then for d in p:gmatch("[^:]+") do dirs[#dirs + 1] = d end end
+  end
+  add_path(os.getenv("DROVER_PATH"))
+  if ok and type(cfg) == "table" then add_path(cfg.path) end
+  dirs[#dirs + 1] = "./backends"
+  -- stock lua5.4: the backends next to the Lua library this file came from
+  local src = debug.getinfo(1, "S").source:match("^@(.*)/drover/orchestrator%.lua$")
+  if src then dirs[#dirs + 1] = src .. "/../backends" end
+  local out, dup = {}, {}
+  for _, d in ipairs(dirs) do if not dup[d] then dup[d] = true; out[#out + 1] = d end end
+  return out
+end
+
+local loaded = {}
+
+--- Load backend class NAME (or a path to a .lua file).
+function M.backend_class(name)
+  if type(name) ~= "string" or name == "" then
+    error("drover.orchestrator: bad argument 'name' (backend name expected, got " .. type(name) .. ")", 3)
+  end
+  if loaded[name] then return loaded[name] end
+  local path
+  if name:find("/") or name:find("%.lua$") then
+    path = name
+  else
+    if not name:match("^[%w_%-]+$") then
+      error("drover.orchestrator: bad backend name '" .. name .. "'", 3)
+    end
+    for _, d in ipairs(M.backend_dirs()) do
+      local p = d .. "/" .. name .. ".lua"
+      local f = io.open(p, "r")
+      if f then f:close(); path = p; break end
+    end
+    if not path then
+      error("unknown backend '" .. name .. "' (looked in " .. table.concat(M.backend_dirs(), ", ") .. ")", 3)
+    end
+  end
+  local chunk, err = loadfile(path)
+  if not chunk then error("backend '" .. name .. "': " .. err, 3) end
+  local ok, cls = pcall(chunk)
+  if not ok then error("backend '" .. name .. "': " .. tostring(cls), 3) end
+  if type(cls) ~= "table" or not (cls == Base or Base.is_a(setmetatable({}, cls), Base)) then
+    error("backend '" .. name .. "' (" .. path .. ") must return a subclass of drover.BaseOrchestrator", 3)
+  end
+  cls.backend_path = path
+  loaded[name] = cls
+  return cls
+end
+
+--- drover.orchestrator(name, config) -> a backend instance.
+function M.orchestrator(name, config)
+  local cls = M.backend_class(name)
+  local o = setmetatable({ name = rawget(cls, "backend_name") or (name:match("([%w_%-]+)%.lua$") or name) }, cls)
+  o:init(config)
+  return o
+end
+
+--- Names of the backends found, with their paths.
+function M.available()
+  local out, seen = {}, {}
+  for _, d in ipairs(M.backend_dirs()) do
+    local p = io.popen('ls "' .. d:gsub('"', '') .. '" 2>/dev/null')
+    if p then
+      for f in p:lines() do
+        local n = f:match("^([%w_%-]+)%.lua$")
+        if n and not seen[n] then seen[n] = true; out[#out + 1] = { name = n, path = d .. "/" .. n .. ".lua" } end
+      end
+      p:close()
+    end
+  end
+  table.sort(out, function(a, b) return a.name < b.name end)
+  return out
+end
+
+return M

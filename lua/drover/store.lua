@@ -1,0 +1,441 @@
+--- The tracking store: SQLite (WAL) under DROVER_HOME.
+--
+-- Packages, deployments, flow runs, task runs and log lines.  Several
+-- drover processes share one store (a CLI, a worker per run, the daemon),
+-- so every write is a short transaction and readers never block writers.
+--
+-- Tracking must cost little: state changes of task runs are queued and
+-- written in one transaction per batch (at most `batch_size` statements, or
+-- after `batch_delay` seconds), not one transaction per statement.  Reads
+-- flush the queue first, so a process always reads its own writes.
+local core = require "drover.core"
+local json = require "drover.json"
+
+local M = {}
+local Store = {}
+Store.__index = Store
+
+M.SCHEMA_VERSION = 1
+
+-- Each migration takes the store from version i-1 to i.  Never edit one
+-- that has shipped: add the next.
+local migrations = {
+  [1] = [[
+    CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT);
+    CREATE TABLE packages(
+      id TEXT PRIMARY KEY, backend TEXT NOT NULL, class TEXT, module TEXT NOT NULL,
+      entrypoint TEXT, sha256 TEXT NOT NULL, location TEXT, manifest TEXT,
+      created REAL NOT NULL);
+    CREATE TABLE deployments(
+      name TEXT PRIMARY KEY, backend TEXT NOT NULL, package_id TEXT, params TEXT,
+      config TEXT, schedule TEXT, max_active INTEGER, paused INTEGER NOT NULL DEFAULT 0,
+      created REAL NOT NULL, updated REAL NOT NULL);
+    CREATE TABLE flow_runs(
+      id TEXT PRIMARY KEY, name TEXT NOT NULL, deployment TEXT, backend TEXT NOT NULL,
+      state TEXT NOT NULL, message TEXT, params TEXT, result TEXT, source TEXT,
+      created REAL NOT NULL, started REAL, ended REAL, resumed_from TEXT,
+      external_id TEXT, pid INTEGER, url TEXT, heartbeat REAL);
+    CREATE INDEX flow_runs_by_deployment ON flow_runs(deployment, state);
+    CREATE INDEX flow_runs_by_state ON flow_runs(state);
+    CREATE INDEX flow_runs_by_created ON flow_runs(created);
+    CREATE TABLE task_runs(
+      id TEXT PRIMARY KEY, flow_run_id TEXT NOT NULL, parent_id TEXT, name TEXT NOT NULL,
+      kind TEXT NOT NULL, call_key TEXT NOT NULL, state TEXT NOT NULL, message TEXT,
+      params TEXT, params_hash TEXT, result TEXT, result_ok INTEGER NOT NULL DEFAULT 1,
+      attempts INTEGER NOT NULL DEFAULT 0, cache_key TEXT, cache_expires REAL,
+      reused_from TEXT, tags TEXT, started REAL, ended REAL);
+    CREATE INDEX task_runs_by_flow ON task_runs(flow_run_id, call_key);
+    CREATE INDEX task_runs_by_cache ON task_runs(name, cache_key) WHERE cache_key IS NOT NULL;
+    CREATE TABLE logs(
+      id INTEGER PRIMARY KEY, flow_run_id TEXT NOT NULL, task_run_id TEXT,
+      ts REAL NOT NULL, stream TEXT NOT NULL, line TEXT NOT NULL);
+    CREATE INDEX logs_by_run ON logs(flow_run_id, id);
+    CREATE TABLE flow_run_states(
+      id INTEGER PRIMARY KEY, flow_run_id TEXT NOT NULL, state TEXT NOT NULL,
+      message TEXT, ts REAL NOT NULL);
+    CREATE INDEX flow_run_states_by_run ON flow_run_states(flow_run_id, id);
+    INSERT INTO meta(key, value) VALUES ('app', 'drover');
+  ]],
+}
+
+--- Wall-clock seconds with microsecond resolution (comparable across
+-- processes, unlike drover.now()).
+M.time = core.time
+
+--- The store directory: DROVER_HOME, the embedder's option, XDG, ~/.local.
+function M.home()
+  local h = os.getenv("DROVER_HOME")
+  if h and h ~= "" then return h end
+  local ok, cfg = pcall(require, "drover.config")
+  if ok and type(cfg) == "table" and cfg.home then return cfg.home end
+  local xdg = os.getenv("XDG_DATA_HOME")
+  if xdg and xdg ~= "" then return xdg .. "/drover" end
+  return (os.getenv("HOME") or "/tmp") .. "/.local/share/drover"
+end
+
+-- Run ids: 12 hex digits from a generator seeded from /dev/urandom, so ids
+-- made in different processes at the same moment do not collide.
+do
+  local f = io.open("/dev/urandom", "rb")
+  if f then
+    local s = f:read(8)
+    f:close()
+    math.randomseed(string.unpack("<i8", s))
+  end
+end
+function M.new_id()
+  return string.format("%08x%04x", math.random(0, 0xffffffff), math.random(0, 0xffff))
+end
+
+local function mkdir_p(path)
+  local fs = require "drover.fs"
+  local ok, err = fs.mkdir(path)
+  if not ok and not fs.exists(path) then return nil, err end
+  return true
+end
+
+--- Open (creating if needed) the store in `home`.  Returns store or nil, message.
+function M.open(home, opts)
+  opts = opts or {}
+  home = home or M.home()
+  local ok, err = mkdir_p(home)
+  if not ok then return nil, "cannot create drover home " .. home .. ": " .. tostring(err) end
+  local path = home .. "/drover.db"
+  local db, derr = core.db.open(path, { busy_timeout = opts.busy_timeout
+    or tonumber(os.getenv("DROVER_BUSY_TIMEOUT") or "") or 10000 })
+  if not db then
+    return nil, "not a drover store: " .. path .. " (" .. tostring(derr) .. ")"
+  end
+  local self = setmetatable({
+    db = db, home = home, path = path, pending = {}, npending = 0, inserting = {},
+    batch_size = opts.batch_size or 2000, batch_delay = opts.batch_delay or 0.05,
+    flush_pending = false,
+  }, Store)
+  local mok, merr = pcall(self.migrate, self)
+  if not mok then
+    db:close()
+    return nil, tostring(merr)
+  end
+  return self
+end
+
+function Store:migrate()
+  local db = self.db
+  local okv, version = pcall(db.user_version, db)
+  if not okv then
+    error("not a drover store: " .. self.path .. " (" .. tostring(version) .. ")", 0)
+  end
+  if version == 0 then
+    local n = db:value("SELECT count(*) FROM sqlite_master")
+    if n > 0 then error("not a drover store: " .. self.path .. " (it holds other tables)", 0) end
+  else
+    local app = db:first("SELECT value FROM sqlite_master m, meta WHERE m.name = 'meta' AND meta.key = 'app'")
+    if not app or app.value ~= "drover" then
+      error("not a drover store: " .. self.path .. " (no drover marker)", 0)
+    end
+    if version > M.SCHEMA_VERSION then
+      error("the store " .. self.path .. " has schema version " .. version ..
+        ", newer than this drover understands (" .. M.SCHEMA_VERSION .. "): upgrade drover", 0)
+    end
+  end
+  for v = version + 1, M.SCHEMA_VERSION do
+    db:transaction(function()
+      db:exec(migrations[v])
+      db:user_version(v)
+    end)
+  end
+end
+
+function Store:close()
+  if self.db then
+    self:flush()
+    self.db:close()
+    self.db = nil
+  end
+end
+
+--- Queue a write; it reaches the database with the next batch.
+function Store:queue(sql, ...)
+  local n = self.npending + 1
+  self.pending[n] = { sql, select("#", ...), ... }
+  self.npending = n
+  if n >= self.batch_size then
+    self:flush()
+  elseif not self.flush_pending then
+    self.flush_pending = true
+    core.spawn(function()
+      core.sleep(self.batch_delay)
+      self.flush_pending = false
+      if self.db then self:flush() end
+    end)
+  end
+end
+
+--- Write every queued statement in one transaction.
+function Store:flush()
+  if self.npending == 0 then return end
+  local q, n = self.pending, self.npending
+  self.pending, self.npending, self.inserting = {}, 0, {}
+  local db = self.db
+  db:transaction(function()
+    for i = 1, n do
+      local e = q[i]
+      db:run(e[1], table.unpack(e, 3, 2 + e[2]))
+    end
+  end)
+end
+
+--- Run a write now, in its own transaction (for rows other processes wait on).
+function Store:write(sql, ...)
+  self:flush()
+  return self.db:run(sql, ...)
+end
+
+function Store:rows(sql, ...) self:flush(); return self.db:rows(sql, ...) end
+function Store:first(sql, ...) self:flush(); return self.db:first(sql, ...) end
+function Store:value(sql, ...) self:flush(); return self.db:value(sql, ...) end
+function Store:transaction(fn) self:flush(); return self.db:transaction(fn) end
+
+-- ---- encoding -------------------------------------------------------------
+
+--- JSON for the store; values JSON cannot hold become a description, and the
+-- second result says whether the value round-trips.
+function M.encode(v)
+  if v == nil then return nil, true end
+  local ok, s = pcall(json.encode, v)
+  if ok then return s, true end
+  return json.encode(tostring(v)), false
+end
+
+function M.decode(s)
+  if s == nil then return nil end
+  local v = json.decode(s)
+  return v
+end
+
+-- ---- flow runs --------------------------------------------------------------
+
+function Store:create_flow_run(r)
+  local id = r.id or M.new_id()
+  local now = M.time()
+  self:flush()
+  self.db:run("INSERT INTO flow_run_states(flow_run_id, state, message, ts) VALUES(?,?,?,?)",
+    id, r.state or "SCHEDULED", r.message, now)
+  self:write([[INSERT INTO flow_runs(id, name, deployment, backend, state, message, params,
+      source, created, started, resumed_from, external_id, pid, url, heartbeat)
+      VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)]],
+    id, r.name, r.deployment, r.backend or "local", r.state or "SCHEDULED", r.message,
+    (M.encode(r.params)), r.source and (M.encode(r.source)) or nil, now,
+    r.state == "RUNNING" and now or nil, r.resumed_from, r.external_id, r.pid, r.url, now)
+  return id
+end
+
+local flow_fields = { state = true, message = true, result = true, started = true, ended = true,
+  external_id = true, pid = true, url = true, heartbeat = true }
+
+--- Update fields of a flow run now (other processes watch these).
+function Store:update_flow_run(id, fields)
+  local keys, sets, vals = {}, {}, {}
+  for k in pairs(fields) do
+    if not flow_fields[k] then error("store: unknown flow run field '" .. k .. "'", 2) end
+    keys[#keys + 1] = k
+  end
+  table.sort(keys) -- stable SQL text, so the statement cache hits
+  for i, k in ipairs(keys) do
+    sets[i] = k .. " = ?"
+    vals[i] = fields[k]
+  end
+  vals[#vals + 1] = id
+  return self:write("UPDATE flow_runs SET " .. table.concat(sets, ", ") .. " WHERE id = ?",
+    table.unpack(vals))
+end
+
+--- Move a flow run to `state` unless it is already final.  Returns true if
+-- it moved.  `from` (optional) restricts the states it may move from.
+function Store:set_flow_state(id, state, message, extra)
+  local now = M.time()
+  local final = (state == "COMPLETED" or state == "FAILED" or state == "CANCELLED" or state == "CRASHED")
+  local sql = "UPDATE flow_runs SET state = ?, message = ?, heartbeat = ?" ..
+    (state == "RUNNING" and ", started = coalesce(started, ?)" or "") ..
+    (final and ", ended = ?" or "") ..
+    (extra and extra.result ~= nil and ", result = ?" or "") ..
+    " WHERE id = ? AND state NOT IN ('COMPLETED','FAILED','CANCELLED','CRASHED')"
+  local vals = { state, message, now }
+  if state == "RUNNING" then vals[#vals + 1] = now end
+  if final then vals[#vals + 1] = now end
+  if extra and extra.result ~= nil then vals[#vals + 1] = extra.result end
+  vals[#vals + 1] = id
+  local changes = self:write(sql, table.unpack(vals))
+  if changes > 0 then
+    -- the history of states, Prefect-style: what happened, in order
+    self.db:run("INSERT INTO flow_run_states(flow_run_id, state, message, ts) VALUES(?,?,?,?)",
+      id, state, message, now)
+  end
+  return changes > 0
+end
+
+function Store:flow_run_states(id)
+  return self:rows("SELECT state, message, ts FROM flow_run_states WHERE flow_run_id = ? ORDER BY id", id)
+end
+
+function Store:flow_run(id)
+  return self:first("SELECT * FROM flow_runs WHERE id = ?", id)
+end
+
+--- Find a flow run by id or unique id prefix.
+function Store:find_flow_run(id)
+  local r = self:flow_run(id)
+  if r then return r end
+  local rows = self:rows("SELECT * FROM flow_runs WHERE id LIKE ? || '%' LIMIT 2", id)
+  if #rows == 1 then return rows[1] end
+  return nil
+end
+
+function Store:flow_runs(filter)
+  filter = filter or {}
+  local where, vals = {}, {}
+  if filter.deployment then where[#where + 1] = "deployment = ?"; vals[#vals + 1] = filter.deployment end
+  if filter.state then where[#where + 1] = "state = ?"; vals[#vals + 1] = filter.state end
+  if filter.backend then where[#where + 1] = "backend = ?"; vals[#vals + 1] = filter.backend end
+  if filter.active then
+    where[#where + 1] = "state IN ('SCHEDULED','PENDING','RUNNING','CANCELLING')"
+  end
+  local sql = "SELECT * FROM flow_runs" ..
+    (#where > 0 and (" WHERE " .. table.concat(where, " AND ")) or "") ..
+    " ORDER BY created DESC LIMIT ?"
+  vals[#vals + 1] = filter.limit or 100
+  return self:rows(sql, table.unpack(vals))
+end
+
+-- ---- task runs (queued writes: these are the hot path) ---------------------
+
+-- A task run's INSERT and the UPDATEs that follow it usually land in the
+-- same batch, hence the same transaction, so no reader can ever see the rows
+-- in between: while the INSERT is still queued, later state changes of that
+-- run are folded into its queued values instead of being queued as UPDATEs.
+-- One statement per run instead of two (and no lookup by the random id)
+-- halves the store's share of the per-task overhead.  `inserting` maps the
+-- ids whose INSERT is queued to their queue entry; flush() empties it.
+local INSERT_TASK_RUN = [[INSERT INTO task_runs(id, flow_run_id, parent_id, name, kind, call_key,
+    state, params, params_hash, attempts, cache_key, tags, started, message, result, result_ok,
+    ended, cache_expires, reused_from) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)]]
+-- positions in a queue entry ({sql, count, values...}) of the folded values
+local I_STATE, I_ATTEMPTS, I_MESSAGE, I_RESULT, I_RESULT_OK, I_ENDED, I_EXPIRES, I_REUSED =
+  9, 12, 16, 17, 18, 19, 20, 21
+
+function Store:task_run_started(t)
+  self:queue(INSERT_TASK_RUN,
+    t.id, t.flow_run_id, t.parent_id, t.name, t.kind, t.call_key, t.state, t.params,
+    t.params_hash, t.attempts, t.cache_key, t.tags, t.started, nil, nil, 1, nil, nil, nil)
+  -- queue() may have flushed (batch full): then the entry is written already
+  if self.npending > 0 then self.inserting[t.id] = self.pending[self.npending] end
+end
+
+function Store:task_run_state(id, state, message, attempts)
+  local e = self.inserting[id]
+  if e then
+    e[I_STATE], e[I_MESSAGE], e[I_ATTEMPTS] = state, message, attempts
+    return
+  end
+  self:queue("UPDATE task_runs SET state = ?, message = ?, attempts = ? WHERE id = ?",
+    state, message, attempts, id)
+end
+
+function Store:task_run_finished(id, state, message, result, result_ok, attempts, ended,
+                                 cache_expires, reused_from)
+  local e = self.inserting[id]
+  if e then
+    e[I_STATE], e[I_MESSAGE], e[I_RESULT], e[I_RESULT_OK] = state, message, result, result_ok and 1 or 0
+    e[I_ATTEMPTS], e[I_ENDED], e[I_EXPIRES], e[I_REUSED] = attempts, ended, cache_expires, reused_from
+    return
+  end
+  self:queue([[UPDATE task_runs SET state = ?, message = ?, result = ?, result_ok = ?,
+      attempts = ?, ended = ?, cache_expires = ?, reused_from = ? WHERE id = ?]],
+    state, message, result, result_ok and 1 or 0, attempts, ended, cache_expires, reused_from, id)
+end
+
+function Store:task_runs(flow_run_id)
+  return self:rows("SELECT * FROM task_runs WHERE flow_run_id = ? ORDER BY started, rowid", flow_run_id)
+end
+
+--- COMPLETED task runs of a flow run, by call key (for resume).
+function Store:completed_calls(flow_run_id)
+  local out = {}
+  for _, r in ipairs(self:rows([[SELECT call_key, params_hash, result, result_ok, id
+      FROM task_runs WHERE flow_run_id = ? AND state = 'COMPLETED']], flow_run_id)) do
+    out[r.call_key] = r
+  end
+  return out
+end
+
+--- The newest unexpired COMPLETED result for (task name, cache key).
+function Store:cached_result(name, cache_key, now)
+  return self:first([[SELECT id, result, result_ok FROM task_runs
+      WHERE name = ? AND cache_key = ? AND state = 'COMPLETED' AND result_ok = 1
+        AND reused_from IS NULL AND (cache_expires IS NULL OR cache_expires > ?)
+      ORDER BY ended DESC LIMIT 1]], name, cache_key, now)
+end
+
+-- ---- logs --------------------------------------------------------------------
+
+function Store:log(flow_run_id, task_run_id, stream, line)
+  self:queue("INSERT INTO logs(flow_run_id, task_run_id, ts, stream, line) VALUES(?,?,?,?,?)",
+    flow_run_id, task_run_id, M.time(), stream, line)
+end
+
+function Store:logs(flow_run_id, after_id, limit)
+  return self:rows([[SELECT id, task_run_id, ts, stream, line FROM logs
+      WHERE flow_run_id = ? AND id > ? ORDER BY id LIMIT ?]], flow_run_id, after_id or 0, limit or 100000)
+end
+
+-- ---- packages and deployments -----------------------------------------------
+
+function Store:put_package(p)
+  self:write([[INSERT INTO packages(id, backend, class, module, entrypoint, sha256, location, manifest, created)
+      VALUES(?,?,?,?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE SET location = excluded.location]],
+    p.id, p.backend, p.class, p.module, p.entrypoint, p.sha256, p.location,
+    (M.encode(p.manifest)), M.time())
+end
+
+function Store:package(id)
+  local p = self:first("SELECT * FROM packages WHERE id = ?", id)
+  if not p then
+    local rows = self:rows("SELECT * FROM packages WHERE id LIKE ? || '%' LIMIT 2", id)
+    if #rows == 1 then p = rows[1] end
+  end
+  return p
+end
+
+--- Insert a deployment; fails with a clear message if the name is taken
+-- (unless replace is set).
+function Store:put_deployment(d, replace)
+  local now = M.time()
+  local existing = self:deployment(d.name)
+  if existing and not replace then
+    return nil, "deployment '" .. d.name .. "' already exists (backend " .. existing.backend ..
+      "); pass --replace to redeploy it"
+  end
+  self:write([[INSERT INTO deployments(name, backend, package_id, params, config, schedule,
+      max_active, paused, created, updated) VALUES(?,?,?,?,?,?,?,0,?,?)
+      ON CONFLICT(name) DO UPDATE SET backend = excluded.backend, package_id = excluded.package_id,
+      params = excluded.params, config = excluded.config, schedule = excluded.schedule,
+      max_active = excluded.max_active, paused = 0, updated = excluded.updated]],
+    d.name, d.backend, d.package_id, (M.encode(d.params)), (M.encode(d.config)), d.schedule,
+    d.max_active, now, now)
+  return true
+end
+
+function Store:deployment(name)
+  return self:first("SELECT * FROM deployments WHERE name = ?", name)
+end
+
+function Store:deployments()
+  return self:rows("SELECT * FROM deployments ORDER BY name")
+end
+
+function Store:set_paused(name, paused)
+  return self:write("UPDATE deployments SET paused = ?, updated = ? WHERE name = ?",
+    paused and 1 or 0, M.time(), name)
+end
+
+return M

@@ -1,0 +1,118 @@
+-- The conformance kit: the BaseOrchestrator contract, end to end, for one
+-- backend.  Run it on any backend:
+--
+--   tests/conformance/run.sh BACKEND [CONFIG.json]
+--
+-- DROVER_BACKEND names the backend (default: local); DROVER_BACKEND_CONFIG
+-- is an optional JSON file with its config.
+local drover = require "drover"
+local H = require "helper"
+
+local backend = os.getenv("DROVER_BACKEND") or "local"
+local config = {}
+if os.getenv("DROVER_BACKEND_CONFIG") then
+  config = assert(drover.json.decode(assert(drover.fs.read(os.getenv("DROVER_BACKEND_CONFIG")))))
+end
+local fixture = (os.getenv("DROVER_ROOT") or ".") .. "/tests/conformance/fixture"
+local deadline = tonumber(os.getenv("DROVER_CONFORMANCE_TIMEOUT") or "120")
+
+local function processes_matching(s)
+  local n = 0
+  for _, pid in ipairs(drover.fs.list("/proc") or {}) do
+    if pid:match("^%d+$") then
+      local cmd = drover.fs.read("/proc/" .. pid .. "/cmdline")
+      if cmd and cmd:gsub("%z", " "):find(s, 1, true) then n = n + 1 end
+    end
+  end
+  return n
+end
+
+describe("conformance: backend '" .. backend .. "'", function()
+  local orch, pkg
+  local suffix = tostring(math.random(100000, 999999))
+
+  local function wait_state(id, want)
+    local last
+    H.wait_until(function()
+      last = orch:status(id)
+      if type(want) == "table" then
+        for _, w in ipairs(want) do if last.state == w then return true end end
+        return false
+      end
+      return last.state == want
+    end, deadline, "run " .. id .. " to reach " .. (type(want) == "table" and table.concat(want, "/") or want)
+      .. " (last: " .. tostring(last and last.state) .. ")")
+    return last
+  end
+
+  setup(function()
+    orch = drover.orchestrator(backend, config)
+  end)
+
+  it("package builds a record with an id and a content hash", function()
+    pkg = orch:package("Fixture", "fixture_flow", "main", { path = fixture })
+    assert.is_string(pkg.id)
+    assert.is_string(pkg.sha256)
+    local again = orch:package("Fixture", "fixture_flow", "main", { path = fixture })
+    assert.are.equal(pkg.id, again.id) -- same sources, same package
+  end)
+
+  it("deploy registers deployments; a duplicate name is refused", function()
+    orch:deploy("conf-ok-" .. suffix, { package = pkg.id, params = { mode = "ok" } })
+    orch:deploy("conf-fail-" .. suffix, { package = pkg.id, params = { mode = "fail" } })
+    orch:deploy("conf-long-" .. suffix, { package = pkg.id, params = { mode = "long" } })
+    local ok, err = pcall(orch.deploy, orch, "conf-ok-" .. suffix, { package = pkg.id })
+    assert.is_false(ok)
+    assert.matches("already exists", tostring(err))
+  end)
+
+  it("run returns an id and a URL; the run COMPLETES and its logs hold the output", function()
+    local id, url = orch:run("conf-ok-" .. suffix, {})
+    assert.is_string(id)
+    assert.matches("^%a[%w+.-]*://", url)
+    local st = wait_state(id, "COMPLETED")
+    assert.are.equal("COMPLETED", st.state)
+    local logs = table.concat(orch:logs(id), "\n")
+    assert.matches("fixture says HELLO", logs)
+    local listed = false
+    for _, r in ipairs(orch:list()) do if r.id == id then listed = true end end
+    assert.is_true(listed)
+  end)
+
+  it("a failing workflow reaches FAILED with its error", function()
+    local id = orch:run("conf-fail-" .. suffix, {})
+    local st = wait_state(id, { "FAILED" })
+    assert.matches("fixture failed on purpose", st.message or "")
+  end)
+
+  it("stop cancels a long run: CANCELLING then CANCELLED, no process left", function()
+    local marker = tostring(5000 + math.random(1, 4000)) .. ".25"
+    local id = orch:run("conf-long-" .. suffix, { marker = marker })
+    wait_state(id, "RUNNING")
+    H.wait_until(function() return processes_matching("sleep " .. marker) >= 2 end, deadline, "children to start")
+    orch:stop("conf-long-" .. suffix, {})
+    local st = wait_state(id, "CANCELLED")
+    assert.are.equal("CANCELLED", st.state)
+    local store = orch:store()
+    local history = {}
+    for _, s in ipairs(store:flow_run_states(id)) do history[#history + 1] = s.state end
+    local seen_cancelling = false
+    for i, s in ipairs(history) do
+      if s == "CANCELLING" then seen_cancelling = true end
+      if s == "CANCELLED" then assert.is_true(seen_cancelling, "CANCELLING came before CANCELLED") ; assert.are.equal(#history, i) end
+    end
+    H.wait_until(function() return processes_matching("sleep " .. marker) == 0 end, 30, "no process left")
+  end)
+
+  it("an unknown deployment gives a clear error naming it", function()
+    local ok, err = pcall(orch.run, orch, "no-such-deployment-" .. suffix, {})
+    assert.is_false(ok)
+    assert.matches("unknown deployment 'no%-such%-deployment%-" .. suffix .. "'", tostring(err))
+  end)
+
+  it("status of an unknown run gives a clear error", function()
+    local ok, err = pcall(orch.status, orch, "ffffffffffff")
+    assert.is_false(ok)
+    assert.matches("unknown run", tostring(err))
+  end)
+end)

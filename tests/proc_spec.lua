@@ -1,0 +1,516 @@
+-- drover.proc: real child processes, real pipes, real process groups.
+local drover = require "drover"
+local H = require "helper"
+local P = drover.proc
+
+--- true if pid names a live process.  A zombie counts as dead: here, as in
+-- many containers, PID 1 may never reap orphans, so `kill -0` alone would
+-- report a killed grandchild as alive forever.
+local function alive(pid)
+  local r = assert(P.run({ "kill", "-0", tostring(pid) }, { stderr = "null" }))
+  if r.code ~= 0 then return false end
+  local f = io.open("/proc/" .. pid .. "/stat")
+  if not f then return false end
+  local stat = f:read("a")
+  f:close()
+  return stat:match("^%d+ %b() (%a)") ~= "Z"
+end
+
+local function read_file(path)
+  local f = io.open(path, "rb")
+  if not f then return nil end
+  local s = f:read("a")
+  f:close()
+  return s
+end
+
+local function write_file(path, data, mode)
+  local f = assert(io.open(path, "wb"))
+  f:write(data)
+  f:close()
+  if mode then os.execute("chmod " .. mode .. " " .. path) end
+end
+
+local function seq(n)
+  local t = {}
+  for i = 1, n do t[i] = tostring(i) end
+  return table.concat(t, "\n") .. "\n"
+end
+
+local tmp
+setup(function() tmp = H.tempdir() end)
+teardown(function() if tmp then os.execute("rm -rf " .. tmp) end end)
+
+describe("drover.proc.run", function()
+  it("returns the exit code", function()
+    assert.are.equal(0, P.run({ "true" }).code)
+    assert.are.equal(1, P.run({ "false" }).code)
+    local r = P.run({ "sh", "-c", "exit 3" })
+    assert.are.equal(3, r.code)
+    assert.are.equal(0, r.signal)
+    assert.is_false(r.timed_out)
+    assert.is_number(r.duration)
+    assert.is_true(r.duration >= 0 and r.duration < 30)
+  end)
+
+  it("reports death by signal as code 128+signal", function()
+    local r = P.run({ "sh", "-c", "kill -USR1 $$" })
+    assert.are.equal(10, r.signal)
+    assert.are.equal(138, r.code)
+    assert.is_false(r.timed_out)
+  end)
+
+  it("captures stdout and stderr separately", function()
+    local r = P.run({ "sh", "-c", "echo out; echo err >&2; echo out2" })
+    assert.are.equal("out\nout2\n", r.stdout)
+    assert.are.equal("err\n", r.stderr)
+  end)
+
+  it("passes arguments verbatim, without a shell", function()
+    local r = P.run({ "printf", "%s|", "a b", "$HOME", "*", "'q'", 42 })
+    assert.are.equal("a b|$HOME|*|'q'|42|", r.stdout)
+  end)
+
+  it("is binary-safe", function()
+    local r = P.run({ "printf", "a\\000b\\377\\001" })
+    assert.are.equal("a\0b\255\1", r.stdout)
+    local data = "x\0y\0\255\n\0"
+    assert.are.equal(data, P.run({ "cat" }, { stdin = data }).stdout)
+  end)
+
+  it("captures several MB on both pipes completely", function()
+    local r = P.run({ "sh", "-c", "seq 1 800000; seq 1 800000 >&2" })
+    local want = seq(800000)
+    assert.is_true(#want > 5 * 1024 * 1024)
+    assert.are.equal(0, r.code)
+    assert.are.equal(#want, #r.stdout)
+    assert.are.equal(want, r.stdout)
+    assert.are.equal(want, r.stderr)
+  end)
+
+  it("feeds a stdin string, large ones too", function()
+    assert.are.equal("hello", P.run({ "cat" }, { stdin = "hello" }).stdout)
+    assert.are.equal("", P.run({ "cat" }, { stdin = "" }).stdout)
+    local big = string.rep("0123456789abcdef", 256 * 1024) -- 4 MB
+    local r = P.run({ "wc", "-c" }, { stdin = big })
+    assert.are.equal(#big, tonumber(r.stdout))
+    assert.are.equal(big, P.run({ "cat" }, { stdin = big }).stdout)
+  end)
+
+  it("gives the child /dev/null as stdin by default", function()
+    local r = P.run({ "cat" })
+    assert.are.equal(0, r.code)
+    assert.are.equal("", r.stdout)
+  end)
+
+  it("survives a child that exits without reading its stdin", function()
+    local r = P.run({ "true" }, { stdin = string.rep("x", 8 * 1024 * 1024) })
+    assert.are.equal(0, r.code)
+  end)
+
+  it("runs in cwd", function()
+    local real = P.run({ "realpath", tmp }).stdout
+    assert.are.equal(real, P.run({ "pwd" }, { cwd = tmp }).stdout)
+  end)
+
+  it("merges env into the parent's environment", function()
+    local home = os.getenv("HOME") or ""
+    local r = P.run({ "sh", "-c", 'printf "%s|%s|%s" "$DROVER_T1" "$DROVER_T2" "$HOME"' },
+      { env = { DROVER_T1 = "one", DROVER_T2 = 2 } })
+    assert.are.equal("one|2|" .. home, r.stdout)
+    -- false removes a variable
+    r = P.run({ "sh", "-c", 'printf "%s" "${HOME-unset}"' }, { env = { HOME = false } })
+    assert.are.equal("unset", r.stdout)
+  end)
+
+  it("clear_env leaves only the given variables, and still finds programs", function()
+    local r = P.run({ "env" }, { clear_env = true, env = { ONLY = "me" } })
+    assert.are.equal("ONLY=me\n", r.stdout)
+    r = P.run({ "env" }, { clear_env = true })
+    assert.are.equal("", r.stdout)
+  end)
+
+  it("appends stdout and stderr to files", function()
+    local out, err = tmp .. "/out.log", tmp .. "/err.log"
+    for i = 1, 2 do
+      local r = P.run({ "sh", "-c", "echo o" .. i .. "; echo e" .. i .. " >&2" }, { stdout = out, stderr = err })
+      assert.are.equal(0, r.code)
+      assert.is_nil(r.stdout)
+      assert.is_nil(r.stderr)
+    end
+    assert.are.equal("o1\no2\n", read_file(out))
+    assert.are.equal("e1\ne2\n", read_file(err))
+    local r, msg = P.run({ "true" }, { stdout = tmp .. "/no/such/dir/x" })
+    assert.is_nil(r)
+    assert.matches("cannot open stdout file '.*no/such/dir/x': no such file or directory", msg)
+  end)
+
+  it("discards output with 'null'", function()
+    local r = P.run({ "sh", "-c", "echo lost; echo lost >&2" }, { stdout = "null", stderr = "null" })
+    assert.are.equal(0, r.code)
+    assert.is_nil(r.stdout)
+    assert.is_nil(r.stderr)
+  end)
+
+  it("streams chunks to functions", function()
+    local chunks, errs, streams = {}, {}, {}
+    local r = P.run({ "sh", "-c", "seq 1 100000; echo bad >&2" }, {
+      stdout = function(c, name) chunks[#chunks + 1] = c; streams[name] = true end,
+      stderr = function(c) errs[#errs + 1] = c end,
+    })
+    assert.are.equal(0, r.code)
+    assert.is_nil(r.stdout)
+    assert.are.equal(seq(100000), table.concat(chunks))
+    assert.are.equal("bad\n", table.concat(errs))
+    assert.is_true(streams.stdout)
+    assert.is_nil(r.callback_error)
+  end)
+
+  it("reports an error raised by a callback as callback_error", function()
+    local calls = 0
+    local r = P.run({ "sh", "-c", "seq 1 100000" }, {
+      stdout = function() calls = calls + 1; error("boom in callback") end,
+    })
+    assert.are.equal(0, r.code)
+    assert.are.equal(1, calls) -- not called again after failing
+    assert.matches("boom in callback", r.callback_error)
+    -- waiting inside a callback is refused the same way, not a crash
+    r = P.run({ "echo", "x" }, { stdout = function() drover.sleep(1) end })
+    assert.are.equal(0, r.code)
+    assert.matches("cannot wait", r.callback_error)
+  end)
+
+  it("returns nil and a message when the program cannot be started", function()
+    local r, msg = P.run({ "drover-no-such-program" })
+    assert.is_nil(r)
+    assert.are.equal("drover.proc.run: cannot start 'drover-no-such-program': no such file or directory", msg)
+    local script = tmp .. "/not-executable.sh"
+    write_file(script, "#!/bin/sh\necho hi\n", "644")
+    r, msg = P.run({ script })
+    assert.is_nil(r)
+    assert.matches("cannot start '.*not%-executable.sh': permission denied", msg)
+    r, msg = P.run({ "pwd" }, { cwd = tmp .. "/missing" })
+    assert.is_nil(r)
+    assert.matches("cannot start 'pwd': cwd '.*/missing': no such file or directory", msg)
+    local p
+    p, msg = P.spawn({ "/nonexistent/bin/x" })
+    assert.is_nil(p)
+    assert.matches("drover.proc.spawn: cannot start '/nonexistent/bin/x'", msg)
+  end)
+
+  it("runs an executable script by path", function()
+    local script = tmp .. "/ok.sh"
+    write_file(script, "#!/bin/sh\necho \"script $1\"\n", "755")
+    assert.are.equal("script arg\n", P.run({ script, "arg" }).stdout)
+  end)
+
+  it("times out: SIGTERM to the whole group, code 124", function()
+    local r = P.run({ "sh", "-c", "sleep 100 & echo $!; sleep 100" }, { timeout = 0.3 })
+    assert.are.equal(124, r.code)
+    assert.is_true(r.timed_out)
+    assert.are.equal(15, r.signal)
+    local grandchild = tonumber(r.stdout:match("%d+"))
+    assert.is_number(grandchild)
+    H.wait_until(function() return not alive(grandchild) end, 30, "the grandchild to die")
+    assert.is_false(alive(r.pid))
+  end)
+
+  it("times out a group that ignores SIGTERM with SIGKILL after kill_grace", function()
+    local t0 = drover.now()
+    local r = P.run({ "sh", "-c", "trap '' TERM; sleep 100 & echo $!; sleep 100" },
+      { timeout = 0.2, kill_grace = 0.3 })
+    assert.are.equal(124, r.code)
+    assert.is_true(r.timed_out)
+    assert.are.equal(9, r.signal)
+    assert.is_true(drover.now() - t0 >= 0.45)
+    local grandchild = tonumber(r.stdout:match("%d+"))
+    H.wait_until(function() return not alive(grandchild) end, 30, "the grandchild to die")
+  end)
+
+  it("works inside tasks, many processes concurrently", function()
+    local results = drover.run(function()
+      local hs = {}
+      for i = 1, 30 do
+        hs[i] = drover.spawn(function()
+          return P.run({ "sh", "-c", "echo $1; echo e$1 >&2", "sh", i })
+        end)
+      end
+      local out = {}
+      for i, h in ipairs(hs) do out[i] = h:join() end
+      return out
+    end)
+    for i = 1, 30 do
+      assert.are.equal(i .. "\n", results[i].stdout)
+      assert.are.equal("e" .. i .. "\n", results[i].stderr)
+      assert.are.equal(0, results[i].code)
+    end
+  end)
+
+  it("runs 20 sleeps in parallel tasks in far less than serial time", function()
+    local elapsed = drover.run(function()
+      local t0 = drover.now()
+      local hs = {}
+      for i = 1, 20 do
+        hs[i] = drover.spawn(function() return P.run({ "sleep", "0.3" }).code end)
+      end
+      for _, h in ipairs(hs) do assert.are.equal(0, h:join()) end
+      return drover.now() - t0
+    end)
+    assert.is_true(elapsed >= 0.3)
+    assert.is_true(elapsed < 20 * 0.3 / 2, "took " .. elapsed .. " s")
+  end)
+end)
+
+describe("drover.proc.spawn", function()
+  it("has a pid, is_running and wait", function()
+    local p = assert(P.spawn({ "sh", "-c", "read x; echo got $x" }, { stdin = true }))
+    assert.is_true(math.type(p.pid) == "integer" and p.pid > 0)
+    assert.is_true(p:is_running())
+    assert.matches("drover.proc%(%d+, running%)", tostring(p))
+    assert.is_true(p:write("it\n"))
+    local r = p:wait()
+    assert.are.equal("got it\n", r.stdout)
+    assert.is_false(p:is_running())
+    assert.are.equal(r, p:wait()) -- the result is kept
+    assert.are.equal(p.pid, r.pid)
+  end)
+
+  it("writes to stdin and closes it", function()
+    local p = assert(P.spawn({ "cat" }, { stdin = true }))
+    assert.is_true(p:write("abc"))
+    assert.is_true(p:write(""))
+    assert.is_true(p:write(string.rep("z", 3 * 1024 * 1024))) -- larger than any pipe buffer
+    assert.is_true(p:write("\0end"))
+    p:close()
+    p:close() -- idempotent
+    local ok, msg = p:write("late")
+    assert.is_nil(ok)
+    assert.are.equal("stdin is closed", msg)
+    local r = p:wait()
+    assert.are.equal("abc" .. string.rep("z", 3 * 1024 * 1024) .. "\0end", r.stdout)
+  end)
+
+  it("writes from tasks while another task reads the result", function()
+    local out = drover.run(function()
+      local p = assert(P.spawn({ "sort" }, { stdin = true }))
+      local reader = drover.spawn(function() return p:wait().stdout end)
+      for _, w in ipairs({ "c\n", "a\n", "b\n" }) do assert.is_true(p:write(w)) end
+      p:close()
+      return reader:join()
+    end)
+    assert.are.equal("a\nb\nc\n", out)
+  end)
+
+  it("refuses write when stdin is not a pipe", function()
+    local p = assert(P.spawn({ "true" }))
+    assert.has_error(function() p:write("x") end,
+      "proc:write: stdin is not a pipe (spawn with opts.stdin = true)")
+    p:wait()
+  end)
+
+  it("kills the whole group with a signal given by name or number", function()
+    local marker = tmp .. "/kill-gc"
+    -- the grandchild does not hold the pipe: wait() returns as soon as sh dies
+    local p = assert(P.spawn({ "sh", "-c", "sleep 100 >/dev/null 2>&1 & echo $! > " .. marker .. "; wait" }))
+    H.wait_until(function() local s = read_file(marker); return s and s:match("%d+\n") end, 30, "marker")
+    local grandchild = tonumber(read_file(marker):match("%d+"))
+    assert.is_true(alive(grandchild))
+    assert.is_true(p:kill("KILL"))
+    local r = p:wait()
+    assert.are.equal(9, r.signal)
+    assert.are.equal(137, r.code)
+    assert.is_false(r.timed_out)
+    H.wait_until(function() return not alive(grandchild) end, 30, "the grandchild to die")
+
+    for _, sig in ipairs({ { 15, 15 }, { "TERM", 15 }, { "SIGINT", 2 }, { "hup", 1 } }) do
+      local q = assert(P.spawn({ "sleep", "100" }))
+      assert.is_true(q:kill(sig[1]))
+      assert.are.equal(sig[2], q:wait().signal)
+    end
+    local q = assert(P.spawn({ "sleep", "100" }))
+    assert.is_true(q:kill()) -- default SIGTERM
+    assert.are.equal(143, q:wait().code)
+    local ok, msg = q:kill()
+    assert.is_nil(ok)
+    assert.are.equal("no such process", msg)
+  end)
+
+  it("wait(timeout) stops the group like vim.system", function()
+    local p = assert(P.spawn({ "sh", "-c", "sleep 100 & echo $!; sleep 100" }))
+    local r = p:wait(0.2)
+    assert.are.equal(124, r.code)
+    assert.is_true(r.timed_out)
+    local grandchild = tonumber(r.stdout:match("%d+"))
+    H.wait_until(function() return not alive(grandchild) end, 30, "the grandchild to die")
+    -- a process that finishes before the deadline is not affected
+    r = assert(P.spawn({ "true" })):wait(30)
+    assert.are.equal(0, r.code)
+    assert.is_false(r.timed_out)
+  end)
+
+  it("a cancelled task kills the group and wakes only after the child exited", function()
+    local marker = tmp .. "/cancel-pids"
+    os.remove(marker)
+    drover.run(function()
+      local t = drover.spawn(function()
+        return P.run({ "sh", "-c", "sleep 100 & echo $$ $! > " .. marker .. "; wait" })
+      end)
+      H.wait_until(function() local s = read_file(marker); return s and s:match("%d+ %d+\n") end, 30, "marker")
+      local leader, grandchild = read_file(marker):match("(%d+) (%d+)")
+      assert.is_true(alive(grandchild))
+      assert.is_true(t:cancel())
+      local ok, err = t:wait()
+      assert.is_false(ok)
+      assert.are.equal("cancelled", err)
+      -- drover reaped the leader before waking the task
+      assert.is_false(alive(leader))
+      H.wait_until(function() return not alive(grandchild) end, 30, "the grandchild to die")
+    end)
+  end)
+
+  it("a cancel escalates to SIGKILL for a group that ignores SIGTERM", function()
+    local marker = tmp .. "/cancel-term"
+    os.remove(marker)
+    drover.run(function()
+      local p = assert(P.spawn({ "sh", "-c", "trap '' TERM; echo $$ > " .. marker .. "; sleep 100" },
+        { kill_grace = 0.2 }))
+      local t = drover.spawn(function() return p:wait() end)
+      H.wait_until(function() local s = read_file(marker); return s and s:match("%d+\n") end, 30, "marker")
+      t:cancel()
+      local ok, err = t:wait()
+      assert.is_false(ok)
+      assert.are.equal("cancelled", err)
+      local r = p:wait()
+      assert.are.equal(9, r.signal)
+      assert.is_false(alive(p.pid))
+    end)
+  end)
+
+  it("a cancelled writer abandons stdin instead of hanging", function()
+    drover.run(function()
+      -- the child never reads: a large write cannot finish
+      local p = assert(P.spawn({ "sleep", "100" }, { stdin = true }))
+      local w = drover.spawn(function() return p:write(string.rep("x", 16 * 1024 * 1024)) end)
+      H.wait_until(function() return w:status() == "waiting" end, 30, "the writer to block")
+      w:cancel()
+      local ok, err = w:wait()
+      assert.is_false(ok)
+      assert.are.equal("cancelled", err)
+      p:kill("KILL")
+      assert.are.equal(9, p:wait().signal)
+    end)
+  end)
+end)
+
+describe("drover.proc argument checking", function()
+  local function errs(pattern, f, ...)
+    local ok, err = pcall(f, ...)
+    assert.is_false(ok)
+    assert.matches(pattern, err, 1, true)
+  end
+
+  it("names the bad argument or option", function()
+    errs("drover.proc.run: bad argument 'argv' (table expected, got nil)", P.run, nil)
+    errs("drover.proc.run: bad argument 'argv' (table expected, got string)", P.run, "ls -l")
+    errs("drover.proc.spawn: bad argument 'argv' (program name expected in argv[1])", P.spawn, {})
+    errs("drover.proc.run: bad argument 'argv[2]' (string expected, got table)", P.run, { "echo", {} })
+    errs("drover.proc.run: bad argument 'argv[1]' (contains a NUL byte)", P.run, { "ec\0ho" })
+    errs("drover.proc.run: bad argument 'opts' (table expected, got number)", P.run, { "true" }, 5)
+    errs("drover.proc.run: unknown option 'tmeout'", P.run, { "true" }, { tmeout = 1 })
+    errs("drover.proc.run: bad option 'timeout' (number expected, got string)", P.run, { "true" }, { timeout = "1" })
+    errs("drover.proc.run: bad option 'timeout' (must be > 0)", P.run, { "true" }, { timeout = -1 })
+    errs("drover.proc.run: bad option 'kill_grace' (must be >= 0)", P.run, { "true" }, { kill_grace = -1 })
+    errs("drover.proc.run: bad option 'cwd' (string expected, got boolean)", P.run, { "true" }, { cwd = true })
+    errs("drover.proc.run: bad option 'env' (table expected, got string)", P.run, { "true" }, { env = "A=1" })
+    errs("drover.proc.run: bad option 'env' (value of 'A': string, number or false expected, got table)",
+      P.run, { "true" }, { env = { A = {} } })
+    errs("drover.proc.run: bad option 'env' (invalid variable name 'A=B')", P.run, { "true" }, { env = { ["A=B"] = "1" } })
+    errs("drover.proc.run: bad option 'clear_env' (boolean expected, got number)", P.run, { "true" }, { clear_env = 1 })
+    errs("drover.proc.run: bad option 'detach' (boolean expected, got string)", P.run, { "true" }, { detach = "yes" })
+    errs("drover.proc.run: bad option 'stdin' (string or boolean expected, got table)", P.run, { "cat" }, { stdin = {} })
+    errs("drover.proc.run: bad option 'stdin' (true needs drover.proc.spawn", P.run, { "cat" }, { stdin = true })
+    errs("drover.proc.run: bad option 'stdout' (\"capture\", \"inherit\", \"null\", a file path or a function expected, got number)",
+      P.run, { "true" }, { stdout = 1 })
+    errs("drover.proc.spawn: bad option 'stderr' (empty file path)", P.spawn, { "true" }, { stderr = "" })
+    local p = assert(P.spawn({ "true" }))
+    errs("proc:wait: bad argument 'timeout' (number expected, got string)", p.wait, p, "1")
+    errs("proc:wait: bad argument 'self' (process expected, got table)", p.wait, {})
+    errs("proc:kill: bad argument 'signal' (unknown signal 'NOPE')", p.kill, p, "NOPE")
+    errs("proc:kill: bad argument 'signal' (signal name or number expected, got table)", p.kill, p, {})
+    errs("proc:kill: bad argument 'signal' (no signal number 999)", p.kill, p, 999)
+    errs("proc:write: bad argument 'data' (string expected, got number)", p.write, p, 5)
+    assert.are.equal(0, p:wait().code)
+  end)
+end)
+
+describe("drover.proc.output", function()
+  it("returns stdout on success, nil and a message otherwise", function()
+    assert.are.equal("hi\n", P.output({ "echo", "hi" }))
+    local out, msg, r = P.output({ "sh", "-c", "echo some detail >&2; exit 4" })
+    assert.is_nil(out)
+    assert.are.equal("'sh' exited with code 4: some detail", msg)
+    assert.are.equal(4, r.code)
+    out, msg = P.output({ "drover-no-such-program" })
+    assert.is_nil(out)
+    assert.matches("cannot start", msg)
+  end)
+end)
+
+describe("drover.proc through the drover binary", function()
+  local function script(name, code)
+    local path = tmp .. "/" .. name
+    write_file(path, code)
+    return path
+  end
+
+  it("runs processes from a script, and inherits stdio", function()
+    local path = script("inherit.lua", [[
+      local drover = require "drover"
+      local r = drover.proc.run({ "sh", "-c", "echo to-parent; echo to-parent-err >&2" },
+        { stdout = "inherit", stderr = "inherit" })
+      assert(r.stdout == nil and r.code == 0)
+      drover.proc.run({ "echo", "dropped" }, { stdout = "null" })
+      drover.run(function()
+        local r2 = drover.proc.run({ "echo", "from-task" })
+        io.write("captured:", r2.stdout)
+      end)
+    ]])
+    local code, out, err = H.drover({ path })
+    assert.are.equal(0, code, err)
+    assert.are.equal("to-parent\ncaptured:from-task\n", out)
+    assert.are.equal("to-parent-err\n", err)
+  end)
+
+  it("kills the groups of running children when the engine closes", function()
+    local marker = tmp .. "/close-gc"
+    os.remove(marker)
+    local path = script("close.lua", string.format([[
+      local drover = require "drover"
+      local p = drover.proc.spawn({ "sh", "-c", "sleep 100 & echo $! > %s; sleep 100" })
+      drover.proc.spawn({ "sleep", "100" }, { stdout = "null" }) -- handle dropped at once
+      while not (io.open(%q) or {read = function() end}):read("l") do drover.sleep(0.02) end
+      print(p.pid)
+    ]], marker, marker))
+    local code, out, err = H.drover({ path })
+    assert.are.equal(0, code, err)
+    local pid = tonumber(out:match("%d+"))
+    local grandchild = tonumber(read_file(marker):match("%d+"))
+    -- the leader was killed and reaped before drover exited
+    assert.is_false(alive(pid))
+    H.wait_until(function() return not alive(grandchild) end, 30, "the grandchild to die")
+  end)
+
+  it("lets detached children outlive the engine", function()
+    local path = script("detach.lua", [[
+      local drover = require "drover"
+      local p = drover.proc.spawn({ "sleep", "100" }, { detach = true })
+      print(p.pid)
+    ]])
+    local code, out, err = H.drover({ path })
+    assert.are.equal(0, code, err)
+    local pid = tonumber(out:match("%d+"))
+    assert.is_true(alive(pid))
+    os.execute("kill -KILL -" .. pid .. " 2>/dev/null")
+    H.wait_until(function() return not alive(pid) end, 30, "the detached child to die")
+  end)
+end)
