@@ -10,7 +10,9 @@ CFLAGS   ?= $(OPT) -g
 DRV_CFLAGS = -std=c99 -D_GNU_SOURCE -fPIC -Wall -Wextra -Wno-unused-parameter \
              -Iengine/include -Iengine/src $(shell pkg-config --cflags $(PKGS)) \
              -DDRV_PREFIX='"$(PREFIX)"'
-LIBS      = $(shell pkg-config --libs $(PKGS)) -lm -ldl -lpthread
+# libcurl and libcrypto are dlopen()ed on first use (engine/src/lazylib.h):
+# only their headers are needed at build time.
+LIBS      = -Wl,--as-needed $(shell pkg-config --libs lua5.4 libuv sqlite3 libh2o) -lm -ldl -lpthread
 BUILD    ?= build
 
 ENGINE_SRC = $(sort $(wildcard engine/src/*.c))
@@ -45,7 +47,7 @@ $(BUILD)/drover: engine/cli/main.c $(BUILD)/libdrover.a $(HEADERS)
 # drover.core for stock lua5.4: the interpreter provides the Lua symbols.
 $(BUILD)/lua/drover/core.so: $(ENGINE_OBJ) | $(BUILD)/lua/drover
 	$(CC) $(CFLAGS) -shared -o $@ $(filter-out $(BUILD)/obj/api.o,$(ENGINE_OBJ)) \
-	  $(shell pkg-config --libs libuv libcurl libcrypto sqlite3 libh2o) -lm $(LDFLAGS)
+	  $(shell pkg-config --libs libuv sqlite3 libh2o) -lm -ldl -lpthread $(LDFLAGS)
 
 test: all
 	@bash tests/run.sh

@@ -7,7 +7,8 @@
 #   memory.sh    resident memory of an idle engine vs lua5.4
 #   tracking.sh  per-task cost of tracking (100,000 no-op task runs)
 #   dag.sh       1,000-process DAG and a 200-process chain vs make / snakemake
-#   proc.sh, http.sh, db.sh   when present (their owners' benchmarks)
+#   proc.sh, http.sh, db.sh   when present (their owners' benchmarks),
+#   then any other bench/*.sh
 #
 # Each benchmark's own summary is printed as it finishes; hyperfine's
 # progress goes to bench/out/NAME.log (the whole stderr of each).
@@ -22,6 +23,11 @@ export DROVER_BUILD=$BUILD
 [ -x "$BUILD/drover" ] || make -s BUILD="$BUILD" all || exit 1
 
 all=(startup memory tracking dag proc http db)
+# ... and any other bench/NAME.sh that appears, after those
+for f in bench/*.sh; do
+  n=$(basename "$f" .sh)
+  case " run ${all[*]} " in *" $n "*) ;; *) all+=("$n") ;; esac
+done
 if [ $# -gt 0 ]; then names=("$@"); else names=("${all[@]}"); fi
 
 out=bench/out

@@ -34,7 +34,7 @@
  */
 #include "drover_int.h"
 
-#include <curl/curl.h>
+#include "lazylib.h"
 #include <ctype.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -224,6 +224,13 @@ static drv_http *drv__http_state(lua_State *L, drv_engine *E) {
   if (E->closing) {
     luaL_error(L, "%s: the engine is closing", "drover.http.request");
     return NULL;
+  }
+  {
+    const char *lerr = drv__curl_load();
+    if (lerr) {
+      luaL_error(L, "drover.http.request: %s", lerr);
+      return NULL;
+    }
   }
   /* Reference-counted and thread-safe in the curl we build against; paired
    * with curl_global_cleanup in drv__http_free. */

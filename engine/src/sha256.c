@@ -7,10 +7,16 @@
 
 #include <errno.h>
 #include <fcntl.h>
-#include <openssl/evp.h>
+#include "lazylib.h"
 #include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
+
+/* libcrypto is loaded on first use (lazylib.h): raise if it cannot be. */
+static void drv__need_crypto(lua_State *L, const char *fname) {
+  const char *err = drv__crypto_load();
+  if (err) luaL_error(L, "%s: %s", fname, err);
+}
 
 static void drv__md_free(void *md) { EVP_MD_CTX_free((EVP_MD_CTX *)md); }
 
@@ -29,7 +35,9 @@ static void drv__push_hex(lua_State *L, const unsigned char *d, unsigned n) {
 static int drv__l_sha256(lua_State *L) {
   static const char *F = "drover.fs.sha256";
   const char *path = drv__fs_checkpath(L, 1, F, "path");
-  drv_fsguard *g = drv__fsguard(L);
+  drv_fsguard *g;
+  drv__need_crypto(L, F);
+  g = drv__fsguard(L);
   unsigned char digest[EVP_MAX_MD_SIZE];
   unsigned dlen = 0;
   struct stat st;
@@ -68,6 +76,7 @@ static int drv__l_sha256_string(lua_State *L) {
   if (lua_type(L, 1) != LUA_TSTRING)
     return drv__argerror(L, "drover.fs.sha256_string", "data", "string", 1);
   s = lua_tolstring(L, 1, &n);
+  drv__need_crypto(L, "drover.fs.sha256_string");
   if (EVP_Digest(s, n, digest, &dlen, EVP_sha256(), NULL) != 1)
     return luaL_error(L, "drover.fs.sha256_string: SHA-256 failed");
   drv__push_hex(L, digest, dlen);
