@@ -15,6 +15,13 @@ DRV_CFLAGS = -std=c99 -D_GNU_SOURCE -fPIC -Wall -Wextra -Wno-unused-parameter \
 LIBS      = -Wl,--as-needed $(shell pkg-config --libs lua5.4 libuv sqlite3 libh2o) -lm -ldl -lpthread
 BUILD    ?= build
 
+# The sanitizer build lives in its own directory; everything built there
+# (engine, binary, C tests) gets ASan + UBSan.
+ifeq ($(BUILD),build-asan)
+OPT      = -O1 -fsanitize=address,undefined -fno-omit-frame-pointer
+LDFLAGS += -fsanitize=address,undefined
+endif
+
 ENGINE_SRC = $(sort $(wildcard engine/src/*.c))
 ENGINE_OBJ = $(ENGINE_SRC:engine/src/%.c=$(BUILD)/obj/%.o)
 HEADERS    = $(wildcard engine/src/*.h) engine/include/drover.h
@@ -53,8 +60,7 @@ test: all
 	@bash tests/run.sh
 
 test-asan:
-	$(MAKE) BUILD=build-asan OPT="-O1 -fsanitize=address,undefined -fno-omit-frame-pointer" \
-	  LDFLAGS="-fsanitize=address,undefined" all
+	$(MAKE) BUILD=build-asan all
 	@DROVER_BUILD=build-asan bash tests/run.sh
 
 bench: all
