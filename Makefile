@@ -29,7 +29,7 @@ HEADERS    = $(wildcard engine/src/*.h) engine/include/drover.h
 SOVERSION = 0
 
 .PHONY: all deps test test-c test-lua test-asan bench clean install
-all: $(BUILD)/drover $(BUILD)/libdrover.a $(BUILD)/libdrover.so $(BUILD)/lua/drover/core.so
+all: $(BUILD)/drover $(BUILD)/plugins/server.so $(BUILD)/libdrover.a $(BUILD)/libdrover.so $(BUILD)/lua/drover/core.so
 
 deps:
 	@bash tests/support/deps.sh
@@ -46,10 +46,19 @@ $(BUILD)/libdrover.a: $(ENGINE_OBJ)
 $(BUILD)/libdrover.so: $(ENGINE_OBJ)
 	$(CC) $(CFLAGS) -shared -Wl,-soname,libdrover.so.$(SOVERSION) -o $@ $^ -llua5.4-cjson $(LIBS) $(LDFLAGS)
 
-# The binary: engine + cjson linked in statically; Lua symbols exported so
-# that C modules loaded with require() find them.
-$(BUILD)/drover: engine/cli/main.c $(BUILD)/libdrover.a $(HEADERS)
-	$(CC) $(CFLAGS) $(DRV_CFLAGS) -Wl,-E -o $@ engine/cli/main.c $(BUILD)/libdrover.a $(CJSON_A) $(LIBS) $(LDFLAGS)
+# The binary: engine + cjson linked in statically; Lua and engine symbols
+# exported so that C modules loaded with require(), and the server plugin,
+# find them.  The HTTP server is a plugin loaded on first use
+# (engine/cli/server_loader.c says why), so the binary does not link H2O.
+BIN_OBJ = $(filter-out $(BUILD)/obj/server.o,$(ENGINE_OBJ))
+BIN_LIBS = -Wl,--as-needed $(shell pkg-config --libs lua5.4 libuv sqlite3) -lm -ldl -lpthread
+$(BUILD)/drover: engine/cli/main.c engine/cli/server_loader.c $(BIN_OBJ) $(HEADERS) $(BUILD)/plugins/server.so
+	$(CC) $(CFLAGS) $(DRV_CFLAGS) -Wl,-E -o $@ engine/cli/main.c engine/cli/server_loader.c \
+	  $(BIN_OBJ) $(CJSON_A) $(BIN_LIBS) $(LDFLAGS)
+
+$(BUILD)/plugins/server.so: $(BUILD)/obj/server.o
+	@mkdir -p $(BUILD)/plugins
+	$(CC) $(CFLAGS) -shared -Wl,-Bsymbolic -o $@ $< $(shell pkg-config --libs libh2o) $(LDFLAGS)
 
 # drover.core for stock lua5.4: the interpreter provides the Lua symbols.
 $(BUILD)/lua/drover/core.so: $(ENGINE_OBJ) | $(BUILD)/lua/drover
@@ -60,7 +69,7 @@ test: all
 	@bash tests/run.sh
 
 test-asan:
-	$(MAKE) BUILD=build-asan all
+	$(MAKE) BUILD=build-asan all build-asan/lua5.4
 	@DROVER_BUILD=build-asan bash tests/run.sh
 
 bench: all
@@ -78,3 +87,8 @@ $(BUILD)/tests/%: tests/c/%.c $(BUILD)/libdrover.a $(HEADERS)
 $(BUILD)/httpd-test: tests/support/httpd.c
 	@mkdir -p $(BUILD)
 	$(CC) $(CFLAGS) -std=gnu99 -Wall -o $@ $< $(shell pkg-config --cflags --libs libh2o libuv) -lssl -lcrypto -lz
+
+# A Lua interpreter carrying the sanitizer runtime itself (see tests/support/lua.c).
+$(BUILD)/lua5.4: tests/support/lua.c
+	@mkdir -p $(BUILD)
+	$(CC) $(CFLAGS) $(shell pkg-config --cflags lua5.4) -o $@ $< -Wl,-E $(shell pkg-config --libs lua5.4) -lm -ldl $(LDFLAGS)

@@ -215,6 +215,14 @@ describe("drover.proc.run", function()
     assert.is_false(alive(r.pid))
   end)
 
+  it("does not time out a process that finishes in time", function()
+    local r = P.run({ "echo", "quick" }, { timeout = 30 })
+    assert.are.equal(0, r.code)
+    assert.is_false(r.timed_out)
+    assert.are.equal("quick\n", r.stdout)
+    assert.are.equal(0, P.run({ "true" }, { timeout = math.huge }).code)
+  end)
+
   it("times out a group that ignores SIGTERM with SIGKILL after kill_grace", function()
     local t0 = drover.now()
     local r = P.run({ "sh", "-c", "trap '' TERM; sleep 100 & echo $!; sleep 100" },

@@ -65,7 +65,16 @@ int main(int argc, char **argv) {
     usage(stdout);
     return 0;
   }
-  D = drover_open(NULL);
+  {
+    /* Ctrl-C, SIGTERM or SIGHUP during a plain script ends every child
+     * process group the engine started (children live in their own
+     * sessions and would outlive it), then exits 128+signal.  Commands
+     * such as `drover exec` install their own two-phase cancel instead. */
+    drover_options o;
+    memset(&o, 0, sizeof o);
+    o.exit_on_signal = argc >= 2 && (strcmp(argv[1], "-e") == 0 || is_script(argv[1]));
+    D = drover_open(&o);
+  }
   if (D == NULL) {
     fputs("drover: out of memory\n", stderr);
     return 2;

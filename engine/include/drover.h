@@ -43,6 +43,9 @@ typedef struct drover_options {
   uv_loop_t *loop;       /* run on the host's loop instead of drover's own; NULL: own */
   drover_log_fn log;     /* NULL: messages go to stderr */
   void *log_ud;
+  int exit_on_signal;    /* 1: on SIGINT/SIGTERM/SIGHUP end every child process
+                            group the engine started and exit(128 + signal), as
+                            a command-line program should; embedders leave it 0 */
 } drover_options;
 
 /*

@@ -111,6 +111,7 @@ static int drv__setup(lua_State *L) {
   }
   lua_setfield(L, -2, "drover.config");
   lua_pop(L, 1);
+  if (o && o->exit_on_signal) drv__exit_on_signals(drv__engine(L));
   return 0;
 }
 
@@ -148,19 +149,11 @@ uv_loop_t *drover_loop(drover *D) {
   return drv__engine(D->L)->loop;
 }
 
-/* Call drover.core.run(chunk, ...) with the chunk and n args on the stack. */
+/* Call drover.run(chunk, ...) with the chunk and n args on the stack. */
 static int drv__run_chunk(drover *D, int nargs) {
   lua_State *L = D->L;
   int base = lua_gettop(L) - nargs; /* index of the chunk */
-  lua_getglobal(L, "require");
-  lua_pushliteral(L, "drover.core");
-  if (lua_pcall(L, 1, 1, 0) != LUA_OK) {
-    drv__seterr(D, lua_tostring(L, -1));
-    lua_settop(L, base - 1);
-    return DROVER_ELOAD;
-  }
-  lua_getfield(L, -1, "run");
-  lua_remove(L, -2);
+  lua_pushcfunction(L, drv__run);
   lua_insert(L, base);
   if (lua_pcall(L, nargs + 1, 0, 0) != LUA_OK) {
     const char *m = lua_tostring(L, -1);

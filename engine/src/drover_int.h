@@ -105,6 +105,11 @@ int drv__awaitk(lua_State *L, drv_wait *w, lua_KFunction k, lua_KContext kctx);
 int drv__task_cancel(drv_task *t);                  /* request cancellation */
 void drv__wake(drv_wait *w, int nres);
 int drv__open_sched(lua_State *L);                  /* pushes nothing; adds fields to table at -1 */
+void drv__sched_init(lua_State *L);                 /* metatables, registry (idempotent) */
+int drv__run(lua_State *L);                         /* drover.run(fn, ...) */
+/* On SIGINT/SIGTERM/SIGHUP: close every engine resource (ending the child
+ * process groups it started), then exit(128 + signal). */
+void drv__exit_on_signals(drv_engine *E);
 void drv__sched_close(drv_engine *E);
 
 /* ---- modules: each adds its functions to the table at the top --------- */

@@ -104,6 +104,7 @@ void drv__engine_attach(lua_State *L, uv_loop_t *loop) {
   E->resources.next = E->resources.prev = &E->resources;
   uv_idle_init(E->loop, &E->runq_idle);
   E->runq_idle.data = E;
+  drv__sched_init(L);
 }
 
 /* ---- argument helpers --------------------------------------------------- */

@@ -183,6 +183,7 @@ static void drv__proc_timer_start(drv_proc *p, double secs) {
     drv__proc_apply_ref(p);
   }
   if (!p->timer_open) return;
+  if (!(secs < 1e12)) secs = 1e12; /* math.huge: "never", without overflowing */
   uv_timer_start(&p->timer, drv__proc_timer_cb, (uint64_t)(secs * 1000.0 + 0.5), 0);
 }
 

@@ -474,7 +474,7 @@ static int drv__l_yield(lua_State *L) {
 
 /* drover.run(fn, ...): run fn as a task until it and every task finish.
  * Inside a task it is spawn + join.  drover.run() with no function drains. */
-static int drv__l_run(lua_State *L) {
+int drv__run(lua_State *L) {
   drv_engine *E = drv__engine(L);
   drv_task *t = NULL;
   int hidx = 0;
@@ -507,13 +507,13 @@ void drv__sched_close(drv_engine *E) {
   E->runq_head = E->runq_tail = NULL;
 }
 
-int drv__open_sched(lua_State *L) {
+/* Metatables and registry tables the scheduler needs; idempotent.  Done
+ * when the engine is attached, so drover_dofile can run a script without
+ * building the whole drover.core table first. */
+void drv__sched_init(lua_State *L) {
   static const luaL_Reg methods[] = {{"join", drv__l_join},     {"wait", drv__l_wait},
                                      {"cancel", drv__l_cancel}, {"status", drv__l_status},
                                      {NULL, NULL}};
-  static const luaL_Reg funcs[] = {{"spawn", drv__l_spawn}, {"run", drv__l_run},
-                                   {"current", drv__l_current}, {"yield", drv__l_yield},
-                                   {NULL, NULL}};
   if (luaL_newmetatable(L, DRV_TASK_MT)) {
     lua_pushcfunction(L, drv__l_index);
     lua_setfield(L, -2, "__index");
@@ -533,6 +533,13 @@ int drv__open_sched(lua_State *L) {
     lua_rawsetp(L, LUA_REGISTRYINDEX, &drv__sched_key);
   }
   lua_pop(L, 1);
+}
+
+int drv__open_sched(lua_State *L) {
+  static const luaL_Reg funcs[] = {{"spawn", drv__l_spawn}, {"run", drv__run},
+                                   {"current", drv__l_current}, {"yield", drv__l_yield},
+                                   {NULL, NULL}};
+  drv__sched_init(L);
   luaL_setfuncs(L, funcs, 0);
   return 0;
 }

@@ -1,7 +1,1478 @@
-/* server.c -- placeholder until the HTTP server primitive lands. */
+/*
+ * server.c -- drover.server: an HTTP/1.1 server on the engine's own loop,
+ * in the OpenResty spirit: every request runs a Lua handler as a drover
+ * task, so the handler may wait (query the store, sleep, call other HTTP
+ * services) while the loop serves everybody else.
+ *
+ * The HTTP protocol work is H2O's (libh2o, libuv flavour: Debian's 2.2.5):
+ * parsing, keep-alive, chunked encoding, 100-continue, timeouts.  This file
+ * owns the listener, the accepted sockets and the glue to Lua:
+ *
+ *   listener --accept--> drv_conn (our uv handle, H2O's socket) --H2O-->
+ *   on_req --> drv_sreq (one per request) + a task running
+ *   dispatch(req, res) --> the Lua handler --> res:respond / start / write
+ *   / finish, which call h2o_send.
+ *
+ * Nothing Lua runs inside an H2O callback beyond building the request
+ * table and spawning the task (in a protected call); the handler itself
+ * runs from the scheduler's run queue like every other task.
+ *
+ * Three lifetimes meet here and each is tracked explicitly:
+ *
+ *   - The H2O request (h2o_req_t) ends when H2O disposes of its memory
+ *     pool: after the response is written, or when the connection dies.
+ *     A small object in that pool tells us (drv__sreq_disposed).
+ *   - The Lua `res` object may outlive the request (a handler that keeps
+ *     it) or go first.  drv_sreq is reference counted by both sides.
+ *   - The server outlives its connections: it is finalized (H2O context
+ *     and config disposed) only when no connection is left, and freed two
+ *     loop passes later, once libuv is done with every handle in it.
+ *
+ * H2O's HTTP/1 stops reading a connection while a request is processed,
+ * so it only learns that a client hung up when it writes.  A handler that
+ * waits for a long time (a log tail, server-sent events with no news)
+ * would never notice; a timer therefore polls the sockets of unanswered
+ * and streaming requests for POLLRDHUP, and a client that went away has
+ * its request aborted: a handler waiting in res:write gets nil, "closed",
+ * one waiting for anything else has its task cancelled.
+ *
+ * Closing the engine closes every listener and connection at once, through
+ * H2O's own callbacks so that H2O frees what it holds (drv__conn_force_close)
+ * -- the engine then closes whatever handles are left, and an H2O socket
+ * closed under H2O's feet would be a double close.
+ */
 #include "drover_int.h"
 
-int drv__open_server(lua_State *L) {
-  (void)L;
+#include <errno.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+#include <netinet/in.h>
+
+#include "h2o.h"
+#include "h2o/http1.h"
+
+#define DRV_SERVER_MT "drover.server"
+#define DRV_RES_MT "drover.server.response"
+#define DRV_WATCH_MS 250       /* how often unanswered requests' clients are checked */
+#define DRV_DEFAULT_MAX_BODY (64.0 * 1024 * 1024)
+
+typedef struct drv_server drv_server;
+typedef struct drv_conn drv_conn;
+typedef struct drv_sreq drv_sreq;
+
+typedef union {
+  uv_handle_t handle;
+  uv_stream_t stream;
+  uv_tcp_t tcp;
+  uv_pipe_t pipe;
+} drv_stream_u;
+
+enum { S_NEW, S_STREAM, S_DONE };             /* drv_sreq.state */
+enum { P_NONE, P_CHUNK, P_FINAL, P_ERROR };  /* what waits for the write in flight */
+
+struct drv_sreq {
+  drv_wait wait;        /* first: res:start / res:write waiting for the socket */
+  h2o_generator_t gen;  /* streaming responses: H2O calls proceed when ready */
+  drv_engine *E;
+  drv_server *srv;      /* NULL once the request is gone */
+  drv_conn *conn;
+  h2o_req_t *req;       /* NULL once H2O disposed of the request */
+  drv_sreq *prev, *next;/* srv->live */
+  drv_sreq **res;       /* slot in the Lua res userdata; NULL once collected */
+  drv_task *task;       /* the handler task; anchored by res (uservalue) */
+  char *outbuf;         /* the bytes H2O is writing (or wrote, for the last send) */
+  char *pend;           /* queued behind the write in flight */
+  size_t pend_len;
+  int pend_what;
+  int refs;             /* one for H2O's request, one for the Lua res object */
+  int state;
+  unsigned waiting : 1;  /* a task waits in r->wait */
+  unsigned inflight : 1; /* a send waits for H2O's proceed */
+  unsigned answered : 1; /* the handler finished or dropped the response itself */
+  unsigned is_head : 1;
+};
+
+struct drv_conn {
+  drv_stream_u h;       /* first: the close callback gets &h.handle */
+  drv_server *srv;
+  h2o_socket_t *sock;   /* NULL once H2O closed the socket */
+  drv_sreq *req;        /* the request being served, if any */
+  drv_conn *prev, *next;/* srv->conns */
+  char addr[INET6_ADDRSTRLEN + 8];
+  int port;
+  int addr_known;
+};
+
+typedef struct {
+  h2o_handler_t super;
+  drv_server *srv;
+} drv_handler;
+
+struct drv_server {
+  drv_res res;          /* first: closed with the engine */
+  drv_engine *E;
+  h2o_globalconf_t config;
+  h2o_context_t ctx;
+  h2o_accept_ctx_t accept_ctx;
+  drv_stream_u listener;
+  uv_timer_t watch;     /* client-gone checks; also the first close stage */
+  uv_idle_t reaper;     /* second close stage, initialised only then */
+  drv_conn *conns;      /* connections H2O still serves */
+  drv_sreq *live;       /* requests H2O has not disposed of */
+  int nconns, nlive;
+  uint64_t served;      /* requests received */
+  int env_ref;          /* registry: { spawn =, dispatch =, res_mt = } */
+  drv_server **owner;   /* the Lua server object's slot, NULL once collected */
+  struct pollfd *pfds;
+  drv_sreq **preqs;
+  size_t pcap;
+  char *unix_path;
+  int is_unix;
+  int closing, finalized;
+};
+
+/* ---- reason phrases --------------------------------------------------- */
+
+static const char *drv__reason(int status) {
+  switch (status) {
+  case 200: return "OK";
+  case 201: return "Created";
+  case 202: return "Accepted";
+  case 204: return "No Content";
+  case 206: return "Partial Content";
+  case 301: return "Moved Permanently";
+  case 302: return "Found";
+  case 303: return "See Other";
+  case 304: return "Not Modified";
+  case 307: return "Temporary Redirect";
+  case 308: return "Permanent Redirect";
+  case 400: return "Bad Request";
+  case 401: return "Unauthorized";
+  case 403: return "Forbidden";
+  case 404: return "Not Found";
+  case 405: return "Method Not Allowed";
+  case 409: return "Conflict";
+  case 410: return "Gone";
+  case 412: return "Precondition Failed";
+  case 413: return "Payload Too Large";
+  case 415: return "Unsupported Media Type";
+  case 422: return "Unprocessable Entity";
+  case 429: return "Too Many Requests";
+  case 500: return "Internal Server Error";
+  case 501: return "Not Implemented";
+  case 502: return "Bad Gateway";
+  case 503: return "Service Unavailable";
+  case 504: return "Gateway Timeout";
+  default: return status < 400 ? "OK" : "Error";
+  }
+}
+
+/* ---- requests ------------------------------------------------------------ */
+
+static void drv__srv_finalize(drv_server *srv);
+
+static void drv__sreq_unref(drv_sreq *r) {
+  if (--r->refs > 0) return;
+  free(r->outbuf);
+  free(r->pend);
+  free(r);
+}
+
+/* Wake the task waiting in res:start / res:write: true, or nil, "closed". */
+static void drv__sreq_wake(drv_sreq *r, int ok) {
+  lua_State *L;
+  if (!r->waiting) return;
+  r->waiting = 0;
+  if (r->E->closing) return; /* the Lua state is going away: nobody to wake */
+  L = drv__wait_stack(&r->wait);
+  if (ok) {
+    lua_pushboolean(L, 1);
+    drv__wake(&r->wait, 1);
+  } else {
+    lua_pushnil(L);
+    lua_pushliteral(L, "closed");
+    drv__wake(&r->wait, 2);
+  }
+}
+
+static void drv__sreq_wait_cancel(drv_wait *w) {
+  drv_sreq *r = (drv_sreq *)w;
+  /* The send stays in flight (H2O owns the buffer); only the wait ends. */
+  r->waiting = 0;
+  drv__wake(w, 0);
+}
+
+/* Hand bytes to H2O.  buf is malloc'd (or NULL) and kept until the next
+ * send or the end of the request.  May dispose of the request at once. */
+static void drv__sreq_send(drv_sreq *r, char *buf, size_t len, h2o_send_state_t st) {
+  h2o_iovec_t v = h2o_iovec_init(buf, len);
+  h2o_req_t *req = r->req;
+  free(r->outbuf);
+  r->outbuf = buf;
+  if (st == H2O_SEND_STATE_IN_PROGRESS) r->inflight = 1;
+  h2o_send(req, len ? &v : NULL, len ? 1 : 0, st);
+}
+
+/* H2O wrote what we gave it and wants more. */
+static void drv__sreq_proceed(h2o_generator_t *gen, h2o_req_t *req) {
+  drv_sreq *r = (drv_sreq *)((char *)gen - offsetof(drv_sreq, gen));
+  int what = r->pend_what;
+  (void)req;
+  r->inflight = 0;
+  free(r->outbuf);
+  r->outbuf = NULL;
+  r->refs++;
+  if (what != P_NONE) {
+    char *buf = r->pend;
+    size_t len = r->pend_len;
+    r->pend = NULL;
+    r->pend_len = 0;
+    r->pend_what = P_NONE;
+    drv__sreq_send(r, buf, len,
+                   what == P_CHUNK ? H2O_SEND_STATE_IN_PROGRESS
+                   : what == P_FINAL ? H2O_SEND_STATE_FINAL : H2O_SEND_STATE_ERROR);
+  }
+  if (!r->inflight) drv__sreq_wake(r, r->req != NULL);
+  drv__sreq_unref(r);
+}
+
+/* End the response early: the client is gone (hard: shut the socket down
+ * so that a write stuck on a dead peer fails now), the handler failed
+ * after streaming began, or the server is going away.  The connection is
+ * not kept alive. */
+static void drv__sreq_abort(drv_sreq *r, int hard) {
+  h2o_req_t *req = r->req;
+  if (req == NULL) return;
+  req->http1_is_persistent = 0;
+  if (hard && r->conn && r->conn->sock) {
+    int fd = h2o_socket_get_fd(r->conn->sock);
+    if (fd >= 0) shutdown(fd, SHUT_RDWR);
+  }
+  r->refs++;
+  if (r->state == S_NEW) {
+    r->state = S_DONE;
+    h2o_send_error_generic(req, 503, "Service Unavailable", "service unavailable\n",
+                           H2O_SEND_ERROR_HTTP1_CLOSE_CONNECTION);
+  } else if (r->state == S_STREAM) {
+    r->state = S_DONE;
+    drv__sreq_wake(r, 0); /* its chunk will not be sent */
+    free(r->pend);
+    r->pend = NULL;
+    r->pend_len = 0;
+    if (r->inflight) r->pend_what = P_ERROR;
+    else drv__sreq_send(r, NULL, 0, H2O_SEND_STATE_ERROR);
+  }
+  drv__sreq_unref(r);
+}
+
+/* H2O disposes of the request's memory pool: the request is over. */
+static void drv__sreq_disposed(void *p) {
+  drv_sreq *r = *(drv_sreq **)p;
+  drv_server *srv = r->srv;
+  r->req = NULL;
+  if (r->conn && r->conn->req == r) r->conn->req = NULL;
+  r->conn = NULL;
+  if (r->prev) r->prev->next = r->next; else srv->live = r->next;
+  if (r->next) r->next->prev = r->prev;
+  r->prev = r->next = NULL;
+  srv->nlive--;
+  r->srv = NULL;
+  r->state = S_DONE;
+  free(r->pend);
+  r->pend = NULL;
+  r->pend_what = P_NONE;
+  /* A response the handler had not finished: the client went away (or the
+   * server was closed under it).  A handler waiting in res:write learns it
+   * from nil, "closed" and stops by itself; one waiting for anything else
+   * (a store query, an event that may never come) is cancelled, so that it
+   * cannot hold on forever. */
+  if (r->waiting) {
+    drv__sreq_wake(r, 0);
+  } else if (!r->answered && r->task && !r->E->closing) {
+    drv__task_cancel(r->task);
+  }
+  drv__sreq_unref(r);
+}
+
+/* ---- building the Lua side of a request --------------------------------- */
+
+static void drv__conn_addr(drv_conn *c) {
+  struct sockaddr_storage ss;
+  socklen_t len = sizeof ss;
+  int fd;
+  if (c->addr_known) return;
+  c->addr_known = 1;
+  if (c->srv->is_unix) {
+    strcpy(c->addr, "unix:");
+    return;
+  }
+  fd = c->sock ? h2o_socket_get_fd(c->sock) : -1;
+  if (fd < 0 || getpeername(fd, (struct sockaddr *)&ss, &len) != 0) return;
+  if (ss.ss_family == AF_INET) {
+    struct sockaddr_in *a = (struct sockaddr_in *)&ss;
+    uv_ip4_name(a, c->addr, sizeof c->addr);
+    c->port = ntohs(a->sin_port);
+  } else if (ss.ss_family == AF_INET6) {
+    struct sockaddr_in6 *a = (struct sockaddr_in6 *)&ss;
+    uv_ip6_name(a, c->addr, sizeof c->addr);
+    c->port = ntohs(a->sin6_port);
+  }
+}
+
+static void drv__setfield_iov(lua_State *L, const char *k, const char *s, size_t n) {
+  lua_pushlstring(L, s ? s : "", s ? n : 0);
+  lua_setfield(L, -2, k);
+}
+
+/* Protected: build req and res, spawn dispatch(req, res).  Arg 1: the
+ * drv_sreq (light userdata). */
+static int drv__srv_start_lua(lua_State *L) {
+  drv_sreq *r = (drv_sreq *)lua_touserdata(L, 1);
+  h2o_req_t *req = r->req;
+  drv_server *srv = r->srv;
+  drv_sreq **slot;
+  size_t i;
+  lua_rawgeti(L, LUA_REGISTRYINDEX, srv->env_ref); /* 2 */
+  lua_getfield(L, 2, "spawn");                      /* 3 */
+  lua_getfield(L, 2, "dispatch");                   /* 4 */
+  lua_createtable(L, 0, 10);                        /* 5: req */
+  drv__setfield_iov(L, "method", req->method.base, req->method.len);
+  drv__setfield_iov(L, "path", req->path_normalized.base, req->path_normalized.len);
+  if (req->query_at != SIZE_MAX)
+    drv__setfield_iov(L, "query", req->path.base + req->query_at + 1,
+                      req->path.len - req->query_at - 1);
+  else
+    drv__setfield_iov(L, "query", "", 0);
+  drv__setfield_iov(L, "target", req->input.path.base, req->input.path.len);
+  drv__setfield_iov(L, "body", req->entity.base, req->entity.base ? req->entity.len : 0);
+  lua_pushstring(L, req->version >= 0x101 ? "HTTP/1.1" : "HTTP/1.0");
+  lua_setfield(L, 5, "version");
+  if (r->conn) {
+    drv__conn_addr(r->conn);
+    lua_pushstring(L, r->conn->addr);
+    lua_setfield(L, 5, "remote_addr");
+    if (r->conn->port) {
+      lua_pushinteger(L, r->conn->port);
+      lua_setfield(L, 5, "remote_port");
+    }
+  }
+  /* headers: lower-case names (H2O lowered them); repeats joined with ", "
+   * ("; " for cookie).  H2O keeps Host and Content-Length out of the list. */
+  lua_createtable(L, 0, (int)req->headers.size + 2);
+  if (req->authority.base) {
+    lua_pushlstring(L, req->authority.base, req->authority.len);
+    lua_setfield(L, -2, "host");
+  }
+  if (req->entity.base) {
+    lua_pushfstring(L, "%I", (lua_Integer)req->entity.len);
+    lua_setfield(L, -2, "content-length");
+  }
+  for (i = 0; i != req->headers.size; i++) {
+    h2o_header_t *h = req->headers.entries + i;
+    lua_pushlstring(L, h->name->base, h->name->len);
+    lua_pushvalue(L, -1);
+    if (lua_rawget(L, -3) == LUA_TSTRING) {
+      int cookie = h->name->len == 6 && memcmp(h->name->base, "cookie", 6) == 0;
+      lua_pushstring(L, cookie ? "; " : ", ");
+      lua_pushlstring(L, h->value.base, h->value.len);
+      lua_concat(L, 3);
+    } else {
+      lua_pop(L, 1);
+      lua_pushlstring(L, h->value.base, h->value.len);
+    }
+    lua_rawset(L, -3);
+  }
+  lua_setfield(L, 5, "headers");
+  /* res: a full userdata holding the drv_sreq; uservalue 1 anchors the task */
+  slot = (drv_sreq **)lua_newuserdatauv(L, sizeof *slot, 1); /* 6 */
+  *slot = r;
+  r->res = slot;
+  r->refs++;
+  lua_getfield(L, 2, "res_mt");
+  lua_setmetatable(L, 6);
+  lua_pushvalue(L, 3);
+  lua_pushvalue(L, 4);
+  lua_pushvalue(L, 5);
+  lua_pushvalue(L, 6);
+  lua_call(L, 3, 1); /* spawn(dispatch, req, res) -> task (7) */
+  r->task = (drv_task *)lua_touserdata(L, 7);
+  lua_setiuservalue(L, 6, 1);
   return 0;
 }
+
+static void drv__srv_watch_cb(uv_timer_t *t);
+
+/* H2O has a complete request for us. */
+static int drv__srv_on_req(h2o_handler_t *self, h2o_req_t *req) {
+  drv_server *srv = ((drv_handler *)self)->srv;
+  drv_engine *E = srv->E;
+  h2o_socket_t *sock = req->conn->callbacks->get_socket ? req->conn->callbacks->get_socket(req->conn) : NULL;
+  drv_sreq *r, **slot;
+  lua_State *L = E->L;
+  int top;
+  if (E->closing || srv->finalized) {
+    h2o_send_error_503(req, "Service Unavailable", "service unavailable\n",
+                       H2O_SEND_ERROR_HTTP1_CLOSE_CONNECTION);
+    return 0;
+  }
+  r = (drv_sreq *)calloc(1, sizeof *r);
+  if (r == NULL) {
+    h2o_send_error_503(req, "Service Unavailable", "out of memory\n", H2O_SEND_ERROR_HTTP1_CLOSE_CONNECTION);
+    return 0;
+  }
+  r->E = E;
+  r->srv = srv;
+  r->req = req;
+  r->refs = 1;
+  r->conn = sock ? (drv_conn *)sock->on_close.data : NULL;
+  if (r->conn) r->conn->req = r;
+  r->is_head = h2o_memis(req->method.base, req->method.len, H2O_STRLIT("HEAD"));
+  r->gen.proceed = drv__sreq_proceed;
+  r->gen.stop = NULL; /* drv__sreq_disposed does the work */
+  slot = (drv_sreq **)h2o_mem_alloc_shared(&req->pool, sizeof *slot, drv__sreq_disposed);
+  *slot = r;
+  r->next = srv->live;
+  if (srv->live) srv->live->prev = r;
+  srv->live = r;
+  srv->nlive++;
+  srv->served++;
+  if (!uv_is_active((uv_handle_t *)&srv->watch))
+    uv_timer_start(&srv->watch, drv__srv_watch_cb, DRV_WATCH_MS, DRV_WATCH_MS);
+
+  top = lua_gettop(L);
+  if (!lua_checkstack(L, 4)) goto fail;
+  lua_pushcfunction(L, drv__srv_start_lua);
+  lua_pushlightuserdata(L, r);
+  if (lua_pcall(L, 1, 0, 0) != LUA_OK) {
+    lua_settop(L, top);
+    goto fail;
+  }
+  lua_settop(L, top);
+  return 0;
+fail:
+  /* Out of memory in Lua: answer without the handler. */
+  r->answered = 1;
+  r->task = NULL;
+  if (r->req && r->state == S_NEW) {
+    r->state = S_DONE;
+    h2o_send_error_500(req, "Internal Server Error", "internal server error\n",
+                       H2O_SEND_ERROR_HTTP1_CLOSE_CONNECTION);
+  }
+  return 0;
+}
+
+/* ---- the client-gone watch ------------------------------------------------ */
+
+static void drv__srv_watch_cb(uv_timer_t *t) {
+  drv_server *srv = (drv_server *)t->data;
+  drv_sreq *r;
+  size_t n = 0, i;
+  if (srv->live == NULL) {
+    uv_timer_stop(t);
+    return;
+  }
+  if (srv->pcap < (size_t)srv->nlive) {
+    size_t cap = (size_t)srv->nlive * 2;
+    struct pollfd *pf = (struct pollfd *)realloc(srv->pfds, cap * sizeof *pf);
+    drv_sreq **pr;
+    if (pf == NULL) return;
+    srv->pfds = pf;
+    pr = (drv_sreq **)realloc(srv->preqs, cap * sizeof *pr);
+    if (pr == NULL) return;
+    srv->preqs = pr;
+    srv->pcap = cap;
+  }
+  for (r = srv->live; r && n < srv->pcap; r = r->next) {
+    int fd;
+    if (r->state == S_DONE || r->conn == NULL || r->conn->sock == NULL) continue;
+    fd = h2o_socket_get_fd(r->conn->sock);
+    if (fd < 0) continue;
+    srv->pfds[n].fd = fd;
+    srv->pfds[n].events = POLLRDHUP;
+    srv->pfds[n].revents = 0;
+    srv->preqs[n++] = r;
+  }
+  if (n == 0 || poll(srv->pfds, (nfds_t)n, 0) <= 0) return;
+  for (i = 0; i < n; i++) {
+    if (srv->pfds[i].revents & (POLLRDHUP | POLLHUP | POLLERR)) {
+      r = srv->preqs[i];
+      /* Aborting one request never disposes of another one: the
+       * remaining pointers stay valid. */
+      if (r->req) drv__sreq_abort(r, 1);
+    }
+  }
+}
+
+/* ---- connections ------------------------------------------------------------ */
+
+static void drv__conn_freed(uv_handle_t *h) {
+  drv_conn *c = (drv_conn *)h;
+  drv_server *srv = c->srv;
+  free(c);
+  if (srv && srv->closing && !srv->finalized && srv->nconns == 0) drv__srv_finalize(srv);
+}
+
+/* H2O closed the socket (synchronously, inside its own close path). */
+static void drv__conn_sock_closed(void *data) {
+  drv_conn *c = (drv_conn *)data;
+  drv_server *srv = c->srv;
+  c->sock = NULL;
+  if (c->prev) c->prev->next = c->next; else srv->conns = c->next;
+  if (c->next) c->next->prev = c->prev;
+  c->prev = c->next = NULL;
+  srv->nconns--;
+}
+
+static void drv__srv_on_accept(uv_stream_t *l, int status) {
+  drv_server *srv = (drv_server *)l->data;
+  drv_conn *c;
+  int r;
+  if (status != 0 || srv->closing) return;
+  c = (drv_conn *)calloc(1, sizeof *c);
+  if (c == NULL) return;
+  if (srv->is_unix) r = uv_pipe_init(srv->E->loop, &c->h.pipe, 0);
+  else r = uv_tcp_init(srv->E->loop, &c->h.tcp);
+  if (r != 0) {
+    free(c);
+    return;
+  }
+  if (uv_accept(l, &c->h.stream) != 0) {
+    uv_close(&c->h.handle, drv__conn_freed);
+    return;
+  }
+  /* Streamed chunks are small writes in a row: do not let Nagle hold
+   * them back waiting for the client's delayed ACK. */
+  if (!srv->is_unix) uv_tcp_nodelay(&c->h.tcp, 1);
+  c->srv = srv;
+  c->sock = h2o_uv_socket_create(&c->h.stream, drv__conn_freed);
+  c->sock->on_close.cb = drv__conn_sock_closed;
+  c->sock->on_close.data = c;
+  c->next = srv->conns;
+  if (srv->conns) srv->conns->prev = c;
+  srv->conns = c;
+  srv->nconns++;
+  h2o_accept(&srv->accept_ctx, c->sock);
+}
+
+/* Close one connection now, whatever H2O is doing with it, through H2O's
+ * own callbacks so that it frees what it holds.  H2O 2.2 has no public
+ * "close this connection": its HTTP/1 code closes a connection when a read
+ * or a write reports an error, so that is what we report. */
+static void drv__conn_force_close(drv_conn *c) {
+  int guard;
+  for (guard = 0; guard < 4 && c->sock != NULL; guard++) {
+    h2o_socket_t *sock = c->sock;
+    drv_sreq *r = c->req;
+    if (r && r->req) {
+      r->req->http1_is_persistent = 0;
+      r->answered = 1;
+      if (r->state == S_NEW || (r->state == S_STREAM && !r->inflight)) {
+        drv__sreq_abort(r, 0); /* queues a write, or closes at once */
+        continue;
+      }
+      r->state = S_DONE;
+    }
+    if (sock->_cb.write != NULL) {
+      h2o_socket_cb cb = sock->_cb.write;
+      sock->_cb.write = NULL;
+      cb(sock, h2o_socket_error_closed);
+    } else if (sock->_cb.read != NULL) {
+      sock->_cb.read(sock, h2o_socket_error_closed);
+    } else {
+      break;
+    }
+  }
+}
+
+/* ---- server lifetime ---------------------------------------------------------- */
+
+static void drv__srv_reaped(uv_handle_t *h) {
+  drv_server *srv = (drv_server *)h->data;
+  if (srv->owner) *srv->owner = NULL;
+  free(srv->unix_path);
+  free(srv->pfds);
+  free(srv->preqs);
+  free(srv);
+}
+
+/* First close stage.  Every handle closed together with the watch timer
+ * (H2O's timers, its async handle) is finished in the same loop pass; a
+ * handle closed now is finished in the next one, when freeing is safe. */
+static void drv__srv_watch_closed(uv_handle_t *h) {
+  drv_server *srv = (drv_server *)h->data;
+  /* (h->loop, not srv->E->loop: with a host-owned loop the engine may be
+   * gone by now) */
+  uv_idle_init(h->loop, &srv->reaper);
+  srv->reaper.data = srv;
+  uv_close((uv_handle_t *)&srv->reaper, drv__srv_reaped);
+}
+
+static void drv__srv_listener_closed(uv_handle_t *h) { (void)h; }
+
+static void drv__srv_listener_freed(uv_handle_t *h) {
+  drv_server *srv = (drv_server *)h->data;
+  free(srv->unix_path);
+  free(srv);
+}
+
+/* h2o_context_dispose without its trailing uv_run(): running the loop from
+ * here would resume drover tasks from inside whatever called us (libuv
+ * forbids nested uv_run from callbacks in any case).  The closed handles
+ * are finished by the loop's next pass instead. */
+static void drv__ctx_dispose(h2o_context_t *ctx) {
+  h2o_globalconf_t *config = ctx->globalconf;
+  size_t i, j;
+  for (i = 0; config->hosts[i] != NULL; ++i) {
+    h2o_hostconf_t *hostconf = config->hosts[i];
+    for (j = 0; j != hostconf->paths.size; ++j)
+      h2o_context_dispose_pathconf_context(ctx, hostconf->paths.entries + j);
+    h2o_context_dispose_pathconf_context(ctx, &hostconf->fallback_path);
+  }
+  free(ctx->_pathconfs_inited.entries);
+  free(ctx->_module_configs);
+  h2o_timeout_dispose(ctx->loop, &ctx->zero_timeout);
+  h2o_timeout_dispose(ctx->loop, &ctx->one_sec_timeout);
+  h2o_timeout_dispose(ctx->loop, &ctx->hundred_ms_timeout);
+  h2o_timeout_dispose(ctx->loop, &ctx->handshake_timeout);
+  h2o_timeout_dispose(ctx->loop, &ctx->http1.req_timeout);
+  h2o_timeout_dispose(ctx->loop, &ctx->http2.idle_timeout);
+  h2o_timeout_dispose(ctx->loop, &ctx->http2.graceful_shutdown_timeout);
+  h2o_timeout_dispose(ctx->loop, &ctx->proxy.io_timeout);
+  h2o_filecache_destroy(ctx->filecache);
+  ctx->filecache = NULL;
+  for (i = 0; i != ctx->storage.size; ++i) {
+    h2o_context_storage_item_t *item = ctx->storage.entries + i;
+    if (item->dispose != NULL) item->dispose(item->data);
+  }
+  free(ctx->storage.entries);
+  h2o_multithread_unregister_receiver(ctx->queue, &ctx->receivers.hostinfo_getaddr);
+  h2o_multithread_destroy_queue(ctx->queue);
+  if (ctx->_timestamp_cache.value != NULL) h2o_mem_release_shared(ctx->_timestamp_cache.value);
+}
+
+/* No connection is left: release H2O and Lua state, then free in two
+ * loop passes (see drv__srv_watch_closed). */
+static void drv__srv_finalize(drv_server *srv) {
+  if (srv->finalized) return;
+  srv->finalized = 1;
+  drv__res_unlink(&srv->res);
+  if (!uv_is_closing(&srv->listener.handle)) uv_close(&srv->listener.handle, drv__srv_listener_closed);
+  uv_timer_stop(&srv->watch);
+  uv_close((uv_handle_t *)&srv->watch, drv__srv_watch_closed);
+  drv__ctx_dispose(&srv->ctx);
+  h2o_config_dispose(&srv->config);
+  if (!srv->E->closing && srv->env_ref != LUA_NOREF) {
+    luaL_unref(srv->E->L, LUA_REGISTRYINDEX, srv->env_ref);
+    srv->env_ref = LUA_NOREF;
+  }
+}
+
+/* Stop accepting; close idle connections; let the others finish their
+ * current request (answered with Connection: close). */
+static void drv__srv_shutdown(drv_server *srv) {
+  drv_conn *c, *next;
+  if (srv->closing) return;
+  srv->closing = 1;
+  srv->ctx.shutdown_requested = 1;
+  if (!uv_is_closing(&srv->listener.handle)) uv_close(&srv->listener.handle, drv__srv_listener_closed);
+  if (srv->is_unix && srv->unix_path) unlink(srv->unix_path);
+  for (c = srv->conns; c; c = next) {
+    h2o_socket_t *sock = c->sock;
+    next = c->next;
+    if (c->req && c->req->req) {
+      c->req->req->http1_is_persistent = 0;
+    } else if (sock && sock->_cb.read != NULL && sock->input->size == 0) {
+      /* idle keep-alive connection: H2O closes it on a read error */
+      sock->_cb.read(sock, h2o_socket_error_closed);
+    }
+  }
+  if (srv->nconns == 0) drv__srv_finalize(srv);
+}
+
+/* Engine close: everything goes now, synchronously. */
+static void drv__srv_res_close(drv_res *res) {
+  drv_server *srv = (drv_server *)res;
+  drv__srv_shutdown(srv);
+  while (srv->conns) {
+    drv_conn *c = srv->conns;
+    drv__conn_force_close(c);
+    if (srv->conns == c) { /* H2O did not let go: unlink it so we can finish */
+      srv->conns = c->next;
+      if (c->next) c->next->prev = NULL;
+      c->next = c->prev = NULL;
+      srv->nconns--;
+    }
+  }
+  drv__srv_finalize(srv);
+}
+
+/* ---- Lua: responses --------------------------------------------------------------- */
+
+static drv_sreq *drv__check_res(lua_State *L, const char *fname) {
+  drv_sreq **slot = (drv_sreq **)luaL_testudata(L, 1, DRV_RES_MT);
+  if (slot == NULL) drv__argerror(L, fname, "self", "response object", 1);
+  return *slot;
+}
+
+static int drv__check_status(lua_State *L, int idx, const char *fname) {
+  lua_Integer s;
+  if (!lua_isinteger(L, idx)) {
+    if (lua_type(L, idx) == LUA_TNUMBER && lua_tonumber(L, idx) == (lua_Number)(lua_Integer)lua_tonumber(L, idx))
+      s = (lua_Integer)lua_tonumber(L, idx);
+    else
+      return drv__argerror(L, fname, "status", "integer", idx);
+  } else {
+    s = lua_tointeger(L, idx);
+  }
+  if (s < 200 || s > 999)
+    return luaL_error(L, "%s: bad argument 'status' (%I is not a final HTTP status, 200-999)", fname, s);
+  return (int)s;
+}
+
+static int drv__tchar(int c) {
+  return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+         (c != 0 && strchr("!#$%&'*+-.^_`|~", c) != NULL);
+}
+
+/* Add one header (name at -2 is checked by the caller, value at -1). */
+static void drv__add_header(lua_State *L, h2o_req_t *req, const char *fname, const char *name,
+                            size_t nlen, int vidx) {
+  size_t vlen, i;
+  const char *v;
+  const h2o_token_t *tok;
+  h2o_iovec_t lname, val;
+  int t = lua_type(L, vidx);
+  if (t != LUA_TSTRING && t != LUA_TNUMBER) {
+    luaL_error(L, "%s: bad header '%s' (string expected, got %s)", fname, name, luaL_typename(L, vidx));
+    return;
+  }
+  v = lua_tolstring(L, vidx, &vlen);
+  for (i = 0; i < vlen; i++) {
+    if (v[i] == '\r' || v[i] == '\n' || v[i] == '\0') {
+      luaL_error(L, "%s: bad header '%s' (value contains CR, LF or NUL)", fname, name);
+      return;
+    }
+  }
+  lname = h2o_strdup(&req->pool, name, nlen);
+  h2o_strtolower(lname.base, lname.len);
+  /* The server owns these: it frames the body and manages the connection. */
+  if (h2o_memis(lname.base, lname.len, H2O_STRLIT("content-length")) ||
+      h2o_memis(lname.base, lname.len, H2O_STRLIT("transfer-encoding")) ||
+      h2o_memis(lname.base, lname.len, H2O_STRLIT("date")))
+    return;
+  if (h2o_memis(lname.base, lname.len, H2O_STRLIT("connection"))) {
+    if (h2o_contains_token(v, vlen, H2O_STRLIT("close"), ',')) req->http1_is_persistent = 0;
+    return;
+  }
+  val = h2o_strdup(&req->pool, v, vlen);
+  if ((tok = h2o_lookup_token(lname.base, lname.len)) != NULL)
+    h2o_add_header(&req->pool, &req->res.headers, tok, NULL, val.base, val.len);
+  else
+    h2o_add_header_by_str(&req->pool, &req->res.headers, lname.base, lname.len, 0, NULL, val.base, val.len);
+}
+
+/* Validate and add the headers table at idx (nil: none).  Raises before
+ * anything reaches the client. */
+static void drv__set_headers(lua_State *L, int idx, h2o_req_t *req, const char *fname) {
+  if (lua_isnoneornil(L, idx)) return;
+  if (!lua_istable(L, idx)) {
+    drv__argerror(L, fname, "headers", "table", idx);
+    return;
+  }
+  lua_pushnil(L);
+  while (lua_next(L, idx) != 0) {
+    size_t nlen, i;
+    const char *name;
+    if (lua_type(L, -2) != LUA_TSTRING) {
+      luaL_error(L, "%s: bad argument 'headers' (names must be strings, got %s)", fname,
+                 luaL_typename(L, -2));
+      return;
+    }
+    name = lua_tolstring(L, -2, &nlen);
+    for (i = 0; i < nlen; i++)
+      if (!drv__tchar((unsigned char)name[i])) break;
+    if (nlen == 0 || i < nlen) {
+      luaL_error(L, "%s: bad argument 'headers' ('%s' is not a valid header name)", fname, name);
+      return;
+    }
+    if (lua_istable(L, -1)) {
+      lua_Integer k, n = (lua_Integer)lua_rawlen(L, -1);
+      for (k = 1; k <= n; k++) {
+        lua_rawgeti(L, -1, k);
+        drv__add_header(L, req, fname, name, nlen, lua_gettop(L));
+        lua_pop(L, 1);
+      }
+    } else {
+      drv__add_header(L, req, fname, name, nlen, lua_gettop(L));
+    }
+    lua_pop(L, 1);
+  }
+}
+
+static void drv__default_ctype(h2o_req_t *req) {
+  if (h2o_find_header(&req->res.headers, H2O_TOKEN_CONTENT_TYPE, -1) == -1)
+    h2o_add_header(&req->pool, &req->res.headers, H2O_TOKEN_CONTENT_TYPE, NULL,
+                   H2O_STRLIT("text/plain; charset=utf-8"));
+}
+
+static int drv__push_closed(lua_State *L) {
+  lua_pushnil(L);
+  lua_pushliteral(L, "closed");
+  return 2;
+}
+
+static const char *drv__check_body(lua_State *L, int idx, size_t *len, const char *fname,
+                                   const char *argname) {
+  if (lua_isnoneornil(L, idx)) {
+    *len = 0;
+    return "";
+  }
+  if (lua_type(L, idx) != LUA_TSTRING) {
+    drv__argerror(L, fname, argname, "string", idx);
+    return NULL;
+  }
+  return lua_tolstring(L, idx, len);
+}
+
+static char *drv__dup(lua_State *L, const char *s, size_t len) {
+  char *p;
+  if (len == 0) return NULL;
+  p = (char *)malloc(len);
+  if (p == NULL) luaL_error(L, "drover.server: out of memory");
+  memcpy(p, s, len);
+  return p;
+}
+
+static int drv__no_body(int status) { return status == 204 || status == 304; }
+
+/* res:respond(status [, headers] [, body]) -> true | nil, "closed"
+ * The whole response at once, with a content-length.  Does not wait. */
+static int drv__l_res_respond(lua_State *L) {
+  static h2o_generator_t gen = {NULL, NULL};
+  const char *F = "res:respond";
+  drv_sreq *r = drv__check_res(L, F);
+  int status = drv__check_status(L, 2, F);
+  size_t len;
+  const char *body;
+  h2o_req_t *req;
+  h2o_iovec_t buf;
+  if (lua_type(L, 3) == LUA_TSTRING && lua_isnoneornil(L, 4)) {
+    /* respond(status, body) */
+    lua_pushnil(L);
+    lua_insert(L, 3);
+  }
+  body = drv__check_body(L, 4, &len, F, "body");
+  if (r->req == NULL) return drv__push_closed(L);
+  if (r->state != S_NEW) return luaL_error(L, "%s: the response was already started", F);
+  req = r->req;
+  drv__set_headers(L, 3, req, F);
+  if (len > 0) drv__default_ctype(req);
+  req->res.status = status;
+  req->res.reason = drv__reason(status);
+  buf.base = NULL;
+  buf.len = 0;
+  if (drv__no_body(status)) {
+    req->res.content_length = SIZE_MAX;
+  } else {
+    req->res.content_length = len;
+    if (!r->is_head && len > 0) {
+      buf.base = (char *)h2o_mem_alloc_pool(&req->pool, len);
+      memcpy(buf.base, body, len);
+      buf.len = len;
+    }
+  }
+  r->state = S_DONE;
+  r->answered = 1;
+  h2o_start_response(req, &gen);
+  h2o_send(req, buf.len ? &buf : NULL, buf.len ? 1 : 0, H2O_SEND_STATE_FINAL);
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* res:start(status [, headers]) -> true | nil, "closed"
+ * Send the status and headers; the body follows with res:write.  HTTP/1.1
+ * clients get chunked encoding for a 200.  Waits until the headers are
+ * handed to the socket. */
+static int drv__l_res_start(lua_State *L) {
+  const char *F = "res:start";
+  drv_sreq *r = drv__check_res(L, F);
+  int status = drv__check_status(L, 2, F);
+  h2o_req_t *req;
+  if (!lua_isnoneornil(L, 3) && !lua_istable(L, 3)) return drv__argerror(L, F, "headers", "table", 3);
+  if (r->req == NULL) return drv__push_closed(L);
+  if (r->state != S_NEW) return luaL_error(L, "%s: the response was already started", F);
+  drv__wait_init(&r->wait, L); /* may raise: before anything is sent */
+  req = r->req;
+  drv__set_headers(L, 3, req, F);
+  drv__default_ctype(req);
+  req->res.status = status;
+  req->res.reason = drv__reason(status);
+  req->res.content_length = SIZE_MAX;
+  r->state = S_STREAM;
+  h2o_start_response(req, &r->gen);
+  drv__sreq_send(r, NULL, 0, H2O_SEND_STATE_IN_PROGRESS);
+  r->waiting = 1;
+  r->wait.cancel = drv__sreq_wait_cancel;
+  lua_settop(L, 0);
+  return drv__await(L, &r->wait);
+}
+
+/* res:write(chunk) -> true | nil, "closed"
+ * Waits until the chunk is handed to the socket: a slow client slows the
+ * writer down instead of filling memory. */
+static int drv__l_res_write(lua_State *L) {
+  const char *F = "res:write";
+  drv_sreq *r = drv__check_res(L, F);
+  size_t len;
+  const char *s = drv__check_body(L, 2, &len, F, "chunk");
+  char *buf;
+  if (lua_isnoneornil(L, 2)) return drv__argerror(L, F, "chunk", "string", 2);
+  if (r->req == NULL) return drv__push_closed(L);
+  if (r->state == S_NEW) return luaL_error(L, "%s: call res:start first", F);
+  if (r->state == S_DONE) return luaL_error(L, "%s: the response is finished", F);
+  if (r->waiting) return luaL_error(L, "%s: another write on this response is in progress", F);
+  if (len == 0 || r->is_head) {
+    lua_pushboolean(L, 1);
+    return 1;
+  }
+  drv__wait_init(&r->wait, L);
+  buf = drv__dup(L, s, len);
+  if (r->inflight) {
+    free(r->pend);
+    r->pend = buf;
+    r->pend_len = len;
+    r->pend_what = P_CHUNK;
+  } else {
+    r->refs++;
+    drv__sreq_send(r, buf, len, H2O_SEND_STATE_IN_PROGRESS);
+    if (r->req == NULL) { /* closed at once */
+      drv__sreq_unref(r);
+      return drv__push_closed(L);
+    }
+    drv__sreq_unref(r);
+  }
+  r->waiting = 1;
+  r->wait.cancel = drv__sreq_wait_cancel;
+  lua_settop(L, 0);
+  return drv__await(L, &r->wait);
+}
+
+/* res:finish([chunk]) -> true | nil, "closed"   End a streamed response. */
+static int drv__l_res_finish(lua_State *L) {
+  const char *F = "res:finish";
+  drv_sreq *r = drv__check_res(L, F);
+  size_t len;
+  const char *s = drv__check_body(L, 2, &len, F, "chunk");
+  char *buf;
+  if (r->req == NULL) return drv__push_closed(L);
+  if (r->state == S_NEW) return luaL_error(L, "%s: call res:start first", F);
+  if (r->state == S_DONE) return luaL_error(L, "%s: the response is finished", F);
+  if (r->waiting) return luaL_error(L, "%s: a write on this response is in progress", F);
+  if (r->is_head) len = 0;
+  buf = drv__dup(L, s, len);
+  r->state = S_DONE;
+  r->answered = 1;
+  if (r->inflight) {
+    free(r->pend);
+    r->pend = buf;
+    r->pend_len = len;
+    r->pend_what = P_FINAL;
+  } else {
+    drv__sreq_send(r, buf, len, H2O_SEND_STATE_FINAL);
+  }
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* res:abort() -> true | nil, "closed"
+ * Drop the response and close the connection (a streamed body ends
+ * incomplete, so the client can tell). */
+static int drv__l_res_abort(lua_State *L) {
+  drv_sreq *r = drv__check_res(L, "res:abort");
+  if (r->req == NULL) return drv__push_closed(L);
+  r->answered = 1;
+  drv__sreq_abort(r, 0);
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+static int drv__l_res_index(lua_State *L) {
+  drv_sreq *r = drv__check_res(L, "res");
+  const char *k = luaL_checkstring(L, 2);
+  if (strcmp(k, "closed") == 0) {
+    lua_pushboolean(L, r->req == NULL);
+  } else if (strcmp(k, "started") == 0) {
+    lua_pushboolean(L, r->state != S_NEW);
+  } else if (strcmp(k, "finished") == 0) {
+    lua_pushboolean(L, r->state == S_DONE);
+  } else {
+    lua_getmetatable(L, 1);
+    lua_getfield(L, -1, "methods");
+    lua_getfield(L, -1, k);
+  }
+  return 1;
+}
+
+static int drv__l_res_gc(lua_State *L) {
+  drv_sreq **slot = (drv_sreq **)lua_touserdata(L, 1);
+  drv_sreq *r = *slot;
+  if (r == NULL) return 0;
+  *slot = NULL;
+  r->res = NULL;
+  r->task = NULL;
+  drv__sreq_unref(r);
+  return 0;
+}
+
+static int drv__l_res_tostring(lua_State *L) {
+  drv_sreq *r = drv__check_res(L, "res");
+  static const char *const names[] = {"new", "streaming", "finished"};
+  lua_pushfstring(L, "drover.server.response(%s%s)", names[r->state], r->req ? "" : ", closed");
+  return 1;
+}
+
+/* ---- Lua: dispatch (the body of every handler task) ------------------------------ */
+
+/* Message handler: keep "cancelled" as is; otherwise {err, trace}. */
+static int drv__srv_msgh(lua_State *L) {
+  const char *msg;
+  if (lua_type(L, 1) == LUA_TSTRING && strcmp(lua_tostring(L, 1), "cancelled") == 0) return 1;
+  msg = lua_tostring(L, 1);
+  if (msg == NULL) msg = lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, 1));
+  lua_createtable(L, 2, 0);
+  lua_pushvalue(L, 1);
+  lua_rawseti(L, -2, 1);
+  luaL_traceback(L, L, msg, 1);
+  lua_rawseti(L, -2, 2);
+  return 1;
+}
+
+/* Report a handler failure: on_error(err, trace) in its own task (it may
+ * wait), or a line on stderr.  err and trace are at the top. */
+static void drv__srv_report(lua_State *L) {
+  int top = lua_gettop(L);
+  if (lua_isfunction(L, lua_upvalueindex(2))) {
+    lua_pushvalue(L, lua_upvalueindex(3));
+    lua_pushvalue(L, lua_upvalueindex(2));
+    lua_pushvalue(L, top - 1);
+    lua_pushvalue(L, top);
+    if (lua_pcall(L, 3, 0, 0) != LUA_OK) lua_pop(L, 1);
+  } else {
+    const char *t = lua_tostring(L, top);
+    fprintf(stderr, "drover.server: handler failed: %s\n", t ? t : "?");
+  }
+  lua_settop(L, top);
+}
+
+/* The handler returned: answer with what it returned, unless it answered
+ * itself.  Forms: body | status [, headers] [, body] | status, body |
+ * nothing (204).  Returns 0 with a message on top if the values are bad. */
+static int drv__srv_answer(lua_State *L, drv_sreq *r, int base) {
+  int t1 = lua_type(L, base), status = 200, hidx = 0, bidx = 0;
+  if (r->state == S_STREAM) {
+    /* streamed and returned without res:finish(): finish for it */
+    if (r->req && !r->waiting) {
+      lua_pushcfunction(L, drv__l_res_finish);
+      lua_pushvalue(L, 2);
+      lua_call(L, 1, 0);
+    }
+    return 1;
+  }
+  if (r->state != S_NEW || r->req == NULL) return 1;
+  if (t1 == LUA_TNIL) {
+    status = 204;
+  } else if (t1 == LUA_TSTRING) {
+    bidx = base;
+  } else if (lua_isinteger(L, base)) {
+    lua_Integer s = lua_tointeger(L, base);
+    if (s < 200 || s > 999) {
+      lua_pushfstring(L, "drover.server: handler returned status %I (not a final HTTP status, 200-999)", s);
+      return 0;
+    }
+    status = (int)s;
+    if (lua_type(L, base + 1) == LUA_TSTRING && lua_isnil(L, base + 2)) {
+      bidx = base + 1;
+    } else {
+      hidx = base + 1;
+      bidx = base + 2;
+      if (!lua_isnil(L, hidx) && !lua_istable(L, hidx)) {
+        lua_pushfstring(L, "drover.server: handler returned headers of type %s (table expected)",
+                        luaL_typename(L, hidx));
+        return 0;
+      }
+    }
+  } else {
+    lua_pushfstring(L, "drover.server: handler returned a %s (expected status, headers, body)",
+                    luaL_typename(L, base));
+    return 0;
+  }
+  if (bidx && !lua_isnil(L, bidx) && lua_type(L, bidx) != LUA_TSTRING) {
+    lua_pushfstring(L, "drover.server: handler returned a body of type %s (string expected)",
+                    luaL_typename(L, bidx));
+    return 0;
+  }
+  /* res:respond checks the headers; a bad one is the handler's error */
+  lua_pushcfunction(L, drv__l_res_respond);
+  lua_pushvalue(L, 2);
+  lua_pushinteger(L, status);
+  if (hidx) lua_pushvalue(L, hidx); else lua_pushnil(L);
+  if (bidx) lua_pushvalue(L, bidx); else lua_pushnil(L);
+  return lua_pcall(L, 4, 0, 0) == LUA_OK;
+}
+
+static int drv__srv_dispatch_k(lua_State *L, int status, lua_KContext ctx) {
+  drv_sreq *r = *(drv_sreq **)lua_touserdata(L, 2);
+  (void)ctx;
+  if (status == LUA_OK || status == LUA_YIELD) {
+    if (drv__srv_answer(L, r, 4)) return 0;
+    /* a bad return value: message at the top */
+    lua_pushvalue(L, -1);
+  } else {
+    /* stack: req, res, msgh, error object */
+    if (lua_type(L, -1) == LUA_TSTRING && strcmp(lua_tostring(L, -1), "cancelled") == 0) {
+      r->answered = 1;
+      drv__sreq_abort(r, 0);
+      return 0;
+    }
+    if (lua_istable(L, -1)) {
+      lua_rawgeti(L, -1, 1);
+      lua_rawgeti(L, -2, 2);
+    } else {
+      lua_pushvalue(L, -1);
+      lua_pushvalue(L, -1);
+    }
+  }
+  drv__srv_report(L);
+  r->answered = 1;
+  if (r->req && r->state == S_NEW) {
+    r->state = S_DONE;
+    h2o_send_error_500(r->req, "Internal Server Error", "internal server error\n", 0);
+  } else {
+    drv__sreq_abort(r, 0);
+  }
+  return 0;
+}
+
+/* dispatch(req, res): upvalues handler, on_error, spawn. */
+static int drv__srv_dispatch(lua_State *L) {
+  lua_settop(L, 2);
+  lua_pushcfunction(L, drv__srv_msgh);
+  lua_pushvalue(L, lua_upvalueindex(1));
+  lua_pushvalue(L, 1);
+  lua_pushvalue(L, 2);
+  return drv__srv_dispatch_k(L, lua_pcallk(L, 2, 3, 3, 0, drv__srv_dispatch_k), 0);
+}
+
+/* ---- Lua: servers ---------------------------------------------------------------- */
+
+static drv_server *drv__check_server(lua_State *L, const char *fname) {
+  drv_server **pp = (drv_server **)luaL_testudata(L, 1, DRV_SERVER_MT);
+  if (pp == NULL) drv__argerror(L, fname, "self", "server object", 1);
+  return *pp;
+}
+
+/* server:close() -> true (false if it was closed already) */
+static int drv__l_server_close(lua_State *L) {
+  drv_server *srv = drv__check_server(L, "server:close");
+  if (srv == NULL || srv->closing) {
+    lua_pushboolean(L, 0);
+    return 1;
+  }
+  drv__srv_shutdown(srv);
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* server:stats() -> { connections =, active =, requests = } */
+static int drv__l_server_stats(lua_State *L) {
+  drv_server *srv = drv__check_server(L, "server:stats");
+  lua_createtable(L, 0, 3);
+  lua_pushinteger(L, srv ? srv->nconns : 0);
+  lua_setfield(L, -2, "connections");
+  lua_pushinteger(L, srv ? srv->nlive : 0);
+  lua_setfield(L, -2, "active");
+  lua_pushinteger(L, srv ? (lua_Integer)srv->served : 0);
+  lua_setfield(L, -2, "requests");
+  return 1;
+}
+
+static int drv__l_server_index(lua_State *L) {
+  drv_server *srv = drv__check_server(L, "server");
+  const char *k = luaL_checkstring(L, 2);
+  if (strcmp(k, "closed") == 0) {
+    lua_pushboolean(L, srv == NULL || srv->closing);
+    return 1;
+  }
+  lua_getmetatable(L, 1);
+  lua_getfield(L, -1, "methods");
+  if (lua_getfield(L, -1, k) != LUA_TNIL) return 1;
+  lua_getiuservalue(L, 1, 1);
+  lua_getfield(L, -1, k);
+  return 1;
+}
+
+static int drv__l_server_gc(lua_State *L) {
+  drv_server **pp = (drv_server **)lua_touserdata(L, 1);
+  /* The server keeps running (and closes with the engine); only the link
+   * back to this object goes. */
+  if (*pp) (*pp)->owner = NULL;
+  *pp = NULL;
+  return 0;
+}
+
+static int drv__l_server_tostring(lua_State *L) {
+  drv_server *srv = drv__check_server(L, "server");
+  lua_getiuservalue(L, 1, 1);
+  lua_getfield(L, -1, "url");
+  lua_pushfstring(L, "drover.server(%s%s%s)", lua_tostring(L, -1),
+                  srv && srv->is_unix ? " via " : "",
+                  srv && srv->is_unix ? srv->unix_path : "");
+  if (srv == NULL || srv->closing) {
+    lua_pushliteral(L, ", closed");
+    lua_concat(L, 2);
+  }
+  return 1;
+}
+
+/* A unix socket file left by a server that died is in the way of a new
+ * bind; remove it, but only if nothing answers on it. */
+static void drv__remove_stale_socket(const char *path) {
+  struct stat st;
+  struct sockaddr_un sa;
+  int fd, r;
+  if (stat(path, &st) != 0 || !S_ISSOCK(st.st_mode)) return;
+  if (strlen(path) >= sizeof sa.sun_path) return;
+  fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return;
+  memset(&sa, 0, sizeof sa);
+  sa.sun_family = AF_UNIX;
+  strcpy(sa.sun_path, path);
+  r = connect(fd, (struct sockaddr *)&sa, sizeof sa);
+  if (r != 0 && errno == ECONNREFUSED) unlink(path);
+  close(fd);
+}
+
+static int drv__listen_error(lua_State *L, drv_server *srv, const char *where, int err) {
+  const char *F = "drover.server.listen";
+  if (uv_is_closing(&srv->listener.handle) == 0 && srv->listener.handle.type != UV_UNKNOWN_HANDLE)
+    uv_close(&srv->listener.handle, drv__srv_listener_freed);
+  else {
+    free(srv->unix_path);
+    free(srv);
+  }
+  lua_pushnil(L);
+  lua_pushfstring(L, "%s: %s: %s", F, where, uv_strerror(err));
+  return 2;
+}
+
+/* drover.core.server.listen(opts) -> server | nil, message
+ *   opts.handler   function(req, res), run as a task for each request
+ *   opts.on_error  function(err, trace), run as a task when a handler fails
+ *   opts.host      address to bind (default "127.0.0.1")
+ *   opts.port      port (default 0: the system picks; see server.port)
+ *   opts.unix      path of a unix socket to listen on instead
+ *   opts.backlog   listen backlog (default 511)
+ *   opts.max_body  largest request body in bytes (default 64 MiB; 413 beyond)
+ *   opts.keepalive_timeout  seconds an idle connection is kept (default 10) */
+static int drv__l_listen(lua_State *L) {
+  const char *F = "drover.server.listen";
+  drv_engine *E = drv__engine(L);
+  const char *host, *unixp;
+  lua_Integer port = 0;
+  double backlog, max_body, keepalive;
+  drv_server *srv, **pp;
+  char where[300];
+  int r;
+  if (!lua_istable(L, 1)) return drv__argerror(L, F, "opts", "table", 1);
+  lua_settop(L, 1);
+  lua_getfield(L, 1, "handler"); /* 2 */
+  if (!lua_isfunction(L, 2))
+    return luaL_error(L, "%s: bad option 'handler' (function expected, got %s)", F, luaL_typename(L, 2));
+  lua_getfield(L, 1, "on_error"); /* 3 */
+  if (!lua_isnil(L, 3) && !lua_isfunction(L, 3))
+    return luaL_error(L, "%s: bad option 'on_error' (function expected, got %s)", F, luaL_typename(L, 3));
+  host = drv__opt_string(L, 1, F, "host", "127.0.0.1");
+  if (host == NULL) host = "127.0.0.1";
+  unixp = drv__opt_string(L, 1, F, "unix", NULL);
+  lua_getfield(L, 1, "port");
+  if (!lua_isnil(L, -1)) {
+    if (!lua_isinteger(L, -1))
+      return luaL_error(L, "%s: bad option 'port' (integer expected, got %s)", F,
+                        lua_type(L, -1) == LUA_TNUMBER ? "float" : luaL_typename(L, -1));
+    port = lua_tointeger(L, -1);
+    if (port < 0 || port > 65535)
+      return luaL_error(L, "%s: bad option 'port' (%I is out of range 0-65535)", F, port);
+  }
+  lua_pop(L, 1);
+  backlog = drv__opt_number(L, 1, F, "backlog", 511);
+  if (!(backlog >= 1 && backlog <= 65535)) return luaL_error(L, "%s: bad option 'backlog' (must be 1-65535)", F);
+  max_body = drv__opt_number(L, 1, F, "max_body", DRV_DEFAULT_MAX_BODY);
+  if (!(max_body >= 0 && max_body < 1e15)) return luaL_error(L, "%s: bad option 'max_body' (must be >= 0)", F);
+  keepalive = drv__opt_number(L, 1, F, "keepalive_timeout", 10);
+  if (!(keepalive > 0 && keepalive < 1e7))
+    return luaL_error(L, "%s: bad option 'keepalive_timeout' (must be > 0)", F);
+  if (unixp && strlen(unixp) >= sizeof(((struct sockaddr_un *)0)->sun_path))
+    return luaL_error(L, "%s: bad option 'unix' (path longer than %d bytes)", F,
+                      (int)sizeof(((struct sockaddr_un *)0)->sun_path) - 1);
+
+  {
+    /* A client that disconnects while we write must give EPIPE, not a
+     * SIGPIPE that kills the process. */
+    struct sigaction sa;
+    if (sigaction(SIGPIPE, NULL, &sa) == 0 && sa.sa_handler == SIG_DFL) signal(SIGPIPE, SIG_IGN);
+  }
+
+  srv = (drv_server *)calloc(1, sizeof *srv);
+  if (srv == NULL) return luaL_error(L, "%s: out of memory", F);
+  srv->E = E;
+  srv->env_ref = LUA_NOREF;
+  srv->listener.handle.type = UV_UNKNOWN_HANDLE;
+
+  /* The listener first: if it cannot bind, nothing else was set up. */
+  if (unixp) {
+    srv->is_unix = 1;
+    srv->unix_path = strdup(unixp);
+    snprintf(where, sizeof where, "unix:%s", unixp);
+    if (srv->unix_path == NULL) return drv__listen_error(L, srv, where, UV_ENOMEM);
+    uv_pipe_init(E->loop, &srv->listener.pipe, 0);
+    srv->listener.handle.data = srv;
+    drv__remove_stale_socket(unixp);
+    if ((r = uv_pipe_bind(&srv->listener.pipe, unixp)) != 0) return drv__listen_error(L, srv, where, r);
+  } else {
+    struct sockaddr_storage ss;
+    int is6 = strchr(host, ':') != NULL;
+    if (is6) snprintf(where, sizeof where, "[%s]:%d", host, (int)port);
+    else snprintf(where, sizeof where, "%s:%d", host, (int)port);
+    if (strcmp(host, "localhost") == 0) host = "127.0.0.1";
+    r = is6 ? uv_ip6_addr(host, (int)port, (struct sockaddr_in6 *)&ss)
+            : uv_ip4_addr(host, (int)port, (struct sockaddr_in *)&ss);
+    if (r != 0) {
+      free(srv);
+      return luaL_error(L, "%s: bad option 'host' ('%s' is not a numeric IPv4 or IPv6 address)", F, host);
+    }
+    uv_tcp_init(E->loop, &srv->listener.tcp);
+    srv->listener.handle.data = srv;
+    if ((r = uv_tcp_bind(&srv->listener.tcp, (struct sockaddr *)&ss, 0)) != 0)
+      return drv__listen_error(L, srv, where, r);
+  }
+  if ((r = uv_listen(&srv->listener.stream, (int)backlog, drv__srv_on_accept)) != 0)
+    return drv__listen_error(L, srv, where, r);
+  if (!srv->is_unix) {
+    struct sockaddr_storage ss;
+    int len = sizeof ss;
+    if ((r = uv_tcp_getsockname(&srv->listener.tcp, (struct sockaddr *)&ss, &len)) != 0)
+      return drv__listen_error(L, srv, where, r);
+    port = ntohs(ss.ss_family == AF_INET6 ? ((struct sockaddr_in6 *)&ss)->sin6_port
+                                          : ((struct sockaddr_in *)&ss)->sin_port);
+  }
+
+  /* H2O: one host, one path, our handler for everything. */
+  {
+    h2o_hostconf_t *hostconf;
+    h2o_pathconf_t *pathconf;
+    drv_handler *h;
+    h2o_config_init(&srv->config);
+    srv->config.server_name = h2o_iovec_init(NULL, 0); /* no Server: header */
+    srv->config.http1.upgrade_to_http2 = 0;
+    srv->config.max_request_entity_size = (size_t)max_body;
+    srv->config.http1.req_timeout = (uint64_t)(keepalive * 1000);
+    hostconf = h2o_config_register_host(&srv->config, h2o_iovec_init(H2O_STRLIT("default")), 65535);
+    pathconf = h2o_config_register_path(hostconf, "/", 0);
+    h = (drv_handler *)h2o_create_handler(pathconf, sizeof *h);
+    h->super.on_req = drv__srv_on_req;
+    h->srv = srv;
+    h2o_context_init(&srv->ctx, E->loop, &srv->config);
+    srv->accept_ctx.ctx = &srv->ctx;
+    srv->accept_ctx.hosts = srv->config.hosts;
+  }
+  uv_timer_init(E->loop, &srv->watch);
+  srv->watch.data = srv;
+
+  /* env: what each request needs from Lua */
+  lua_createtable(L, 0, 3);
+  lua_pushvalue(L, lua_upvalueindex(1)); /* drover.core.spawn */
+  lua_setfield(L, -2, "spawn");
+  lua_pushvalue(L, 2);                   /* handler */
+  lua_pushvalue(L, 3);                   /* on_error */
+  lua_pushvalue(L, lua_upvalueindex(1));
+  lua_pushcclosure(L, drv__srv_dispatch, 3);
+  lua_setfield(L, -2, "dispatch");
+  luaL_getmetatable(L, DRV_RES_MT);
+  lua_setfield(L, -2, "res_mt");
+  srv->env_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+
+  drv__res_link(E, &srv->res, drv__srv_res_close);
+
+  /* the Lua object: slot + a table of static fields */
+  pp = (drv_server **)lua_newuserdatauv(L, sizeof *pp, 1);
+  *pp = srv;
+  srv->owner = pp;
+  luaL_setmetatable(L, DRV_SERVER_MT);
+  lua_createtable(L, 0, 4);
+  if (srv->is_unix) {
+    lua_pushstring(L, unixp);
+    lua_setfield(L, -2, "unix");
+    lua_pushliteral(L, "http://localhost");
+    lua_setfield(L, -2, "url");
+  } else {
+    const char *uhost = strcmp(host, "0.0.0.0") == 0 ? "127.0.0.1" : strcmp(host, "::") == 0 ? "::1" : host;
+    lua_pushstring(L, host);
+    lua_setfield(L, -2, "host");
+    lua_pushinteger(L, port);
+    lua_setfield(L, -2, "port");
+    if (strchr(uhost, ':')) lua_pushfstring(L, "http://[%s]:%d", uhost, (int)port);
+    else lua_pushfstring(L, "http://%s:%d", uhost, (int)port);
+    lua_setfield(L, -2, "url");
+  }
+  lua_setiuservalue(L, -2, 1);
+  return 1;
+}
+
+int drv__open_server(lua_State *L) {
+  static const luaL_Reg res_methods[] = {{"respond", drv__l_res_respond}, {"start", drv__l_res_start},
+                                         {"write", drv__l_res_write},     {"finish", drv__l_res_finish},
+                                         {"abort", drv__l_res_abort},     {NULL, NULL}};
+  static const luaL_Reg srv_methods[] = {{"close", drv__l_server_close}, {"stats", drv__l_server_stats},
+                                         {NULL, NULL}};
+  if (luaL_newmetatable(L, DRV_RES_MT)) {
+    lua_pushcfunction(L, drv__l_res_index);
+    lua_setfield(L, -2, "__index");
+    lua_pushcfunction(L, drv__l_res_gc);
+    lua_setfield(L, -2, "__gc");
+    lua_pushcfunction(L, drv__l_res_tostring);
+    lua_setfield(L, -2, "__tostring");
+    luaL_newlib(L, res_methods);
+    lua_setfield(L, -2, "methods");
+  }
+  lua_pop(L, 1);
+  if (luaL_newmetatable(L, DRV_SERVER_MT)) {
+    lua_pushcfunction(L, drv__l_server_index);
+    lua_setfield(L, -2, "__index");
+    lua_pushcfunction(L, drv__l_server_gc);
+    lua_setfield(L, -2, "__gc");
+    lua_pushcfunction(L, drv__l_server_tostring);
+    lua_setfield(L, -2, "__tostring");
+    luaL_newlib(L, srv_methods);
+    lua_setfield(L, -2, "methods");
+  }
+  lua_pop(L, 1);
+  /* engine.c opens submodules with drover.core just below our table:
+   * listen needs its spawn to start handler tasks. */
+  lua_getfield(L, -2, "spawn");
+  if (!lua_isfunction(L, -1)) return luaL_error(L, "drover.server: drover.core.spawn missing");
+  lua_pushcclosure(L, drv__l_listen, 1);
+  lua_setfield(L, -2, "listen");
+  return 0;
+}
+
+/* Entry point when this file is built as the drover binary's plugin
+ * (engine/cli/server_loader.c explains why). */
+int drv__server_plugin_open(lua_State *L);
+int drv__server_plugin_open(lua_State *L) { return drv__open_server(L); }

@@ -11,6 +11,8 @@
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#include <stdio.h>
+#include <unistd.h>
 
 #define DRV_SIGNAL_MT "drover.signal"
 
@@ -140,6 +142,62 @@ static int drv__l_kill(lua_State *L) {
     lua_pushfstring(L, "drover.kill: %d: %s", (int)pid, uv_strerror(r));
     return 2;
   }
+}
+
+/* ---- exit on signal (for the command-line program) ----------------------- */
+
+typedef struct drv_exitsigs drv_exitsigs;
+typedef struct {
+  uv_signal_t handle;
+  drv_exitsigs *owner;
+} drv_exitsig;
+
+struct drv_exitsigs {
+  drv_res res;           /* first: the engine closes the watchers with itself */
+  drv_engine *E;
+  drv_exitsig sigs[3];
+  int open;              /* handles not yet closed */
+};
+
+static void drv__exitsig_cb(uv_signal_t *h, int signum) {
+  drv_engine *E = ((drv_exitsig *)h->data)->owner->E;
+  /* Closing a process resource ends its child's process group; the rest are
+   * just handles.  Then leave: the OS reclaims everything else. */
+  while (E->resources.next != &E->resources) {
+    drv_res *r = E->resources.next;
+    drv__res_unlink(r);
+    r->close(r);
+  }
+  fflush(NULL);
+  _exit(128 + signum);
+}
+
+static void drv__exitsig_closed(uv_handle_t *h) {
+  drv_exitsigs *xs = ((drv_exitsig *)h->data)->owner;
+  if (--xs->open == 0) free(xs);
+}
+
+static void drv__exitsig_close_res(drv_res *r) {
+  drv_exitsigs *xs = (drv_exitsigs *)r;
+  int i;
+  for (i = 0; i < 3; i++) uv_close((uv_handle_t *)&xs->sigs[i].handle, drv__exitsig_closed);
+}
+
+void drv__exit_on_signals(drv_engine *E) {
+  static const int sigs[3] = {SIGINT, SIGTERM, SIGHUP};
+  drv_exitsigs *xs = (drv_exitsigs *)calloc(1, sizeof *xs);
+  int i;
+  if (xs == NULL) return;
+  xs->E = E;
+  for (i = 0; i < 3; i++) {
+    xs->sigs[i].owner = xs;
+    uv_signal_init(E->loop, &xs->sigs[i].handle);
+    xs->sigs[i].handle.data = &xs->sigs[i];
+    uv_signal_start(&xs->sigs[i].handle, drv__exitsig_cb, sigs[i]);
+    uv_unref((uv_handle_t *)&xs->sigs[i].handle);
+    xs->open++;
+  }
+  drv__res_link(E, &xs->res, drv__exitsig_close_res);
 }
 
 int drv__open_signal(lua_State *L) {

@@ -8,6 +8,7 @@
 
 typedef struct {
   drv_wait wait;
+  drv_res res;      /* a sleep still pending when the engine closes is freed */
   uv_timer_t timer;
 } drv_sleep;
 
@@ -15,8 +16,14 @@ static void drv__sleep_closed(uv_handle_t *h) { free(h->data); }
 
 static void drv__sleep_fire(uv_timer_t *h) {
   drv_sleep *s = (drv_sleep *)h->data;
+  drv__res_unlink(&s->res);
   uv_close((uv_handle_t *)h, drv__sleep_closed);
   drv__wake(&s->wait, 0);
+}
+
+static void drv__sleep_close_res(drv_res *r) {
+  drv_sleep *s = (drv_sleep *)((char *)r - offsetof(drv_sleep, res));
+  uv_close((uv_handle_t *)&s->timer, drv__sleep_closed);
 }
 
 static void drv__sleep_cancel(drv_wait *w) {
@@ -42,6 +49,7 @@ static int drv__l_sleep(lua_State *L) {
   s->wait.cancel = drv__sleep_cancel;
   uv_timer_init(s->wait.E->loop, &s->timer);
   s->timer.data = s;
+  drv__res_link(s->wait.E, &s->res, drv__sleep_close_res);
   uv_timer_start(&s->timer, drv__sleep_fire, (uint64_t)(secs * 1000.0 + 0.5), 0);
   lua_settop(L, 0);
   return drv__await(L, &s->wait);

@@ -13,4 +13,4 @@ export DROVER_BACKEND=${1:-local}
 export LUA_PATH="$ROOT/lua/?.lua;$ROOT/lua/?/init.lua;$ROOT/tests/?.lua;;"
 export LUA_CPATH="$ROOT/$BUILD/lua/?.so;;"
 export DROVER_HOME=${DROVER_HOME:-$(mktemp -d /tmp/drover-conformance.XXXXXX)}
-busted --lua=lua5.4 -o ${BUSTED_OUTPUT:-utfTerminal} tests/conformance/contract_spec.lua
+busted --lua=${BUSTED_LUA:-lua5.4} -o ${BUSTED_OUTPUT:-utfTerminal} tests/conformance/contract_spec.lua
