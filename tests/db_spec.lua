@@ -597,7 +597,7 @@ describe("drover.db", function()
       ]])
       local marker = dir .. "/locked"
       os.remove(marker)
-      local p = assert(io.popen(("lua5.4 %s %s %s %s"):format(q(holder), q(opts.path or path), q(marker),
+      local p = assert(io.popen((H.lua .. " %s %s %s %s"):format(q(holder), q(opts.path or path), q(marker),
         opts.wal == false and "nowal" or "wal"), "w"))
       H.wait_until(function() return readable(marker) end, 60, "the holder to take the lock")
       return p
@@ -718,7 +718,7 @@ describe("drover.db", function()
       ]])
       local procs = {}
       for w = 1, 4 do
-        procs[w] = assert(io.popen(("lua5.4 %s %d %s 500 25 2>&1"):format(q(writer), w, q(path))))
+        procs[w] = assert(io.popen((H.lua .. " %s %d %s 500 25 2>&1"):format(q(writer), w, q(path))))
       end
       for w = 1, 4 do
         local out = procs[w]:read("a")

@@ -4,6 +4,9 @@ local H = {}
 H.root = os.getenv("DROVER_ROOT") or "."
 H.build = H.root .. "/" .. (os.getenv("DROVER_BUILD") or "build")
 H.drover_bin = H.build .. "/drover"
+-- The Lua interpreter for child Lua processes: stock lua5.4, or in the
+-- sanitizer run the interpreter built with the sanitizer runtime.
+H.lua = os.getenv("DROVER_LUA") or "lua5.4"
 
 --- Poll cond() until it returns a truthy value or `timeout` seconds pass.
 -- Generous deadlines, never fixed sleeps: the suite must hold on a loaded

@@ -299,7 +299,7 @@ describe("drover.http", function()
   end)
 
   it("reuses connections (fresh engine: sequential requests share one)", function()
-    local code, out = run_script("lua5.4", [[
+    local code, out = run_script(H.lua, [[
       local http = require "drover.http"
       local ids = {}
       for i = 1, 5 do ids[i] = string.format("%d", assert(http.get(arg[1] .. "/conn")).json.conn) end
@@ -423,7 +423,7 @@ describe("drover.http", function()
     -- reused connection) in its timeout handling, i.e. in libuv's timers
     -- phase; the poll phase after it must not block while another fd (here
     -- a child's pipe) is watched.  A hang shows up as the timeout's 124.
-    local code, out = run_script("lua5.4", [[
+    local code, out = run_script(H.lua, [[
       local drover = require "drover"
       local p = assert(drover.proc.spawn({ "sleep", "60" }, { stdout = function() end }))
       for i = 1, 20 do
@@ -438,7 +438,7 @@ describe("drover.http", function()
   end)
 
   it("closes cleanly with requests still in flight", function()
-    local code, out = run_script("lua5.4", [[
+    local code, out = run_script(H.lua, [[
       local drover = require "drover"
       local base = arg[1]
       for i = 1, 5 do

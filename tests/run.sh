@@ -19,6 +19,7 @@ if [[ $BUILD == build-asan ]]; then
   # An interpreter linked with the sanitizer runtime (tests/support/lua.c);
   # leak checking is valgrind's job (bench/ and docs say how), not this run's.
   LUA=$ROOT/$BUILD/lua5.4
+  export DROVER_LUA=$LUA
   export ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 fi
 

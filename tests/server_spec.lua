@@ -648,7 +648,7 @@ describe("drover.server", function()
     ]])
     fh:close()
     local sock = tmp .. "/ec.sock"
-    for _, interp in ipairs { H.drover_bin, "lua5.4" } do
+    for _, interp in ipairs { H.drover_bin, H.lua } do
       local r = assert(proc.run({ interp, script, sock }, { timeout = 120 }))
       assert.are.equal(0, r.code, r.stderr)
       assert.are.equal("active 2\n", r.stdout)
