@@ -45,6 +45,20 @@ describe("drover CLI", function()
     assert.matches("hello, tester", logs)
   end)
 
+  it("exec shows live progress of task runs when stderr is a terminal", function()
+    -- script(1) runs drover on a pseudo-terminal
+    local r = assert(drover.proc.run({ "script", "-qec", H.drover_bin .. " exec " .. root .. "/examples/hello.lua",
+      "/dev/null" }, { cwd = work, env = env() }))
+    assert.are.equal(0, r.code)
+    local out = r.stdout:gsub("\27%[%d+m", "")
+    assert.matches("> greet", out)
+    assert.matches("v greet %(%d+ms%)", out)
+    -- and not when it is not a terminal
+    local code, _, err = drv({ "exec", root .. "/examples/hello.lua" })
+    assert.are.equal(0, code)
+    assert.is_nil(err:find("> greet", 1, true))
+  end)
+
   it("exec of a failing workflow exits 1 and the run is FAILED", function()
     write(work .. "/fail.lua", "local drover = require 'drover'\nerror('the workflow broke')\n")
     local code, _, err = drv({ "exec", "fail.lua" })

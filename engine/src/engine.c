@@ -184,6 +184,12 @@ static int drv__l_time(lua_State *L) {
   return 1;
 }
 
+/* drover.isatty(fd) -> true if the descriptor is a terminal */
+static int drv__l_isatty(lua_State *L) {
+  lua_pushboolean(L, uv_guess_handle((uv_file)luaL_checkinteger(L, 1)) == UV_TTY);
+  return 1;
+}
+
 /* drover.cwd() -> the current working directory */
 static int drv__l_cwd(lua_State *L) {
   char buf[4096];
@@ -217,6 +223,8 @@ int luaopen_drover_core(lua_State *L) {
   drv__submodule(L, "server", drv__open_server);
   lua_pushcfunction(L, drv__l_pid);
   lua_setfield(L, -2, "pid");
+  lua_pushcfunction(L, drv__l_isatty);
+  lua_setfield(L, -2, "isatty");
   lua_pushcfunction(L, drv__l_cwd);
   lua_setfield(L, -2, "cwd");
   lua_pushcfunction(L, drv__l_time);

@@ -225,6 +225,27 @@ function M.exec_file(file, params, o)
     for i = 1, parts.n do parts[i] = tostring(parts[i]) end
     tracker.log("stdout", table.concat(parts, "\t", 1, parts.n))
   end
+  -- Live progress on a terminal: a line per task run as it starts and ends.
+  if not o.json and drover.isatty(2) then
+    local store_mod = require "drover.store"
+    local marks = { start = "\27[36m>\27[0m", done = "\27[32mv\27[0m", failed = "\27[31mx\27[0m",
+      retry = "\27[33m~\27[0m", cancelled = "\27[33m-\27[0m", reused = "\27[32m=\27[0m" }
+    tracker.observer = function(event, run, detail)
+      local line = string.format("  %s %s", marks[event] or event, run.name)
+      if event == "done" or event == "failed" then
+        line = line .. string.format(" (%s)", fmt_duration(run.started, store_mod.time()))
+      end
+      if event == "retry" then
+        line = line .. string.format(" attempt %d failed, retry %d/%d in %.3gs: %s", detail.attempt,
+          detail.attempt, detail.retries, detail.delay, detail.error)
+      elseif event == "failed" then
+        line = line .. ": " .. detail.error
+      elseif event == "reused" then
+        line = line .. " (" .. detail.message .. ")"
+      end
+      io.stderr:write(line, "\n")
+    end
+  end
   local interrupts = 0
   local function on_interrupt(sig)
     interrupts = interrupts + 1
@@ -241,6 +262,7 @@ function M.exec_file(file, params, o)
   local ok, value = flow:run(chunk, params)
   sigint:stop()
   sigterm:stop()
+  tracker.observer = nil
   _G.print = real_print
   flow.store:flush()
   local row = flow.store:flow_run(flow.id)

@@ -18,6 +18,7 @@ local M = {
   now = core.now,
   time = core.time,
   cwd = core.cwd,
+  isatty = core.isatty,
   current = core.current,
   yield = core.yield,
   on_signal = core.on_signal,

@@ -21,6 +21,15 @@ local states = require "drover.states"
 
 local T = {}
 
+--- Optional observer of task runs, for live progress: observer(event, run,
+-- detail) with event "start", "retry", "done", "failed", "cancelled",
+-- "reused".  The CLI sets it when stderr is a terminal.
+T.observer = nil
+local function notify(event, run, detail)
+  local o = T.observer
+  if o then pcall(o, event, run, detail) end
+end
+
 -- ---- options -----------------------------------------------------------------
 
 local option_types = {
@@ -341,6 +350,7 @@ end
 
 local function record_reused(flow, run, prev, message)
   run.state = states.COMPLETED
+  notify("reused", run, { message = message })
   run.started = store_mod.time()
   flow.store:task_run_started(run)
   flow.store:task_run_finished(run.id, states.COMPLETED, message, prev.result, true, 0,
@@ -401,6 +411,7 @@ function T.call(spec, fn, ...)
 
   run.started = store_mod.time()
   store:task_run_started(run)
+  notify("start", run)
   local node = { key = key, counters = {}, id = run.id }
   local retries = opts.retries or 0
   local r
@@ -414,6 +425,7 @@ function T.call(spec, fn, ...)
     r = invoke(ctx, node, opts, fn, args)
     if r[1] then
       release_tags(opts.tags)
+      notify("done", run)
       return finish_ok(flow, run, opts, r, cache_key)
     end
     if r[2] == "cancelled" or flow.cancel_requested or (ctx.scope and ctx.scope.cancelled) then
@@ -421,6 +433,7 @@ function T.call(spec, fn, ...)
       run.state = states.CANCELLED
       store:task_run_finished(run.id, states.CANCELLED, "cancelled", nil, true, attempt,
         store_mod.time(), nil, nil)
+      notify("cancelled", run)
       error(r[2], 0)
     end
     if last_trace then
@@ -428,6 +441,7 @@ function T.call(spec, fn, ...)
     end
     if attempt <= retries then
       local delay = T.retry_delay(opts, attempt)
+      notify("retry", run, { attempt = attempt, retries = retries, delay = delay, error = first_line(r[2]) })
       store:task_run_state(run.id, states.SCHEDULED, string.format("retry %d of %d in %.3g s after: %s",
         attempt, retries, delay, first_line(r[2])), attempt)
       local ok, err = pcall(core.sleep, delay)
@@ -443,6 +457,7 @@ function T.call(spec, fn, ...)
   run.state = states.FAILED
   store:task_run_finished(run.id, states.FAILED, first_line(r[2]), nil, true, run.attempts,
     store_mod.time(), nil, nil)
+  notify("failed", run, { error = first_line(r[2]) })
   run_hook(flow, run, opts.on_failure, "on_failure", r[2])
   if opts.catch then return nil, r[2] end
   error(r[2], 0)
