@@ -48,6 +48,17 @@ for spec in tests/*_spec.lua; do
   [ $rc -ne 0 ] && [ "$f" -eq 0 ] && f=1   # crashed before reporting
   passed=$((passed+p)); failed=$((failed+f))
 done
+# valgrind over the engine: every primitive, work left pending at close.
+if [[ $BUILD != build-asan ]] && command -v valgrind >/dev/null; then
+  echo "# valgrind: tests/valgrind/engine.lua"
+  if valgrind -q --leak-check=full --errors-for-leak-kinds=definite --error-exitcode=9 \
+       "$ROOT/$BUILD/drover" tests/valgrind/engine.lua >"$log" 2>&1; then
+    echo "ok - valgrind finds no leak or memory error in the engine"; passed=$((passed+1))
+  else
+    cat "$log"; echo "not ok - valgrind finds no leak or memory error in the engine"; failed=$((failed+1))
+  fi
+fi
+
 # The conformance kit, once per backend the suite can start here.
 for backend in ${DROVER_CONFORMANCE_BACKENDS:-local}; do
   echo "# conformance: $backend"

@@ -4,7 +4,7 @@
 set -euo pipefail
 pkgs=(build-essential pkg-config lua5.4 liblua5.4-dev libuv1-dev libcurl4-openssl-dev
       libssl-dev lua-cjson-dev lua-busted libsqlite3-dev sqlite3 libh2o-dev curl ca-certificates
-      python3 procps)
+      python3 procps valgrind)
 pkgs+=("$@")
 missing=()
 for p in "${pkgs[@]}"; do
