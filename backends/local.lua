@@ -125,8 +125,33 @@ function Local:drover_bin()
   return "drover"
 end
 
+--- Where to watch run `id`: the dashboard of the daemon serving this store
+-- (started here, detached, if none runs: `drover serve --port 0 --auto`),
+-- or the worker's log file when no daemon can be had (DROVER_DAEMON=0, or
+-- it did not start in time).  Never fails the run.
 function Local:run_url(id)
-  return "file://" .. self:store().home .. "/runs/" .. id .. "/worker.log"
+  local home = self:store().home
+  local fallback = "file://" .. home .. "/runs/" .. id .. "/worker.log"
+  if os.getenv("DROVER_DAEMON") == "0" then return fallback end
+  local ok, url = pcall(function()
+    local daemon = require "drover.daemon"
+    local info = daemon.running(home)
+    if not info then
+      local p = drover.proc.spawn({ self:drover_bin(), "serve", "--port", "0", "--auto" }, {
+        detach = true, stdin = "", stdout = home .. "/daemon.log", stderr = home .. "/daemon.log",
+        env = { DROVER_HOME = home },
+      })
+      if not p then return nil end
+      local deadline = drover.now() + (tonumber(os.getenv("DROVER_DAEMON_TIMEOUT") or "") or 10)
+      repeat
+        drover.sleep(0.02)
+        info = daemon.running(home)
+      until info or drover.now() > deadline or not p:is_running()
+      info = info or daemon.running(home)
+    end
+    return info and type(info.url) == "string" and (info.url .. "/runs/" .. id) or nil
+  end)
+  return ok and url or fallback
 end
 
 function Local:run(name, params, opts)

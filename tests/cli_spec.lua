@@ -29,7 +29,15 @@ describe("drover CLI", function()
     home = H.tempdir()
     work = H.tempdir()
   end)
-  after_each(function() os.execute("rm -rf " .. home .. " " .. work) end)
+  after_each(function()
+    -- `drover run` starts a daemon for the store (local backend): stop it
+    local text = drover.fs.read(home .. "/daemon.json")
+    local d = text and drover.json.decode(text)
+    if type(d) == "table" and math.type(d.pid) == "integer" and drover.kill(d.pid, "TERM") then
+      H.wait_until(function() return not drover.kill(d.pid, 0) end, 30, "the daemon to stop")
+    end
+    os.execute("rm -rf " .. home .. " " .. work)
+  end)
 
   it("exec runs a workflow as a tracked flow run and exits 0", function()
     local code, out, err = drv({ "exec", root .. "/examples/hello.lua", "name=tester" })

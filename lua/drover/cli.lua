@@ -463,6 +463,21 @@ command("backends", "list the backends drover can load, and where from", {
   return EXIT_OK
 end)
 
+command("serve", "run the daemon: dashboard, JSON API, events, metrics, reaper", {
+  args = "[--port N] [--bind ADDR] [--token T]",
+  flags = { port = { short = "p", arg = true, help = "TCP port (default 8765; 0 picks a free one)" },
+    bind = { arg = true, help = "address to listen on (default 127.0.0.1; others need a token)" },
+    token = { arg = true, help = "require this bearer token (default: $DROVER_TOKEN)" },
+    auto = { help = "(internal) started by drover run: exit if a daemon already runs" } },
+}, function(opts)
+  local port = opts.port and math.tointeger(tonumber(opts.port))
+  if opts.port and (not port or port < 0 or port > 65535) then
+    usage_error("drover serve: --port must be a port number (0-65535)")
+  end
+  local token = opts.token or os.getenv("DROVER_TOKEN")
+  return require("drover.daemon").serve { port = port, bind = opts.bind, token = token, auto = opts.auto }
+end)
+
 command("worker", "(internal) run one flow run of the local backend", {
   args = "RUN_ID", flags = {},
 }, function(opts, pos)

@@ -49,6 +49,15 @@ describe("conformance: backend '" .. backend .. "'", function()
     orch = drover.orchestrator(backend, config)
   end)
 
+  teardown(function()
+    -- the local backend's run() starts a daemon for the store: stop it
+    local text = orch and drover.fs.read(orch:store().home .. "/daemon.json")
+    local d = text and drover.json.decode(text)
+    if type(d) == "table" and math.type(d.pid) == "integer" and drover.kill(d.pid, "TERM") then
+      H.wait_until(function() return not drover.kill(d.pid, 0) end, 30, "the daemon to stop")
+    end
+  end)
+
   it("package builds a record with an id and a content hash", function()
     pkg = orch:package("Fixture", "fixture_flow", "main", { path = fixture })
     assert.is_string(pkg.id)

@@ -1,0 +1,452 @@
+--- The drover daemon (`drover serve`): one HTTP server on the engine's loop
+-- that shows the tracking store to people (a dashboard) and programs (a
+-- JSON API, server-sent events, Prometheus metrics), and reaps local runs
+-- whose worker died.
+--
+-- The store is SQLite shared with the worker processes, so the daemon is a
+-- reader like any other: it holds no state of its own, can be killed and
+-- restarted at any time, and learns about changes by polling (the honest
+-- mechanism when the writers are other processes).
+--
+--   GET  /api/runs?state=&deployment=&limit=   runs, newest first
+--   GET  /api/runs/ID                          the run, task_runs, states
+--   GET  /api/runs/ID/logs?after=N             log lines with id > N
+--   POST /api/runs/ID/cancel                   two-phase cancel (local runs)
+--   GET  /api/deployments, /api/deployments/NAME (with recent runs)
+--   GET  /api/events?run=ID&after=N            text/event-stream: `run`
+--        events on state changes, `log` events for new lines of run ID
+--   GET  /metrics                              Prometheus text format
+--   GET  /, /runs/ID, /deployments/NAME         the dashboard (index.html)
+--
+-- Security: loopback (127.0.0.1, ::1, localhost) by default.  Any other
+-- address requires a token, and then every request must carry it
+-- (Authorization: Bearer T, ?token=T, or the cookie a ?token= request
+-- sets so the browser can load the page's assets).  The token is never
+-- logged nor written to daemon.json.
+local drover = require "drover"
+local fs = require "drover.fs"
+local json = require "drover.json"
+local server = require "drover.server"
+local states = require "drover.states"
+local store_mod = require "drover.store"
+
+local M = {}
+
+M.DEFAULT_PORT = 8765
+M.POLL_INTERVAL = 0.5
+M.REAP_INTERVAL = 2
+
+local LOOPBACK = { ["127.0.0.1"] = true, ["::1"] = true, ["localhost"] = true }
+local ACTIVE = { "RUNNING", "PENDING", "CANCELLING" }
+local ALL_STATES = { "SCHEDULED", "PENDING", "RUNNING", "COMPLETED", "FAILED", "CANCELLING",
+  "CANCELLED", "CRASHED" }
+
+--- The dashboard's static files live next to this module.
+M.dashboard_dir = (debug.getinfo(1, "S").source:match("^@(.*)/daemon%.lua$") or ".") .. "/dashboard"
+
+function M.daemon_file(home) return home .. "/daemon.json" end
+
+--- The daemon.json of a live daemon in `home`, or nil.
+function M.running(home)
+  local text = fs.read(M.daemon_file(home))
+  local info = text and json.decode(text)
+  if type(info) ~= "table" or math.type(info.pid) ~= "integer" or info.pid <= 0 then return nil end
+  if not drover.kill(info.pid, 0) then return nil end
+  return info
+end
+
+-- ---- helpers -------------------------------------------------------------------------
+
+-- Equal strings in time independent of where they differ.
+local function same(a, b)
+  if type(a) ~= "string" or type(b) ~= "string" or #a ~= #b then return false end
+  local diff = 0
+  for i = 1, #a do diff = diff | (a:byte(i) ~ b:byte(i)) end
+  return diff == 0
+end
+
+local function err(status, message) return server.json(status, { error = message }) end
+
+-- Store rows hold JSON text in some columns: the API gives values.
+local function decode_fields(row, fields)
+  for _, f in ipairs(fields) do
+    if type(row[f]) == "string" then
+      local v = json.decode(row[f])
+      if v ~= nil then row[f] = v end
+    end
+  end
+  return row
+end
+
+local function run_view(r)
+  r = decode_fields(r, { "params", "result", "source" })
+  if r.started then r.duration = (r.ended or store_mod.time()) - r.started end
+  return r
+end
+
+local function task_view(t)
+  t = decode_fields(t, { "params", "result", "tags" })
+  t.result_ok = t.result_ok == 1
+  if t.started then t.duration = (t.ended or store_mod.time()) - t.started end
+  return t
+end
+
+local function list(rows, fn)
+  local out = json.array()
+  for i, r in ipairs(rows) do out[i] = fn and fn(r) or r end
+  return out
+end
+
+local function positive_int(v, default, max)
+  if v == nil then return default end
+  local n = math.tointeger(tonumber(v))
+  if not n or n < 0 then return nil end
+  if max and n > max then n = max end
+  return n
+end
+
+-- ---- the daemon ----------------------------------------------------------------------------
+
+local Daemon = {}
+Daemon.__index = Daemon
+
+--- opts: port (default 8765, 0 = any free one), bind (default 127.0.0.1),
+-- token, home, auto (started by `drover run`: yield to another live daemon).
+-- Returns a daemon or nil, message.
+function M.new(opts)
+  opts = opts or {}
+  local bind = opts.bind or "127.0.0.1"
+  local token = opts.token
+  if token == "" then token = nil end
+  if not LOOPBACK[bind] and not token then
+    return nil, "drover serve: binding " .. bind .. " (not loopback) requires a token (--token or DROVER_TOKEN)"
+  end
+  local store, serr = store_mod.open(opts.home)
+  if not store then return nil, serr end
+  local self = setmetatable({ bind = bind, token = token, store = store, home = store.home,
+    port = opts.port or M.DEFAULT_PORT, auto = opts.auto, stopping = false,
+    stop_event = drover.event(), tasks = {} }, Daemon)
+  self.orch = drover.orchestrator("local", { home = store.home })
+  return self
+end
+
+function Daemon:authorized(req)
+  if not self.token then return true end
+  local h = req.headers.authorization
+  if h and same(h:match("^[Bb]earer%s+(.-)%s*$"), self.token) then return true end
+  local q = req.args.token
+  if type(q) == "string" and same(q, self.token) then return true, true end
+  local c = req.headers.cookie
+  if c and same(c:match("drover_token=([^;%s]+)"), self.token) then return true end
+  return false
+end
+
+function Daemon:start()
+  local srv, lerr = server.listen {
+    host = self.bind, port = self.port,
+    handler = function(req, res) return self:handle(req, res) end,
+    on_error = function(e) io.stderr:write("drover serve: handler error: ", tostring(e):match("[^\n]*"), "\n") end,
+  }
+  if not srv then return nil, lerr end
+  self.srv = srv
+  local host = self.bind == "::1" and "[::1]" or (self.bind == "localhost" and "127.0.0.1" or self.bind)
+  self.url = "http://" .. host .. ":" .. srv.port
+  local ok, werr = fs.write(M.daemon_file(self.home),
+    json.encode { pid = drover.pid(), port = srv.port, url = self.url, bind = self.bind })
+  if not ok then srv:close(); return nil, werr end
+  self.tasks[#self.tasks + 1] = drover.spawn(function() self:reaper() end)
+  return self
+end
+
+--- Block until stop() (or SIGTERM/SIGINT when installed by serve()).
+function Daemon:wait() self.stop_event:wait() end
+
+function Daemon:stop()
+  if self.stopping then return end
+  self.stopping = true
+  if self.srv then self.srv:close() end
+  for _, t in ipairs(self.tasks) do
+    local s = t:status()
+    if s ~= "done" and s ~= "failed" and s ~= "cancelled" then t:cancel() end
+  end
+  -- Remove daemon.json only if it is still ours (a newer daemon may own it).
+  local text = fs.read(M.daemon_file(self.home))
+  local info = text and json.decode(text)
+  if type(info) == "table" and info.pid == drover.pid() then fs.remove(M.daemon_file(self.home)) end
+  self.stop_event:set()
+end
+
+-- Every REAP_INTERVAL seconds, local runs in an active state whose worker is
+-- gone become CRASHED (Local:reap).  A daemon started automatically by
+-- `drover run` also steps aside when another live daemon owns daemon.json
+-- (two runs started at once may each have started one).
+function Daemon:reaper()
+  while not self.stopping do
+    drover.sleep(M.REAP_INTERVAL)
+    for _, st in ipairs(ACTIVE) do
+      for _, r in ipairs(self.store:flow_runs { state = st, backend = "local", limit = 10000 }) do
+        local ok, e = pcall(self.orch.reap, self.orch, r)
+        if not ok then io.stderr:write("drover serve: reaping ", r.id, ": ", tostring(e), "\n") end
+      end
+    end
+    if self.auto then
+      local info = M.running(self.home)
+      if info and info.pid ~= drover.pid() then
+        drover.spawn(function() self:stop() end)
+        return
+      end
+    end
+  end
+end
+
+-- ---- routes --------------------------------------------------------------------------------
+
+function Daemon:handle(req, res)
+  local ok, via_query = self:authorized(req)
+  if not ok then
+    return 401, { ["content-type"] = "application/json", ["www-authenticate"] = 'Bearer realm="drover"' },
+      json.encode { error = "unauthorized: a token is required" }
+  end
+  local st, h, body = self:route(req, res)
+  if via_query and type(h) == "table" then
+    -- let the browser load the page's assets and call the API without ?token=
+    h["set-cookie"] = "drover_token=" .. self.token .. "; Path=/; HttpOnly; SameSite=Strict"
+  end
+  return st, h, body
+end
+
+local static_types = {
+  ["app.js"] = "text/javascript; charset=utf-8",
+  ["style.css"] = "text/css; charset=utf-8",
+  ["index.html"] = "text/html; charset=utf-8",
+}
+
+function Daemon:static(name)
+  local body = fs.read(M.dashboard_dir .. "/" .. name)
+  if not body then return err(404, "dashboard file missing: " .. name) end
+  return 200, { ["content-type"] = static_types[name], ["cache-control"] = "no-cache" }, body
+end
+
+function Daemon:route(req, res)
+  local path, method = req.path, req.method
+  if path:sub(1, 5) == "/api/" then
+    local id, rest = path:match("^/api/runs/([^/]+)(.*)$")
+    if path == "/api/runs" then return self:get_runs(req, method)
+    elseif id and rest == "" then return self:get_run(id, method)
+    elseif id and rest == "/logs" then return self:get_logs(id, req, method)
+    elseif id and rest == "/cancel" then return self:cancel(id, method)
+    elseif path == "/api/deployments" then return self:get_deployments(method)
+    elseif path:match("^/api/deployments/[^/]+$") then
+      return self:get_deployment(path:match("^/api/deployments/([^/]+)$"), method)
+    elseif path == "/api/events" then return self:events(req, res, method)
+    end
+    return err(404, "no such endpoint: " .. method .. " " .. path)
+  end
+  if path == "/metrics" then return self:metrics(method) end
+  if method ~= "GET" and method ~= "HEAD" then return err(405, "method not allowed") end
+  local asset = path:match("^/([%w_]+%.%a+)$")
+  if asset and static_types[asset] then return self:static(asset) end
+  if path == "/" or path:match("^/runs/[^/]+/?$") or path:match("^/deployments/[^/]+/?$") then
+    return self:static("index.html")
+  end
+  return 404, { ["content-type"] = "text/plain; charset=utf-8" }, "not found\n"
+end
+
+function Daemon:get_runs(req, method)
+  if method ~= "GET" then return err(405, "method not allowed: use GET") end
+  local a = req.args
+  local state = type(a.state) == "string" and a.state ~= "" and a.state:upper() or nil
+  if state and not states[state] then return err(400, "unknown state '" .. a.state .. "'") end
+  local limit = positive_int(a.limit, 100, 10000)
+  if not limit then return err(400, "bad limit '" .. tostring(a.limit) .. "' (a non-negative integer expected)") end
+  local dep = type(a.deployment) == "string" and a.deployment ~= "" and a.deployment or nil
+  return server.json(200, list(self.store:flow_runs { state = state, deployment = dep, limit = limit }, run_view))
+end
+
+function Daemon:find(id)
+  if not id:match("^[%x]+$") then return nil end
+  return self.store:find_flow_run(id)
+end
+
+function Daemon:get_run(id, method)
+  if method ~= "GET" then return err(405, "method not allowed: use GET") end
+  local r = self:find(id)
+  if not r then return err(404, "unknown run '" .. id .. "'") end
+  local v = run_view(r)
+  v.task_runs = list(self.store:task_runs(r.id), task_view)
+  v.states = list(self.store:flow_run_states(r.id))
+  return server.json(200, v)
+end
+
+function Daemon:get_logs(id, req, method)
+  if method ~= "GET" then return err(405, "method not allowed: use GET") end
+  local r = self:find(id)
+  if not r then return err(404, "unknown run '" .. id .. "'") end
+  local after = positive_int(req.args.after, 0)
+  if not after then return err(400, "bad after '" .. tostring(req.args.after) .. "' (a log id expected)") end
+  return server.json(200, list(self.store:logs(r.id, after, 10000)))
+end
+
+--- Two-phase cancel of one local run, as Local:stop does for a deployment:
+-- CANCELLING now, SIGTERM to the worker's process group; the worker records
+-- CANCELLED itself.  If it is gone (or will not end) we record it.
+function Daemon:cancel(id, method)
+  if method ~= "POST" then return err(405, "method not allowed: use POST") end
+  local r = self:find(id)
+  if not r then return err(404, "unknown run '" .. id .. "'") end
+  if not states.active[r.state] then
+    return err(400, "run " .. r.id .. " is " .. r.state .. ": only active runs can be cancelled")
+  end
+  if r.backend ~= "local" then
+    return err(400, "run " .. r.id .. " runs on backend '" .. r.backend .. "': cancel it with drover stop")
+  end
+  local store = self.store
+  store:set_flow_state(r.id, states.CANCELLING, "cancel requested")
+  local pid = r.pid and math.tointeger(r.pid)
+  if pid and pid > 0 and drover.kill(-pid, 0) then
+    drover.kill(-pid, "TERM")
+    local timeout = self.orch.config.stop_timeout or 20
+    local live = {}
+    for _, t in ipairs(self.tasks) do
+      local s = t:status()
+      if s ~= "done" and s ~= "failed" and s ~= "cancelled" then live[#live + 1] = t end
+    end
+    self.tasks = live
+    self.tasks[#self.tasks + 1] = drover.spawn(function()
+      local deadline = drover.now() + timeout
+      while drover.kill(-pid, 0) and drover.now() < deadline do drover.sleep(0.1) end
+      if drover.kill(-pid, 0) then drover.kill(-pid, "KILL") end
+      store:set_flow_state(r.id, states.CANCELLED, "cancelled")
+    end)
+  else
+    store:set_flow_state(r.id, states.CANCELLED, "cancelled (worker was gone)")
+  end
+  return server.json(202, run_view(store:flow_run(r.id)))
+end
+
+function Daemon:get_deployments(method)
+  if method ~= "GET" then return err(405, "method not allowed: use GET") end
+  return server.json(200, list(self.store:deployments(), function(d) return decode_fields(d, { "params", "config" }) end))
+end
+
+function Daemon:get_deployment(name, method)
+  if method ~= "GET" then return err(405, "method not allowed: use GET") end
+  local d = self.store:deployment(name)
+  if not d then return err(404, "unknown deployment '" .. name .. "'") end
+  d = decode_fields(d, { "params", "config" })
+  d.runs = list(self.store:flow_runs { deployment = name, limit = 50 }, run_view)
+  return server.json(200, d)
+end
+
+function Daemon:metrics(method)
+  if method ~= "GET" then return err(405, "method not allowed: use GET") end
+  local out = {}
+  local function counts(sql)
+    local c = {}
+    for _, row in ipairs(self.store:rows(sql)) do c[row.state] = row.n end
+    return c
+  end
+  local function gauge(name, help, c)
+    out[#out + 1] = "# HELP " .. name .. " " .. help
+    out[#out + 1] = "# TYPE " .. name .. " gauge"
+    for _, s in ipairs(ALL_STATES) do
+      out[#out + 1] = string.format('%s{state="%s"} %d', name, s, c[s] or 0)
+    end
+  end
+  gauge("drover_flow_runs", "Flow runs in the store, by state.",
+    counts("SELECT state, count(*) AS n FROM flow_runs GROUP BY state"))
+  gauge("drover_task_runs", "Task runs in the store, by state.",
+    counts("SELECT state, count(*) AS n FROM task_runs GROUP BY state"))
+  local d = self.store:first([[SELECT coalesce(sum(ended - started), 0) AS s, count(*) AS n FROM task_runs
+      WHERE state = 'COMPLETED' AND started IS NOT NULL AND ended IS NOT NULL]])
+  out[#out + 1] = "# HELP drover_task_run_duration_seconds Duration of completed task runs."
+  out[#out + 1] = "# TYPE drover_task_run_duration_seconds summary"
+  out[#out + 1] = string.format("drover_task_run_duration_seconds_sum %.6f", d.s)
+  out[#out + 1] = string.format("drover_task_run_duration_seconds_count %d", d.n)
+  return 200, { ["content-type"] = "text/plain; version=0.0.4; charset=utf-8" }, table.concat(out, "\n") .. "\n"
+end
+
+-- A signature of a run's task runs: changes when one starts, moves or ends.
+function Daemon:task_signature(id)
+  local s = self.store:first([[SELECT count(*) AS n, count(ended) AS e, coalesce(sum(attempts), 0) AS a,
+      coalesce(group_concat(state), '') AS st FROM task_runs WHERE flow_run_id = ?]], id)
+  return s.n .. "/" .. s.e .. "/" .. s.a .. "/" .. s.st
+end
+
+--- Server-sent events.  `run` (data: the run's row) whenever a recent run's
+-- state changes (for the run named by ?run=, also when its task runs
+-- change); `log` (id: the log id, data: the log row) for each new line of
+-- that run, starting after ?after= (or Last-Event-ID).
+function Daemon:events(req, res, method)
+  if method ~= "GET" then return err(405, "method not allowed: use GET") end
+  local watch = req.args.run
+  local watched
+  if watch ~= nil then
+    watched = type(watch) == "string" and self:find(watch)
+    if not watched then return err(404, "unknown run '" .. tostring(watch) .. "'") end
+  end
+  local last_log = positive_int(req.args.after or req.headers["last-event-id"], 0)
+  if not last_log then return err(400, "bad after '" .. tostring(req.args.after) .. "'") end
+  local store = self.store
+  local seen = {}
+  for _, r in ipairs(store:flow_runs { limit = 200 }) do seen[r.id] = r.state end
+  local sig = watched and self:task_signature(watched.id)
+  if not res:start(200, { ["content-type"] = "text/event-stream", ["cache-control"] = "no-cache" }) then return end
+  if not res:write(server.sse { retry = 2000, data = "" } ) then return end
+  local idle = 0
+  while not self.stopping do
+    local chunks = {}
+    local changed = {}
+    for _, r in ipairs(store:flow_runs { limit = 200 }) do
+      if seen[r.id] ~= r.state then
+        seen[r.id] = r.state
+        changed[r.id] = r
+      end
+    end
+    if watched then
+      local r = store:flow_run(watched.id)
+      local s = self:task_signature(watched.id)
+      if r and (s ~= sig or seen[r.id] ~= r.state) then changed[r.id] = r end
+      if r then seen[r.id] = r.state end
+      sig = s
+      for _, l in ipairs(store:logs(watched.id, last_log, 1000)) do
+        last_log = l.id
+        chunks[#chunks + 1] = server.sse { event = "log", id = l.id, data = json.encode(l) }
+      end
+    end
+    for _, r in pairs(changed) do
+      chunks[#chunks + 1] = server.sse { event = "run", data = json.encode(run_view(r)) }
+    end
+    idle = #chunks == 0 and idle + 1 or 0
+    if idle >= 30 then chunks[1] = server.sse {}; idle = 0 end -- keep-alive comment
+    if #chunks > 0 and not res:write(table.concat(chunks)) then return end
+    drover.sleep(M.POLL_INTERVAL)
+  end
+  res:finish()
+end
+
+-- ---- the command ------------------------------------------------------------------------
+
+--- `drover serve`: run until SIGTERM/SIGINT.  Returns an exit code.
+function M.serve(opts)
+  local d, e = M.new(opts)
+  if not d then io.stderr:write(e, "\n"); return 2 end
+  if opts.auto then
+    local other = M.running(d.home)
+    if other and other.pid ~= drover.pid() then d.store:close(); return 0 end
+  end
+  local ok, lerr = d:start()
+  if not ok then io.stderr:write("drover serve: ", tostring(lerr), "\n"); d.store:close(); return 2 end
+  local stop = function() d:stop() end
+  local s1, s2 = drover.on_signal("TERM", stop), drover.on_signal("INT", stop)
+  io.stderr:write("drover serve: listening on ", d.url, " (pid ", drover.pid(), ", store ", d.home, ")\n")
+  io.stderr:flush()
+  d:wait()
+  s1:stop(); s2:stop()
+  d.store:close()
+  io.stderr:write("drover serve: stopped\n")
+  return 0
+end
+
+M.Daemon = Daemon
+return M

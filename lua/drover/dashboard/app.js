@@ -1,0 +1,173 @@
+// The drover dashboard: plain JS, no build step.  Routes on
+// location.pathname (the daemon serves index.html for /, /runs/ID and
+// /deployments/NAME); reads the JSON API and follows /api/events (SSE).
+// Everything from the store goes into the page as text, never as HTML.
+"use strict";
+
+const app = document.getElementById("app");
+const live = document.getElementById("live");
+let source = null;       // the page's EventSource
+let refreshTimer = null;
+
+function h(tag, attrs, ...children) {
+  const el = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (v === undefined || v === null || v === false) continue;
+    if (k.startsWith("on")) el.addEventListener(k.slice(2), v);
+    else if (k === "style") el.style.cssText = v;
+    else el.setAttribute(k, v === true ? "" : v);
+  }
+  for (const c of children.flat()) {
+    if (c === undefined || c === null || c === false) continue;
+    el.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  }
+  return el;
+}
+
+async function api(path, opts) {
+  const r = await fetch(path, Object.assign({ headers: { accept: "application/json" } }, opts || {}));
+  const body = await r.json().catch(() => ({ error: "bad response (" + r.status + ")" }));
+  if (!r.ok) throw new Error(body.error || ("HTTP " + r.status));
+  return body;
+}
+
+const fmtTime = (t) => t ? new Date(t * 1000).toLocaleString() : "-";
+function fmtDuration(d) {
+  if (d === undefined || d === null) return "-";
+  if (d < 1) return Math.round(d * 1000) + "ms";
+  if (d < 120) return d.toFixed(1) + "s";
+  return Math.floor(d / 60) + "m" + String(Math.floor(d % 60)).padStart(2, "0") + "s";
+}
+const stateBadge = (s, id) => h("span", { class: "state " + s, id }, s);
+const short = (v) => { if (v === undefined || v === null) return ""; const s = typeof v === "string" ? v : JSON.stringify(v); return s.length > 200 ? s.slice(0, 200) + "…" : s; };
+const ACTIVE = ["SCHEDULED", "PENDING", "RUNNING", "CANCELLING"];
+const STATES = ["SCHEDULED", "PENDING", "RUNNING", "COMPLETED", "FAILED", "CANCELLING", "CANCELLED", "CRASHED"];
+
+function follow(query, handlers) {
+  if (source) source.close();
+  source = new EventSource("/api/events" + query);
+  source.onopen = () => live.classList.add("on");
+  source.onerror = () => live.classList.remove("on");
+  for (const [ev, fn] of Object.entries(handlers)) source.addEventListener(ev, (e) => fn(JSON.parse(e.data), e));
+}
+
+// Coalesce bursts of events into one refresh.
+function scheduleRefresh(fn) {
+  if (refreshTimer) return;
+  refreshTimer = setTimeout(() => { refreshTimer = null; fn(); }, 150);
+}
+
+function showError(e) { app.replaceChildren(h("p", { class: "error" }, String(e.message || e))); }
+
+// ---- runs list --------------------------------------------------------------
+
+async function runsPage() {
+  const params = new URLSearchParams(location.search);
+  const state = params.get("state") || "";
+  const select = h("select", { id: "state-filter", onchange: (e) => {
+    const q = e.target.value ? "?state=" + e.target.value : "";
+    history.pushState(null, "", "/" + q); route();
+  } }, h("option", { value: "" }, "all states"), STATES.map((s) => h("option", { value: s, selected: s === state }, s)));
+  const tbody = h("tbody");
+  app.replaceChildren(h("h1", {}, "Flow runs"), h("div", { class: "toolbar" }, "State:", select),
+    h("table", { id: "runs" }, h("thead", {}, h("tr", {}, ["Run", "Name", "Deployment", "State", "Started", "Duration"].map((c) => h("th", {}, c)))), tbody));
+  async function load() {
+    try {
+      const runs = await api("/api/runs?limit=200" + (state ? "&state=" + state : ""));
+      tbody.replaceChildren(...runs.map((r) => h("tr", {},
+        h("td", { class: "code" }, h("a", { href: "/runs/" + r.id }, r.id)), h("td", {}, r.name),
+        h("td", {}, r.deployment ? h("a", { href: "/deployments/" + encodeURIComponent(r.deployment) }, r.deployment) : "-"),
+        h("td", {}, stateBadge(r.state)), h("td", {}, fmtTime(r.started || r.created)), h("td", {}, fmtDuration(r.duration)))));
+      if (!runs.length) tbody.append(h("tr", {}, h("td", { colspan: 6, class: "muted" }, "No runs.")));
+    } catch (e) { showError(e); }
+  }
+  await load();
+  follow("", { run: () => scheduleRefresh(load) });
+}
+
+// ---- one run ----------------------------------------------------------------------
+
+function gantt(tasks) {
+  const timed = tasks.filter((t) => t.started);
+  if (!timed.length) return h("p", { class: "muted" }, "No task runs yet.");
+  const now = Date.now() / 1000;
+  const t0 = Math.min(...timed.map((t) => t.started));
+  const t1 = Math.max(...timed.map((t) => t.ended || now));
+  const span = Math.max(t1 - t0, 0.001);
+  return h("div", { class: "gantt", id: "timeline" }, timed.map((t) => {
+    const left = ((t.started - t0) / span) * 100, width = (((t.ended || now) - t.started) / span) * 100;
+    return h("div", { class: "row" }, h("div", { class: "label", title: t.call_key }, t.name),
+      h("div", { class: "track" }, h("div", { class: "bar " + t.state, style: `left:${left}%;width:${Math.max(width, 0.3)}%`,
+        title: `${t.name} ${t.state} ${fmtDuration(t.duration)}` })));
+  }));
+}
+
+async function runPage(id) {
+  const state = h("span", {}), meta = h("div", { class: "meta" }), timeline = h("div"), tasks = h("tbody");
+  const logs = h("pre", { class: "logs", id: "logs" });
+  const cancel = h("button", { id: "cancel", class: "danger", onclick: async () => {
+    cancel.disabled = true;
+    try { await api("/api/runs/" + id + "/cancel", { method: "POST" }); await load(); } catch (e) { alert(e.message); cancel.disabled = false; }
+  } }, "Cancel");
+  const title = h("h1", {}, "Run ", id);
+  app.replaceChildren(title, h("div", { class: "toolbar" }, state, cancel), meta,
+    h("h2", {}, "Timeline"), timeline,
+    h("h2", {}, "Task runs"), h("table", { id: "tasks" }, h("thead", {}, h("tr", {}, ["Name", "Kind", "State", "Attempts", "Duration", "Params", "Result"].map((c) => h("th", {}, c)))), tasks),
+    h("h2", {}, "Logs"), logs);
+  async function load() {
+    let r;
+    try { r = await api("/api/runs/" + encodeURIComponent(id)); } catch (e) { showError(e); return; }
+    document.title = `drover · ${r.name} · ${r.state}`;
+    title.replaceChildren("Run ", r.name, " ", h("span", { class: "muted" }, r.id));
+    state.replaceChildren(stateBadge(r.state, "run-state"));
+    cancel.disabled = !ACTIVE.includes(r.state);
+    meta.replaceChildren(...[
+      h("span", {}, "deployment ", r.deployment ? h("a", { href: "/deployments/" + encodeURIComponent(r.deployment) }, h("b", {}, r.deployment)) : h("b", {}, "-")),
+      h("span", {}, "backend ", h("b", {}, r.backend)), h("span", {}, "started ", h("b", {}, fmtTime(r.started))),
+      h("span", {}, "duration ", h("b", {}, fmtDuration(r.duration))),
+      r.message ? h("span", {}, "message ", h("b", { id: "run-message" }, r.message)) : null,
+      h("span", {}, "params ", h("b", {}, short(r.params)))].filter(Boolean));
+    timeline.replaceChildren(gantt(r.task_runs));
+    tasks.replaceChildren(...r.task_runs.map((t) => h("tr", {},
+      h("td", { title: t.call_key }, t.name), h("td", {}, t.kind), h("td", {}, stateBadge(t.state)), h("td", {}, t.attempts),
+      h("td", {}, fmtDuration(t.duration)), h("td", { class: "code" }, short(t.params)),
+      h("td", { class: "code" }, t.result_ok ? short(t.result) : h("span", { class: "error" }, short(t.message || t.result))))));
+    if (!r.task_runs.length) tasks.append(h("tr", {}, h("td", { colspan: 7, class: "muted" }, "No task runs yet.")));
+  }
+  await load();
+  follow("?run=" + encodeURIComponent(id) + "&after=0", {
+    run: (r) => { if (r.id === id) scheduleRefresh(load); },
+    log: (l) => {
+      const atEnd = logs.scrollTop + logs.clientHeight >= logs.scrollHeight - 4;
+      logs.append(l.line + "\n");
+      if (atEnd) logs.scrollTop = logs.scrollHeight;
+    },
+  });
+}
+
+// ---- one deployment --------------------------------------------------------------
+
+async function deploymentPage(name) {
+  let d;
+  try { d = await api("/api/deployments/" + encodeURIComponent(name)); } catch (e) { showError(e); return; }
+  app.replaceChildren(h("h1", {}, "Deployment ", d.name),
+    h("div", { class: "meta" }, h("span", {}, "backend ", h("b", {}, d.backend)),
+      h("span", {}, "package ", h("b", {}, (d.package_id || "-").slice(0, 12))),
+      h("span", {}, "schedule ", h("b", {}, d.schedule || "-")), h("span", {}, "paused ", h("b", {}, d.paused ? "yes" : "no")),
+      h("span", {}, "params ", h("b", {}, short(d.params)))),
+    h("h2", {}, "Recent runs"),
+    h("table", { id: "runs" }, h("thead", {}, h("tr", {}, ["Run", "State", "Started", "Duration"].map((c) => h("th", {}, c)))),
+      h("tbody", {}, d.runs.map((r) => h("tr", {}, h("td", { class: "code" }, h("a", { href: "/runs/" + r.id }, r.id)),
+        h("td", {}, stateBadge(r.state)), h("td", {}, fmtTime(r.started || r.created)), h("td", {}, fmtDuration(r.duration)))))));
+  follow("", { run: (r) => { if (r.deployment === name) scheduleRefresh(() => deploymentPage(name)); } });
+}
+
+function route() {
+  const p = location.pathname;
+  let m;
+  if ((m = p.match(/^\/runs\/([^/]+)\/?$/))) return runPage(decodeURIComponent(m[1]));
+  if ((m = p.match(/^\/deployments\/([^/]+)\/?$/))) return deploymentPage(decodeURIComponent(m[1]));
+  return runsPage();
+}
+window.addEventListener("popstate", route);
+route();

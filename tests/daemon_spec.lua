@@ -1,0 +1,400 @@
+-- `drover serve`: the daemon as a real process on a real store, driven by
+-- real local runs (worker processes) and real HTTP clients (drover.http and
+-- the curl command line for server-sent events).
+local drover = require "drover"
+local http = require "drover.http"
+local json = require "drover.json"
+local H = require "helper"
+
+local root = os.getenv("DROVER_ROOT") or "."
+local fixture = root .. "/tests/conformance/fixture"
+-- Children run without the sanitizer run's LD_PRELOAD (curl deadlocks under it).
+local child_env = { LD_PRELOAD = "" }
+
+local function pids_matching(s)
+  local pids = {}
+  for _, pid in ipairs(drover.fs.list("/proc") or {}) do
+    if pid:match("^%d+$") then
+      local cmd = drover.fs.read("/proc/" .. pid .. "/cmdline")
+      if cmd and cmd:gsub("%z", " "):find(s, 1, true) then pids[#pids + 1] = math.tointeger(tonumber(pid)) end
+    end
+  end
+  return pids
+end
+local function processes_matching(s) return #pids_matching(s) end
+
+local function read_info(home)
+  local text = drover.fs.read(home .. "/daemon.json")
+  return text and json.decode(text)
+end
+
+describe("drover serve", function()
+  local home, daemon, info
+  local daemons = {} -- every daemon process a test started, stopped in teardown
+
+  local function drv(args, env)
+    return H.drover(args, { env = env or { DROVER_HOME = home } })
+  end
+
+  -- Start `drover serve ARGS` on `dir`; wait until it wrote daemon.json.
+  local function serve(args, dir, env)
+    dir = dir or home
+    local argv = { H.drover_bin, "serve" }
+    for _, a in ipairs(args or { "--port", "0" }) do argv[#argv + 1] = a end
+    local e = { DROVER_HOME = dir }
+    for k, v in pairs(env or {}) do e[k] = v end
+    local p = assert(drover.proc.spawn(argv, { env = e, stdout = dir .. "/serve.out", stderr = dir .. "/serve.err" }))
+    daemons[#daemons + 1] = p
+    local i = H.wait_until(function()
+      local d = read_info(dir)
+      return d and d.pid == p.pid and d
+    end, 60, "daemon.json of the new daemon")
+    return p, i
+  end
+
+  local function get(path, opts) return assert(http.get(info.url .. path, opts)) end
+
+  local function wait_state(id, want, timeout)
+    local last
+    H.wait_until(function()
+      last = get("/api/runs/" .. id).json
+      return last.state == want
+    end, timeout or 60, "run " .. id .. " to be " .. want)
+    return last
+  end
+
+  local function run(name, params)
+    local args = { "run", name }
+    for _, p in ipairs(params or {}) do args[#args + 1] = p end
+    local code, out, err = drv(args)
+    assert.are.equal(0, code, err)
+    local id, url = out:match("^(%x+)%s+(%S+)")
+    return id, url
+  end
+
+  setup(function()
+    home = H.tempdir()
+    local code, out, err = drv({ "package", "--module", "fixture_flow", "--class", "Fixture",
+      "--entrypoint", "main", "--path", fixture, "--json" })
+    assert.are.equal(0, code, err)
+    local pkg = json.decode(out).id
+    assert.are.equal(0, (drv({ "deploy", "ok", "--package", pkg, "mode=ok" })))
+    assert.are.equal(0, (drv({ "deploy", "long", "--package", pkg, "mode=long" })))
+    daemon, info = serve()
+  end)
+
+  teardown(function()
+    for _, p in ipairs(daemons) do
+      if p:is_running() then drover.kill(p.pid, "KILL"); p:wait(30) end
+    end
+    local d = home and read_info(home)
+    if d and d.pid then drover.kill(d.pid, "KILL") end
+    os.execute("rm -rf " .. home)
+  end)
+
+  it("writes daemon.json {pid, port, url} and serves the dashboard", function()
+    assert.are.equal(daemon.pid, info.pid)
+    assert.is_true(math.type(info.port) == "integer" and info.port > 0)
+    assert.are.equal("http://127.0.0.1:" .. info.port, info.url)
+    local r = get("/")
+    assert.are.equal(200, r.status)
+    assert.matches("text/html", r.headers["content-type"])
+    assert.matches('<script src="/app.js">', r.body)
+    assert.matches("EventSource", get("/app.js").body)
+    assert.matches("text/css", get("/style.css").headers["content-type"])
+    -- the JS routes: every run and deployment page is index.html
+    assert.are.equal(r.body, get("/runs/abc123").body)
+    assert.are.equal(r.body, get("/deployments/ok").body)
+    assert.are.equal(404, get("/nope/x").status)
+    local e = get("/api/nope")
+    assert.are.equal(404, e.status)
+    assert.matches("no such endpoint", e.json.error)
+  end)
+
+  it("runs list, run detail and logs of a completed local run; drover run prints the dashboard URL", function()
+    local id, url = run("ok")
+    assert.are.equal(info.url .. "/runs/" .. id, url)
+    local r = wait_state(id, "COMPLETED")
+    assert.are.equal("ok", r.deployment)
+    assert.are.same({ mode = "ok" }, r.params)
+    assert.are.same({ mode = "ok", word = "HELLO" }, r.result)
+    assert.are.equal(2, #r.task_runs)
+    local names = {}
+    for _, t in ipairs(r.task_runs) do names[t.name] = t.state end
+    assert.are.same({ ["Fixture.main"] = "COMPLETED", ["Fixture.shout"] = "COMPLETED" }, names)
+    local hist = {}
+    for _, s in ipairs(r.states) do hist[#hist + 1] = s.state end
+    assert.are.same({ "PENDING", "RUNNING", "COMPLETED" }, hist)
+
+    local logs = get("/api/runs/" .. id .. "/logs").json
+    assert.are.equal("fixture says HELLO", logs[1].line)
+    assert.are.equal(0, #get("/api/runs/" .. id .. "/logs?after=" .. logs[#logs].id).json)
+    assert.are.equal(400, get("/api/runs/" .. id .. "/logs?after=x").status)
+
+    local found = false
+    for _, x in ipairs(get("/api/runs").json) do if x.id == id then found = true end end
+    assert.is_true(found)
+    for _, x in ipairs(get("/api/runs?state=completed&deployment=ok").json) do
+      assert.are.equal("COMPLETED", x.state)
+      assert.are.equal("ok", x.deployment)
+    end
+    assert.are.equal(0, #get("/api/runs?deployment=long&state=COMPLETED").json)
+    assert.are.equal(1, #get("/api/runs?limit=1").json)
+    assert.are.equal("[]", get("/api/runs?limit=0").body)
+    local bad = get("/api/runs?state=SLEEPY")
+    assert.are.equal(400, bad.status)
+    assert.matches("unknown state", bad.json.error)
+    local missing = get("/api/runs/ffffffffffff")
+    assert.are.equal(404, missing.status)
+    assert.are.equal("unknown run 'ffffffffffff'", missing.json.error)
+  end)
+
+  it("deployments list and one deployment with its recent runs", function()
+    local ds = get("/api/deployments").json
+    assert.are.equal(2, #ds)
+    assert.are.equal("long", ds[1].name)
+    assert.are.equal("ok", ds[2].name)
+    local d = get("/api/deployments/ok").json
+    assert.are.equal("local", d.backend)
+    assert.are.same({ mode = "ok" }, d.params)
+    assert.is_true(#d.runs >= 1)
+    for _, r in ipairs(d.runs) do assert.are.equal("ok", r.deployment) end
+    local e = get("/api/deployments/ghost")
+    assert.are.equal(404, e.status)
+    assert.are.equal("unknown deployment 'ghost'", e.json.error)
+  end)
+
+  it("POST cancel stops a long run two-phase: CANCELLING, then CANCELLED, no process left", function()
+    local marker = tostring(5000 + math.random(1, 4000)) .. ".125"
+    local id = run("long", { "marker=" .. marker })
+    wait_state(id, "RUNNING")
+    H.wait_until(function() return processes_matching("sleep " .. marker) >= 2 end, 60, "the run's processes")
+    assert.are.equal(405, get("/api/runs/" .. id .. "/cancel").status)
+    local r = assert(http.post(info.url .. "/api/runs/" .. id .. "/cancel", ""))
+    assert.are.equal(202, r.status)
+    assert.are.equal("CANCELLING", r.json.state)
+    local final = wait_state(id, "CANCELLED")
+    local hist = {}
+    for _, s in ipairs(final.states) do hist[#hist + 1] = s.state end
+    assert.are.equal("CANCELLING", hist[3])
+    assert.are.equal("CANCELLED", hist[#hist])
+    H.wait_until(function() return processes_matching("sleep " .. marker) == 0 end, 30, "no process left")
+    local again = assert(http.post(info.url .. "/api/runs/" .. id .. "/cancel", ""))
+    assert.are.equal(400, again.status)
+    assert.matches("is CANCELLED: only active runs", again.json.error)
+    assert.are.equal(404, assert(http.post(info.url .. "/api/runs/ffffffffffff/cancel", "")).status)
+  end)
+
+  it("cancel of a run whose worker is gone marks it CANCELLED", function()
+    local store = assert(require("drover.store").open(home))
+    local id = store:create_flow_run { name = "ghost", deployment = "ok", backend = "local", state = "RUNNING" }
+    store:close()
+    local r = assert(http.post(info.url .. "/api/runs/" .. id .. "/cancel", ""))
+    assert.are.equal(202, r.status)
+    assert.are.equal("CANCELLED", r.json.state)
+  end)
+
+  it("metrics: flow and task runs by state, task run duration summary", function()
+    local body = get("/metrics")
+    assert.are.equal(200, body.status)
+    assert.matches("^text/plain; version=0.0.4", body.headers["content-type"])
+    local text = body.body
+    local store = assert(require("drover.store").open(home))
+    local completed = store:value("SELECT count(*) FROM flow_runs WHERE state = 'COMPLETED'")
+    local tasks_done = store:value("SELECT count(*) FROM task_runs WHERE state = 'COMPLETED'")
+    store:close()
+    assert.is_true(completed >= 1)
+    assert.matches("# TYPE drover_flow_runs gauge\n", text, 1, true)
+    assert.matches('\ndrover_flow_runs{state="COMPLETED"} ' .. completed .. "\n", text, 1, true)
+    assert.matches('\ndrover_flow_runs{state="CANCELLED"} ', text, 1, true)
+    assert.matches('\ndrover_task_runs{state="COMPLETED"} ' .. tasks_done .. "\n", text, 1, true)
+    assert.matches("# TYPE drover_task_run_duration_seconds summary\n", text, 1, true)
+    assert.matches("\ndrover_task_run_duration_seconds_count " .. tasks_done .. "\n", text, 1, true)
+    local sum = tonumber(text:match("drover_task_run_duration_seconds_sum (%S+)"))
+    assert.is_true(sum > 0)
+    -- every sample line is "name{labels} value" or "name value"
+    for line in text:gmatch("[^\n]+") do
+      if line:sub(1, 1) ~= "#" then assert.matches("^[%a_:][%w_:]*[{%s]", line) end
+    end
+  end)
+
+  it("server-sent events: run events on state changes, log events of ?run=", function()
+    local missing = get("/api/events?run=ffffffffffff")
+    assert.are.equal(404, missing.status)
+    -- a stream watching every run, opened before the run starts
+    local all = {}
+    local c1 = assert(drover.proc.spawn({ "curl", "-sN", "--max-time", "120", info.url .. "/api/events" },
+      { env = child_env, stdout = function(chunk) all[#all + 1] = chunk end }))
+    H.wait_until(function() return table.concat(all):find("retry: 2000", 1, true) end, 30, "the stream to open")
+    local id = run("ok")
+    H.wait_until(function()
+      local s = table.concat(all)
+      return s:find('"id":"' .. id .. '"', 1, true) and s:find('"state":"COMPLETED"', 1, true)
+    end, 60, "run events of " .. id)
+    assert.matches("event: run\ndata: {", table.concat(all), 1, true)
+    -- a stream of that run's logs, from the start
+    local one = {}
+    local c2 = assert(drover.proc.spawn({ "curl", "-sN", "--max-time", "120",
+      info.url .. "/api/events?run=" .. id .. "&after=0" }, { env = child_env, stdout = function(chunk) one[#one + 1] = chunk end }))
+    H.wait_until(function() return table.concat(one):find("fixture says HELLO", 1, true) end, 30, "the log event")
+    local s = table.concat(one)
+    local log_id, data = s:match("event: log\nid: (%d+)\ndata: ([^\n]+)\n\n")
+    assert.is_truthy(log_id)
+    local l = json.decode(data)
+    assert.are.equal(tonumber(log_id), l.id)
+    assert.are.equal("fixture says HELLO", l.line)
+    c1:kill("TERM"); c2:kill("TERM")
+    c1:wait(30); c2:wait(30)
+  end)
+
+  it("the reaper marks a run whose worker was killed CRASHED within seconds", function()
+    local marker = tostring(5000 + math.random(1, 4000)) .. ".375"
+    local id = run("long", { "marker=" .. marker })
+    local r = wait_state(id, "RUNNING")
+    assert.is_true(math.type(r.pid) == "integer")
+    H.wait_until(function() return processes_matching("sleep " .. marker) >= 2 end, 60, "the run's processes")
+    drover.kill(r.pid, "KILL") -- the worker, without a chance to record anything
+    local ok, crashed = pcall(wait_state, id, "CRASHED", 30)
+    -- the workflow's own processes (their own process groups) outlive a killed worker
+    for _, pid in ipairs(pids_matching("sleep " .. marker)) do drover.kill(pid, "KILL") end
+    assert(ok, crashed)
+    assert.matches("worker process " .. r.pid .. " died", crashed.message)
+    for _, t in ipairs(crashed.task_runs) do
+      if t.state ~= "COMPLETED" then assert.are.equal("CRASHED", t.state) end
+    end
+  end)
+
+  it("a daemon killed with SIGKILL is replaced by a new one; nothing is lost", function()
+    local before = get("/api/runs?limit=10000").json
+    assert.is_true(#before >= 4)
+    drover.kill(daemon.pid, "KILL")
+    daemon:wait(30)
+    assert.are.equal(daemon.pid, read_info(home).pid) -- stale: nobody removed it
+    assert.is_nil(require("drover.daemon").running(home))
+    daemon, info = serve()
+    local after = get("/api/runs?limit=10000").json
+    assert.are.equal(#before, #after)
+    for i, r in ipairs(before) do
+      assert.are.equal(r.id, after[i].id)
+      assert.are.equal(r.state, after[i].state)
+    end
+    -- and runs go on being served and tracked
+    local id, url = run("ok")
+    assert.are.equal(info.url .. "/runs/" .. id, url)
+    wait_state(id, "COMPLETED")
+  end)
+
+  it("SIGTERM stops the daemon cleanly and removes daemon.json", function()
+    local dir = H.tempdir()
+    local p, i = serve(nil, dir)
+    assert.are.equal(200, assert(http.get(i.url .. "/api/runs")).status)
+    -- an open event stream must not keep it from stopping
+    local c = assert(drover.proc.spawn({ "curl", "-sN", "--max-time", "120", i.url .. "/api/events" },
+      { env = child_env, stdout = "null" }))
+    drover.sleep(0.3)
+    drover.kill(p.pid, "TERM")
+    local r = p:wait(60)
+    assert.are.equal(0, r.code)
+    assert.is_false(drover.fs.exists(dir .. "/daemon.json"))
+    assert.matches("stopped", drover.fs.read(dir .. "/serve.err"))
+    c:wait(60)
+    os.execute("rm -rf " .. dir)
+  end)
+
+  it("a non-loopback address needs a token; requests without it get 401; the token is never logged", function()
+    local dir = H.tempdir()
+    local code, _, err = drv({ "serve", "--port", "0", "--bind", "127.0.0.2" }, { DROVER_HOME = dir, DROVER_TOKEN = "" })
+    assert.are.equal(2, code)
+    assert.matches("requires a token", err)
+    assert.is_false(drover.fs.exists(dir .. "/daemon.json"))
+
+    local secret = "s3cret-" .. math.random(100000, 999999)
+    local p, i = serve({ "--port", "0", "--bind", "127.0.0.2", "--token", secret }, dir)
+    assert.are.equal("http://127.0.0.2:" .. i.port, i.url)
+    local r = assert(http.get(i.url .. "/api/runs"))
+    assert.are.equal(401, r.status)
+    assert.matches("unauthorized", r.json.error)
+    assert.are.equal(401, assert(http.get(i.url .. "/")).status)
+    assert.are.equal(401, assert(http.get(i.url .. "/metrics")).status)
+    assert.are.equal(401, assert(http.get(i.url .. "/api/runs", { headers = { authorization = "Bearer wrong" } })).status)
+    assert.are.equal(401, assert(http.get(i.url .. "/api/runs?token=" .. secret .. "x")).status)
+    assert.are.equal(200, assert(http.get(i.url .. "/api/runs", { headers = { authorization = "Bearer " .. secret } })).status)
+    local q = assert(http.get(i.url .. "/?token=" .. secret))
+    assert.are.equal(200, q.status)
+    -- the browser gets a cookie so the page's assets and API calls pass too
+    local cookie = q.headers["set-cookie"]:match("^(drover_token=[^;]+)")
+    assert.are.equal(200, assert(http.get(i.url .. "/app.js", { headers = { cookie = cookie } })).status)
+    drover.kill(p.pid, "TERM")
+    p:wait(60)
+    local logged = (drover.fs.read(dir .. "/serve.err") or "") .. (drover.fs.read(dir .. "/serve.out") or "")
+    assert.is_nil(logged:find(secret, 1, true))
+    assert.is_nil(drover.fs.read(dir .. "/drover.db"):find(secret, 1, true))
+
+    -- DROVER_TOKEN works as --token
+    local p2, i2 = serve({ "--port", "0", "--bind", "127.0.0.2" }, dir, { DROVER_TOKEN = secret })
+    assert.are.equal(401, assert(http.get(i2.url .. "/api/runs")).status)
+    assert.are.equal(200, assert(http.get(i2.url .. "/api/runs", { headers = { authorization = "Bearer " .. secret } })).status)
+    drover.kill(p2.pid, "TERM")
+    p2:wait(60)
+    os.execute("rm -rf " .. dir)
+  end)
+
+  it("an automatic daemon (serve --auto) leaves the store to another live daemon", function()
+    local dir = H.tempdir()
+    local p1, i1 = serve({ "--port", "0", "--auto" }, dir)
+    -- a second automatic one sees the first and exits at once
+    local code = drv({ "serve", "--port", "0", "--auto" }, { DROVER_HOME = dir })
+    assert.are.equal(0, code)
+    assert.are.equal(i1.pid, read_info(dir).pid)
+    -- a daemon started by hand takes over; the automatic one steps aside
+    local p2, i2 = serve({ "--port", "0" }, dir)
+    local r = p1:wait(30)
+    assert.are.equal(0, r.code)
+    assert.are.equal(i2.pid, read_info(dir).pid) -- not removed by the one that left
+    drover.kill(p2.pid, "TERM")
+    assert.are.equal(0, p2:wait(30).code)
+    assert.is_false(drover.fs.exists(dir .. "/daemon.json"))
+    os.execute("rm -rf " .. dir)
+  end)
+
+  it("bad flags are usage errors", function()
+    local code, _, err = drv({ "serve", "--port", "http" })
+    assert.are.equal(2, code)
+    assert.matches("%-%-port must be a port number", err)
+    code, _, err = drv({ "serve", "--port", tostring(info.port) })
+    assert.are.equal(2, code)
+    assert.matches("127.0.0.1:" .. info.port, err)
+    code = drv({ "serve", "--help" })
+    assert.are.equal(0, code)
+  end)
+
+  it("drover run starts a daemon when none runs, and reuses it", function()
+    local dir = H.tempdir()
+    local env = { DROVER_HOME = dir }
+    local code, out, err = drv({ "package", "--module", "fixture_flow", "--class", "Fixture",
+      "--entrypoint", "main", "--path", fixture, "--json" }, env)
+    assert.are.equal(0, code, err)
+    assert.are.equal(0, (drv({ "deploy", "ok", "--package", json.decode(out).id }, env)))
+    code, out, err = drv({ "run", "ok" }, env)
+    assert.are.equal(0, code, err)
+    local auto = require("drover.daemon").running(dir)
+    assert.is_truthy(auto, "a daemon runs")
+    local ok, cleanup_err = pcall(function()
+      local id, url = out:match("^(%x+)%s+(%S+)")
+      assert.are.equal(auto.url .. "/runs/" .. id, url)
+      H.wait_until(function()
+        return assert(http.get(auto.url .. "/api/runs/" .. id)).json.state == "COMPLETED"
+      end, 60, "the run")
+      local _, out2 = drv({ "run", "ok" }, env)
+      assert.matches(auto.url .. "/runs/", out2, 1, true)
+      assert.are.equal(auto.pid, read_info(dir).pid)
+      -- no daemon wanted: the worker's log file
+      local _, out3 = drv({ "run", "ok" }, { DROVER_HOME = dir, DROVER_DAEMON = "0" })
+      assert.matches("file://" .. dir .. "/runs/", out3, 1, true)
+    end)
+    drover.kill(auto.pid, "TERM")
+    H.wait_until(function() return not drover.kill(auto.pid, 0) end, 30, "the daemon to stop")
+    os.execute("rm -rf " .. dir)
+    assert(ok, cleanup_err)
+  end)
+end)

@@ -1,0 +1,84 @@
+-- The dashboard in a real browser: installs Chromium (Debian) and
+-- playwright-core (npm) when missing, then runs tests/dashboard/dashboard.test.js
+-- against real local runs and the daemon `drover run` starts.  Nothing is
+-- skipped: when the browser or the library cannot be installed, this fails.
+local drover = require "drover"
+local json = require "drover.json"
+local H = require "helper"
+
+local root = os.getenv("DROVER_ROOT") or "."
+local dir = root .. "/tests/dashboard"
+local child_env = { LD_PRELOAD = "" }
+
+local function sh(argv, timeout)
+  local r = assert(drover.proc.run(argv, { env = child_env, timeout = timeout or 900 }))
+  return r.code, (r.stdout or "") .. (r.stderr or "")
+end
+
+local function pids_matching(s)
+  local pids = {}
+  for _, pid in ipairs(drover.fs.list("/proc") or {}) do
+    if pid:match("^%d+$") then
+      local cmd = drover.fs.read("/proc/" .. pid .. "/cmdline")
+      if cmd and cmd:gsub("%z", " "):find(s, 1, true) then pids[#pids + 1] = math.tointeger(tonumber(pid)) end
+    end
+  end
+  return pids
+end
+
+describe("dashboard in a browser", function()
+  local home
+
+  setup(function()
+    home = H.tempdir()
+  end)
+
+  teardown(function()
+    local text = home and drover.fs.read(home .. "/daemon.json")
+    local d = text and json.decode(text)
+    if type(d) == "table" and math.type(d.pid) == "integer" and drover.kill(d.pid, "TERM") then
+      H.wait_until(function() return not drover.kill(d.pid, 0) end, 30, "the daemon to stop")
+    end
+    os.execute("rm -rf " .. home)
+  end)
+
+  it("has Chromium and playwright-core (installed when missing)", function()
+    if not drover.fs.exists("/usr/bin/chromium") then
+      local code, out = sh({ "apt-get", "-o", "DPkg::Lock::Timeout=600", "install", "-y", "chromium" })
+      assert.are.equal(0, code, "apt-get install chromium failed:\n" .. out:sub(-2000))
+    end
+    assert.is_true(drover.fs.exists("/usr/bin/chromium"), "/usr/bin/chromium")
+    if not drover.fs.exists(dir .. "/node_modules/playwright-core/package.json") then
+      local code, out = sh({ "npm", "install", "--no-audit", "--no-fund", "--prefix", dir, "playwright-core" })
+      assert.are.equal(0, code, "npm install playwright-core failed:\n" .. out:sub(-2000))
+    end
+    assert.is_true(drover.fs.exists(dir .. "/node_modules/playwright-core/package.json"))
+  end)
+
+  it("shows a run reach COMPLETED, cancels a long run, lists runs and deployments; screenshot", function()
+    local env = { DROVER_HOME = home }
+    local code, out, err = H.drover({ "package", "--module", "fixture_flow", "--class", "Fixture",
+      "--entrypoint", "main", "--path", root .. "/tests/conformance/fixture", "--json" }, { env = env })
+    assert.are.equal(0, code, err)
+    local pkg = json.decode(out).id
+    assert.are.equal(0, (H.drover({ "deploy", "ok", "--package", pkg, "mode=ok" }, { env = env })))
+    assert.are.equal(0, (H.drover({ "deploy", "long", "--package", pkg, "mode=long" }, { env = env })))
+    local shot = root .. "/docs/dashboard.png"
+    local started = drover.time()
+    local r = assert(drover.proc.run({ "node", dir .. "/dashboard.test.js" }, {
+      env = { LD_PRELOAD = "", DROVER_HOME = home, DROVER_BIN = H.drover_bin, SCREENSHOT = shot },
+      timeout = 600 }))
+    local report = r.stdout .. r.stderr
+    -- whatever happened, leave no workflow process of the cancelled run behind
+    local marker = report:match("# cancelled run %x+ marker (%S+)")
+    if marker then
+      H.wait_until(function() return #pids_matching("sleep " .. marker) == 0 end, 30, "no process left")
+    end
+    assert.are.equal(0, r.code, report)
+    assert.matches("ok 6 %- no JavaScript errors", report)
+    assert.is_nil(report:find("not ok", 1, true), report)
+    local st = assert(drover.fs.stat(shot))
+    assert.is_true(st.mtime >= math.floor(started) and st.size > 1000)
+    assert.are.equal("\137PNG", drover.fs.read(shot):sub(1, 4))
+  end)
+end)
