@@ -28,7 +28,7 @@ HEADERS    = $(wildcard engine/src/*.h) engine/include/drover.h
 
 SOVERSION = 0
 
-.PHONY: all deps test test-c test-lua test-asan bench clean install
+.PHONY: all deps test test-c test-lua test-asan bench clean install uninstall
 all: $(BUILD)/drover $(BUILD)/plugins/server.so $(BUILD)/libdrover.a $(BUILD)/libdrover.so $(BUILD)/lua/drover/core.so
 
 deps:
@@ -77,6 +77,38 @@ bench: all
 
 clean:
 	rm -rf build build-asan
+
+# ---- install -----------------------------------------------------------------
+LIBDIR     = $(PREFIX)/lib
+INCLUDEDIR = $(PREFIX)/include
+SHAREDIR   = $(PREFIX)/share/drover
+VERSION    = 0.1.0
+INST       = $(DESTDIR)
+
+# The installed binary finds its Lua library in PREFIX/share/drover/lua and
+# the server plugin in PREFIX/lib/drover (see api.c and server_loader.c).
+install: all
+	install -d $(INST)$(PREFIX)/bin $(INST)$(LIBDIR)/pkgconfig $(INST)$(LIBDIR)/drover \
+	  $(INST)$(INCLUDEDIR) $(INST)$(SHAREDIR)/lua/drover/dashboard $(INST)$(SHAREDIR)/backends \
+	  $(INST)$(PREFIX)/share/man/man1
+	install -m 755 $(BUILD)/drover $(INST)$(PREFIX)/bin/drover
+	install -m 644 $(BUILD)/libdrover.a $(INST)$(LIBDIR)/libdrover.a
+	install -m 755 $(BUILD)/libdrover.so $(INST)$(LIBDIR)/libdrover.so.$(VERSION)
+	ln -sf libdrover.so.$(VERSION) $(INST)$(LIBDIR)/libdrover.so.$(SOVERSION)
+	ln -sf libdrover.so.$(SOVERSION) $(INST)$(LIBDIR)/libdrover.so
+	install -m 755 $(BUILD)/plugins/server.so $(INST)$(LIBDIR)/drover/server.so
+	install -m 644 engine/include/drover.h $(INST)$(INCLUDEDIR)/drover.h
+	install -m 644 lua/drover/*.lua $(INST)$(SHAREDIR)/lua/drover/
+	install -m 644 lua/drover/dashboard/* $(INST)$(SHAREDIR)/lua/drover/dashboard/
+	install -m 644 backends/*.lua $(INST)$(SHAREDIR)/backends/
+	install -m 644 docs/man/drover.1 $(INST)$(PREFIX)/share/man/man1/drover.1
+	sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@VERSION@|$(VERSION)|' engine/drover.pc.in \
+	  > $(INST)$(LIBDIR)/pkgconfig/drover.pc
+
+uninstall:
+	rm -rf $(INST)$(PREFIX)/bin/drover $(INST)$(LIBDIR)/libdrover.* $(INST)$(LIBDIR)/drover \
+	  $(INST)$(INCLUDEDIR)/drover.h $(INST)$(SHAREDIR) $(INST)$(LIBDIR)/pkgconfig/drover.pc \
+	  $(INST)$(PREFIX)/share/man/man1/drover.1
 
 # C tests (tests/c/NAME.c -> $(BUILD)/tests/NAME), linked against the static engine.
 $(BUILD)/tests/%: tests/c/%.c $(BUILD)/libdrover.a $(HEADERS)
