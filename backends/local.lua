@@ -96,6 +96,14 @@ function Local:deploy(name, opts)
   if not opts.package then error("local.deploy: a package id is required (drover package prints one)", 2) end
   local p = store:package(opts.package)
   if not p then error("local.deploy: unknown package '" .. tostring(opts.package) .. "'", 2) end
+  if opts.schedule ~= nil then
+    -- the daemon's scheduler reads it back: refuse what it could not fire
+    local ok_s, serr = require("drover.cron").parse(opts.schedule)
+    if not ok_s then error("local.deploy: " .. serr, 0) end
+  end
+  if opts.max_active ~= nil and (math.type(opts.max_active) ~= "integer" or opts.max_active < 1) then
+    error("local.deploy: bad max_active '" .. tostring(opts.max_active) .. "' (a positive integer expected)", 0)
+  end
   local ok, err = store:put_deployment({ name = name, backend = "local", package_id = p.id,
     params = opts.params, schedule = opts.schedule, max_active = opts.max_active }, opts.replace)
   if not ok then error(err, 0) end
@@ -178,7 +186,7 @@ function Local:run(name, params, opts)
   fs.mkdir(dir)
   local url = self:run_url(id)
   store:create_flow_run { id = id, name = name, deployment = name, backend = "local",
-    state = states.PENDING, params = merged, source = { kind = "deployment" },
+    state = states.PENDING, params = merged, source = opts.source or { kind = "deployment" },
     resumed_from = opts.resumed_from, url = url }
   local proc, err = drover.proc.spawn({ self:drover_bin(), "worker", id }, {
     detach = true, stdin = "", stdout = dir .. "/worker.log", stderr = dir .. "/worker.log",

@@ -397,4 +397,180 @@ describe("drover serve", function()
     os.execute("rm -rf " .. dir)
     assert(ok, cleanup_err)
   end)
+
+  describe("the scheduler", function()
+    local dir, env, d1, i1
+    local sched_fixture = root .. "/tests/fixtures/sched"
+
+    local function api(i, path) return assert(http.get(i.url .. path)).json end
+    local function runs_of(i, name) return api(i, "/api/runs?limit=10000&deployment=" .. name) end
+    local function completed(i, name)
+      local n = 0
+      for _, r in ipairs(runs_of(i, name)) do if r.state == "COMPLETED" then n = n + 1 end end
+      return n
+    end
+    -- the fire times of a deployment's runs: each distinct, each from the schedule
+    local function fire_times(i, name)
+      local seen, list = {}, {}
+      for _, r in ipairs(runs_of(i, name)) do
+        assert.are.equal("schedule", r.source.kind)
+        assert.are.equal("@every 1s", r.source.schedule)
+        local t = r.source.fire_time
+        assert.is_true(math.type(t) == "integer", "integer fire time")
+        assert.is_nil(seen[t], "fire time " .. tostring(t) .. " fired twice")
+        seen[t] = true
+        list[#list + 1] = t
+      end
+      return list
+    end
+
+    setup(function()
+      dir = H.tempdir()
+      env = { DROVER_HOME = dir }
+      local code, out, err = drv({ "package", "--module", "sched_flow", "--class", "Sched",
+        "--entrypoint", "main", "--path", sched_fixture, "--json" }, env)
+      assert.are.equal(0, code, err)
+      local pkg = json.decode(out).id
+      code, _, err = drv({ "deploy", "bad", "--package", pkg, "--schedule", "61 * * * *" }, env)
+      assert.are.equal(2, code)
+      assert.are.equal("drover: local.deploy: bad schedule '61 * * * *': bad minute field '61': "
+        .. "61 is out of range (0-59)\n", err)
+      code, _, err = drv({ "deploy", "bad", "--package", pkg, "--schedule", "@every soon" }, env)
+      assert.are.equal(2, code)
+      assert.matches("^drover: local.deploy: bad schedule '@every soon': interval 'soon'", err)
+      assert.are.equal(0, (drv({ "deploy", "tick", "--package", pkg, "--schedule", "@every 1s", "tag=tick" }, env)))
+      assert.are.equal(0, (drv({ "deploy", "tock", "--package", pkg, "--schedule", "@every 1s", "tag=tock" }, env)))
+      assert.are.equal(0, (drv({ "deploy", "manual", "--package", pkg }, env)))
+      d1, i1 = serve(nil, dir)
+    end)
+
+    teardown(function()
+      if dir then
+        drv({ "stop", "tick" }, env)
+        drv({ "stop", "tock" }, env)
+        local d = read_info(dir)
+        if d and d.pid then drover.kill(d.pid, "KILL") end
+        os.execute("rm -rf " .. dir)
+      end
+    end)
+
+    it("an @every 1s deployment gets scheduled runs that complete; the API shows the schedule", function()
+      H.wait_until(function() return completed(i1, "tick") >= 3 end, 90, "3 completed scheduled runs of tick")
+      assert.is_true(#fire_times(i1, "tick") >= 3)
+      local r = runs_of(i1, "tick")[1]
+      local full = api(i1, "/api/runs/" .. r.id)
+      assert.are.same({ tag = "tick" }, full.params)
+      local d = api(i1, "/api/deployments/tick")
+      assert.are.equal("@every 1s", d.schedule)
+      local now = require("drover.store").time()
+      assert.is_true(math.type(d.next_fire) == "integer" and d.next_fire > now - 5 and d.next_fire <= now + 5)
+      assert.is_true(d.last_fire >= r.source.fire_time)
+      local m = api(i1, "/api/deployments/manual")
+      assert.is_nil(m.schedule)
+      assert.is_nil(m.next_fire)
+      assert.are.equal(0, #runs_of(i1, "manual"))
+      assert.is_nil(drover.fs.read(dir .. "/serve.err"):find("bad minute", 1, true)) -- never deployed
+      assert.matches("schedule of 'tick': fire at [%d%- :+]+ started run %x+", drover.fs.read(dir .. "/serve.err"))
+    end)
+
+    it("drover stop pauses a scheduled deployment: no new runs after", function()
+      local code, _, err = drv({ "stop", "tick" }, env)
+      assert.are.equal(0, code, err)
+      local before = #runs_of(i1, "tick")
+      H.wait_until(function()
+        for _, r in ipairs(runs_of(i1, "tick")) do
+          if r.state == "PENDING" or r.state == "RUNNING" or r.state == "CANCELLING" then return false end
+        end
+        return true
+      end, 60, "tick's runs to end")
+      assert.is_nil(api(i1, "/api/deployments/tick").next_fire)
+      -- proof the scheduler went on ticking: tock gets three more runs
+      local tock = completed(i1, "tock")
+      H.wait_until(function() return completed(i1, "tock") >= tock + 3 end, 90, "3 more runs of tock")
+      assert.are.equal(before, #runs_of(i1, "tick"))
+    end)
+
+    it("each fire time is claimed once across daemons; late ones are skipped; max_active is respected", function()
+      -- two daemon objects on the store, ticked by hand at chosen times
+      -- around the next New Year (a yearly schedule the live daemon will
+      -- not fire during the suite)
+      local daemon_mod = require "drover.daemon"
+      local cron = require "drover.cron"
+      local store = assert(require("drover.store").open(dir))
+      local pkg = store:deployment("tick").package_id
+      local go = dir .. "/go_capped"
+      assert.are.equal(0, (drv({ "deploy", "yearly", "--package", pkg, "--schedule", "0 0 1 1 *", "tag=y" }, env)))
+      assert.are.equal(0, (drv({ "deploy", "capped", "--package", pkg, "--schedule", "0 0 1 1 *",
+        "--max-active", "1", "go=" .. go }, env)))
+      local A, B = assert(daemon_mod.new { home = dir }), assert(daemon_mod.new { home = dir })
+      A:init_schedule()
+      local Y = cron.parse("0 0 1 1 *"):next(os.time())
+      local Y2 = cron.parse("0 0 1 1 *"):next(Y)
+      local function n(name) return store:value("SELECT count(*) FROM flow_runs WHERE deployment = ?", name) end
+      -- tick only these two (tick and tock belong to the live daemon)
+      local function at(D, now)
+        for _, name in ipairs { "yearly", "capped" } do D:schedule_one(store:deployment(name), now) end
+      end
+      local ok, e = pcall(function()
+        at(A, Y - 30) -- first sight: counting starts here
+        at(A, Y - 1)
+        assert.are.equal(0, n("yearly"))
+        local stale = store:first("SELECT * FROM daemon_schedule WHERE deployment = 'yearly'")
+        at(B, Y + 0.5)
+        assert.are.equal(1, n("yearly"))
+        -- a daemon that read the row before B claimed Y does not fire it again
+        A:schedule_one(store:deployment("yearly"), Y + 0.6, stale)
+        assert.are.equal(1, n("yearly"))
+        assert.are.equal(1, n("capped"))
+        at(A, Y + 0.7) -- the other daemon: already claimed
+        at(B, Y + 0.9)
+        assert.are.equal(1, n("yearly"))
+        local r = store:flow_runs { deployment = "yearly" }[1]
+        assert.are.same({ kind = "schedule", schedule = "0 0 1 1 *", fire_time = Y }, json.decode(r.source))
+        -- capped's first run holds (no go file): its next fire is skipped
+        H.wait_until(function()
+          return store:value("SELECT count(*) FROM flow_runs WHERE deployment = 'capped' AND state = 'RUNNING'") == 1
+        end, 60, "capped's run to hold")
+        at(A, Y2 + 0.5)
+        assert.are.equal(2, n("yearly"))
+        assert.are.equal(1, n("capped"))
+        assert.are.equal(Y2, store:value("SELECT last_fire FROM daemon_schedule WHERE deployment = 'capped'"))
+        -- a year later, but the daemon comes an hour late: skipped, not replayed
+        local Y3 = cron.parse("0 0 1 1 *"):next(Y2)
+        at(A, Y3 + 3600)
+        assert.are.equal(2, n("yearly"))
+        assert.are.equal(Y3 + 3600 - daemon_mod.MISFIRE_GRACE,
+          store:value("SELECT last_fire FROM daemon_schedule WHERE deployment = 'yearly'"))
+        assert.are.equal(0, (drv({ "stop", "yearly" }, env)))
+      end)
+      drover.fs.write(go, "go")
+      drv({ "stop", "capped" }, env)
+      A.store:close(); B.store:close(); store:close()
+      assert(ok, e)
+    end)
+
+    it("two daemons at once, then a restarted daemon, never fire a time twice", function()
+      local start = #fire_times(i1, "tock")
+      -- a second daemon on the same store while the first still runs
+      local d2, i2 = serve(nil, dir)
+      H.wait_until(function() return #runs_of(i2, "tock") >= start + 3 end, 90, "3 runs under two daemons")
+      fire_times(i2, "tock")
+      -- the first dies, the second is killed, a third starts
+      drover.kill(d1.pid, "KILL")
+      d1:wait(30)
+      local mid = #runs_of(i2, "tock")
+      drover.kill(d2.pid, "KILL")
+      d2:wait(30)
+      local d3, i3 = serve(nil, dir)
+      H.wait_until(function() return completed(i3, "tock") >= mid + 3 end, 90, "3 runs after the restart")
+      local times = fire_times(i3, "tock")
+      table.sort(times)
+      -- strictly increasing: no fire time was started twice (fire_times checks it too)
+      for k = 2, #times do
+        assert.is_true(times[k] - times[k - 1] >= 1)
+      end
+      assert.is_true(drover.kill(d3.pid, "TERM"))
+      assert.are.equal(0, d3:wait(60).code)
+    end)
+  end)
 end)

@@ -1,12 +1,15 @@
 --- The drover daemon (`drover serve`): one HTTP server on the engine's loop
 -- that shows the tracking store to people (a dashboard) and programs (a
--- JSON API, server-sent events, Prometheus metrics), and reaps local runs
--- whose worker died.
+-- JSON API, server-sent events, Prometheus metrics), reaps local runs
+-- whose worker died, and starts the runs of scheduled deployments.
 --
 -- The store is SQLite shared with the worker processes, so the daemon is a
 -- reader like any other: it holds no state of its own, can be killed and
 -- restarted at any time, and learns about changes by polling (the honest
--- mechanism when the writers are other processes).
+-- mechanism when the writers are other processes).  The one thing it keeps
+-- is, per scheduled deployment, the last fire time it handled (table
+-- daemon_schedule in the store), so a restarted daemon neither fires a time
+-- twice nor replays the fire times it missed while it was down.
 --
 --   GET  /api/runs?state=&deployment=&limit=   runs, newest first
 --   GET  /api/runs/ID                          the run, task_runs, states
@@ -24,6 +27,7 @@
 -- sets so the browser can load the page's assets).  The token is never
 -- logged nor written to daemon.json.
 local drover = require "drover"
+local cron = require "drover.cron"
 local fs = require "drover.fs"
 local json = require "drover.json"
 local server = require "drover.server"
@@ -35,6 +39,17 @@ local M = {}
 M.DEFAULT_PORT = 8765
 M.POLL_INTERVAL = 0.5
 M.REAP_INTERVAL = 2
+M.SCHEDULE_INTERVAL = 1
+--- A fire time later than this (seconds) is skipped, not caught up: after
+-- downtime a deployment resumes with its next fire time, not a backlog.
+M.MISFIRE_GRACE = 10
+
+-- Not a store migration: only the daemon reads or writes it.  dep_updated is
+-- the deployment's `updated` when the row was (re)based: a redeploy, a new
+-- schedule or a pause and resume starts counting afresh from that moment.
+local SCHEDULE_TABLE = [[CREATE TABLE IF NOT EXISTS daemon_schedule(
+    deployment TEXT PRIMARY KEY, schedule TEXT NOT NULL, dep_updated REAL NOT NULL,
+    last_fire REAL NOT NULL)]]
 
 local LOOPBACK = { ["127.0.0.1"] = true, ["::1"] = true, ["localhost"] = true }
 local ACTIVE = { "RUNNING", "PENDING", "CANCELLING" }
@@ -155,6 +170,9 @@ function Daemon:start()
     json.encode { pid = drover.pid(), port = srv.port, url = self.url, bind = self.bind })
   if not ok then srv:close(); return nil, werr end
   self.tasks[#self.tasks + 1] = drover.spawn(function() self:reaper() end)
+  local tok, terr = pcall(self.init_schedule, self)
+  if not tok then srv:close(); return nil, terr end
+  self.tasks[#self.tasks + 1] = drover.spawn(function() self:scheduler() end)
   return self
 end
 
@@ -197,6 +215,127 @@ function Daemon:reaper()
       end
     end
   end
+end
+
+-- ---- the scheduler ---------------------------------------------------------------------
+
+local function log(...)
+  io.stderr:write(os.date("!%Y-%m-%dT%H:%M:%SZ "), "drover serve: ", ...)
+  io.stderr:write("\n")
+  io.stderr:flush()
+end
+
+local function stamp(t) return os.date("%Y-%m-%d %H:%M:%S %z", math.floor(t)) end
+
+function Daemon:init_schedule() self.store.db:exec(SCHEDULE_TABLE) end
+
+-- Right after start, then every SCHEDULE_INTERVAL seconds.
+function Daemon:scheduler()
+  while not self.stopping do
+    local ok, e = pcall(self.schedule_tick, self, store_mod.time())
+    if not ok then log("scheduler: ", tostring(e)) end
+    drover.sleep(M.SCHEDULE_INTERVAL)
+  end
+end
+
+function Daemon:schedule_tick(now)
+  local ds = self.store:rows([[SELECT * FROM deployments WHERE schedule IS NOT NULL AND schedule != ''
+      AND paused = 0 AND backend = 'local' ORDER BY name]])
+  for _, d in ipairs(ds) do
+    if self.stopping then return end
+    local ok, e = pcall(self.schedule_one, self, d, now)
+    if not ok then log("schedule of '", d.name, "': ", tostring(e)) end
+  end
+end
+
+--- Fire every time of `d`'s schedule in (last handled, now].  Each fire
+-- time is claimed with a compare-and-set on last_fire before its run
+-- starts, so two daemons on one store (or a restarted one) never both
+-- start it: a fire is at most once.  `st` is the deployment's
+-- daemon_schedule row when the caller has read it already (tests pass an
+-- outdated one to stand for a daemon that read it just before another
+-- claimed the fire time).
+function Daemon:schedule_one(d, now, st)
+  self.bad_schedules = self.bad_schedules or {}
+  local sch, perr = cron.parse(d.schedule)
+  if not sch then
+    if self.bad_schedules[d.name] ~= d.schedule then
+      self.bad_schedules[d.name] = d.schedule
+      log("schedule of '", d.name, "' ignored: ", perr)
+    end
+    return
+  end
+  local store = self.store
+  st = st or store:first("SELECT * FROM daemon_schedule WHERE deployment = ?", d.name)
+  if not st or st.schedule ~= d.schedule or st.dep_updated ~= d.updated then
+    -- first sight (or redeployed, resumed): fire times from now on
+    store:write([[INSERT INTO daemon_schedule(deployment, schedule, dep_updated, last_fire)
+        VALUES(?,?,?,?) ON CONFLICT(deployment) DO UPDATE SET schedule = excluded.schedule,
+        dep_updated = excluded.dep_updated, last_fire = excluded.last_fire]],
+      d.name, d.schedule, d.updated, math.floor(now))
+    return
+  end
+  local last = st.last_fire
+  local first = sch:next(last)
+  if first and first < now - M.MISFIRE_GRACE then
+    local skip_to = math.floor(now - M.MISFIRE_GRACE)
+    if store:write("UPDATE daemon_schedule SET last_fire = ? WHERE deployment = ? AND last_fire = ?",
+        skip_to, d.name, last) ~= 1 then return end
+    log("schedule of '", d.name, "': skipped the fire times from ", stamp(first), " to ", stamp(skip_to),
+      " (more than ", M.MISFIRE_GRACE, "s late)")
+    last = skip_to
+  end
+  for _ = 1, 1000 do
+    local t = sch:next(last)
+    if not t or t > now or self.stopping then return end
+    if store:write("UPDATE daemon_schedule SET last_fire = ? WHERE deployment = ? AND last_fire = ?",
+        t, d.name, last) ~= 1 then return end -- another daemon took it
+    last = t
+    self:fire(d, t)
+  end
+end
+
+--- Start the run for fire time `t`, as `drover run` would.
+function Daemon:fire(d, t)
+  if d.max_active then
+    local active = #self.store:flow_runs { deployment = d.name, active = true, limit = 100000 }
+    if active >= d.max_active then
+      log("schedule of '", d.name, "': skipped the fire at ", stamp(t), ": ", active,
+        " active run(s), max_active ", d.max_active)
+      return
+    end
+  end
+  local ok, id = pcall(self.orch.run, self.orch, d.name, nil,
+    { source = { kind = "schedule", schedule = d.schedule, fire_time = t } })
+  if ok then
+    log("schedule of '", d.name, "': fire at ", stamp(t), " started run ", id)
+  else
+    log("schedule of '", d.name, "': fire at ", stamp(t), " did not start a run: ", tostring(id))
+  end
+end
+
+--- A deployment for the API: values for JSON columns, and for a schedule
+-- its last handled and next fire times (seconds since the epoch).
+function Daemon:deployment_view(d, fires)
+  d = decode_fields(d, { "params", "config" })
+  if d.schedule and d.schedule ~= "" then
+    local sch, perr = cron.parse(d.schedule)
+    local st = fires[d.name]
+    if st and st.schedule == d.schedule then d.last_fire = st.last_fire end
+    if not sch then
+      d.schedule_error = perr
+    elseif d.paused ~= 1 then
+      d.next_fire = sch:next(math.max(store_mod.time(), d.last_fire or 0))
+    end
+  end
+  return d
+end
+
+function Daemon:fire_times()
+  local fires = {}
+  local ok, rows = pcall(self.store.rows, self.store, "SELECT * FROM daemon_schedule")
+  for _, r in ipairs(ok and rows or {}) do fires[r.deployment] = r end
+  return fires
 end
 
 -- ---- routes --------------------------------------------------------------------------------
@@ -326,14 +465,15 @@ end
 
 function Daemon:get_deployments(method)
   if method ~= "GET" then return err(405, "method not allowed: use GET") end
-  return server.json(200, list(self.store:deployments(), function(d) return decode_fields(d, { "params", "config" }) end))
+  local fires = self:fire_times()
+  return server.json(200, list(self.store:deployments(), function(d) return self:deployment_view(d, fires) end))
 end
 
 function Daemon:get_deployment(name, method)
   if method ~= "GET" then return err(405, "method not allowed: use GET") end
   local d = self.store:deployment(name)
   if not d then return err(404, "unknown deployment '" .. name .. "'") end
-  d = decode_fields(d, { "params", "config" })
+  d = self:deployment_view(d, self:fire_times())
   d.runs = list(self.store:flow_runs { deployment = name, limit = 50 }, run_view)
   return server.json(200, d)
 end
