@@ -318,7 +318,7 @@ command("deploy", "register a deployment so the backend can run it", {
   args = "NAME --package ID [key=value default params ...]",
   flags = { backend = backend_flags.backend, config = backend_flags.config, set = backend_flags.set,
     json = json_flag, package = { arg = true, help = "package id (from drover package)" },
-    schedule = { arg = true, help = "cron schedule, e.g. '*/5 * * * *'" },
+    schedule = { arg = true, help = "cron ('*/5 * * * *') or interval ('@every 30s', '@hourly'); fired by drover serve" },
     ["max-active"] = { arg = true, help = "at most N active runs" },
     replace = { help = "replace an existing deployment of that name" },
     params = { arg = true, help = "default parameters as a JSON object" } },
