@@ -308,13 +308,7 @@ function Local:work(run_id)
   local function on_term() flow:cancel("stopped") end
   local s1 = drover.on_signal("TERM", on_term)
   local s2 = drover.on_signal("INT", on_term)
-  local real_print = print
-  _G.print = function(...)
-    real_print(...)
-    local parts = table.pack(...)
-    for i = 1, parts.n do parts[i] = tostring(parts[i]) end
-    tracker.log("stdout", table.concat(parts, "\t", 1, parts.n))
-  end
+  local restore_print = tracker.capture_print()
   local params = store_mod.decode(r.params) or {}
   local run_ok = flow:run(function()
     local mod = require(p.module)
@@ -327,7 +321,7 @@ function Local:work(run_id)
     if type(ep) ~= "function" then error("class has no method '" .. tostring(p.entrypoint) .. "'", 0) end
     return ep(obj, params)
   end)
-  _G.print = real_print
+  restore_print()
   s1:stop(); s2:stop()
   store:flush()
   return run_ok and 0 or 1

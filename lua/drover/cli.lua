@@ -218,13 +218,7 @@ function M.exec_file(file, params, o)
   }
   if not o.json then io.stderr:write("drover: flow run ", flow.id, " started (", flow.name, ")\n") end
   -- print() inside the workflow goes to stdout and to the run's logs.
-  local real_print = print
-  _G.print = function(...)
-    real_print(...)
-    local parts = table.pack(...)
-    for i = 1, parts.n do parts[i] = tostring(parts[i]) end
-    tracker.log("stdout", table.concat(parts, "\t", 1, parts.n))
-  end
+  local restore_print = tracker.capture_print()
   -- Live progress on a terminal: a line per task run as it starts and ends.
   if not o.json and drover.isatty(2) then
     local store_mod = require "drover.store"
@@ -263,7 +257,7 @@ function M.exec_file(file, params, o)
   sigint:stop()
   sigterm:stop()
   tracker.observer = nil
-  _G.print = real_print
+  restore_print()
   flow.store:flush()
   local row = flow.store:flow_run(flow.id)
   if o.json then

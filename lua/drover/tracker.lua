@@ -490,6 +490,19 @@ function T.current()
   return { flow_run_id = ctx.flow.id, task_run_id = ctx.node.id, flow = ctx.flow }
 end
 
+--- Route print() to stdout and to the logs of whichever run calls it, as
+-- workers and `drover exec` want.  Returns a function restoring print.
+function T.capture_print()
+  local real_print = print
+  _G.print = function(...)
+    real_print(...)
+    local parts = table.pack(...)
+    for i = 1, parts.n do parts[i] = tostring(parts[i]) end
+    T.log("stdout", table.concat(parts, "\t", 1, parts.n))
+  end
+  return function() _G.print = real_print end
+end
+
 --- Record a log line for the current run (no-op outside runs).
 function T.log(stream, line)
   local ctx = context.get()
