@@ -384,6 +384,8 @@ describe("drover.proc.spawn", function()
         { kill_grace = 0.2 }))
       local t = drover.spawn(function() return p:wait() end)
       H.wait_until(function() local s = read_file(marker); return s and s:match("%d+\n") end, 30, "marker")
+      -- the marker may be there before t has even run: cancel only a waiting t
+      H.wait_until(function() return t:status() == "waiting" end, 30, "the waiter to block")
       t:cancel()
       local ok, err = t:wait()
       assert.is_false(ok)
@@ -407,6 +409,182 @@ describe("drover.proc.spawn", function()
       p:kill("KILL")
       assert.are.equal(9, p:wait().signal)
     end)
+  end)
+end)
+
+-- How the child is set up.  Children are started with posix_spawn and
+-- watched through a pidfd, or with libuv's uv_spawn when DROVER_SPAWN=uv
+-- (tests/proc_uvspawn_spec.lua runs this whole file that way): the child
+-- must not be able to tell the difference, except for the kind of pipe.
+describe("drover.proc child setup", function()
+  local uv_mode = os.getenv("DROVER_SPAWN") == "uv"
+
+  --- drover's own pid: the parent of a direct child.
+  local function drover_pid()
+    return tonumber(P.run({ "sh", "-c", "echo $PPID" }).stdout)
+  end
+
+  --- fd -> readlink target of /proc/PID/fd/*, listed by a child.  The child
+  -- waits for a line on stdin, sent once spawn has returned: until then
+  -- drover may still hold its copies of the child's ends of the pipes.
+  local function fds_of(pid)
+    local p = assert(P.spawn({ "sh", "-c", 'read -r go; cd /proc/"$1"/fd && for f in *; do echo "$f $(readlink "$f")"; done',
+      "sh", pid }, { stdin = true }))
+    assert.is_true(p:write("go\n")) -- stdin stays open (and listed) until the child exits
+    local r = p:wait()
+    local t = {}
+    for fd, target in r.stdout:gmatch("(%d+) ([^\n]*)") do t[tonumber(fd)] = target end
+    return t
+  end
+
+  it("starts each child as the leader of a new session and process group", function()
+    -- /proc/self/stat of the child itself: pid, (comm), state, ppid, pgrp, session
+    local stat = P.run({ "cat", "/proc/self/stat" }).stdout
+    local pid, ppid, pgrp, sid = stat:match("^(%d+) %b() %a (%d+) (%d+) (%d+)")
+    assert.are.equal(pid, pgrp)
+    assert.are.equal(pid, sid)
+    assert.are.equal(drover_pid(), tonumber(ppid))
+  end)
+
+  it("resets every signal to its default disposition and blocks none", function()
+    -- stdin as a pipe makes drover ignore SIGPIPE; the child must not inherit that
+    local r = P.run({ "sh", "-c", "grep -E '^Sig(Ign|Blk)' /proc/$PPID/status; exec grep -E '^Sig(Ign|Blk)' /proc/self/status" },
+      { stdin = "x" })
+    local lines = {}
+    for name, mask in r.stdout:gmatch("(Sig%a+):%s*(%x+)") do lines[#lines + 1] = { name, tonumber(mask, 16) } end
+    assert.are.equal(4, #lines, r.stdout) -- drover's SigBlk, SigIgn, then the child's
+    assert.are.equal("SigIgn", lines[2][1])
+    assert.are.equal(1 << (13 - 1), lines[2][2] & (1 << (13 - 1))) -- drover ignores SIGPIPE (13)
+    -- the child: nothing blocked, nothing ignored -- not even glibc's internal
+    -- signals 32 and 33, which glibc's posix_spawn would leave ignored, but
+    -- which uv_spawn does not reset (it resets 1-31: lua5.4 started by
+    -- busted through system(), i.e. posix_spawn, ignores them)
+    assert.are.same({ "SigBlk", 0 }, lines[3])
+    assert.are.equal("SigIgn", lines[4][1])
+    assert.are.equal(0, lines[4][2] & (uv_mode and 0x7fffffff or -1), r.stdout)
+  end)
+
+  it("gives the child /dev/null, " .. (uv_mode and "socketpairs (uv_spawn)" or "pipes (posix_spawn)")
+    .. " or files as stdio", function()
+    local r = P.run({ "sh", "-c", "readlink /proc/self/fd/0 /proc/self/fd/1 /proc/self/fd/2" })
+    local stdin, stdout, stderr = r.stdout:match("^(%S+)\n(%S+)\n(%S+)\n$")
+    assert.are.equal("/dev/null", stdin)
+    local kind = uv_mode and "socket" or "pipe"
+    assert.matches("^" .. kind .. ":%[%d+%]$", stdout)
+    assert.matches("^" .. kind .. ":%[%d+%]$", stderr)
+    -- fd 3: a copy of the child's stdout, since readlink's own goes to stderr
+    r = P.run({ "sh", "-c", "readlink /proc/self/fd/0 /proc/self/fd/3 3>&1 >&2" }, { stdin = "", stdout = "null" })
+    assert.matches("^" .. kind .. ":%[%d+%]\n/dev/null\n$", r.stderr)
+    local out = tmp .. "/stdio-file"
+    r = P.run({ "sh", "-c", "readlink /proc/self/fd/3 /proc/self/fd/2 3>&1 >&2" }, { stdout = out })
+    assert.are.equal(out .. "\n" .. (uv_mode and "socket" or "pipe"), r.stderr:match("^(.-):"))
+  end)
+
+  it("leaks no descriptor into other children, nor out of drover", function()
+    local me = drover_pid()
+    collectgarbage() -- files some other code left to the collector must not count
+    collectgarbage()
+    local before = fds_of(me)
+    -- a child that keeps its stdin pipe and its output pipes open
+    local a = assert(P.spawn({ "cat" }, { stdin = true }))
+    local afds = fds_of(a.pid)
+    assert.is_not_nil(afds[0])
+    local bfds = fds_of("self")
+    for fd, target in pairs(bfds) do
+      if fd > 2 then
+        assert.is_nil(target:match("pidfd"), "fd " .. fd .. " " .. target)
+        for i = 0, 2 do assert.are_not.equal(afds[i], target, "fd " .. fd .. " is the other child's fd " .. i) end
+      end
+    end
+    a:close()
+    assert.are.equal(0, a:wait().code)
+    for _ = 1, 20 do P.run({ "sh", "-c", "echo x; echo y >&2; exit 3" }, { stdin = "in" }) end
+    local r, msg = P.run({ "drover-no-such-program" }, { stdin = "x" })
+    assert.is_nil(r, msg)
+    collectgarbage()
+    collectgarbage()
+    local after = fds_of(me)
+    local n0, n1 = 0, 0
+    for _ in pairs(before) do n0 = n0 + 1 end
+    for _ in pairs(after) do n1 = n1 + 1 end
+    local function dump(t) local o = {} for k, v in pairs(t) do o[#o + 1] = k .. " " .. v end table.sort(o) return table.concat(o, "\n") end
+    assert.are.equal(n0, n1, "drover's fds before and after differ:\n" .. dump(before) .. "\n--\n" .. dump(after))
+  end)
+
+  it("reaps every child: no zombies are left", function()
+    for _ = 1, 10 do P.run({ "true" }) end
+    local ps = assert(P.spawn({ "sleep", "100" }))
+    assert.is_true(ps:kill("KILL"))
+    ps:wait()
+    -- every process's stat line (pid (comm) state ppid ...), read by a child,
+    -- which is then drover's only child; a zombie would have state Z
+    local r = P.run({ "sh", "-c", "echo $PPID; cat /proc/[0-9]*/stat 2>/dev/null; true" })
+    assert.are.equal(0, r.code, r.stderr)
+    local me = r.stdout:match("^(%d+)\n")
+    local children = {}
+    for line in r.stdout:gmatch("[^\n]+") do
+      local pid, state, ppid = line:match("^(%d+) %(.*%) (%a) (%d+)")
+      if ppid == me then children[#children + 1] = pid .. " " .. state end
+    end
+    assert.are.equal(1, #children, table.concat(children, ", "))
+    assert.matches("^%d+ [RS]$", children[1])
+    assert.is_false(alive(ps.pid))
+  end)
+
+  it("looks argv[1] up in the PATH of the child's environment, like execvp", function()
+    local bin = tmp .. "/pathbin"
+    os.execute("mkdir -p " .. bin)
+    write_file(bin .. "/drover-path-test", "#!/bin/sh\necho found \"$0\" \"$@\"\n", "755")
+    write_file(bin .. "/drover-noexec-test", "#!/bin/sh\necho never\n", "644")
+    local r, msg = P.run({ "drover-path-test" })
+    assert.is_nil(r)
+    assert.matches("cannot start 'drover%-path%-test': no such file or directory", msg)
+    r = assert(P.run({ "drover-path-test", "a" }, { env = { PATH = "/nonexistent:" .. bin .. ":/usr/bin:/bin" } }))
+    assert.are.equal("found " .. bin .. "/drover-path-test a\n", r.stdout)
+    -- a relative entry is relative to the child's cwd
+    r = assert(P.run({ "drover-path-test" }, { cwd = tmp, env = { PATH = "pathbin" } }))
+    assert.are.equal("found pathbin/drover-path-test\n", r.stdout)
+    -- only the first match counts; a non-executable match means "permission denied"
+    r, msg = P.run({ "drover-noexec-test" }, { env = { PATH = bin } })
+    assert.is_nil(r)
+    assert.matches("cannot start 'drover%-noexec%-test': permission denied", msg)
+    -- without PATH, execvp's default /bin:/usr/bin
+    r = assert(P.run({ "env" }, { env = { PATH = false } }))
+    assert.are.equal(0, r.code)
+    assert.is_nil(("\n" .. r.stdout):match("\nPATH="), r.stdout)
+  end)
+
+  it("runs an executable file without #! with /bin/sh, like execvp", function()
+    local script = tmp .. "/no-shebang"
+    write_file(script, "echo \"plain $1 $2\"\n", "755")
+    local r = assert(P.run({ script, "x", "y z" }))
+    assert.are.equal(0, r.code)
+    assert.are.equal("plain x y z\n", r.stdout)
+  end)
+
+  it("keeps 200 short processes from 8 tasks apart", function()
+    local results = drover.run(function()
+      local hs, next_i = {}, 0
+      local out = {}
+      for w = 1, 8 do
+        hs[w] = drover.spawn(function()
+          while next_i < 200 do
+            next_i = next_i + 1
+            local i = next_i
+            local opts = { stdin = (i % 3 == 0) and ("in" .. i) or nil }
+            out[i] = P.run({ "sh", "-c", "read -r x; echo $1 $x; echo e$1 >&2; exit $(($1 % 7))", "sh", i }, opts)
+          end
+        end)
+      end
+      for _, h in ipairs(hs) do h:join() end
+      return out
+    end)
+    for i = 1, 200 do
+      local r = results[i]
+      assert.are.equal(i % 7, r.code)
+      assert.are.equal(i .. ((i % 3 == 0) and (" in" .. i) or "") .. "\n", r.stdout)
+      assert.are.equal("e" .. i .. "\n", r.stderr)
+    end
   end)
 end)
 

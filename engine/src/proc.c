@@ -22,26 +22,50 @@
  * table on the waiting thread and caches it in the userdata, so the capture
  * buffers are turned into Lua strings once and then freed.
  *
- * Every child is started with UV_PROCESS_DETACHED, i.e. setsid(): it leads
- * its own process group, and every kill drover sends goes to the whole
- * group (kill(-pid)).  That is what makes a timeout or a cancel stop
+ * Every child is started in a new session (setsid()): it leads its own
+ * process group, and every kill drover sends goes to the whole group
+ * (kill(-pid)).  That is what makes a timeout or a cancel stop
  * `sh -c 'a | b'` and the grandchildren it forked, not just the shell.
  * Stopping is two-phase: SIGTERM to the group, then SIGKILL after the grace
  * period; a further grace period later, pipes still held open by something
  * that escaped the group are closed so the waiter is never stranded.
+ *
+ * Starting a process is most of what an orchestrator does, so it is done
+ * the cheap way: posix_spawn (glibc: clone(CLONE_VM|CLONE_VFORK), as make
+ * and the shells do), the exit watched through a pidfd on the loop and
+ * reaped with waitpid.  libuv 1.44's uv_spawn fork()s instead, which here
+ * costs several times as much CPU in drover's own process (copying its page
+ * tables, then a copy-on-write fault on every page it touches afterwards),
+ * and it watches exits through a SIGCHLD handler that calls waitpid for
+ * every child it has.  The child is set up exactly as uv_spawn sets it up
+ * -- new session, every signal at its default disposition and none
+ * blocked, stdio from pipes, files, /dev/null or drover's own, the cwd,
+ * argv[1] looked up in the *child's* PATH like execvp, a file without #!
+ * run by /bin/sh like execvp -- so nothing a caller can see differs,
+ * except that captured streams are pipes where libuv made socketpairs.
+ * uv_spawn remains the fallback, chosen once per engine when it starts:
+ * when the kernel has no pidfd_open (Linux < 5.3), or when the environment
+ * says DROVER_SPAWN=uv (which keeps that path tested).
  */
 #include "drover_int.h"
 
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <signal.h>
+#include <spawn.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
+
+#ifndef SYS_pidfd_open
+#define SYS_pidfd_open 434 /* the same number on every architecture */
+#endif
 
 extern char **environ;
 
@@ -85,6 +109,8 @@ typedef struct {
   drv_engine *E;
   lua_State *cbL;     /* thread the output callbacks run on */
   int sigpipe_set;
+  int sigchld_set;
+  int uv_spawn;       /* start children with uv_spawn, not posix_spawn */
   char scratch[DRV_READ_CHUNK];
 } drv_procs;
 
@@ -92,7 +118,11 @@ struct drv_proc {
   drv_res res;        /* engine resource: closing the engine reaches us */
   drv_procs *S;       /* NULL once the engine has closed */
   uv_loop_t *loop;
-  uv_process_t handle;
+  union {
+    uv_process_t proc; /* uv_spawn */
+    uv_poll_t poll;    /* posix_spawn: the pidfd, readable once the child exited */
+  } watch;
+  int pidfd;          /* -1 with uv_spawn */
   uv_pipe_t in;
   uv_timer_t timer;
   drv_pout out, err;
@@ -100,7 +130,7 @@ struct drv_proc {
   char *cb_error;     /* first error raised by an output callback */
   int refs;           /* open handles + 1 while the userdata lives */
   int pid;
-  int proc_open;      /* process handle not yet closed */
+  int proc_open;      /* watch handle not yet closed */
   int in_piped;       /* stdin is a pipe (opts.stdin = true or a string) */
   int in_open;        /* stdin pipe initialised and not closed */
   int in_close_pending; /* close stdin once the pending writes are done */
@@ -141,7 +171,7 @@ static void drv__proc_apply_ref(drv_proc *p) {
   int on = !p->detach || p->waiters != NULL;
   uv_handle_t *hs[4];
   int i, n = 0;
-  if (p->proc_open) hs[n++] = (uv_handle_t *)&p->handle;
+  if (p->proc_open) hs[n++] = (uv_handle_t *)&p->watch;
   if (p->out.reading) hs[n++] = (uv_handle_t *)&p->out.pipe;
   if (p->err.reading) hs[n++] = (uv_handle_t *)&p->err.pipe;
   if (p->timer_open) hs[n++] = (uv_handle_t *)&p->timer;
@@ -353,14 +383,50 @@ static void drv__pout_read(uv_stream_t *s, ssize_t n, const uv_buf_t *buf) {
   }
 }
 
-static void drv__proc_exit_cb(uv_process_t *h, int64_t status, int sig) {
-  drv_proc *p = (drv_proc *)h->data;
+/* Stop watching the child: close the watch handle (and the pidfd). */
+static void drv__proc_unwatch(drv_proc *p) {
+  if (!p->proc_open) return;
+  p->proc_open = 0;
+  drv__proc_close(p, (uv_handle_t *)&p->watch);
+  if (p->pidfd >= 0) { /* uv_close has already taken it out of epoll */
+    close(p->pidfd);
+    p->pidfd = -1;
+  }
+}
+
+static void drv__proc_exited(drv_proc *p, int64_t status, int sig) {
   p->exited = 1;
   p->exit_status = status;
   p->term_signal = sig;
-  p->proc_open = 0;
-  drv__proc_close(p, (uv_handle_t *)h);
+  drv__proc_unwatch(p);
   drv__proc_maybe_done(p);
+}
+
+static void drv__proc_exit_cb(uv_process_t *h, int64_t status, int sig) {
+  drv__proc_exited((drv_proc *)h->data, status, sig);
+}
+
+/* The pidfd is readable: the child has exited (it is a zombie until we
+ * reap it, so its pid cannot have been reused).  Reap it and report the
+ * status the way libuv does. */
+static void drv__proc_pidfd_cb(uv_poll_t *h, int status, int events) {
+  drv_proc *p = (drv_proc *)h->data;
+  int st = 0;
+  pid_t r;
+  (void)events;
+  do r = waitpid(p->pid, &st, WNOHANG);
+  while (r < 0 && errno == EINTR);
+  if (r == 0) { /* not reapable after all: keep watching */
+    if (status < 0) uv_poll_start(h, UV_READABLE, drv__proc_pidfd_cb);
+    return;
+  }
+  if (r < 0) {
+    /* ECHILD: something else in the process reaped it (a waitpid(-1) of
+     * the host's).  The status is lost; finish rather than hang. */
+    drv__proc_exited(p, -1, 0);
+    return;
+  }
+  drv__proc_exited(p, WIFEXITED(st) ? WEXITSTATUS(st) : 0, WIFSIGNALED(st) ? WTERMSIG(st) : 0);
 }
 
 /* ---- stdin ------------------------------------------------------------------ */
@@ -430,7 +496,7 @@ static void drv__proc_res_close(drv_res *r) {
     drv__proc_signal(p, SIGKILL);
     reap = !p->exited;
   }
-  if (p->proc_open) { p->proc_open = 0; drv__proc_close(p, (uv_handle_t *)&p->handle); }
+  drv__proc_unwatch(p);
   if (p->out.reading) { p->out.reading = 0; drv__proc_close(p, (uv_handle_t *)&p->out.pipe); }
   if (p->err.reading) { p->err.reading = 0; drv__proc_close(p, (uv_handle_t *)&p->err.pipe); }
   drv__proc_close_stdin(p);
@@ -442,7 +508,7 @@ static void drv__proc_res_close(drv_res *r) {
   }
   p->waiters = NULL;
   if (reap) {
-    /* libuv no longer watches this pid (its handle is closed).  SIGKILL is
+    /* Nothing watches this pid any more (its handle is closed).  SIGKILL is
      * quick, but bound the wait in case the child sits in the kernel. */
     int i, st;
     for (i = 0; i < 2000; i++) {
@@ -686,10 +752,10 @@ static int drv__open_outfile(const char *path) {
   return open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC | O_NOCTTY, 0666);
 }
 
-static void drv__stdio_out(uv_stdio_container_t *c, drv_pout *o, int mode, int fd, int own_fd) {
-  o->mode = mode;
-  o->fn_ref = LUA_NOREF;
-  switch (mode) {
+/* ---- spawning with uv_spawn (the fallback) ---- */
+
+static void drv__stdio_out(uv_stdio_container_t *c, drv_pout *o, int fd, int own_fd) {
+  switch (o->mode) {
   case OUT_CAPTURE:
   case OUT_FUNC:
     c->flags = (uv_stdio_flags)(UV_CREATE_PIPE | UV_WRITABLE_PIPE);
@@ -701,13 +767,275 @@ static void drv__stdio_out(uv_stdio_container_t *c, drv_pout *o, int mode, int f
   }
 }
 
+/* Returns 0 or a libuv error. */
+static int drv__spawn_uv(drv_proc *p, const drv_popts *o, char **args, char **envp, int out_fd,
+                         int err_fd) {
+  uv_process_options_t uo;
+  uv_stdio_container_t stdio[3];
+  int r;
+  memset(stdio, 0, sizeof stdio);
+  if (p->in_piped) {
+    stdio[0].flags = (uv_stdio_flags)(UV_CREATE_PIPE | UV_READABLE_PIPE);
+    stdio[0].data.stream = (uv_stream_t *)&p->in;
+  } else {
+    stdio[0].flags = UV_IGNORE;
+  }
+  drv__stdio_out(&stdio[1], &p->out, out_fd, 1);
+  drv__stdio_out(&stdio[2], &p->err, err_fd, 2);
+  memset(&uo, 0, sizeof uo);
+  uo.exit_cb = drv__proc_exit_cb;
+  uo.file = args[0];
+  uo.args = args;
+  uo.env = envp;
+  uo.cwd = o->cwd;
+  uo.flags = UV_PROCESS_DETACHED; /* setsid: a process group of its own */
+  uo.stdio_count = 3;
+  uo.stdio = stdio;
+  p->watch.proc.data = p;
+  r = uv_spawn(p->loop, &p->watch.proc, &uo);
+  p->refs++; /* the process handle is initialised even when uv_spawn fails */
+  p->proc_open = 1;
+  if (r != 0 && p->watch.proc.pid > 0) {
+    /* exec happened but libuv failed to open a pipe: do not leave the
+     * child running unobserved. */
+    kill(-p->watch.proc.pid, SIGKILL);
+    while (waitpid(p->watch.proc.pid, NULL, 0) < 0 && errno == EINTR) {}
+  }
+  if (r == 0) p->pid = p->watch.proc.pid;
+  return r;
+}
+
+/* ---- spawning with posix_spawn + pidfd ---- */
+
+static int drv__pidfd_open(pid_t pid) { return (int)syscall(SYS_pidfd_open, pid, 0); }
+
+/* Can this kernel give us pidfds?  Asked once, when the engine starts. */
+static int drv__have_pidfd(void) {
+  int fd = drv__pidfd_open(getpid());
+  if (fd >= 0) { close(fd); return 1; }
+  return errno != ENOSYS && errno != EPERM && errno != EINVAL; /* EMFILE and such: it exists */
+}
+
+/* A descriptor the child is to receive as its 0, 1 or 2 must not itself be
+ * 0, 1 or 2 (possible when drover runs with its own stdio closed): the
+ * file action that sets up a lower fd would replace it before it is used.
+ * libuv moves such fds out of the way in the child; we do it here. */
+static int drv__above_stdio(int fd) {
+  int nfd;
+  if (fd < 0 || fd > 2) return fd;
+  nfd = fcntl(fd, F_DUPFD_CLOEXEC, 3);
+  close(fd);
+  return nfd;
+}
+
+/* A pipe whose both ends are close-on-exec, so no other child inherits
+ * them; file actions dup the child's end onto 0, 1 or 2, which clears the
+ * flag on that copy only.  child_reads: fds[0] is the child's end. */
+static int drv__pipe(int fds[2], int child_reads) {
+  int c = child_reads ? 0 : 1;
+  if (pipe2(fds, O_CLOEXEC) != 0) return -errno;
+  if ((fds[c] = drv__above_stdio(fds[c])) < 0) {
+    int e = errno;
+    close(fds[1 - c]);
+    return -e;
+  }
+  return 0;
+}
+
+/* Every signal, for POSIX_SPAWN_SETSIGDEF.  glibc's sigfillset leaves out
+ * the real-time signals it reserves for itself (32 and 33: SIGCANCEL,
+ * SIGSETXID), and its posix_spawn child sets those, when not in the
+ * set-to-default set, to SIG_IGN -- which exec keeps, so every program
+ * started would ignore them.  libuv's children have them at SIG_DFL like
+ * all the others: add them by hand (glibc's sigset_t: bit sig-1 of an
+ * array of unsigned long; posix_spawnattr_setsigdefault copies it whole). */
+static void drv__sigfill_all(sigset_t *s) {
+  const int bits = 8 * (int)sizeof(unsigned long);
+  int sig;
+  sigfillset(s);
+#if defined(__GLIBC__) && defined(__SIGRTMIN)
+  for (sig = __SIGRTMIN; sig < SIGRTMIN; sig++)
+    ((unsigned long *)(void *)s)[(sig - 1) / bits] |= 1UL << ((sig - 1) % bits);
+#else
+  (void)bits;
+  (void)sig;
+#endif
+}
+
+/* stdout/stderr (fd 1 or 2) of the child. */
+static int drv__fa_out(posix_spawn_file_actions_t *fa, int fd, int mode, int pipe_fd, int file_fd) {
+  int fl;
+  switch (mode) {
+  case OUT_CAPTURE:
+  case OUT_FUNC: return posix_spawn_file_actions_adddup2(fa, pipe_fd, fd);
+  case OUT_FILE: return posix_spawn_file_actions_adddup2(fa, file_fd, fd);
+  case OUT_INHERIT:
+    /* As libuv: a closed fd stays closed in the child, and the child gets
+     * it in blocking mode (shared with drover: the file description is). */
+    if ((fl = fcntl(fd, F_GETFL)) < 0) return 0;
+    if (fl & O_NONBLOCK) fcntl(fd, F_SETFL, fl & ~O_NONBLOCK);
+    return posix_spawn_file_actions_adddup2(fa, fd, fd); /* dup2 to itself clears FD_CLOEXEC */
+  default: return posix_spawn_file_actions_addopen(fa, fd, "/dev/null", O_RDWR, 0);
+  }
+}
+
+/* posix_spawn one path; like execvp, a file the kernel cannot execute
+ * (ENOEXEC: a script without #!) is run by /bin/sh.  Returns an errno. */
+static int drv__spawn_file(pid_t *pid, const char *path, char **argv, char **envp,
+                           const posix_spawn_file_actions_t *fa, const posix_spawnattr_t *attr) {
+  int r = posix_spawn(pid, path, fa, attr, argv, envp);
+  if (r == ENOEXEC) {
+    size_t argc = 0;
+    char **sh;
+    while (argv[argc]) argc++;
+    sh = (char **)malloc(sizeof(char *) * (argc + 2));
+    if (sh == NULL) return ENOMEM;
+    sh[0] = (char *)"/bin/sh";
+    sh[1] = (char *)path;
+    memcpy(sh + 2, argv + 1, sizeof(char *) * argc); /* argv[1..], NULL */
+    r = posix_spawn(pid, "/bin/sh", fa, attr, sh, envp);
+    free(sh);
+  }
+  return r;
+}
+
+/* Start `file` the way execvp in the child would (that is what uv_spawn
+ * does): a name with a slash is used as it is; otherwise each entry of the
+ * PATH of the child's environment is tried in turn (no PATH: glibc's
+ * default), an empty or relative entry being relative to the child's cwd.
+ * A candidate that does not exist or that we may not execute is skipped
+ * with access() instead of a whole spawn; EACCES anywhere is what is
+ * reported when nothing could be run, as execvp does.  Returns an errno. */
+static int drv__spawn_path(pid_t *pid, const char *file, const char *cwd, char **argv, char **envp,
+                           const posix_spawn_file_actions_t *fa, const posix_spawnattr_t *attr) {
+  char cand[PATH_MAX + NAME_MAX + 2], check[2 * PATH_MAX + NAME_MAX + 4];
+  const char *path = NULL, *p, *end;
+  size_t flen = strlen(file);
+  int got_eacces = 0, last = ENOENT;
+  char **e;
+  if (strchr(file, '/')) return drv__spawn_file(pid, file, argv, envp, fa, attr);
+  if (flen > NAME_MAX) return ENAMETOOLONG;
+  for (e = envp; *e; e++)
+    if (strncmp(*e, "PATH=", 5) == 0) { path = *e + 5; break; }
+  if (path == NULL) path = "/bin:/usr/bin"; /* glibc's execvp without PATH */
+  for (p = path;; p = end + 1) {
+    size_t dlen;
+    end = strchrnul(p, ':');
+    dlen = (size_t)(end - p);
+    if (dlen < PATH_MAX) {
+      const char *chk = cand;
+      int r;
+      memcpy(cand, p, dlen);
+      if (dlen) cand[dlen++] = '/';
+      memcpy(cand + dlen, file, flen + 1);
+      if (cand[0] != '/' && cwd) { /* relative to the cwd the child will have */
+        snprintf(check, sizeof check, "%s/%s", cwd, cand);
+        chk = check;
+      }
+      r = access(chk, X_OK) == 0 ? drv__spawn_file(pid, cand, argv, envp, fa, attr) : errno;
+      switch (r) {
+      case 0: return 0;
+      case EACCES: got_eacces = 1; /* fall through */
+      case ENOENT: case ESTALE: case ENOTDIR: case ENODEV: case ETIMEDOUT: last = r; break;
+      default: return r;
+      }
+    }
+    if (*end == '\0') break;
+  }
+  return got_eacces ? EACCES : last;
+}
+
+/* Returns 0 or a libuv error.  On success the child runs, watched by a
+ * uv_poll on its pidfd; on failure there is no child. */
+static int drv__spawn_posix(drv_proc *p, const drv_popts *o, char **args, char **envp, int out_fd,
+                            int err_fd) {
+  posix_spawn_file_actions_t fa;
+  posix_spawnattr_t attr;
+  sigset_t none, all;
+  int child[3] = {-1, -1, -1}; /* the child's ends of the pipes */
+  int fds[2], r = 0, e, i, pidfd;
+  pid_t pid = -1;
+
+  if (!p->S->sigchld_set) {
+    /* SIGCHLD ignored (or SA_NOCLDWAIT) would have the kernel reap our
+     * children before we read their status.  uv_spawn overrides that with
+     * a handler of its own; the default disposition is enough for us. */
+    struct sigaction sa;
+    p->S->sigchld_set = 1;
+    if (sigaction(SIGCHLD, NULL, &sa) == 0 &&
+        (sa.sa_handler == SIG_IGN || (sa.sa_flags & SA_NOCLDWAIT)))
+      signal(SIGCHLD, SIG_DFL);
+  }
+  /* Pipes: drover's ends become the uv_pipe_t handles (uv_pipe_open makes
+   * them non-blocking); the child's ends stay blocking. */
+  if (p->in_piped) {
+    if ((r = drv__pipe(fds, 1)) < 0) goto done;
+    child[0] = fds[0];
+    if ((r = uv_pipe_open(&p->in, fds[1])) < 0) { close(fds[1]); goto done; }
+  }
+  if (p->out.piped) {
+    if ((r = drv__pipe(fds, 0)) < 0) goto done;
+    child[1] = fds[1];
+    if ((r = uv_pipe_open(&p->out.pipe, fds[0])) < 0) { close(fds[0]); goto done; }
+  }
+  if (p->err.piped) {
+    if ((r = drv__pipe(fds, 0)) < 0) goto done;
+    child[2] = fds[1];
+    if ((r = uv_pipe_open(&p->err.pipe, fds[0])) < 0) { close(fds[0]); goto done; }
+  }
+  if ((e = posix_spawn_file_actions_init(&fa)) != 0) { r = -e; goto done; }
+  e = child[0] >= 0 ? posix_spawn_file_actions_adddup2(&fa, child[0], 0)
+                    : posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
+  if (!e) e = drv__fa_out(&fa, 1, p->out.mode, child[1], out_fd);
+  if (!e) e = drv__fa_out(&fa, 2, p->err.mode, child[2], err_fd);
+  if (!e && o->cwd) e = posix_spawn_file_actions_addchdir_np(&fa, o->cwd);
+  if (!e) e = posix_spawnattr_init(&attr);
+  if (!e) {
+    /* Like libuv's child: a new session, every signal at its default
+     * disposition (SIGPIPE included, which drover may ignore), none blocked. */
+    sigemptyset(&none);
+    drv__sigfill_all(&all);
+    posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSID | POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF);
+    posix_spawnattr_setsigmask(&attr, &none);
+    posix_spawnattr_setsigdefault(&attr, &all);
+    e = drv__spawn_path(&pid, args[0], o->cwd, args, envp ? envp : environ, &fa, &attr);
+    posix_spawnattr_destroy(&attr);
+  }
+  posix_spawn_file_actions_destroy(&fa);
+  if (e) { r = uv_translate_sys_error(e); goto done; }
+
+  /* The child is a zombie until we reap it, so even if it has exited
+   * already its pid is still ours to open. */
+  pidfd = drv__pidfd_open(pid);
+  if (pidfd < 0) {
+    r = uv_translate_sys_error(errno);
+  } else if ((r = uv_poll_init(p->loop, &p->watch.poll, pidfd)) < 0) {
+    close(pidfd);
+  } else {
+    p->watch.poll.data = p;
+    p->pidfd = pidfd;
+    p->proc_open = 1;
+    p->refs++;
+    uv_poll_start(&p->watch.poll, UV_READABLE, drv__proc_pidfd_cb);
+    p->pid = pid;
+  }
+  if (r < 0) { /* cannot watch it: do not leave it running unobserved */
+    kill(-pid, SIGKILL);
+    while (waitpid(pid, NULL, 0) < 0 && errno == EINTR) {}
+  }
+done:
+  for (i = 0; i < 3; i++)
+    if (child[i] >= 0) close(child[i]);
+  return r;
+}
+
+/* ---- starting a process ---- */
+
 /* Push the userdata of a new process, or nil + message if it could not be
  * started.  Arguments: argv at 1, opts at 2.  Returns the count pushed. */
 static int drv__proc_start(lua_State *L, const char *fname, int for_run) {
   drv_procs *S = drv__procs(L);
   drv_popts o;
-  uv_process_options_t uo;
-  uv_stdio_container_t stdio[3];
   char **args, **envp = NULL;
   int opts = 0, out_fd = -1, err_fd = -1, r;
   drv_proc *p, **box;
@@ -734,10 +1062,10 @@ static int drv__proc_start(lua_State *L, const char *fname, int for_run) {
   luaL_setmetatable(L, DRV_PROC_MT);
   ud = lua_gettop(L);
 
-  if (o.out_mode == OUT_FILE && (out_fd = drv__open_outfile(o.out_path)) < 0) {
+  if (o.out_mode == OUT_FILE && (out_fd = drv__above_stdio(drv__open_outfile(o.out_path))) < 0) {
     what = "stdout";
     path = o.out_path;
-  } else if (o.err_mode == OUT_FILE && (err_fd = drv__open_outfile(o.err_path)) < 0) {
+  } else if (o.err_mode == OUT_FILE && (err_fd = drv__above_stdio(drv__open_outfile(o.err_path))) < 0) {
     what = "stderr";
     path = o.err_path;
   }
@@ -762,64 +1090,47 @@ static int drv__proc_start(lua_State *L, const char *fname, int for_run) {
   p->loop = S->E->loop;
   p->detach = o.detach;
   p->grace = o.grace;
-  p->handle.data = p;
+  p->pidfd = -1;
+  p->out.mode = o.out_mode;
+  p->err.mode = o.err_mode;
+  p->out.fn_ref = p->err.fn_ref = LUA_NOREF;
 
-  memset(stdio, 0, sizeof stdio);
   if (o.stdin_mode) {
     uv_pipe_init(p->loop, &p->in, 0);
     p->in.data = p;
     p->in_open = p->in_piped = 1;
     p->refs++;
-    stdio[0].flags = (uv_stdio_flags)(UV_CREATE_PIPE | UV_READABLE_PIPE);
-    stdio[0].data.stream = (uv_stream_t *)&p->in;
     if (!S->sigpipe_set) {
       /* A child that exits without reading its stdin makes our write fail;
-       * that must be EPIPE, not a SIGPIPE that kills drover.  libuv resets
-       * the disposition to default in the child before exec. */
+       * that must be EPIPE, not a SIGPIPE that kills drover.  The child
+       * gets the default disposition back before exec. */
       struct sigaction sa;
       S->sigpipe_set = 1;
       if (sigaction(SIGPIPE, NULL, &sa) == 0 && sa.sa_handler == SIG_DFL) signal(SIGPIPE, SIG_IGN);
     }
-  } else {
-    stdio[0].flags = UV_IGNORE;
   }
-  drv__stdio_out(&stdio[1], &p->out, o.out_mode, out_fd, 1);
-  drv__stdio_out(&stdio[2], &p->err, o.err_mode, err_fd, 2);
-  if (stdio[1].flags & UV_CREATE_PIPE) { uv_pipe_init(p->loop, &p->out.pipe, 0); p->out.piped = 1; p->out.pipe.data = p; p->refs++; }
-  if (stdio[2].flags & UV_CREATE_PIPE) { uv_pipe_init(p->loop, &p->err.pipe, 0); p->err.piped = 1; p->err.pipe.data = p; p->refs++; }
+  if (o.out_mode == OUT_CAPTURE || o.out_mode == OUT_FUNC) {
+    uv_pipe_init(p->loop, &p->out.pipe, 0); p->out.piped = 1; p->out.pipe.data = p; p->refs++;
+  }
+  if (o.err_mode == OUT_CAPTURE || o.err_mode == OUT_FUNC) {
+    uv_pipe_init(p->loop, &p->err.pipe, 0); p->err.piped = 1; p->err.pipe.data = p; p->refs++;
+  }
 
-  memset(&uo, 0, sizeof uo);
-  uo.exit_cb = drv__proc_exit_cb;
-  uo.file = args[0];
-  uo.args = args;
-  uo.env = envp;
-  uo.cwd = o.cwd;
-  uo.flags = UV_PROCESS_DETACHED; /* setsid: a process group of its own */
-  uo.stdio_count = 3;
-  uo.stdio = stdio;
   p->t0 = uv_hrtime();
-  r = uv_spawn(p->loop, &p->handle, &uo);
-  p->refs++; /* the process handle is initialised even when uv_spawn fails */
-  p->proc_open = 1;
+  if (S->uv_spawn) r = drv__spawn_uv(p, &o, args, envp, out_fd, err_fd);
+  else r = drv__spawn_posix(p, &o, args, envp, out_fd, err_fd);
   if (out_fd >= 0) close(out_fd); /* the child has its own copy now */
   if (err_fd >= 0) close(err_fd);
 
   if (r != 0) {
     char msg[512];
     struct stat st;
-    if (p->handle.pid > 0) {
-      /* exec happened but libuv failed to open a pipe: do not leave the
-       * child running unobserved. */
-      kill(-p->handle.pid, SIGKILL);
-      while (waitpid(p->handle.pid, NULL, 0) < 0 && errno == EINTR) {}
-    }
     if (o.cwd && (stat(o.cwd, &st) != 0 || !S_ISDIR(st.st_mode)))
       snprintf(msg, sizeof msg, "cwd '%s': %s", o.cwd,
                uv_strerror(stat(o.cwd, &st) != 0 ? uv_translate_sys_error(errno) : UV_ENOTDIR));
     else
       snprintf(msg, sizeof msg, "%s", uv_strerror(r));
-    p->proc_open = 0;
-    drv__proc_close(p, (uv_handle_t *)&p->handle);
+    drv__proc_unwatch(p);
     if (p->out.piped) drv__proc_close(p, (uv_handle_t *)&p->out.pipe);
     if (p->err.piped) drv__proc_close(p, (uv_handle_t *)&p->err.pipe);
     drv__proc_close_stdin(p);
@@ -828,7 +1139,6 @@ static int drv__proc_start(lua_State *L, const char *fname, int for_run) {
     return 2;
   }
 
-  p->pid = p->handle.pid;
   p->refs++; /* the userdata */
   *box = p;
   drv__res_link(S->E, &p->res, drv__proc_res_close);
@@ -1130,6 +1440,12 @@ int drv__open_proc(lua_State *L) {
     S->E = drv__engine(L);
     S->cbL = lua_newthread(L);
     lua_setiuservalue(L, -2, 1); /* anchors the callback thread */
+    /* How children are started, decided once per engine.  DROVER_SPAWN=uv
+     * forces libuv's uv_spawn (fork); so does a kernel without pidfds. */
+    {
+      const char *m = getenv("DROVER_SPAWN");
+      S->uv_spawn = (m && strcmp(m, "uv") == 0) || !drv__have_pidfd();
+    }
     lua_rawsetp(L, LUA_REGISTRYINDEX, &drv__procs_key);
   }
   lua_pop(L, 1);
