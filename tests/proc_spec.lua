@@ -224,14 +224,19 @@ describe("drover.proc.run", function()
   end)
 
   it("times out a group that ignores SIGTERM with SIGKILL after kill_grace", function()
+    -- wait until the shell has set its trap (it echoes after), so a loaded
+    -- machine cannot deliver the TERM before the trap exists
+    local out = {}
+    local p = assert(P.spawn({ "sh", "-c", "trap '' TERM; sleep 100 & echo $!; sleep 100" },
+      { kill_grace = 0.3, stdout = function(chunk) out[#out + 1] = chunk end }))
+    H.wait_until(function() return #out > 0 end, 30, "the shell to set its trap")
     local t0 = drover.now()
-    local r = P.run({ "sh", "-c", "trap '' TERM; sleep 100 & echo $!; sleep 100" },
-      { timeout = 0.2, kill_grace = 0.3 })
+    local r = p:wait(0.2)
     assert.are.equal(124, r.code)
     assert.is_true(r.timed_out)
     assert.are.equal(9, r.signal)
     assert.is_true(drover.now() - t0 >= 0.45)
-    local grandchild = tonumber(r.stdout:match("%d+"))
+    local grandchild = tonumber(table.concat(out):match("%d+"))
     H.wait_until(function() return not alive(grandchild) end, 30, "the grandchild to die")
   end)
 
@@ -684,6 +689,31 @@ describe("drover.proc through the drover binary", function()
     -- the leader was killed and reaped before drover exited
     assert.is_false(alive(pid))
     H.wait_until(function() return not alive(grandchild) end, 30, "the grandchild to die")
+  end)
+
+  it("looks programs up in its own PATH, and runs files without #! with /bin/sh", function()
+    -- drover's own PATH is searched on a path of its own (posix_spawnp);
+    -- a child drover whose PATH has our directory exercises it
+    local bin = tmp .. "/ownpath"
+    os.execute("mkdir -p " .. bin)
+    write_file(bin .. "/drover-own-plain", "echo \"plain $1\"\n", "755")
+    write_file(bin .. "/drover-own-script", "#!/bin/sh\necho \"script $1\"\n", "755")
+    write_file(bin .. "/drover-own-noexec", "#!/bin/sh\necho never\n", "644")
+    local path = script("ownpath.lua", [[
+      local drover = require "drover"
+      local P = drover.proc
+      io.write(assert(P.run({ "drover-own-plain", "a" })).stdout)
+      io.write(assert(P.run({ "drover-own-script", "b" })).stdout)
+      local r, msg = P.run({ "drover-own-noexec" })
+      io.write(tostring(r), " ", msg, "\n")
+      r, msg = P.run({ "drover-own-missing" })
+      io.write(tostring(r), " ", msg, "\n")
+    ]])
+    local code, out, err = H.drover({ path }, { env = { PATH = bin .. ":" .. os.getenv("PATH") } })
+    assert.are.equal(0, code, err)
+    assert.are.equal("plain a\nscript b\n"
+      .. "nil drover.proc.run: cannot start 'drover-own-noexec': permission denied\n"
+      .. "nil drover.proc.run: cannot start 'drover-own-missing': no such file or directory\n", out)
   end)
 
   it("lets detached children outlive the engine", function()
