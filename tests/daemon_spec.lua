@@ -11,16 +11,7 @@ local fixture = root .. "/tests/conformance/fixture"
 -- Children run without the sanitizer run's LD_PRELOAD (curl deadlocks under it).
 local child_env = { LD_PRELOAD = "" }
 
-local function pids_matching(s)
-  local pids = {}
-  for _, pid in ipairs(drover.fs.list("/proc") or {}) do
-    if pid:match("^%d+$") then
-      local cmd = drover.fs.read("/proc/" .. pid .. "/cmdline")
-      if cmd and cmd:gsub("%z", " "):find(s, 1, true) then pids[#pids + 1] = math.tointeger(tonumber(pid)) end
-    end
-  end
-  return pids
-end
+local pids_matching = H.pids_matching
 local function processes_matching(s) return #pids_matching(s) end
 
 local function read_info(home)

@@ -15,16 +15,7 @@ local function sh(argv, timeout)
   return r.code, (r.stdout or "") .. (r.stderr or "")
 end
 
-local function pids_matching(s)
-  local pids = {}
-  for _, pid in ipairs(drover.fs.list("/proc") or {}) do
-    if pid:match("^%d+$") then
-      local cmd = drover.fs.read("/proc/" .. pid .. "/cmdline")
-      if cmd and cmd:gsub("%z", " "):find(s, 1, true) then pids[#pids + 1] = math.tointeger(tonumber(pid)) end
-    end
-  end
-  return pids
-end
+local pids_matching = H.pids_matching
 
 describe("dashboard in a browser", function()
   local home

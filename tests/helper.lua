@@ -33,6 +33,20 @@ function H.drover(args, opts)
   return r.code, r.stdout, r.stderr
 end
 
+--- Pids of the processes whose command line contains `s` (read from /proc,
+-- so no pgrep or shell shows up in its own results).
+function H.pids_matching(s)
+  local drover = require "drover"
+  local pids = {}
+  for _, pid in ipairs(drover.fs.list("/proc") or {}) do
+    if pid:match("^%d+$") then
+      local cmd = drover.fs.read("/proc/" .. pid .. "/cmdline")
+      if cmd and cmd:gsub("%z", " "):find(s, 1, true) then pids[#pids + 1] = math.tointeger(tonumber(pid)) end
+    end
+  end
+  return pids
+end
+
 --- A fresh temporary directory, removed by the caller.
 function H.tempdir()
   local p = io.popen("mktemp -d /tmp/drover-spec.XXXXXX")

@@ -16,16 +16,7 @@ end
 local fixture = (os.getenv("DROVER_ROOT") or ".") .. "/tests/conformance/fixture"
 local deadline = tonumber(os.getenv("DROVER_CONFORMANCE_TIMEOUT") or "120")
 
-local function processes_matching(s)
-  local n = 0
-  for _, pid in ipairs(drover.fs.list("/proc") or {}) do
-    if pid:match("^%d+$") then
-      local cmd = drover.fs.read("/proc/" .. pid .. "/cmdline")
-      if cmd and cmd:gsub("%z", " "):find(s, 1, true) then n = n + 1 end
-    end
-  end
-  return n
-end
+local function processes_matching(s) return #H.pids_matching(s) end
 
 describe("conformance: backend '" .. backend .. "'", function()
   local orch, pkg
