@@ -14,10 +14,7 @@ local child_env = { LD_PRELOAD = "" }
 local pids_matching = H.pids_matching
 local function processes_matching(s) return #pids_matching(s) end
 
-local function read_info(home)
-  local text = drover.fs.read(home .. "/daemon.json")
-  return text and json.decode(text)
-end
+local read_info = H.daemon_info
 
 describe("drover serve", function()
   local home, daemon, info
@@ -30,38 +27,17 @@ describe("drover serve", function()
   -- Start `drover serve ARGS` on `dir`; wait until it wrote daemon.json.
   local function serve(args, dir, env)
     dir = dir or home
-    local argv = { H.drover_bin, "serve" }
-    for _, a in ipairs(args or { "--port", "0" }) do argv[#argv + 1] = a end
     local e = { DROVER_HOME = dir }
     for k, v in pairs(env or {}) do e[k] = v end
-    local p = assert(drover.proc.spawn(argv, { env = e, stdout = dir .. "/serve.out", stderr = dir .. "/serve.err" }))
+    local p, i = H.serve(dir, args, e)
     daemons[#daemons + 1] = p
-    local i = H.wait_until(function()
-      local d = read_info(dir)
-      return d and d.pid == p.pid and d
-    end, 60, "daemon.json of the new daemon")
     return p, i
   end
 
   local function get(path, opts) return assert(http.get(info.url .. path, opts)) end
 
-  local function wait_state(id, want, timeout)
-    local last
-    H.wait_until(function()
-      last = get("/api/runs/" .. id).json
-      return last.state == want
-    end, timeout or 60, "run " .. id .. " to be " .. want)
-    return last
-  end
-
-  local function run(name, params)
-    local args = { "run", name }
-    for _, p in ipairs(params or {}) do args[#args + 1] = p end
-    local code, out, err = drv(args)
-    assert.are.equal(0, code, err)
-    local id, url = out:match("^(%x+)%s+(%S+)")
-    return id, url
-  end
+  local function wait_state(id, want, timeout) return H.wait_run_state(info.url, id, want, timeout) end
+  local function run(name, params) return H.run({ DROVER_HOME = home }, name, params) end
 
   setup(function()
     home = H.tempdir()

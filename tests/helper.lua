@@ -47,6 +47,50 @@ function H.pids_matching(s)
   return pids
 end
 
+--- The daemon.json a `drover serve` on store `home` wrote, or nil.
+function H.daemon_info(home)
+  local drover = require "drover"
+  local text = drover.fs.read(home .. "/daemon.json")
+  return text and drover.json.decode(text)
+end
+
+--- Start `drover serve ARGS` (default `--port 0`) on store `home`, with
+-- env (default { DROVER_HOME = home }); wait until it wrote daemon.json.
+-- Returns the process and the daemon info; the caller stops the process.
+function H.serve(home, args, env)
+  local drover = require "drover"
+  local argv = { H.drover_bin, "serve" }
+  for _, a in ipairs(args or { "--port", "0" }) do argv[#argv + 1] = a end
+  local p = assert(drover.proc.spawn(argv, { env = env or { DROVER_HOME = home },
+    stdout = home .. "/serve.out", stderr = home .. "/serve.err" }))
+  local info = H.wait_until(function()
+    local d = H.daemon_info(home)
+    return d and d.pid == p.pid and d
+  end, 60, "daemon.json of the new daemon")
+  return p, info
+end
+
+--- `drover run NAME PARAMS...` with env; returns the run id and URL it printed.
+function H.run(env, name, params)
+  local args = { "run", name }
+  for _, p in ipairs(params or {}) do args[#args + 1] = p end
+  local code, out, err = H.drover(args, { env = env })
+  assert(code == 0, "drover run " .. name .. " exited " .. tostring(code) .. ": " .. tostring(err))
+  return out:match("^(%x+)%s+(%S+)")
+end
+
+--- Poll the daemon at base_url until run `id` is in state `want`; returns
+-- the run record.
+function H.wait_run_state(base_url, id, want, timeout)
+  local http = require "drover.http"
+  local last
+  H.wait_until(function()
+    last = assert(http.get(base_url .. "/api/runs/" .. id)).json
+    return last.state == want
+  end, timeout or 60, "run " .. id .. " to be " .. want)
+  return last
+end
+
 --- A fresh temporary directory, removed by the caller.
 function H.tempdir()
   local p = io.popen("mktemp -d /tmp/drover-spec.XXXXXX")

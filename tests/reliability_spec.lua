@@ -13,10 +13,6 @@ local fixture = root .. "/tests/fixtures/sched"
 -- asks for take about 10 s here (2 cores); DROVER_PARALLEL_RUNS overrides.
 local N_PARALLEL = tonumber(os.getenv("DROVER_PARALLEL_RUNS") or "") or 200
 
-local function read_info(home)
-  local text = drover.fs.read(home .. "/daemon.json")
-  return text and json.decode(text)
-end
 
 local function lines(path)
   local out = {}
@@ -31,34 +27,15 @@ describe("reliability", function()
   local function drv(args) return H.drover(args, { env = env }) end
 
   local function serve()
-    local p = assert(drover.proc.spawn({ H.drover_bin, "serve", "--port", "0" },
-      { env = env, stdout = home .. "/serve.out", stderr = home .. "/serve.err" }))
+    local p, i = H.serve(home, nil, env)
     daemons[#daemons + 1] = p
-    local i = H.wait_until(function()
-      local d = read_info(home)
-      return d and d.pid == p.pid and d
-    end, 60, "daemon.json of the new daemon")
     return p, i
   end
 
   local function get(path) return assert(http.get(info.url .. path)).json end
 
-  local function wait_state(id, want, timeout)
-    local last
-    H.wait_until(function()
-      last = get("/api/runs/" .. id)
-      return last.state == want
-    end, timeout or 60, "run " .. id .. " to be " .. want)
-    return last
-  end
-
-  local function run(name, params)
-    local args = { "run", name }
-    for _, p in ipairs(params or {}) do args[#args + 1] = p end
-    local code, out, err = drv(args)
-    assert.are.equal(0, code, err)
-    return (out:match("^(%x+)%s"))
-  end
+  local function wait_state(id, want, timeout) return H.wait_run_state(info.url, id, want, timeout) end
+  local function run(name, params) return (H.run(env, name, params)) end
 
   local function tasks_by_name(r)
     local t = {}
@@ -83,7 +60,7 @@ describe("reliability", function()
     for _, p in ipairs(daemons) do
       if p:is_running() then drover.kill(p.pid, "KILL"); p:wait(30) end
     end
-    local d = home and read_info(home)
+    local d = home and H.daemon_info(home)
     if d and d.pid then drover.kill(d.pid, "KILL") end
     if home then
       -- workers a failed test left waiting

@@ -13,7 +13,15 @@ export LUA_CPATH="$ROOT/$BUILD/lua/?.so;;"
 export DROVER_HOME=$(mktemp -d /tmp/drover-test-home.XXXXXX)
 passed=0 failed=0
 log=$(mktemp /tmp/drover-test.XXXXXX)
-trap 'rm -rf "$DROVER_HOME" "$log"' EXIT
+SERVICES=$(mktemp -d /tmp/drover-services.XXXXXX)
+stop_services() {
+  for svc in tests/services/*.sh; do
+    [ -e "$svc" ] || continue
+    name=$(basename "$svc" .sh)
+    [ -d "$SERVICES/$name" ] && bash "$svc" stop "$SERVICES/$name" >>"$SERVICES/$name.log" 2>&1
+  done
+}
+trap 'stop_services; rm -rf "$DROVER_HOME" "$log" "$SERVICES"' EXIT
 LUA=lua5.4
 if [[ $BUILD == build-asan ]]; then
   # An interpreter linked with the sanitizer runtime (tests/support/lua.c);
@@ -22,6 +30,21 @@ if [[ $BUILD == build-asan ]]; then
   export DROVER_LUA=$LUA
   export ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 fi
+
+# Services: the real daemons some specs need (a Slurm cluster, dockerd...).
+# Each tests/services/NAME.sh takes `packages` (Debian packages, installed
+# by make deps), `start DIR` (start, leave pids in DIR, `export K=V` lines
+# in DIR/env and conformance-kit lines "BACKEND [CONFIG.json] [K=V...]" in
+# DIR/conformance) and `stop DIR` (stop what start started, by PID).  They
+# start in the background while the C tests run.
+svc_jobs=()
+for svc in tests/services/*.sh; do
+  [ -e "$svc" ] || continue
+  name=$(basename "$svc" .sh)
+  mkdir -p "$SERVICES/$name"
+  ( bash "$svc" start "$SERVICES/$name" >"$SERVICES/$name.log" 2>&1; echo $? >"$SERVICES/$name.rc" ) &
+  svc_jobs+=($!)
+done
 
 # C tests: each tests/c/*.c is built against libdrover.a and prints TAP lines.
 for src in tests/c/*.c; do
@@ -36,6 +59,22 @@ for src in tests/c/*.c; do
   p=$(grep -c '^ok ' "$log"); f=$(grep -c '^not ok ' "$log")
   [ $rc -ne 0 ] && [ "$f" -eq 0 ] && f=1
   passed=$((passed+p)); failed=$((failed+f))
+done
+
+for j in "${svc_jobs[@]}"; do wait "$j"; done
+conformance_lines=()
+for svc in tests/services/*.sh; do
+  [ -e "$svc" ] || continue
+  name=$(basename "$svc" .sh)
+  if [ "$(cat "$SERVICES/$name.rc" 2>/dev/null)" = 0 ]; then
+    echo "ok - service $name starts"; passed=$((passed+1))
+    [ -f "$SERVICES/$name/env" ] && . "$SERVICES/$name/env"
+    [ -f "$SERVICES/$name/conformance" ] && while IFS= read -r line; do
+      [ -n "$line" ] && conformance_lines+=("$line")
+    done <"$SERVICES/$name/conformance"
+  else
+    tail -n 40 "$SERVICES/$name.log"; echo "not ok - service $name starts"; failed=$((failed+1))
+  fi
 done
 
 # busted specs, one process per file so one crash cannot hide the others.
@@ -60,10 +99,22 @@ if [[ $BUILD != build-asan ]] && command -v valgrind >/dev/null; then
 fi
 
 # The conformance kit, once per backend the suite can start here.
-for backend in ${DROVER_CONFORMANCE_BACKENDS:-local}; do
-  echo "# conformance: $backend"
-  BUSTED_OUTPUT=TAP BUSTED_LUA=$LUA DROVER_HOME=$(mktemp -d /tmp/drover-conf.XXXXXX) \
-    bash tests/conformance/run.sh "$backend" >"$log" 2>&1; rc=$?
+# Lines are "BACKEND [CONFIG.json] [K=V ...]": local, then what the services
+# wrote; DROVER_CONFORMANCE_BACKENDS (space-separated names) overrides.
+if [ -n "${DROVER_CONFORMANCE_BACKENDS:-}" ]; then
+  conformance_lines=($DROVER_CONFORMANCE_BACKENDS)
+else
+  conformance_lines=(local "${conformance_lines[@]}")
+fi
+for line in "${conformance_lines[@]}"; do
+  read -r -a words <<<"$line"
+  backend=${words[0]} config= envs=()
+  for w in "${words[@]:1}"; do
+    if [[ $w == *=* ]]; then envs+=("$w"); else config=$w; fi
+  done
+  echo "# conformance: $line"
+  env ${envs[@]+"${envs[@]}"} BUSTED_OUTPUT=TAP BUSTED_LUA=$LUA DROVER_HOME=$(mktemp -d /tmp/drover-conf.XXXXXX) \
+    bash tests/conformance/run.sh "$backend" $config >"$log" 2>&1; rc=$?
   cat "$log"
   p=$(grep -c '^ok ' "$log"); f=$(grep -c '^not ok ' "$log")
   [ $rc -ne 0 ] && [ "$f" -eq 0 ] && f=1

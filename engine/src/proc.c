@@ -1293,39 +1293,15 @@ static int drv__l_wait(lua_State *L) {
   return drv__proc_await(L, p, &tmp, "proc:wait");
 }
 
-static const struct {
-  const char *name;
-  int num;
-} drv__signals[] = {
-    {"HUP", SIGHUP},   {"INT", SIGINT},     {"QUIT", SIGQUIT},   {"ILL", SIGILL},
-    {"TRAP", SIGTRAP}, {"ABRT", SIGABRT},   {"BUS", SIGBUS},     {"FPE", SIGFPE},
-    {"KILL", SIGKILL}, {"USR1", SIGUSR1},   {"SEGV", SIGSEGV},   {"USR2", SIGUSR2},
-    {"PIPE", SIGPIPE}, {"ALRM", SIGALRM},   {"TERM", SIGTERM},   {"CHLD", SIGCHLD},
-    {"CONT", SIGCONT}, {"STOP", SIGSTOP},   {"TSTP", SIGTSTP},   {"TTIN", SIGTTIN},
-    {"TTOU", SIGTTOU}, {"URG", SIGURG},     {"XCPU", SIGXCPU},   {"XFSZ", SIGXFSZ},
-    {"VTALRM", SIGVTALRM}, {"PROF", SIGPROF}, {"WINCH", SIGWINCH}, {"IO", SIGIO},
-    {"SYS", SIGSYS},   {NULL, 0}};
-
 /* proc:kill([signal]) -> true | nil, message.  signal: a number or a name
  * ("TERM", "SIGKILL", "kill"); default SIGTERM.  Sent to the whole group. */
 static int drv__l_kill(lua_State *L) {
   drv_proc *p = drv__check_proc(L, 1, "proc:kill");
   int sig = SIGTERM, r;
   int t = lua_type(L, 2);
-  if (t == LUA_TNUMBER) {
-    lua_Integer n;
-    if (!lua_isinteger(L, 2) || (n = lua_tointeger(L, 2)) < 0 || n >= NSIG)
-      return luaL_error(L, "proc:kill: bad argument 'signal' (no signal number %s)", lua_tostring(L, 2));
-    sig = (int)n;
-  } else if (t == LUA_TSTRING) {
-    const char *s = lua_tostring(L, 2);
-    int i;
-    if (strncasecmp(s, "SIG", 3) == 0) s += 3;
-    for (i = 0; drv__signals[i].name; i++)
-      if (strcasecmp(s, drv__signals[i].name) == 0) break;
-    if (drv__signals[i].name == NULL)
+  if (t == LUA_TNUMBER || t == LUA_TSTRING) {
+    if ((sig = drv__signum(L, 2)) < 0)
       return luaL_error(L, "proc:kill: bad argument 'signal' (unknown signal '%s')", lua_tostring(L, 2));
-    sig = drv__signals[i].num;
   } else if (t != LUA_TNONE && t != LUA_TNIL) {
     return drv__argerror(L, "proc:kill", "signal", "signal name or number", 2);
   }

@@ -11,6 +11,7 @@
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <stdio.h>
 #include <unistd.h>
 
@@ -25,22 +26,33 @@ typedef struct {
   int active;
 } drv_signal;
 
+/* The one table of signal names (drover.kill, on_signal and proc:kill all
+ * read names through drv__signum). */
 static const struct { const char *name; int num; } drv__signames[] = {
-    {"HUP", SIGHUP},   {"INT", SIGINT},   {"QUIT", SIGQUIT}, {"TERM", SIGTERM},
-    {"USR1", SIGUSR1}, {"USR2", SIGUSR2}, {"CHLD", SIGCHLD}, {"WINCH", SIGWINCH},
-    {"PIPE", SIGPIPE}, {"ALRM", SIGALRM}, {"KILL", SIGKILL}, {"STOP", SIGSTOP},
-    {"CONT", SIGCONT}, {NULL, 0}};
+    {"HUP", SIGHUP},   {"INT", SIGINT},     {"QUIT", SIGQUIT},   {"ILL", SIGILL},
+    {"TRAP", SIGTRAP}, {"ABRT", SIGABRT},   {"BUS", SIGBUS},     {"FPE", SIGFPE},
+    {"KILL", SIGKILL}, {"USR1", SIGUSR1},   {"SEGV", SIGSEGV},   {"USR2", SIGUSR2},
+    {"PIPE", SIGPIPE}, {"ALRM", SIGALRM},   {"TERM", SIGTERM},   {"CHLD", SIGCHLD},
+    {"CONT", SIGCONT}, {"STOP", SIGSTOP},   {"TSTP", SIGTSTP},   {"TTIN", SIGTTIN},
+    {"TTOU", SIGTTOU}, {"URG", SIGURG},     {"XCPU", SIGXCPU},   {"XFSZ", SIGXFSZ},
+    {"VTALRM", SIGVTALRM}, {"PROF", SIGPROF}, {"WINCH", SIGWINCH}, {"IO", SIGIO},
+    {"SYS", SIGSYS},   {NULL, 0}};
 
-/* Signal number from a number or a name ("TERM", "SIGTERM"); -1 if unknown. */
+/* Signal number from an integer in [0, NSIG) or a name, any case, with or
+ * without "SIG" ("TERM", "SIGTERM", "kill"); -1 if it is neither. */
 int drv__signum(lua_State *L, int idx) {
   const char *s;
   int i;
-  if (lua_type(L, idx) == LUA_TNUMBER) return (int)lua_tointeger(L, idx);
+  if (lua_type(L, idx) == LUA_TNUMBER) {
+    lua_Integer n;
+    if (!lua_isinteger(L, idx) || (n = lua_tointeger(L, idx)) < 0 || n >= NSIG) return -1;
+    return (int)n;
+  }
   if (lua_type(L, idx) != LUA_TSTRING) return -1;
   s = lua_tostring(L, idx);
-  if (strncmp(s, "SIG", 3) == 0) s += 3;
+  if (strncasecmp(s, "SIG", 3) == 0) s += 3;
   for (i = 0; drv__signames[i].name; i++)
-    if (strcmp(s, drv__signames[i].name) == 0) return drv__signames[i].num;
+    if (strcasecmp(s, drv__signames[i].name) == 0) return drv__signames[i].num;
   return -1;
 }
 

@@ -6,6 +6,10 @@ pkgs=(build-essential pkg-config lua5.4 liblua5.4-dev libuv1-dev libcurl4-openss
       libssl-dev lua-cjson-dev lua-busted libsqlite3-dev sqlite3 libh2o-dev curl ca-certificates
       python3 procps valgrind)
 pkgs+=("$@")
+# the packages of the services the tests start (tests/services/NAME.sh packages)
+for svc in "$(dirname "$0")"/../services/*.sh; do
+  [ -e "$svc" ] && pkgs+=($(bash "$svc" packages))
+done
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
