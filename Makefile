@@ -28,7 +28,7 @@ HEADERS    = $(wildcard engine/src/*.h) engine/include/drover.h
 
 SOVERSION = 0
 
-.PHONY: all deps test test-c test-lua test-asan bench clean install uninstall
+.PHONY: all deps test test-c test-lua test-asan bench clean install uninstall FORCE
 all: $(BUILD)/drover $(BUILD)/plugins/server.so $(BUILD)/libdrover.a $(BUILD)/libdrover.so $(BUILD)/lua/drover/core.so
 
 deps:
@@ -36,6 +36,15 @@ deps:
 
 $(BUILD)/obj/%.o: engine/src/%.c $(HEADERS) | $(BUILD)/obj
 	$(CC) $(CFLAGS) $(DRV_CFLAGS) -c $< -o $@
+
+# api.c compiles PREFIX in: where a program linked with libdrover.a finds
+# the Lua library (libdrover.so and the binary look next to themselves
+# first).  A stamp that changes with PREFIX rebuilds it, so that
+# `make install PREFIX=X` after a plain `make` installs files that look in X.
+$(BUILD)/prefix.stamp: FORCE | $(BUILD)/obj
+	@echo '$(PREFIX)' | cmp -s - $@ || echo '$(PREFIX)' > $@
+$(BUILD)/obj/api.o: $(BUILD)/prefix.stamp
+FORCE:
 
 $(BUILD)/obj $(BUILD)/lua/drover:
 	mkdir -p $@

@@ -7,6 +7,14 @@ local H = require "helper"
 describe("make install", function()
   local prefix, home
 
+  -- An environment that points at nothing in the checkout: the installed
+  -- files must find each other on their own.
+  local function installed_env(h)
+    return { LD_LIBRARY_PATH = prefix .. "/lib", DROVER_HOME = h or home, DROVER_DAEMON = "0",
+      DROVER_ROOT = false, DROVER_BIN = false, DROVER_LUA_DIR = false, DROVER_PATH = false,
+      LUA_PATH = false, LUA_CPATH = false }
+  end
+
   setup(function()
     prefix = H.tempdir()
     home = H.tempdir()
@@ -61,9 +69,71 @@ int main(void) {
     for f in flags.stdout:gmatch("%S+") do argv[#argv + 1] = f end
     local cc = assert(drover.proc.run(argv))
     assert.are.equal(0, cc.code, cc.stderr)
-    local r = assert(drover.proc.run({ home .. "/embed" }, { env = {
-      LD_LIBRARY_PATH = prefix .. "/lib", DROVER_LUA_DIR = prefix .. "/share/drover/lua" } }))
+    -- nothing says where the Lua library is: libdrover finds it under the
+    -- prefix it was installed to (next to itself), from any directory
+    local r = assert(drover.proc.run({ home .. "/embed" }, { cwd = "/", env = installed_env() }))
     assert.are.equal(0, r.code, r.stderr)
     assert.are.equal("embedded 0.1.0\n", r.stdout)
+  end)
+
+  it("a program linked statically with libdrover.a finds the Lua library under PREFIX", function()
+    local src = home .. "/static.c"
+    assert(drover.fs.write(src, [[
+#include <drover.h>
+#include <stdio.h>
+int main(void) {
+  drover *D = drover_open(NULL);
+  int rc = drover_dostring(D, "print(require('drover.config').lua_dir)", "=static");
+  if (rc != DROVER_OK) fprintf(stderr, "%s\n", drover_errmsg(D));
+  drover_close(D);
+  return rc == DROVER_OK ? 0 : 1;
+}
+]]))
+    local env = { PKG_CONFIG_PATH = prefix .. "/lib/pkgconfig" }
+    local flags = assert(drover.proc.run({ "pkg-config", "--static", "--cflags", "--libs", "drover" }, { env = env }))
+    assert.are.equal(0, flags.code, flags.stderr)
+    -- -l:libdrover.a picks the archive although libdrover.so sits next to it
+    local argv = { "cc", "-o", home .. "/static", src }
+    if os.getenv("DROVER_BUILD") == "build-asan" then argv[#argv + 1] = "-fsanitize=address,undefined" end
+    for f in flags.stdout:gmatch("%S+") do argv[#argv + 1] = f == "-ldrover" and "-l:libdrover.a" or f end
+    local cc = assert(drover.proc.run(argv))
+    assert.are.equal(0, cc.code, cc.stderr)
+    local r = assert(drover.proc.run({ home .. "/static" }, { cwd = "/", env = installed_env() }))
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal(prefix .. "/share/drover/lua\n", r.stdout)
+  end)
+
+  it("examples/embed builds with pkg-config alone and runs a workflow and the local backend", function()
+    local out = H.tempdir()
+    local env = { PKG_CONFIG_PATH = prefix .. "/lib/pkgconfig" }
+    -- build in a copy, so the checkout stays clean
+    local cp = assert(drover.proc.run({ "cp", H.root .. "/examples/embed/main.c", H.root .. "/examples/embed/Makefile",
+      H.root .. "/examples/embed/workflow.lua", H.root .. "/examples/embed/hello_job.lua", out }))
+    assert.are.equal(0, cp.code, cp.stderr)
+    local argv = { "make", "-s", "-C", out, "embed" }
+    if os.getenv("DROVER_BUILD") == "build-asan" then
+      argv[#argv + 1] = "CC=cc -fsanitize=address,undefined"
+    end
+    local mk = assert(drover.proc.run(argv, { env = env }))
+    assert.are.equal(0, mk.code, mk.stdout .. mk.stderr)
+    local ehome = H.tempdir()
+    local r = assert(drover.proc.run({ out .. "/embed", out }, { cwd = "/", env = installed_env(ehome),
+      timeout = 120 }))
+    assert.are.equal(0, r.code, r.stdout .. r.stderr)
+    assert.are.equal("HELLO FROM C\n" ..
+      "workflow COMPLETED, host function called 3 times\n", r.stdout:match("^(.-\n.-\n)"))
+    assert.matches("\npackaged %x+\ndeployed hello%-embed\nrun COMPLETED\n" ..
+      "logs: %[%[\"hello from a local worker, embedder\"%]%]\n$", r.stdout)
+    -- drover.log() went through the program's log callback
+    assert.matches("embed %[info%] workflow shouted 3 words", r.stderr)
+    -- the workflow file's flow run is in the store, with its task runs
+    local store = assert(require("drover.store").open(ehome))
+    local runs = store:flow_runs { limit = 10 }
+    local names = {}
+    for _, fr in ipairs(runs) do names[#names + 1] = fr.name .. "=" .. fr.state end
+    table.sort(names)
+    assert.are.same({ "hello-embed=COMPLETED", "workflow=COMPLETED" }, names)
+    store:close()
+    os.execute("rm -rf " .. out .. " " .. ehome)
   end)
 end)

@@ -1,4 +1,4 @@
--- drover.json: encode/decode over lua-cjson 2.1.0.
+-- drover.json: the C encoder/decoder (engine/src/json.c) behind drover.json.
 local json = require "drover.json"
 local H = require "helper"
 
@@ -166,6 +166,76 @@ describe("drover.json", function()
       assert.are.equal('[\n\t1\n]', json.encode({ 1 }, { indent = "\t" }))
     end)
 
+    it("writes number keys of json.object by their text and sorts names bytewise", function()
+      assert.are.equal('{"1.5":"f","10":"b","9":"a"}', json.encode(json.object { [9] = "a", [10] = "b", [1.5] = "f" }))
+      assert.are.equal('{"B":1,"_":2,"a":3,"a\\u0000":4,"ab":5}',
+        json.encode { a = 3, B = 1, _ = 2, ab = 5, ["a\0"] = 4 })
+      assert.are.equal("drover.json.encode: value: duplicate object key \"2\"",
+        raised(json.encode, json.object { [2] = 1, ["2"] = 2, x = 3 }))
+      assert.are.equal("drover.json.encode: value: object key of type boolean",
+        raised(json.encode, json.object { [true] = 1 }))
+      assert.are.equal("drover.json.encode: value: cannot use NaN or infinity as an object key",
+        raised(json.encode, json.object { [math.huge] = 1 }))
+    end)
+
+    it("quotes odd keys in error paths as %q does, and names bad keys", function()
+      assert.are.equal('drover.json.encode: value["a\\"b\\\n"][3]["1x"]: cannot encode function',
+        raised(json.encode, { ['a"b\n'] = { 1, 2, { ["1x"] = print } } }))
+      assert.are.equal('drover.json.encode: value[""]._ok9: cannot encode userdata',
+        raised(json.encode, { [""] = { _ok9 = io.stdout } }))
+      assert.are.equal("drover.json.encode: value[1.5]: cannot encode function",
+        raised(json.encode, json.object { [1.5] = print }))
+      assert.are.equal("drover.json.encode: value: table key -1 is neither a string nor a positive integer; "
+        .. "use json.object to write number keys as strings", raised(json.encode, { [-1] = 1 }))
+      assert.are.equal("drover.json.encode: value: table key 2.5 is neither a string nor a positive integer; "
+        .. "use json.object to write number keys as strings", raised(json.encode, { [2.5] = 1 }))
+    end)
+
+    it("checks UTF-8 as utf8.len does: overlongs, surrogates, beyond U+10FFFF, truncation", function()
+      for _, bad in ipairs { "\192\128", "\224\128\128", "\237\160\128", "\244\144\128\128",
+        "\226\130", "x\128", "\248\136\128\128\128" } do
+        assert.is_nil(utf8.len(bad))
+        assert.are.equal("drover.json.encode: value[2]: invalid UTF-8 in string", raised(json.encode, { "ok", bad }))
+        -- the key is part of the path, quoted as %q does (bytes >= 128 as they are)
+        assert.are.equal('drover.json.encode: value["' .. bad .. '"]: invalid UTF-8 in string',
+          raised(json.encode, { [bad] = 1 }))
+      end
+      assert.are.equal('"\u{10FFFF}\u{D7FF}\u{E000}"', json.encode("\u{10FFFF}\u{D7FF}\u{E000}"))
+    end)
+
+    it("encodes long strings with escapes and multi-byte characters anywhere", function()
+      local parts = {}
+      for i = 1, 5000 do parts[i] = (i % 3 == 0) and "é\n" or ((i % 7 == 0) and "😀\1" or "ab") end
+      local s = table.concat(parts)
+      local out = json.encode(s)
+      assert.are.equal(s, json.decode(out))
+      assert.is_nil(out:find("\n", 1, true))
+      assert.are.equal(#s + 2 + select(2, s:gsub("\n", "")) + 5 * select(2, s:gsub("\1", "")), #out)
+    end)
+
+    it("accepts indent 0 or \"\" as compact, and nests exactly 1000 levels", function()
+      assert.are.equal('{"a":[1]}', json.encode({ a = { 1 } }, { indent = 0 }))
+      assert.are.equal('{"a":[1]}', json.encode({ a = { 1 } }, { indent = "" }))
+      local deep = {}
+      local cur = deep
+      for _ = 1, 999 do
+        cur[1] = {}
+        cur = cur[1]
+      end
+      local s = json.encode(deep) -- 1000 tables: the limit, not beyond
+      assert.are.equal(("["):rep(999) .. "{}" .. ("]"):rep(999), s)
+      cur[1] = {}
+      assert.matches("nesting deeper than 1000 levels", raised(json.encode, deep))
+    end)
+
+    it("writes floats as the shortest text that reads back, at their extremes too", function()
+      assert.are.equal("-0", json.encode(-0.0))
+      assert.are.equal("4.9406564584125e-324", json.encode(5e-324)) -- 14 digits already read back
+      assert.are.equal("1.7976931348623157e+308", json.encode(1.7976931348623157e308))
+      assert.are.equal("9.223372036854776e+18", json.encode(2.0 ^ 63)) -- 16 digits suffice
+      assert.are.equal("0.30000000000000004", json.encode(0.1 + 0.2))
+    end)
+
     it("checks its options", function()
       assert.matches("bad argument 'opts' %(table or nil expected, got string%)", raised(json.encode, 1, "x"))
       assert.matches("bad option 'indent'", raised(json.encode, 1, { indent = true }))
@@ -275,6 +345,77 @@ describe("drover.json", function()
       assert.are.equal("drover.json.decode: Expected value but found invalid token at character 20 (line 3, column 8)", msg)
     end)
 
+    it("turns integral numbers into integers and the rest into floats", function()
+      local v = assert(json.decode("[1e2,-0,1.0e1,9223372036854775808,-9223372036854775809,1e400,-1.5e-3,0.5]"))
+      assert.are.equal("integer", math.type(v[1]))
+      assert.are.equal(100, v[1])
+      assert.are.equal("integer", math.type(v[2]))
+      assert.are.equal(10, v[3])
+      assert.are.equal("float", math.type(v[4])) -- beyond int64
+      assert.are.equal(2.0 ^ 63, v[4])
+      assert.are.equal("float", math.type(v[5]))
+      assert.are.equal(math.huge, v[6])
+      assert.are.equal(-1.5e-3, v[7])
+      assert.are.equal(0.5, v[8])
+    end)
+
+    it("refuses every malformed number", function()
+      for _, text in ipairs { "-", "1.", ".5", "1e", "1e+", "+1", "-01", "1.5.2", "0x1F", "1ee2", "--1", "Infinity", "-Infinity" } do
+        local v, msg = json.decode("[" .. text .. "]")
+        assert.is_nil(v, text)
+        assert.is_truthy(msg:find("invalid", 1, true), msg)
+      end
+    end)
+
+    it("checks unicode escapes and their surrogate pairs", function()
+      for _, text in ipairs { '"\\udc00"', '"\\ud800x"', '"\\ud800\\u0041"', '"\\u12"', '"\\u12g4"' } do
+        local v, msg = json.decode(text)
+        assert.is_nil(v, text)
+        assert.is_truthy(msg:find("invalid unicode escape", 1, true), msg)
+      end
+      assert.are.equal("\u{10FFFF}", json.decode('"\\udbff\\udfff"'))
+      assert.are.equal("\u{7FF}\u{800}\u{FFFF}", json.decode('"\\u07FF\\u0800\\uffff"'))
+    end)
+
+    it("names what it expected in objects and arrays", function()
+      local cases = {
+        { '{"a" 1}', "Expected colon but found a number at character 6" },
+        { '{"a":1 "b":2}', "Expected comma or object end but found a string at character 8" },
+        { "[1 2]", "Expected comma or array end but found a number at character 4" },
+        { '{"a\\q":1}', "Expected object key string but found invalid escape code at character 4" },
+        { "[tru]", "Expected value but found invalid token at character 2" },
+      }
+      for _, c in ipairs(cases) do
+        local v, msg = json.decode(c[1])
+        assert.is_nil(v)
+        assert.are.equal("drover.json.decode: " .. c[2] .. " (line 1, column " .. c[2]:match("%d+$") .. ")", msg)
+      end
+    end)
+
+    it("nests up to 1000 levels, and only empty arrays are marked", function()
+      local v = assert(json.decode(("["):rep(1000) .. ("]"):rep(1000)))
+      local depth = 1
+      while v[1] do
+        v = v[1]
+        depth = depth + 1
+      end
+      assert.are.equal(1000, depth)
+      assert.are.equal("array", json.kind(v))
+      assert.is_nil(json.kind(json.decode("[1]")))
+      assert.is_nil(json.kind(json.decode("{}")))
+    end)
+
+    it("reads NUL bytes as text, and accepts raw control characters in strings as cjson did", function()
+      assert.are.equal("a\tb\0c\n", json.decode('"a\tb\0c\n"'))
+      local v, msg = json.decode("[1]\0[2]") -- cjson stopped at the NUL and returned [1]
+      assert.is_nil(v)
+      assert.are.equal("drover.json.decode: Expected the end but found invalid token at character 4 (line 1, column 4)", msg)
+    end)
+
+    it("keeps the last of duplicate keys and accepts all four whitespace bytes", function()
+      assert.are.same({ a = 2 }, json.decode(' \t\r\n{ "a" : 1 , "a" : 2 } \n'))
+    end)
+
     it("refuses text that is not UTF-8", function()
       local v, msg = json.decode('["ok", "\255"]')
       assert.is_nil(v)
@@ -335,6 +476,14 @@ describe("drover.json", function()
       assert.is_true(cjson.decode_invalid_numbers())
       json.decode("[1]")
       assert.is_true(cjson.decode_invalid_numbers())
+    end)
+
+    it("does not need cjson", function()
+      local p = io.popen(("%q -e %q 2>&1"):format(H.lua,
+        'local j = require "drover.json"; io.write(j.encode(j.decode("[[],1]")), " ", tostring(package.loaded.cjson))'))
+      local out = p:read("a")
+      p:close()
+      assert.are.equal("[[],1] nil", out)
     end)
 
     it("works the same inside the drover binary", function()

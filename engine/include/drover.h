@@ -5,9 +5,14 @@
  * tasks (coroutines) on that loop; primitives that wait (processes, HTTP,
  * timers) suspend the task, not the thread.
  *
- * Threads: an engine belongs to the thread that opened it.  Several engines
- * in several threads are fine; one engine must never be used from two
- * threads at once.
+ * Threads: an engine belongs to the thread that opened it.  One engine per
+ * thread is fine (each has its own Lua state and loop); one engine must
+ * never be used from two threads at once, and a host loop passed in
+ * drover_options.loop must be run by that same thread.
+ *
+ * Strings: every const char * argument is copied or used before the call
+ * returns; JSON results are malloc'd strings the caller frees with
+ * drover_free().  docs/embedding.md is the guide to this header.
  *
  * Errors: functions that can fail return DROVER_OK (0) or a negative
  * DROVER_E* code, and leave a message readable with drover_errmsg().  The
@@ -30,18 +35,26 @@ extern "C" {
 #define DROVER_ELOAD (-2)   /* a script or backend could not be loaded (syntax error...) */
 #define DROVER_ERUN (-3)    /* Lua code raised an error */
 #define DROVER_ENOMEM (-4)  /* out of memory */
+#define DROVER_ENOTIMPL (-5) /* the backend does not implement the operation */
 
 typedef struct drover drover;
 
-/* Log callback: level is "debug", "info", "warn" or "error". */
+/* Log callback: level is "debug", "info", "warn" or "error"; message has no
+ * trailing newline.  Gets the engine's own messages: drover.log() lines
+ * from Lua, errors of tasks nobody joined, errors of tasks drover_start
+ * began, server handler failures.  Called on the engine's thread, from
+ * inside the engine: it must not call back into the engine. */
 typedef void (*drover_log_fn)(void *ud, const char *level, const char *message);
 
 typedef struct drover_options {
-  const char *home;      /* tracking store directory (DROVER_HOME); NULL: default */
+  const char *home;      /* tracking store directory; NULL: $DROVER_HOME, else the default */
   const char *path;      /* extra backend directories, ':'-separated (DROVER_PATH) */
-  const char *lua_dir;   /* where lua/drover/ lives; NULL: found automatically */
+  const char *lua_dir;   /* the directory holding drover/init.lua; NULL:
+                            $DROVER_LUA_DIR, else next to libdrover
+                            (LIBDIR/../share/drover/lua) or to the program,
+                            else the PREFIX drover was installed with */
   uv_loop_t *loop;       /* run on the host's loop instead of drover's own; NULL: own */
-  drover_log_fn log;     /* NULL: messages go to stderr */
+  drover_log_fn log;     /* NULL: the engine's messages go to stderr */
   void *log_ud;
   int exit_on_signal;    /* 1: on SIGINT/SIGTERM/SIGHUP end every child process
                             group the engine started and exit(128 + signal), as
@@ -88,6 +101,99 @@ lua_State *drover_lua(drover *D);
 
 /* drover_loop -- the engine's libuv loop. */
 uv_loop_t *drover_loop(drover *D);
+
+/*
+ * drover_register -- make a C function callable from Lua as
+ * require("drover").host.NAME(...), in scripts, workflows and backends run
+ * by this engine (inside tasks too).  fn is an ordinary lua_CFunction: it
+ * reads its arguments from the Lua stack and returns the number of results
+ * it pushed; to fail, it raises with luaL_error (the task sees a Lua
+ * error).  ud is handed back by drover_host_ud(L).  fn must not call
+ * drover_* functions on the same engine.  Registering a NAME again
+ * replaces it.  NAME must be a Lua identifier.  Host functions exist only
+ * in this process: runs a backend starts elsewhere (the local backend's
+ * worker processes) do not have them.
+ */
+int drover_register(drover *D, const char *name, lua_CFunction fn, void *ud);
+
+/* drover_host_ud -- inside a function registered with drover_register,
+ * the ud it was registered with. */
+void *drover_host_ud(lua_State *L);
+
+/*
+ * drover_backend_load -- load the backend NAME (found in drover's
+ * backends/ directory, drover_options.path, $DROVER_PATH, ./backends) or
+ * the backend file at a path (any name containing '/' or ending in .lua).
+ * Returns DROVER_ELOAD with the reason when it is not found, does not
+ * compile (the message holds file:line) or does not return a subclass of
+ * drover.BaseOrchestrator.  drover_backend_call loads backends itself;
+ * this only checks early.
+ */
+int drover_backend_load(drover *D, const char *backend);
+
+/*
+ * drover_backend_call -- call contract operation OP ("package", "deploy",
+ * "run", "stop", "status", "logs" or "list") of backend BACKEND (a name or
+ * a path, as for drover_backend_load), configured with config_json (a JSON
+ * object, NULL for {}).  args_json is a JSON array of the operation's
+ * arguments (NULL for none), for example for the local backend:
+ *
+ *   package  ["Class", "module", "entrypoint", {"path": "dir"}]
+ *   deploy   ["name", {"package": "<id>", "params": {...}}]
+ *   run      ["name", {...params}]           status  ["<run id>"]
+ *
+ * On success *out_json (if out_json is not NULL) is a JSON array of what
+ * the operation returned (run: ["<id>", "<url>"]); free it with
+ * drover_free.  On failure *out_json is NULL and the code says what went
+ * wrong: DROVER_EARG (NULL arguments, an unknown operation, JSON that does
+ * not parse or has the wrong shape, a config the backend refuses),
+ * DROVER_ELOAD (the backend could not be loaded), DROVER_ENOTIMPL
+ * ("backend 'NAME' does not implement OP"), DROVER_ERUN (the operation
+ * raised; the message is its error).  One backend instance is kept per
+ * (backend, config_json) pair for the engine's life.  Runs the loop until
+ * the operation and the tasks it spawned finish.
+ */
+int drover_backend_call(drover *D, const char *backend, const char *config_json, const char *op,
+                        const char *args_json, char **out_json);
+
+/*
+ * drover_exec -- run the workflow file PATH as one tracked flow run, as
+ * `drover exec PATH` does: the chunk gets the parameters (params_json, a
+ * JSON object, NULL for {}) as its argument; drover.task/drover.flow
+ * calls inside are recorded under the flow run in the store
+ * (drover_options.home); print() output goes to stdout and to the run's
+ * logs.  *out_json (if out_json is not NULL) receives
+ * {"id": ..., "name": ..., "state": ..., "message": ...}; free it with
+ * drover_free.  Returns DROVER_OK when the run COMPLETED, DROVER_ERUN when it
+ * FAILED (or was cancelled; *out_json is still set and the message names
+ * the run and its error), DROVER_ELOAD when the file does not compile
+ * (file:line in the message), DROVER_EARG for bad arguments or JSON.
+ */
+int drover_exec(drover *D, const char *path, const char *params_json, char **out_json);
+
+/*
+ * drover_start -- start a chunk of Lua code as a task and return at once,
+ * without running the loop: for hosts that own the loop (see
+ * drover_options.loop) and drive it themselves, with uv_run or
+ * drover_step.  An error in the task goes to the log callback (level
+ * "error", with a traceback).  Returns DROVER_ELOAD if the code does not
+ * compile.
+ */
+int drover_start(drover *D, const char *code, const char *chunkname);
+
+/*
+ * drover_step -- run the engine's loop once without blocking
+ * (uv_run(loop, UV_RUN_NOWAIT)): due timers, ready I/O, and the tasks that
+ * are ready to resume.  Returns the number of tasks still alive (0 when
+ * everything started has finished), or DROVER_EARG (D is NULL, or called
+ * from inside the engine's own loop).  A host that runs the shared loop
+ * with uv_run does not need it: drover's handles live on that loop.
+ */
+int drover_step(drover *D);
+
+/* drover_free -- free a string drover returned (the *out_json results).
+ * NULL is ignored. */
+void drover_free(void *p);
 
 #ifdef __cplusplus
 }

@@ -5,10 +5,16 @@
  * standard libraries, cjson and drover.core preloaded, package.path pointed
  * at the Lua library, and a "drover.config" table the Lua side reads for
  * its directories.
+ *
+ * The calls that take JSON (backend operations, workflow files) are thin C
+ * over a small Lua glue module (drv__glue_src below) run as a task: it
+ * reports the caller's mistakes in a "box" table instead of raising, so
+ * each maps to its own error code.
  */
 #include "drover_int.h"
 #include "drover.h"
 
+#include <dlfcn.h>
 #include <lua-cjson.h>
 #include <limits.h>
 #include <stdio.h>
@@ -24,7 +30,7 @@ int luaopen_drover_core(lua_State *L);
 
 struct drover {
   lua_State *L;
-  char errmsg[1024];
+  char errmsg[4096];
   char lua_dir[PATH_MAX + 64];
   char backends_dir[PATH_MAX + 128];
 };
@@ -35,14 +41,48 @@ static void drv__seterr(drover *D, const char *msg) {
 
 static int drv__isfile(const char *path) { return access(path, R_OK) == 0; }
 
-/* Find lua/ and backends/: next to the binary (a build tree: build/../lua),
- * under the binary's prefix (bin/../share/drover), or the compiled-in prefix. */
+/* Is DIR/drover/init.lua there?  Then DIR is the Lua library: record it and
+ * the backends next to it (DIR/../backends), both made absolute. */
+static int drv__try_lua_dir(drover *D, const char *dir) {
+  char probe[PATH_MAX + 64], real[PATH_MAX];
+  if (snprintf(probe, sizeof probe, "%s/drover/init.lua", dir) >= (int)sizeof probe) return 0;
+  if (!drv__isfile(probe)) return 0;
+  if (realpath(dir, real)) snprintf(D->lua_dir, sizeof D->lua_dir, "%s", real);
+  else snprintf(D->lua_dir, sizeof D->lua_dir, "%.*s", PATH_MAX, dir);
+  snprintf(D->backends_dir, sizeof D->backends_dir, "%s/../backends", real);
+  if (realpath(D->backends_dir, real)) snprintf(D->backends_dir, sizeof D->backends_dir, "%s", real);
+  return 1;
+}
+
+/* Look next to a file (the library or the program): FILE's dir/../lua (a
+ * build tree: build/../lua) or FILE's dir/../share/drover/lua (installed:
+ * PREFIX/lib/libdrover.so or PREFIX/bin/drover -> PREFIX/share/drover/lua). */
+static int drv__try_near(drover *D, const char *file) {
+  static const char *const pats[] = {"%s/../lua", "%s/../share/drover/lua"};
+  char dir[PATH_MAX], cand[PATH_MAX + 32];
+  char *slash;
+  size_t i;
+  if (realpath(file, dir) == NULL) snprintf(dir, sizeof dir, "%s", file);
+  slash = strrchr(dir, '/');
+  if (slash == NULL) return 0;
+  *slash = '\0';
+  for (i = 0; i < sizeof pats / sizeof pats[0]; i++) {
+    snprintf(cand, sizeof cand, pats[i], dir);
+    if (drv__try_lua_dir(D, cand)) return 1;
+  }
+  return 0;
+}
+
+/* Find lua/ and backends/: the option, $DROVER_LUA_DIR, next to the file
+ * holding this code (libdrover.so, or the program libdrover.a is linked
+ * into), next to the running program, and last the compiled-in prefix.
+ * Locating relative to the library is what lets `make install PREFIX=X`
+ * work without rebuilding, and an installed tree be moved as a whole. */
 static void drv__find_dirs(drover *D, const drover_options *o) {
-  char exe[PATH_MAX], probe[PATH_MAX + 128];
+  char exe[PATH_MAX];
   size_t n = sizeof exe;
   const char *env = getenv("DROVER_LUA_DIR");
-  const char *cands[3];
-  int i;
+  Dl_info info;
   if (o && o->lua_dir) {
     snprintf(D->lua_dir, sizeof D->lua_dir, "%s", o->lua_dir);
     snprintf(D->backends_dir, sizeof D->backends_dir, "%s/../backends", o->lua_dir);
@@ -53,25 +93,10 @@ static void drv__find_dirs(drover *D, const drover_options *o) {
     snprintf(D->backends_dir, sizeof D->backends_dir, "%s/../backends", env);
     return;
   }
-  if (uv_exepath(exe, &n) == 0) {
-    char *slash = strrchr(exe, '/');
-    if (slash) *slash = '\0';
-    cands[0] = "%s/../lua";
-    cands[1] = "%s/../share/drover/lua";
-    for (i = 0; i < 2; i++) {
-      char dir[PATH_MAX + 32];
-      snprintf(dir, sizeof dir, cands[i], exe);
-      snprintf(probe, sizeof probe, "%s/drover/init.lua", dir);
-      if (drv__isfile(probe)) {
-        char real[PATH_MAX + 64];
-        if (realpath(dir, real) == NULL) snprintf(real, sizeof real, "%s", dir);
-        snprintf(D->lua_dir, sizeof D->lua_dir, "%s", real);
-        snprintf(D->backends_dir, sizeof D->backends_dir, "%s/../backends", real);
-        if (realpath(D->backends_dir, real)) snprintf(D->backends_dir, sizeof D->backends_dir, "%s", real);
-        return;
-      }
-    }
-  }
+  if (dladdr((void *)&drover_open, &info) != 0 && info.dli_fname && *info.dli_fname &&
+      drv__try_near(D, info.dli_fname))
+    return;
+  if (uv_exepath(exe, &n) == 0 && drv__try_near(D, exe)) return;
   snprintf(D->lua_dir, sizeof D->lua_dir, "%s/share/drover/lua", DRV_PREFIX);
   snprintf(D->backends_dir, sizeof D->backends_dir, "%s/share/drover/backends", DRV_PREFIX);
 }
@@ -80,6 +105,12 @@ static void drv__setfield_str(lua_State *L, const char *k, const char *v) {
   if (v == NULL) return;
   lua_pushstring(L, v);
   lua_setfield(L, -2, k);
+}
+
+/* __index of drover.host: a name nobody registered. */
+static int drv__host_missing(lua_State *L) {
+  return luaL_error(L, "drover.host.%s: no host function of that name (drover_register adds them)",
+                    luaL_tolstring(L, 2, NULL));
 }
 
 static int drv__setup(lua_State *L) {
@@ -111,6 +142,19 @@ static int drv__setup(lua_State *L) {
   }
   lua_setfield(L, -2, "drover.config");
   lua_pop(L, 1);
+  /* package.loaded["drover.host"]: the functions drover_register adds */
+  luaL_getsubtable(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);
+  lua_newtable(L);
+  lua_newtable(L);
+  lua_pushcfunction(L, drv__host_missing);
+  lua_setfield(L, -2, "__index");
+  lua_setmetatable(L, -2);
+  lua_setfield(L, -2, "drover.host");
+  lua_pop(L, 1);
+  if (o && o->log) {
+    drv__engine(L)->log = o->log;
+    drv__engine(L)->log_ud = o->log_ud;
+  }
   if (o && o->exit_on_signal) drv__exit_on_signals(drv__engine(L));
   return 0;
 }
@@ -213,4 +257,296 @@ int drover_dostring(drover *D, const char *code, const char *chunkname) {
     return DROVER_ELOAD;
   }
   return drv__run_chunk(D, 0);
+}
+
+/* ---- host functions ---------------------------------------------------- */
+
+static int drv__valid_name(const char *name) {
+  const char *p;
+  if (name == NULL || !*name || (*name >= '0' && *name <= '9')) return 0;
+  for (p = name; *p; p++)
+    if (!((*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z') || (*p >= '0' && *p <= '9') || *p == '_'))
+      return 0;
+  return 1;
+}
+
+int drover_register(drover *D, const char *name, lua_CFunction fn, void *ud) {
+  lua_State *L;
+  if (D == NULL) return DROVER_EARG;
+  if (!drv__valid_name(name) || fn == NULL) {
+    drv__seterr(D, fn == NULL ? "drover_register: fn is NULL"
+                              : "drover_register: name must be a Lua identifier (letters, digits, _)");
+    return DROVER_EARG;
+  }
+  L = D->L;
+  luaL_getsubtable(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);
+  lua_getfield(L, -1, "drover.host");
+  if (!lua_istable(L, -1)) {
+    lua_pop(L, 2);
+    drv__seterr(D, "drover_register: the engine was not set up (see drover_open)");
+    return DROVER_ELOAD;
+  }
+  lua_pushlightuserdata(L, ud);
+  lua_pushcclosure(L, fn, 1);
+  lua_setfield(L, -2, name);
+  lua_pop(L, 2);
+  D->errmsg[0] = '\0';
+  return DROVER_OK;
+}
+
+void *drover_host_ud(lua_State *L) {
+  return L ? lua_touserdata(L, lua_upvalueindex(1)) : NULL;
+}
+
+void drover_free(void *p) { free(p); }
+
+/* ---- backends, workflow files, started tasks: Lua glue ------------------ */
+
+/* Each glue function runs as a task (drover.run) and never raises for the
+ * caller's mistakes: it fills box.code ("arg", "load", "notimpl", "run"),
+ * box.err and box.out instead, so the C side can map them to codes. */
+static const char drv__glue_src[] =
+    "local G = {}\n"
+    "local ops = { package = true, deploy = true, run = true, stop = true, status = true,\n"
+    "  logs = true, list = true }\n"
+    "local instances = {}\n"
+    "local function fail(box, code, msg) box.code = code; box.err = tostring(msg) end\n"
+    "local function decode(box, what, text, want)\n"
+    "  if text == nil then return want == 'object' and {} or { n = 0 } end\n"
+    "  local json = require 'drover.json'\n"
+    "  local v, err = json.decode(text)\n"
+    "  if v == nil and err then fail(box, 'arg', what .. ' is not valid JSON: ' .. err); return nil end\n"
+    "  local is_array = false\n"
+    "  if type(v) == 'table' then\n"
+    "    local n = 0\n"
+    "    for _ in pairs(v) do n = n + 1 end\n"
+    "    local kind = json.kind(v)\n"
+    "    is_array = kind == 'array' or (kind ~= 'object' and n > 0 and n == #v)\n"
+    "  end\n"
+    "  if type(v) ~= 'table' or (want == 'array') ~= is_array and not (next(v) == nil and json.kind(v) == nil) then\n"
+    "    fail(box, 'arg', what .. ' must be a JSON ' .. want); return nil\n"
+    "  end\n"
+    "  if want == 'array' then v.n = #v end\n"
+    "  return v\n"
+    "end\n"
+    "function G.load(box, name)\n"
+    "  local ok, cls = pcall(require('drover.orchestrator').backend_class, name)\n"
+    "  if not ok then return fail(box, 'load', cls) end\n"
+    "  box.out = cls.backend_path\n"
+    "end\n"
+    "function G.call(box, name, config_json, op, args_json)\n"
+    "  local orch = require 'drover.orchestrator'\n"
+    "  if not ops[op] then\n"
+    "    return fail(box, 'arg', \"drover_backend_call: unknown operation '\" .. op ..\n"
+    "      \"' (package, deploy, run, stop, status, logs, list)\")\n"
+    "  end\n"
+    "  local config = decode(box, 'drover_backend_call: config_json', config_json, 'object')\n"
+    "  if not config then return end\n"
+    "  local args = decode(box, 'drover_backend_call: args_json', args_json, 'array')\n"
+    "  if not args then return end\n"
+    "  local ok, cls = pcall(orch.backend_class, name)\n"
+    "  if not ok then return fail(box, 'load', cls) end\n"
+    "  local key = name .. '\\0' .. (config_json or '')\n"
+    "  local o = instances[key]\n"
+    "  if not o then\n"
+    "    local ok2, inst = pcall(orch.orchestrator, name, config)\n"
+    "    if not ok2 then return fail(box, 'arg', inst) end\n"
+    "    o = inst\n"
+    "    instances[key] = o\n"
+    "  end\n"
+    "  if o[op] == orch.BaseOrchestrator[op] then\n"
+    "    return fail(box, 'notimpl', \"backend '\" .. tostring(o.name) .. \"' does not implement \" .. op)\n"
+    "  end\n"
+    "  local r = table.pack(pcall(o[op], o, table.unpack(args, 1, args.n)))\n"
+    "  if not r[1] then return fail(box, 'run', r[2]) end\n"
+    "  local json = require 'drover.json'\n"
+    "  local ok3, text = pcall(json.encode, json.array({ table.unpack(r, 2, r.n) }))\n"
+    "  if not ok3 then return fail(box, 'run', op .. ' returned what JSON cannot hold: ' .. tostring(text)) end\n"
+    "  box.out = text\n"
+    "end\n"
+    "function G.exec(box, path, params_json, name)\n"
+    "  local drover = require 'drover'\n"
+    "  local tracker = require 'drover.tracker'\n"
+    "  local json = require 'drover.json'\n"
+    "  local params = decode(box, 'drover_exec: params_json', params_json, 'object')\n"
+    "  if not params then return end\n"
+    "  local chunk, err = loadfile(path)\n"
+    "  if not chunk then return fail(box, 'load', err) end\n"
+    "  local abs = path:sub(1, 1) == '/' and path or (drover.cwd() .. '/' .. path)\n"
+    "  local flow = tracker.begin_flow { name = name or path:match('([^/]+)%.lua$') or path,\n"
+    "    params = params, backend = 'local', source = { kind = 'exec', file = abs, params = params } }\n"
+    "  local restore = tracker.capture_print()\n"
+    "  local ok, value = flow:run(chunk, params)\n"
+    "  restore()\n"
+    "  flow.store:flush()\n"
+    "  local row = flow.store:flow_run(flow.id)\n"
+    "  box.out = json.encode { id = row.id, name = row.name, state = row.state, message = row.message }\n"
+    "  if row.state ~= 'COMPLETED' then\n"
+    "    fail(box, 'run', 'flow run ' .. row.id .. ' ' .. row.state ..\n"
+    "      (row.message and (': ' .. row.message) or (not ok and (': ' .. tostring(value)) or '')))\n"
+    "  end\n"
+    "end\n"
+    "function G.start(chunk)\n"
+    "  local core = require 'drover.core'\n"
+    "  return require('drover').spawn(function()\n"
+    "    local ok, err = xpcall(chunk, debug.traceback)\n"
+    "    if not ok then core.log('error', tostring(err)) end\n"
+    "  end)\n"
+    "end\n"
+    "return G\n";
+
+static const char drv__glue_key = 'G';
+
+/* Push glue function FN; 0 on failure (message set). */
+static int drv__push_glue(drover *D, const char *fn) {
+  lua_State *L = D->L;
+  lua_rawgetp(L, LUA_REGISTRYINDEX, &drv__glue_key);
+  if (lua_isnil(L, -1)) {
+    lua_pop(L, 1);
+    if (luaL_loadbuffer(L, drv__glue_src, sizeof drv__glue_src - 1, "=drover.api") != LUA_OK ||
+        lua_pcall(L, 0, 1, 0) != LUA_OK) {
+      drv__seterr(D, lua_tostring(L, -1));
+      lua_pop(L, 1);
+      return 0;
+    }
+    lua_pushvalue(L, -1);
+    lua_rawsetp(L, LUA_REGISTRYINDEX, &drv__glue_key);
+  }
+  lua_getfield(L, -1, fn);
+  lua_remove(L, -2);
+  return 1;
+}
+
+static char *drv__strdup(const char *s) {
+  size_t n = strlen(s) + 1;
+  char *p = (char *)malloc(n);
+  if (p) memcpy(p, s, n);
+  return p;
+}
+
+/* Run glue FN(box, <nargs values already pushed>) as a task; map box.code to
+ * a return code and hand box.out to *out (malloc'd) when out is not NULL. */
+static int drv__glue_run(drover *D, const char *fn, int nargs, char **out) {
+  lua_State *L = D->L;
+  int base = lua_gettop(L) - nargs, rc, box;
+  if (!drv__push_glue(D, fn)) {
+    lua_settop(L, base);
+    return DROVER_ELOAD;
+  }
+  lua_newtable(L);
+  box = lua_gettop(L);
+  lua_pushvalue(L, box - 1); /* fn */
+  lua_pushvalue(L, box);     /* box */
+  {
+    int i;
+    for (i = 1; i <= nargs; i++) lua_pushvalue(L, base + i);
+  }
+  rc = drv__run_chunk(D, nargs + 1);
+  if (rc == DROVER_OK) {
+    const char *code;
+    lua_getfield(L, box, "code");
+    code = lua_tostring(L, -1);
+    if (code) {
+      lua_getfield(L, box, "err");
+      drv__seterr(D, lua_tostring(L, -1));
+      lua_pop(L, 1);
+      rc = strcmp(code, "arg") == 0 ? DROVER_EARG
+           : strcmp(code, "load") == 0 ? DROVER_ELOAD
+           : strcmp(code, "notimpl") == 0 ? DROVER_ENOTIMPL
+           : DROVER_ERUN;
+    }
+    lua_pop(L, 1);
+    lua_getfield(L, box, "out");
+    if (out && lua_type(L, -1) == LUA_TSTRING) {
+      *out = drv__strdup(lua_tostring(L, -1));
+      if (*out == NULL) {
+        drv__seterr(D, "out of memory");
+        rc = DROVER_ENOMEM;
+      }
+    }
+    lua_pop(L, 1);
+  }
+  lua_settop(L, base);
+  return rc;
+}
+
+int drover_backend_load(drover *D, const char *backend) {
+  if (D == NULL) return DROVER_EARG;
+  if (backend == NULL || !*backend) {
+    drv__seterr(D, "drover_backend_load: backend is NULL or empty");
+    return DROVER_EARG;
+  }
+  lua_pushstring(D->L, backend);
+  return drv__glue_run(D, "load", 1, NULL);
+}
+
+int drover_backend_call(drover *D, const char *backend, const char *config_json, const char *op,
+                        const char *args_json, char **out_json) {
+  if (out_json) *out_json = NULL;
+  if (D == NULL) return DROVER_EARG;
+  if (backend == NULL || !*backend || op == NULL) {
+    drv__seterr(D, backend == NULL || !*backend ? "drover_backend_call: backend is NULL or empty"
+                                                : "drover_backend_call: op is NULL");
+    return DROVER_EARG;
+  }
+  lua_pushstring(D->L, backend);
+  lua_pushstring(D->L, config_json); /* NULL pushes nil */
+  lua_pushstring(D->L, op);
+  lua_pushstring(D->L, args_json);
+  return drv__glue_run(D, "call", 4, out_json);
+}
+
+int drover_exec(drover *D, const char *path, const char *params_json, char **out_json) {
+  if (out_json) *out_json = NULL;
+  if (D == NULL) return DROVER_EARG;
+  if (path == NULL) {
+    drv__seterr(D, "drover_exec: path is NULL");
+    return DROVER_EARG;
+  }
+  lua_pushstring(D->L, path);
+  lua_pushstring(D->L, params_json);
+  return drv__glue_run(D, "exec", 2, out_json);
+}
+
+/* ---- a loop the host owns ------------------------------------------------ */
+
+int drover_start(drover *D, const char *code, const char *chunkname) {
+  lua_State *L;
+  if (D == NULL) return DROVER_EARG;
+  if (code == NULL) {
+    drv__seterr(D, "drover_start: code is NULL");
+    return DROVER_EARG;
+  }
+  L = D->L;
+  if (luaL_loadbuffer(L, code, strlen(code), chunkname ? chunkname : "=(string)") != LUA_OK) {
+    drv__seterr(D, lua_tostring(L, -1));
+    lua_pop(L, 1);
+    return DROVER_ELOAD;
+  }
+  if (!drv__push_glue(D, "start")) {
+    lua_pop(L, 1);
+    return DROVER_ELOAD;
+  }
+  lua_insert(L, -2);
+  if (lua_pcall(L, 1, 0, 0) != LUA_OK) {
+    drv__seterr(D, lua_tostring(L, -1));
+    lua_pop(L, 1);
+    return DROVER_ERUN;
+  }
+  D->errmsg[0] = '\0';
+  return DROVER_OK;
+}
+
+int drover_step(drover *D) {
+  drv_engine *E;
+  if (D == NULL) return DROVER_EARG;
+  E = drv__engine(D->L);
+  if (E->loop_depth > 0) {
+    drv__seterr(D, "drover_step: called while the engine is running its loop (from a callback)");
+    return DROVER_EARG;
+  }
+  E->loop_depth++;
+  uv_run(E->loop, UV_RUN_NOWAIT);
+  E->loop_depth--;
+  return E->live_tasks;
 }

@@ -85,6 +85,9 @@ struct drv_engine {
   drv_res resources;    /* list head of live resources (circular) */
   void *http;           /* http.c state (curl multi), created lazily */
   void (*http_free)(drv_engine *E);
+  /* Where the engine's own messages go (drover_options.log); NULL: stderr. */
+  void (*log)(void *ud, const char *level, const char *message);
+  void *log_ud;
 };
 
 /* ---- engine.c ---------------------------------------------------------- */
@@ -94,6 +97,9 @@ void drv__res_link(drv_engine *E, drv_res *r, void (*close)(drv_res *r));
 void drv__res_unlink(drv_res *r);               /* idempotent */
 /* Run the loop once (blocking); used by drv__await outside tasks and by drover.run. */
 int drv__run_once(drv_engine *E);
+/* A message from the engine itself (level "debug", "info", "warn", "error"):
+ * to the host's log callback if it set one, else a line on stderr. */
+void drv__log(drv_engine *E, const char *level, const char *fmt, ...);
 
 /* ---- sched.c ----------------------------------------------------------- */
 drv_task *drv__current_task(lua_State *L);          /* NULL when L is not a task */
@@ -117,11 +123,12 @@ int drv__open_timer(lua_State *L);
 int drv__open_proc(lua_State *L);
 int drv__open_http(lua_State *L);
 int drv__open_fs(lua_State *L);
+int drv__open_json(lua_State *L);                   /* json.c: encode, decode, null */
 int drv__open_db(lua_State *L);
 int drv__open_signal(lua_State *L);
 int drv__open_event(lua_State *L);
 int drv__open_server(lua_State *L);
-/* signal number from a number or a name like "TERM"/"SIGTERM"; -1 if unknown */
+/* signal number from an integer in [0, NSIG) or a name ("TERM", "SIGTERM", "kill"); -1 if neither */
 int drv__signum(lua_State *L, int idx);
 
 /* ---- util -------------------------------------------------------------- */

@@ -9,6 +9,7 @@
  */
 #include "drover_int.h"
 
+#include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
 #include <stdlib.h>
@@ -32,6 +33,16 @@ int drv__run_once(drv_engine *E) {
   return r;
 }
 
+void drv__log(drv_engine *E, const char *level, const char *fmt, ...) {
+  char buf[4096];
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(buf, sizeof buf, fmt, ap);
+  va_end(ap);
+  if (E && E->log) E->log(E->log_ud, level, buf);
+  else fprintf(stderr, "%s\n", buf);
+}
+
 void drv__res_link(drv_engine *E, drv_res *r, void (*close)(drv_res *r)) {
   r->close = close;
   r->next = E->resources.next;
@@ -52,6 +63,10 @@ static void drv__close_walk(uv_handle_t *h, void *arg) {
   if (!uv_is_closing(h)) uv_close(h, NULL);
 }
 
+static void drv__count_closing(uv_handle_t *h, void *arg) {
+  if (uv_is_closing(h)) (*(int *)arg)++;
+}
+
 static int drv__engine_gc(lua_State *L) {
   drv_engine *E = (drv_engine *)lua_touserdata(L, 1);
   if (E->closing) return 0;
@@ -65,12 +80,22 @@ static int drv__engine_gc(lua_State *L) {
   if (E->http_free) E->http_free(E);
   /* Handles owned by primitives whose Lua side is gone (a detached process
    * nobody waits for, say) are closed here; their close callbacks free them.
-   * With a host-owned loop we only close what is ours; the host runs the
-   * loop to let the close callbacks fire. */
+   * With a host-owned loop we only close what is ours (below). */
   if (E->owns_loop) {
     uv_walk(E->loop, drv__close_walk, NULL);
     while (uv_run(E->loop, UV_RUN_NOWAIT) != 0) {}
     uv_loop_close(E->loop);
+  } else {
+    /* Our handles (the run queue's idle handle is inside E) live in memory
+     * the Lua state frees when this returns: finish their closing now, on
+     * the host's loop, rather than leave the host's next uv_run to touch
+     * freed memory. */
+    int closing;
+    do {
+      closing = 0;
+      uv_walk(E->loop, drv__count_closing, &closing);
+      if (closing) uv_run(E->loop, UV_RUN_NOWAIT);
+    } while (closing);
   }
   return 0;
 }
@@ -199,6 +224,15 @@ static int drv__l_cwd(lua_State *L) {
   return 1;
 }
 
+/* drover.core.log(level, message): a line through the host's log callback
+ * (embedders) or on stderr. */
+static int drv__l_log(lua_State *L) {
+  static const char *const levels[] = {"debug", "info", "warn", "error", NULL};
+  int lv = luaL_checkoption(L, 1, NULL, levels);
+  drv__log(drv__engine(L), levels[lv], "%s", luaL_checkstring(L, 2));
+  return 0;
+}
+
 /* drover.exepath() -> the running executable (the drover binary, or lua5.4) */
 static int drv__l_exepath(lua_State *L) {
   char buf[4096];
@@ -219,6 +253,7 @@ int luaopen_drover_core(lua_State *L) {
   drv__submodule(L, "proc", drv__open_proc);
   drv__submodule(L, "http", drv__open_http);
   drv__submodule(L, "fs", drv__open_fs);
+  drv__submodule(L, "json", drv__open_json);
   drv__submodule(L, "db", drv__open_db);
   drv__submodule(L, "server", drv__open_server);
   lua_pushcfunction(L, drv__l_pid);
@@ -231,6 +266,8 @@ int luaopen_drover_core(lua_State *L) {
   lua_setfield(L, -2, "time");
   lua_pushcfunction(L, drv__l_exepath);
   lua_setfield(L, -2, "exepath");
+  lua_pushcfunction(L, drv__l_log);
+  lua_setfield(L, -2, "log");
   lua_pushliteral(L, DRV_VERSION);
   lua_setfield(L, -2, "version");
   return 1;

@@ -453,8 +453,8 @@ static int drv__l_gc(lua_State *L) {
   drv_task *t = (drv_task *)lua_touserdata(L, 1);
   if (t->state == T_FAILED && !t->error_observed && !t->E->closing) {
     lua_getiuservalue(L, 1, UV_TRACE);
-    fprintf(stderr, "drover: task %lu failed and nobody joined it: %s\n", t->id,
-            lua_tostring(L, -1) ? lua_tostring(L, -1) : "?");
+    drv__log(t->E, "error", "drover: task %lu failed and nobody joined it: %s", t->id,
+             lua_tostring(L, -1) ? lua_tostring(L, -1) : "?");
     lua_pop(L, 1);
   }
   return 0;

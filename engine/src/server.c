@@ -1066,7 +1066,7 @@ static void drv__srv_report(lua_State *L) {
     if (lua_pcall(L, 3, 0, 0) != LUA_OK) lua_pop(L, 1);
   } else {
     const char *t = lua_tostring(L, top);
-    fprintf(stderr, "drover.server: handler failed: %s\n", t ? t : "?");
+    drv__log(drv__engine(L), "error", "drover.server: handler failed: %s", t ? t : "?");
   }
   lua_settop(L, top);
 }

@@ -102,6 +102,16 @@ local orchestration = {
   orchestrator = function() return require("drover.orchestrator").orchestrator end,
   decorate = function() return require("drover.orchestrator").decorate end,
   class = function() return require "drover.class" end,
+  --- drover.host.NAME: the C functions an embedding program registered
+  -- with drover_register (drover.h); none in a plain lua5.4 or drover.
+  host = function()
+    local ok, h = pcall(require, "drover.host")
+    if ok and type(h) == "table" then return h end
+    return setmetatable({}, { __index = function(_, k)
+      error("drover.host." .. tostring(k) .. ": no host function of that name (only programs " ..
+        "embedding drover register them, with drover_register)", 2)
+    end })
+  end,
   states = function() return require "drover.states" end,
   backoff = function() return require("drover.tracker").backoff end,
   limit = function() return require("drover.tracker").set_limit end,
@@ -113,14 +123,15 @@ local orchestration = {
   flow = function()
     return function(name, fn, opts) return M.tracked("flow", name, fn, opts) end
   end,
-  --- drover.log(...): a line in the current run's logs (and on stderr).
+  --- drover.log(...): a line in the current run's logs (and on stderr, or
+  -- through the embedding program's log callback).
   log = function()
     local tracker = require "drover.tracker"
     return function(...)
       local parts = table.pack(...)
       for i = 1, parts.n do parts[i] = tostring(parts[i]) end
       local line = table.concat(parts, " ", 1, parts.n)
-      io.stderr:write(line, "\n")
+      if core.log then core.log("info", line) else io.stderr:write(line, "\n") end
       tracker.log("log", line)
     end
   end,

@@ -170,7 +170,10 @@ function M.backend_dirs()
   dirs[#dirs + 1] = "./backends"
   -- stock lua5.4: the backends next to the Lua library this file came from
   local src = debug.getinfo(1, "S").source:match("^@(.*)/drover/orchestrator%.lua$")
-  if src then dirs[#dirs + 1] = src .. "/../backends" end
+  if src then
+    dirs[#dirs + 1] = src .. "/../backends"
+    dirs[#dirs + 1] = src .. "/drover/backends" -- a LuaRocks tree (rockspec/)
+  end
   local out, dup = {}, {}
   for _, d in ipairs(dirs) do if not dup[d] then dup[d] = true; out[#out + 1] = d end end
   return out

@@ -62,12 +62,14 @@ local migrations = {
 -- processes, unlike drover.now()).
 M.time = core.time
 
---- The store directory: DROVER_HOME, the embedder's option, XDG, ~/.local.
+--- The store directory: the embedder's option (drover_options.home: what
+-- a program asks for explicitly beats its environment), DROVER_HOME, XDG,
+-- ~/.local.
 function M.home()
-  local h = os.getenv("DROVER_HOME")
-  if h and h ~= "" then return h end
   local ok, cfg = pcall(require, "drover.config")
   if ok and type(cfg) == "table" and cfg.home then return cfg.home end
+  local h = os.getenv("DROVER_HOME")
+  if h and h ~= "" then return h end
   local xdg = os.getenv("XDG_DATA_HOME")
   if xdg and xdg ~= "" then return xdg .. "/drover" end
   return (os.getenv("HOME") or "/tmp") .. "/.local/share/drover"

@@ -1,0 +1,795 @@
+--- The `slurm` backend: each flow run is a Slurm batch job on a cluster.
+--
+-- It extends the local backend: the bundle, the worker (`drover worker
+-- RUN_ID`, now started by Slurm on a compute node), logs from the store and
+-- the list of runs are the local backend's.  What differs is how a run
+-- starts and ends:
+--
+--   package  the local bundle, staged into `staging_dir` (a directory every
+--            node can read)
+--   deploy   the deployment plus its Slurm job template (partition, nodes,
+--            cpus_per_task, mem, time, account, qos, sbatch options,
+--            environment); an unknown partition is refused
+--   run      one batch job running `drover worker RUN_ID`; the Slurm job id
+--            is kept as the run's external_id
+--   map      a job array: one run per item, `%N` limiting concurrency
+--   stop     cancels every job named "drover:DEPLOYMENT", marks runs CANCELLED
+--   status   the store's state, reconciled with Slurm's job state (a run
+--            whose job ended never stays RUNNING)
+--
+-- Transports: slurmrestd's REST API v0.0.38 over a unix socket (`socket`,
+-- rest_auth/local) or over TCP with a JWT (`url` + `token`/`token_file`/
+-- `token_command`); with neither, the sbatch/scontrol/scancel commands.
+--
+-- The worker writes task runs and the final state into the store under
+-- DROVER_HOME, so the store must be on a filesystem the nodes share (as
+-- must `staging_dir`).  See docs/slurm.md.
+local drover = require "drover"
+local fs = require "drover.fs"
+local json = require "drover.json"
+local states = require "drover.states"
+local store_mod = require "drover.store"
+
+local Local = require("drover.orchestrator").backend_class("local")
+local Slurm = Local:extend("slurm")
+Slurm.backend_name = "slurm"
+Slurm.config_keys = {
+  drover_bin = "string",     -- the drover binary on the nodes (default: this one)
+  stop_timeout = "number",   -- seconds stop waits for the jobs to end
+  url = "string",            -- slurmrestd over TCP, e.g. http://host:6820
+  socket = "string",         -- slurmrestd over a unix socket (rest_auth/local)
+  token = "string",          -- JWT for url (never logged)
+  token_file = "string",     -- ... or a file holding it (SLURM_JWT=... accepted)
+  token_command = "table",   -- ... or argv printing it (e.g. scontrol token)
+  user = "string",           -- X-SLURM-USER-NAME (default: $USER or root)
+  api = "string",            -- OpenAPI version (default v0.0.38)
+  commands = "boolean",      -- force the sbatch/scontrol/scancel commands
+  staging_dir = "string",    -- shared dir for bundles, scripts, job output
+  partition = "string",      -- default partition
+  job = "table",             -- default job template (keys as deploy's `job`)
+  jobcomp_file = "string",   -- JobCompLoc of jobcomp/filetxt (final states)
+  http_timeout = "number",   -- seconds per REST request (default 30)
+}
+
+-- Environment the job inherits from the submitter when set: how the
+-- worker finds drover's Lua library and backends.
+local PASS_ENV = { "DROVER_ROOT", "DROVER_PATH", "DROVER_BUILD", "LUA_PATH", "LUA_CPATH", "DROVER_DAEMON", "PATH",
+  "SLURM_CONF" }
+
+-- ---- small helpers --------------------------------------------------------------------
+
+local function trim(s) return (s:gsub("^%s+", ""):gsub("%s+$", "")) end
+
+local function fail(fmt, ...) error("slurm: " .. string.format(fmt, ...), 0) end
+
+--- Minutes from a time limit: integer minutes, or "MM", "HH:MM:SS", "D-HH[:MM[:SS]]".
+local function minutes(t)
+  if math.type(t) == "integer" then return t end
+  if type(t) ~= "string" then return nil end
+  local d, rest = t:match("^(%d+)%-(.+)$")
+  rest = rest or t
+  local p = {}
+  for n in rest:gmatch("[^:]+") do p[#p + 1] = tonumber(n) end
+  if #p == 0 or #p > 3 then return nil end
+  for _, n in ipairs(p) do if not n then return nil end end
+  local h, m, s
+  if d then h, m, s = p[1], p[2] or 0, p[3] or 0
+  elseif #p == 1 then h, m, s = 0, p[1], 0
+  elseif #p == 2 then h, m, s = 0, p[1], p[2]
+  else h, m, s = p[1], p[2], p[3] end
+  return math.tointeger((tonumber(d) or 0) * 1440 + h * 60 + m + math.ceil(s / 60))
+end
+
+--- Megabytes from a memory size: integer MB, or "500M", "4G", "1T".
+local function megabytes(m)
+  if math.type(m) == "integer" then return m end
+  if type(m) ~= "string" then return nil end
+  local n, unit = m:match("^(%d+)([KMGTkmgt]?)$")
+  if not n then return nil end
+  local f = ({ k = 1 / 1024, m = 1, g = 1024, t = 1024 * 1024, [""] = 1 })[unit:lower()]
+  return math.tointeger(math.ceil(tonumber(n) * f))
+end
+
+-- The job template's keys and how each is checked.
+local TEMPLATE = {
+  partition = "string", nodes = "integer", cpus_per_task = "integer", mem = "mem", time = "time",
+  account = "string", qos = "string", sbatch = "list", environment = "table", rest = "table",
+}
+
+local function check_template(t, where)
+  if t == nil then return {} end
+  if type(t) ~= "table" then fail("%s: job template must be a table, got %s", where, type(t)) end
+  for k, v in pairs(t) do
+    local want = TEMPLATE[k]
+    if not want then fail("%s: unknown job template key '%s'", where, tostring(k)) end
+    local ok = (want == "string" and type(v) == "string")
+      or (want == "integer" and math.type(v) == "integer" and v > 0)
+      or (want == "mem" and megabytes(v) ~= nil)
+      or (want == "time" and minutes(v) ~= nil)
+      or (want == "table" and type(v) == "table")
+      or (want == "list" and type(v) == "table")
+    if not ok then fail("%s: bad job template value for '%s': %s", where, k, tostring(v)) end
+  end
+  if t.partition and not t.partition:match("^[%w_%.%-]+$") then
+    fail("%s: bad partition name '%s'", where, t.partition)
+  end
+  for _, o in ipairs(t.sbatch or {}) do
+    if type(o) ~= "string" or not o:match("^%-") then fail("%s: bad sbatch option '%s' (e.g. '--exclusive')", where, tostring(o)) end
+  end
+  return t
+end
+
+--- Merge job templates, later ones winning (environment merged key by key).
+local function merge_templates(...)
+  local out, env, sb, rest = {}, {}, {}, {}
+  for i = 1, select("#", ...) do
+    local t = select(i, ...)
+    for k, v in pairs(t or {}) do
+      if k == "environment" then for ek, ev in pairs(v) do env[ek] = ev end
+      elseif k == "sbatch" then for _, o in ipairs(v) do sb[#sb + 1] = o end
+      elseif k == "rest" then for rk, rv in pairs(v) do rest[rk] = rv end
+      else out[k] = v end
+    end
+  end
+  out.environment, out.sbatch, out.rest = env, sb, rest
+  return out
+end
+
+-- ---- transports -------------------------------------------------------------------------
+
+function Slurm:mode()
+  if self.config.commands then return "commands" end
+  if self.config.socket then return "socket" end
+  if self.config.url then return "jwt" end
+  return "commands"
+end
+
+function Slurm:api_base()
+  local v = self.config.api or "v0.0.38"
+  if self.config.socket then return "http://localhost/slurm/" .. v, "unix:" .. self.config.socket end
+  local u = self.config.url:gsub("/+$", "")
+  return u .. "/slurm/" .. v, u
+end
+
+--- The JWT (read once per instance; never logged).
+function Slurm:token()
+  if self._token then return self._token end
+  local c, t = self.config, nil
+  if c.token then t = c.token
+  elseif c.token_file then
+    local s, err = fs.read(c.token_file)
+    if not s then fail("cannot read token_file: %s", err) end
+    t = s
+  elseif c.token_command then
+    local out, err = drover.proc.output(c.token_command, { timeout = 30 })
+    if not out then fail("token_command failed: %s", err) end
+    t = out
+  else
+    t = os.getenv("SLURM_JWT")
+  end
+  if not t or trim(t) == "" then fail("REST over TCP (%s) needs a token: set token, token_file or token_command", c.url) end
+  t = trim(t):gsub("^SLURM_JWT=", "")
+  self._token = t
+  return t
+end
+
+--- One REST call; returns the decoded body, or raises one line naming the
+-- method, the endpoint and the cause.  `ok_errors` lists Slurm error
+-- strings the caller handles itself (returned as nil, error).
+function Slurm:rest(method, path, body, ok_errors)
+  local base, where = self:api_base()
+  local opts = { url = base .. path, method = method, json = body, timeout = self.config.http_timeout or 30,
+    headers = {} }
+  if self.config.socket then
+    opts.unix_socket = self.config.socket
+  else
+    opts.headers["X-SLURM-USER-NAME"] = self.config.user or os.getenv("USER") or "root"
+    opts.headers["X-SLURM-USER-TOKEN"] = self:token()
+  end
+  local r, err = drover.http.request(opts)
+  if not r then fail("slurmrestd at %s is unreachable (%s %s): %s", where, method, path, err) end
+  local errs = type(r.json) == "table" and type(r.json.errors) == "table" and r.json.errors or {}
+  local first = errs[1]
+  local what = first and (tostring(first.description or "") ~= "" and first.description or first.error)
+  if first and ok_errors and ok_errors[first.error] then return nil, first.error, what end
+  if r.status == 401 or r.status == 403 then
+    fail("slurmrestd at %s refused the token (%s %s: HTTP %d %s)", where, method, path, r.status, trim(r.body))
+  end
+  if r.status >= 400 or first then
+    local cause = what or trim(r.body):sub(1, 200)
+    local hint = ""
+    if not self.config.socket and (first and (first.error_code == 5005 or first.error == "Unspecified error")) then
+      hint = " (slurmctld rejected the request: is the token valid and unexpired?)"
+    end
+    fail("slurmrestd at %s: %s %s answered HTTP %d: %s%s", where, method, path, r.status, tostring(cause), hint)
+  end
+  if type(r.json) ~= "table" then fail("slurmrestd at %s: %s %s answered no JSON", where, method, path) end
+  return r.json
+end
+
+--- Run a Slurm command (argv); returns stdout or raises naming it.
+function Slurm:cmd(argv, env)
+  local out, err = drover.proc.output(argv, { timeout = 60, env = env })
+  if not out then fail("%s", err) end
+  return out
+end
+
+-- ---- job state --------------------------------------------------------------------------
+
+--- "KEY=VALUE KEY=VALUE" (scontrol -o, jobcomp lines) into a table.
+local function keyvals(line)
+  local t = {}
+  for k, v in line:gmatch("(%w+)=(%S*)") do if t[k] == nil then t[k] = v end end
+  return t
+end
+
+--- The final record of a job that left slurmctld (MinJobAge), from the
+-- jobcomp/filetxt file.  jobid: the plain job id.
+function Slurm:jobcomp(jobid)
+  local path = self.config.jobcomp_file
+  if not path then
+    local ok, out = pcall(self.cmd, self, { "scontrol", "show", "config" })
+    path = ok and out:match("JobCompLoc%s*=%s*(%S+)")
+    if path then self.config.jobcomp_file = path end
+  end
+  local text = path and fs.read(path)
+  if not text then return nil end
+  local found
+  for line in text:gmatch("[^\n]+") do
+    if line:find("JobId=" .. jobid .. " ", 1, true) == 1 then found = line end
+  end
+  if not found then return nil end
+  local kv = keyvals(found)
+  local code, sig = (kv.ExitCode or "0:0"):match("^(%d+):(%d+)$")
+  return { state = kv.JobState, reason = nil, exit_code = tonumber(code) or 0, signal = tonumber(sig) or 0,
+    source = "jobcomp" }
+end
+
+--- Is task number `n` in an array range expression ("0-5%2", "1,3-7:2")?
+local function in_ranges(expr, n)
+  expr = tostring(expr or ""):gsub("%%.*$", "")
+  for part in expr:gmatch("[^,]+") do
+    local a, b, step = part:match("^(%d+)%-(%d+):?(%d*)$")
+    if a then
+      a, b, step = tonumber(a), tonumber(b), tonumber(step) or 1
+      if n >= a and n <= b and (n - a) % step == 0 then return true end
+    elseif tonumber(part) == n then
+      return true
+    end
+  end
+  return false
+end
+
+--- Slurm's records of job `job` as { task = "3" | nil, tasks = "2-5%2" |
+-- nil, state, reason, exit_code, signal, job_id }, or nil if slurmctld
+-- does not know it.
+function Slurm:job_records(job)
+  local recs = {}
+  if self:mode() == "commands" then
+    local r = drover.proc.run({ "scontrol", "show", "job", "-o", job }, { stdout = "capture", stderr = "capture", timeout = 60 })
+    if not r then fail("cannot run scontrol") end
+    if r.code ~= 0 then
+      if ((r.stderr or "") .. (r.stdout or "")):find("Invalid job id", 1, true) then return nil end
+      fail("'scontrol show job %s' failed: %s", job, trim((r.stderr or "") .. (r.stdout or "")))
+    end
+    for line in r.stdout:gmatch("[^\n]+") do
+      local kv = keyvals(line)
+      local code, sig = (kv.ExitCode or "0:0"):match("^(%d+):(%d+)$")
+      local t = kv.ArrayTaskId
+      recs[#recs + 1] = { task = t and t:match("^%d+$") and t or nil, tasks = t and not t:match("^%d+$") and t or nil,
+        state = kv.JobState, reason = kv.Reason, exit_code = tonumber(code) or 0, signal = tonumber(sig) or 0,
+        job_id = kv.JobId }
+    end
+  else
+    local body = self:rest("GET", "/job/" .. job, nil, { ["Invalid job id specified"] = true })
+    if not body then return nil end
+    for _, j in ipairs(body.jobs or {}) do
+      local ec = math.tointeger(j.exit_code) or 0
+      local t = math.tointeger(j.array_task_id)
+      local ts = j.array_task_string
+      -- exit_code is a wait status: the code in the high byte, the signal in the low
+      recs[#recs + 1] = { task = t and tostring(t) or nil,
+        tasks = type(ts) == "string" and ts ~= "" and ts or nil, state = j.job_state, reason = j.state_reason,
+        exit_code = ec >> 8, signal = ec & 0x7f, job_id = tostring(math.tointeger(j.job_id) or j.job_id) }
+    end
+  end
+  return recs
+end
+
+--- Slurm's view of job `ext` ("123" or "123_4" for an array task):
+-- { state, reason, exit_code, signal, job_id } or nil if Slurm has no record.
+function Slurm:job_info(ext, run_dir)
+  local job, task = tostring(ext):match("^(%d+)_(%d+)$")
+  job = job or tostring(ext)
+  local recs = self:job_records(job)
+  if recs then
+    local pending
+    for _, rec in ipairs(recs) do
+      if not task or rec.task == task then return rec end
+      -- a task not yet split out of the array's record: still pending
+      if rec.tasks and in_ranges(rec.tasks, tonumber(task)) then pending = rec end
+    end
+    if pending then return pending end
+  end
+  -- gone from slurmctld: the jobcomp file has the end (array tasks: the
+  -- batch script wrote its own job id into the run's directory)
+  local raw = job
+  if task then
+    local s = run_dir and fs.read(run_dir .. "/jobid")
+    raw = s and trim(s) or nil
+  end
+  return raw and self:jobcomp(raw) or nil
+end
+
+-- Slurm's job states that still hold or wait for resources.
+local ACTIVE = { PENDING = true, RUNNING = true, CONFIGURING = true, COMPLETING = true, SUSPENDED = true,
+  REQUEUED = true, RESIZING = true, SIGNALING = true, STAGE_OUT = true }
+
+-- Slurm's final job states and the drover state a run left active ends in.
+local SLURM_FINAL = {
+  COMPLETED = states.CRASHED, -- the job ended well but the worker recorded no end
+  FAILED = states.FAILED, TIMEOUT = states.FAILED, OUT_OF_MEMORY = states.FAILED, DEADLINE = states.FAILED,
+  CANCELLED = states.CANCELLED, PREEMPTED = states.CANCELLED,
+  NODE_FAIL = states.CRASHED, BOOT_FAIL = states.CRASHED,
+}
+
+--- Turn a run its worker ended COMPLETED or FAILED into CANCELLED: the
+-- cancel killed the workflow's processes, and the worker, racing the
+-- signal, recorded the end of a body it had lost.  Returns true if it did.
+function Slurm:cancelled_after_all(id, why)
+  local store = self:store()
+  local changed = store:write([[UPDATE flow_runs SET state = 'CANCELLED', message = ?
+      WHERE id = ? AND state IN ('COMPLETED','FAILED')]], why, id)
+  if changed > 0 then
+    store:write("INSERT INTO flow_run_states(flow_run_id, state, message, ts) VALUES(?,?,?,?)",
+      id, states.CANCELLED, why, store_mod.time())
+  end
+  return changed > 0
+end
+
+-- How long after its end a run's Slurm job is still checked for a cancel
+-- the worker missed (seconds; slurmctld's MinJobAge defaults to 300).
+local RECHECK = 600
+
+--- Bring a run in line with Slurm: while the store calls it active, a job
+-- that ended (or vanished) ends the run; a run the worker ended while its
+-- job was being cancelled (scancel from outside) becomes CANCELLED.
+-- Returns the fresh row.
+function Slurm:reconcile(r)
+  if r.backend ~= "slurm" or not r.external_id then return r end
+  local store = self:store()
+  local recent = (r.state == "COMPLETED" or r.state == "FAILED") and r.ended and store_mod.time() - r.ended < RECHECK
+  if not states.active[r.state] and not recent then return r end
+  local info = self:job_info(r.external_id, self:run_dir(r.id))
+  local st = info and (info.state or ""):match("^(%u[%u_]*)")
+  if recent then
+    if st == "CANCELLED" and self:cancelled_after_all(r.id, "slurm job " .. r.external_id .. " CANCELLED") then
+      return store:flow_run(r.id)
+    end
+    return r
+  end
+  local final, why
+  if not info then
+    final, why = states.CRASHED, "slurm job " .. r.external_id .. " is unknown to slurmctld and the jobcomp file"
+  else
+    final = SLURM_FINAL[st]
+    if final then
+      why = "slurm job " .. r.external_id .. " " .. st
+      if info.exit_code ~= 0 or info.signal ~= 0 then
+        why = why .. " (exit code " .. info.exit_code .. (info.signal ~= 0 and (", signal " .. info.signal) or "") .. ")"
+      end
+      if info.reason and info.reason ~= "None" and info.reason ~= "" then why = why .. ": " .. info.reason end
+    end
+  end
+  if not final then return r end
+  local fresh = store:flow_run(r.id)      -- the worker may have just recorded its end
+  if states.active[fresh.state] then
+    store:set_flow_state(r.id, final, why)
+    store:write([[UPDATE task_runs SET state = ?, message = ?
+        WHERE flow_run_id = ? AND state IN ('RUNNING','PENDING','SCHEDULED','CANCELLING')]], final, why, r.id)
+  elseif final == states.CANCELLED then
+    self:cancelled_after_all(r.id, why)
+  end
+  return store:flow_run(r.id)
+end
+
+-- ---- package and deploy -----------------------------------------------------------------
+
+function Slurm:staging()
+  local d = self.config.staging_dir or (self:store().home .. "/slurm")
+  fs.mkdir(d)
+  return d
+end
+
+function Slurm:run_dir(id) return self:staging() .. "/runs/" .. id end
+
+function Slurm:package(class_name, module, entrypoint, opts)
+  local p = Local.package(self, class_name, module, entrypoint, opts)
+  local dir = self:staging() .. "/packages"
+  fs.mkdir(dir)
+  local staged = dir .. "/" .. p.sha256 .. ".tar"
+  if not fs.exists(staged) then
+    local tmp = staged .. ".tmp-" .. store_mod.new_id()
+    local ok, err = fs.copy(p.location, tmp)
+    if not ok then fail("package: cannot stage the bundle into %s: %s", dir, tostring(err)) end
+    assert(fs.rename(tmp, staged))
+  end
+  p.location, p.backend = staged, "slurm"
+  self:store():put_package(p)
+  return p
+end
+
+--- Is `name` a partition of the cluster?
+function Slurm:partition_exists(name)
+  if self:mode() == "commands" then
+    local r = drover.proc.run({ "scontrol", "show", "partition", "-o", name }, { stdout = "capture", stderr = "capture", timeout = 60 })
+    if not r then fail("cannot run scontrol") end
+    if r.code == 0 then return true end
+    local msg = trim((r.stderr or "") .. (r.stdout or ""))
+    if msg:find("not found", 1, true) then return false end
+    fail("'scontrol show partition %s' failed: %s", name, msg)
+  end
+  local body, e = self:rest("GET", "/partition/" .. name, nil, { ["Invalid partition name specified"] = true })
+  if not body then return false, e end
+  for _, p in ipairs(body.partitions or {}) do if p.name == name then return true end end
+  return false
+end
+
+function Slurm:deploy(name, opts)
+  opts = opts or {}
+  if type(name) ~= "string" or not name:match("^[%w_%.%-]+$") then
+    fail("deploy: bad deployment name '%s' (letters, digits, _ . - only)", tostring(name))
+  end
+  local store = self:store()
+  if not opts.package then fail("deploy: a package id is required (drover package prints one)") end
+  local p = store:package(opts.package)
+  if not p then fail("deploy: unknown package '%s'", tostring(opts.package)) end
+  local job = merge_templates(check_template(self.config.job, "config.job"),
+    check_template(opts.job, "deploy '" .. name .. "'"))
+  job.partition = job.partition or self.config.partition
+  if job.partition and not self:partition_exists(job.partition) then
+    fail("deploy '%s': unknown partition '%s'", name, job.partition)
+  end
+  if opts.max_active ~= nil and (math.type(opts.max_active) ~= "integer" or opts.max_active < 1) then
+    fail("deploy: bad max_active '%s' (a positive integer expected)", tostring(opts.max_active))
+  end
+  if opts.schedule ~= nil then fail("deploy: schedules are fired by the local daemon; not supported on slurm yet") end
+  local ok, err = store:put_deployment({ name = name, backend = "slurm", package_id = p.id,
+    params = opts.params, config = { job = job }, max_active = opts.max_active }, opts.replace)
+  if not ok then error(err, 0) end
+  return { name = name, package = p.id, job = job }
+end
+
+-- ---- submitting -------------------------------------------------------------------------
+
+local function shell_quote(s) return "'" .. tostring(s):gsub("'", "'\\''") .. "'" end
+
+--- The job's environment: the template's, DROVER_HOME, and what the worker
+-- needs to find drover (taken from the submitter).
+function Slurm:job_env(job)
+  local env = {}
+  for _, k in ipairs(PASS_ENV) do
+    local v = os.getenv(k)
+    if v and v ~= "" then env[k] = v end
+  end
+  env.PATH = env.PATH or "/usr/local/bin:/usr/bin:/bin"
+  for k, v in pairs(job.environment or {}) do env[k] = tostring(v) end
+  env.DROVER_HOME = self:store().home
+  return env
+end
+
+--- Submit a batch job.  spec: script, name, comment, output, job (template),
+-- array ("0-9%2"), dependency ("afterok:1:2").  Returns the Slurm job id.
+function Slurm:submit(spec)
+  local job = spec.job
+  local env = self:job_env(job)
+  if self:mode() == "commands" then
+    local script_path = spec.dir .. "/job.sh"
+    assert(fs.write(script_path, spec.script, { mode = "755" }))
+    local argv = { "sbatch", "--parsable", "--no-requeue", "--job-name=" .. spec.name, "--comment=" .. spec.comment,
+      "--output=" .. spec.output, "--chdir=" .. spec.dir, "--export=ALL" }
+    local function add(o) argv[#argv + 1] = o end
+    if job.partition then add("--partition=" .. job.partition) end
+    if job.nodes then add("--nodes=" .. job.nodes) end
+    if job.cpus_per_task then add("--cpus-per-task=" .. job.cpus_per_task) end
+    if job.mem then add("--mem=" .. megabytes(job.mem)) end
+    if job.time then add("--time=" .. minutes(job.time)) end
+    if job.account then add("--account=" .. job.account) end
+    if job.qos then add("--qos=" .. job.qos) end
+    if spec.array then add("--array=" .. spec.array) end
+    if spec.dependency then add("--dependency=" .. spec.dependency) end
+    for _, o in ipairs(job.sbatch or {}) do add(o) end
+    add(script_path)
+    local out = self:cmd(argv, env)
+    local id = out:match("^(%d+)")
+    if not id then fail("sbatch printed no job id: %s", trim(out)) end
+    return id
+  end
+  local j = { name = spec.name, comment = spec.comment, standard_output = spec.output,
+    -- no `requeue` key: 22.05's v0.0.38 parser makes any requeue key (even
+    -- false) requeue the job; the cluster's JobRequeue default applies
+    standard_error = spec.output, current_working_directory = spec.dir, environment = env,
+    partition = job.partition, cpus_per_task = job.cpus_per_task, account = job.account, qos = job.qos,
+    memory_per_node = job.mem and megabytes(job.mem), time_limit = job.time and minutes(job.time),
+    array = spec.array, dependency = spec.dependency }
+  if job.nodes then j.nodes = { job.nodes, job.nodes } end
+  for k, v in pairs(job.rest or {}) do j[k] = v end
+  local body = self:rest("POST", "/job/submit", { script = spec.script, job = j })
+  if not body.job_id then fail("slurmrestd accepted the job but returned no job_id") end
+  return tostring(math.tointeger(body.job_id) or body.job_id)
+end
+
+--- The batch script: `#SBATCH` lines for the extra options (sbatch reads
+-- them), then the worker.  `run_expr` is shell code yielding the run id.
+function Slurm:script(name, job, run_expr, redirect)
+  local lines = { "#!/bin/sh", "# drover: deployment " .. name }
+  for _, o in ipairs(job.sbatch or {}) do lines[#lines + 1] = "#SBATCH " .. o end
+  lines[#lines + 1] = "RUN=" .. run_expr
+  lines[#lines + 1] = "DIR=" .. shell_quote(self:staging() .. "/runs") .. "/$RUN"
+  if redirect then lines[#lines + 1] = 'exec >>"$DIR/slurm.out" 2>&1' end
+  -- the job's own id, for the jobcomp file once slurmctld forgets the job
+  lines[#lines + 1] = 'echo "$SLURM_JOB_ID" >"$DIR/jobid"'
+  lines[#lines + 1] = "exec " .. shell_quote(self:drover_bin()) .. ' worker "$RUN"'
+  return table.concat(lines, "\n") .. "\n"
+end
+
+--- The deployment and its job template, with per-run overrides (opts:
+-- cpus, mem, time, partition, nodes, or a `job` template).
+function Slurm:prepare(name, opts)
+  local store = self:store()
+  local d = store:deployment(name)
+  if not d then error("unknown deployment '" .. tostring(name) .. "'", 0) end
+  if d.backend ~= "slurm" then fail("deployment '%s' belongs to backend '%s'", name, d.backend) end
+  if d.paused == 1 then
+    error("deployment '" .. name .. "' is stopped; deploy it again (drover deploy --replace) to run it", 0)
+  end
+  local cfg = store_mod.decode(d.config) or {}
+  local over = check_template(opts.job, "run '" .. name .. "'")
+  local short = {}
+  if opts.cpus then short.cpus_per_task = opts.cpus end
+  if opts.mem then short.mem = opts.mem end
+  if opts.time then short.time = opts.time end
+  if opts.partition then short.partition = opts.partition end
+  check_template(short, "run '" .. name .. "'")
+  return d, merge_templates(cfg.job, over, short)
+end
+
+--- afterok dependency on other runs of this store (opts.after: run ids).
+function Slurm:dependency(after)
+  if not after or #after == 0 then return nil end
+  local ids = {}
+  for _, rid in ipairs(after) do
+    local r = self:store():find_flow_run(rid)
+    if not r or not r.external_id then fail("run: 'after' names run '%s', which has no Slurm job", tostring(rid)) end
+    ids[#ids + 1] = r.external_id
+  end
+  return "afterok:" .. table.concat(ids, ":")
+end
+
+function Slurm:run_url(id, fallback)
+  if os.getenv("DROVER_DAEMON") == "0" then return fallback end
+  local url = Local.run_url(self, id)
+  if url:match("^file://") then return fallback end
+  return url
+end
+
+--- The URL of job `job_id`: its REST resource, or its output file.
+function Slurm:job_url(job_id, out)
+  if self:mode() == "commands" then return "file://" .. out end
+  local base = self:api_base()
+  if self.config.socket then return "http+unix://" .. self.config.socket .. "/slurm/" .. (self.config.api or "v0.0.38") .. "/job/" .. job_id end
+  return base .. "/job/" .. job_id
+end
+
+--- run(name, params [, opts]) -> id, url.  opts: after (run ids this run
+-- waits for, afterok), cpus, mem, time, partition, job (template overrides).
+function Slurm:run(name, params, opts)
+  opts = opts or {}
+  if params ~= nil and type(params) ~= "table" then
+    fail("run: bad argument 'params' (table expected, got %s)", type(params))
+  end
+  local store = self:store()
+  local d, job = self:prepare(name, opts)
+  if d.max_active then
+    local active = #store:flow_runs { deployment = name, active = true, limit = 100000 }
+    if active >= d.max_active then
+      error("deployment '" .. name .. "' already has " .. active .. " active run(s) (max " .. d.max_active .. ")", 0)
+    end
+  end
+  local merged = store_mod.decode(d.params) or {}
+  for k, v in pairs(params or {}) do merged[k] = v end
+  local id = store_mod.new_id()
+  local dir = self:run_dir(id)
+  fs.mkdir(dir)
+  local out = dir .. "/slurm.out"
+  store:create_flow_run { id = id, name = name, deployment = name, backend = "slurm", state = states.PENDING,
+    params = merged, source = opts.source or { kind = "deployment" }, resumed_from = opts.resumed_from }
+  local ok, job_id = pcall(self.submit, self, { script = self:script(name, job, shell_quote(id)), job = job,
+    name = "drover:" .. name, comment = "drover run " .. id .. " of deployment " .. name, output = out, dir = dir,
+    dependency = self:dependency(opts.after) })
+  if not ok then
+    store:set_flow_state(id, states.CRASHED, "submit failed: " .. tostring(job_id))
+    error(job_id, 0)
+  end
+  local url = self:run_url(id, self:job_url(job_id, out))
+  store:update_flow_run(id, { external_id = job_id, url = url })
+  return id, url
+end
+
+--- map(name, items [, opts]) -> { job_id, runs = { run ids } }: one run of
+-- deployment `name` per item, all in one Slurm job array.  Each run's
+-- params are the deployment's, opts.params, and [opts.param or "item"] =
+-- the item, index = its position.  opts.concurrency: at most N array tasks
+-- at once (`%N`); opts.after/cpus/mem/time/partition/job as for run.
+function Slurm:map(name, items, opts)
+  opts = opts or {}
+  if type(items) ~= "table" or #items == 0 then fail("map: bad argument 'items' (non-empty list expected)") end
+  local conc = opts.concurrency
+  if conc ~= nil and (math.type(conc) ~= "integer" or conc < 1) then
+    fail("map: option 'concurrency' must be a positive integer")
+  end
+  local store = self:store()
+  local d, job = self:prepare(name, opts)
+  local base = store_mod.decode(d.params) or {}
+  for k, v in pairs(opts.params or {}) do base[k] = v end
+  local key = opts.param or "item"
+  local ids, list = {}, {}
+  store:transaction(function()
+    for i, item in ipairs(items) do
+      local p = {}
+      for k, v in pairs(base) do p[k] = v end
+      p[key], p.index = item, i
+      local id = store_mod.new_id()
+      ids[i] = id
+      store:create_flow_run { id = id, name = name, deployment = name, backend = "slurm", state = states.PENDING,
+        params = p, source = { kind = "deployment" } }
+    end
+  end)
+  for i, id in ipairs(ids) do fs.mkdir(self:run_dir(id)); list[i] = id end
+  local adir = self:staging() .. "/arrays/" .. store_mod.new_id()
+  fs.mkdir(adir)
+  assert(fs.write(adir .. "/runs", table.concat(list, "\n") .. "\n"))
+  -- array task i (0-based) runs line i+1 of the runs file
+  local expr = '$(sed -n "$((SLURM_ARRAY_TASK_ID + 1))p" ' .. shell_quote(adir .. "/runs") .. ")"
+  local ok, job_id = pcall(self.submit, self, { script = self:script(name, job, expr, true), job = job,
+    name = "drover:" .. name, comment = "drover map of " .. #ids .. " runs of deployment " .. name,
+    output = adir .. "/%a.out", dir = adir, array = "0-" .. (#ids - 1) .. (conc and ("%" .. conc) or ""),
+    dependency = self:dependency(opts.after) })
+  if not ok then
+    for _, id in ipairs(ids) do store:set_flow_state(id, states.CRASHED, "submit failed: " .. tostring(job_id)) end
+    error(job_id, 0)
+  end
+  store:transaction(function()
+    for i, id in ipairs(ids) do
+      store:update_flow_run(id, { external_id = job_id .. "_" .. (i - 1), url = self:job_url(job_id, adir) })
+    end
+  end)
+  return { job_id = job_id, runs = ids }
+end
+
+-- ---- status, logs, list, stop -----------------------------------------------------------
+
+function Slurm:status(run_id)
+  local store = self:store()
+  local r = store:find_flow_run(run_id)
+  if not r then error("unknown run '" .. tostring(run_id) .. "'", 0) end
+  if r.backend ~= "slurm" then return Local.status(self, run_id) end
+  r = self:reconcile(r)
+  r.task_runs = store:task_runs(r.id)
+  return r
+end
+
+--- The store's log lines (what the workflow printed, tracked), then the
+-- job's output file (Slurm's own messages, a worker that could not start).
+function Slurm:logs(run_id, opts)
+  local lines = Local.logs(self, run_id, opts)
+  local r = self:store():find_flow_run(run_id)
+  local text = fs.read(self:run_dir(r.id) .. "/slurm.out")
+  if text then
+    local seen = {}
+    for _, l in ipairs(lines) do seen[l] = true end
+    for line in text:gmatch("[^\n]+") do
+      if not seen[line] then lines[#lines + 1] = line end -- printed lines are in both
+    end
+  end
+  return lines
+end
+
+function Slurm:list(opts)
+  local runs = self:store():flow_runs { backend = "slurm", deployment = opts and opts.deployment, limit = 1000 }
+  for i, r in ipairs(runs) do
+    local ok, fresh = pcall(self.reconcile, self, r)
+    if ok then runs[i] = fresh end
+  end
+  return runs
+end
+
+--- Active Slurm jobs named "drover:NAME" (the name drover gives them).
+function Slurm:jobs_of(name)
+  local want, ids = "drover:" .. name, {}
+  if self:mode() == "commands" then
+    local out = self:cmd({ "squeue", "-h", "--name=" .. want, "-o", "%A|%T" })
+    for id, st in out:gmatch("(%d+)|(%u+)") do ids[#ids + 1] = { id = id, state = st } end
+  else
+    for _, j in ipairs(self:rest("GET", "/jobs").jobs or {}) do
+      local st = (j.job_state or ""):match("^%u+")
+      if j.name == want and ACTIVE[st] then
+        ids[#ids + 1] = { id = tostring(math.tointeger(j.job_id) or j.job_id), state = st }
+      end
+    end
+  end
+  return ids
+end
+
+--- Cancel job `id`.  soft: SIGTERM to every process of the job, batch
+-- shell included, so the worker records CANCELLED itself (as a local
+-- worker does); otherwise a hard cancel (SIGKILL, or scancel's
+-- TERM-then-KILL).
+local GONE = { ["Invalid job id specified"] = true, ["Job/step already completing or completed"] = true,
+  ["Requested operation is presently disabled"] = true }
+function Slurm:cancel_job(id, soft)
+  if self:mode() == "commands" then
+    local argv = soft and { "scancel", "--full", "--signal=TERM", id } or { "scancel", id }
+    drover.proc.run(argv, { stdout = "capture", stderr = "capture", timeout = 60 })
+  else
+    self:rest("DELETE", "/job/" .. id .. (soft and "?signal=SIGTERM" or ""), nil, GONE)
+  end
+end
+
+--- Is job `ext` still holding resources?  (PENDING, RUNNING, COMPLETING...)
+--- Does job `id` (a whole array for an array id) still hold or wait for resources?
+function Slurm:job_active(id)
+  local ok, recs = pcall(self.job_records, self, tostring(id))
+  if not ok or not recs then return false end
+  for _, rec in ipairs(recs) do
+    if ACTIVE[(rec.state or ""):match("^%u+")] then return true end
+  end
+  return false
+end
+
+function Slurm:stop(name, opts)
+  local store = self:store()
+  local d = store:deployment(name)
+  if not d then error("unknown deployment '" .. tostring(name) .. "'", 0) end
+  store:set_paused(name, true)
+  local runs = store:flow_runs { deployment = name, active = true, limit = 100000 }
+  for _, r in ipairs(runs) do store:set_flow_state(r.id, states.CANCELLING, "stop requested") end
+  local jobs, ids = self:jobs_of(name), {}
+  -- running jobs: SIGTERM first, so workers end their flows as CANCELLED;
+  -- pending ones (and what is left after the grace period): cancelled
+  for _, j in ipairs(jobs) do
+    ids[#ids + 1] = j.id
+    self:cancel_job(j.id, j.state == "RUNNING")
+  end
+  local timeout = self.config.stop_timeout or 60
+  local grace = drover.now() + math.min(10, timeout)
+  local function wait_jobs(deadline)
+    for _, j in ipairs(jobs) do
+      while self:job_active(j.id) and drover.now() < deadline do drover.sleep(0.1) end
+    end
+  end
+  wait_jobs(grace)
+  for _, j in ipairs(jobs) do if self:job_active(j.id) then self:cancel_job(j.id, false) end end
+  wait_jobs(drover.now() + timeout)
+  local stopped = {}
+  for _, r in ipairs(runs) do
+    local why = "stopped: slurm job " .. tostring(r.external_id) .. " cancelled"
+    -- a worker that raced the signal and recorded an end was still stopped
+    if not store:set_flow_state(r.id, states.CANCELLED, why) then self:cancelled_after_all(r.id, why) end
+    store:write([[UPDATE task_runs SET state = 'CANCELLED', message = 'stopped'
+        WHERE flow_run_id = ? AND state IN ('RUNNING','PENDING','SCHEDULED','CANCELLING')]], r.id)
+    stopped[#stopped + 1] = r.id
+  end
+  return { name = name, cancelled = stopped, jobs = ids }
+end
+
+function Slurm:resume(run_id)
+  local store = self:store()
+  local r = store:find_flow_run(run_id)
+  if not r then error("unknown run '" .. tostring(run_id) .. "'", 0) end
+  local d = store:deployment(r.deployment)
+  if d and d.paused == 1 then store:set_paused(d.name, false) end
+  return self:run(r.deployment, store_mod.decode(r.params) or {}, { resumed_from = r.id })
+end
+
+return Slurm

@@ -1,0 +1,89 @@
+-- drover as a LuaRocks rock, for Lua 5.4: the drover.core C module (the
+-- engine: libuv, SQLite, the H2O HTTP server), the Lua library, its
+-- dashboard files and the backends.  From a checkout:
+--
+--   luarocks --lua-version=5.4 make rockspec/drover-scm-1.rockspec
+--
+-- (add --deps-mode=none when no LuaRocks server is reachable).  C libraries:
+-- Debian's libuv1-dev, libsqlite3-dev and libh2o-dev, plus the headers of
+-- libcurl and OpenSSL (drover loads those two with dlopen on first use).
+rockspec_format = "3.0"
+package = "drover"
+version = "scm-1"
+source = {
+  url = "git+https://github.com/drover-engine/drover.git",
+}
+description = {
+  summary = "A Lua-scriptable workflow orchestration engine on libuv",
+  detailed = [[
+    drover runs Lua workflows as tasks on a libuv loop (processes, HTTP,
+    timers, SQLite without blocking), tracks flow and task runs in a
+    SQLite store, and deploys them through backends (local, or your own).
+  ]],
+  license = "MIT",
+}
+-- JSON is drover's own (engine/src/json.c): no lua-cjson needed.
+dependencies = {
+  "lua >= 5.4, < 5.5",
+}
+external_dependencies = {
+  LIBUV = { header = "uv.h", library = "uv" },
+  SQLITE = { header = "sqlite3.h", library = "sqlite3" },
+  H2O = { header = "h2o.h", library = "h2o" },
+}
+build = {
+  type = "builtin",
+  modules = {
+    -- the same objects the Makefile links into build/lua/drover/core.so
+    -- (everything in engine/src but api.c, which is the embedding API)
+    ["drover.core"] = {
+      sources = {
+        "engine/src/db.c", "engine/src/engine.c", "engine/src/event.c", "engine/src/fs.c",
+        "engine/src/http.c", "engine/src/json.c", "engine/src/lazylib.c", "engine/src/proc.c",
+        "engine/src/sched.c", "engine/src/server.c", "engine/src/sha256.c", "engine/src/signal.c",
+        "engine/src/tar.c", "engine/src/timer.c",
+      },
+      defines = { "_GNU_SOURCE" },
+      incdirs = { "engine/include", "engine/src", "$(LIBUV_INCDIR)", "$(SQLITE_INCDIR)", "$(H2O_INCDIR)" },
+      libdirs = { "$(LIBUV_LIBDIR)", "$(SQLITE_LIBDIR)", "$(H2O_LIBDIR)" },
+      libraries = { "uv", "sqlite3", "h2o", "m", "dl", "pthread" },
+    },
+    ["drover"] = "lua/drover/init.lua",
+    ["drover.class"] = "lua/drover/class.lua",
+    ["drover.cli"] = "lua/drover/cli.lua",
+    ["drover.context"] = "lua/drover/context.lua",
+    ["drover.cron"] = "lua/drover/cron.lua",
+    ["drover.daemon"] = "lua/drover/daemon.lua",
+    ["drover.db"] = "lua/drover/db.lua",
+    ["drover.fs"] = "lua/drover/fs.lua",
+    ["drover.http"] = "lua/drover/http.lua",
+    ["drover.json"] = "lua/drover/json.lua",
+    ["drover.orchestrator"] = "lua/drover/orchestrator.lua",
+    ["drover.proc"] = "lua/drover/proc.lua",
+    ["drover.server"] = "lua/drover/server.lua",
+    ["drover.states"] = "lua/drover/states.lua",
+    ["drover.store"] = "lua/drover/store.lua",
+    ["drover.tracker"] = "lua/drover/tracker.lua",
+  },
+  install = {
+    -- Next to the modules, where drover.orchestrator.backend_dirs() and
+    -- drover.daemon look for them: share/lua/5.4/drover/{backends,dashboard}/
+    lua = {
+      ["drover.backends.local"] = "backends/local.lua",
+      ["drover.dashboard.index"] = "lua/drover/dashboard/index.html",
+      ["drover.dashboard.app"] = "lua/drover/dashboard/app.js",
+      ["drover.dashboard.style"] = "lua/drover/dashboard/style.css",
+    },
+  },
+}
+test_dependencies = {
+  "busted",
+}
+-- `luarocks test` (from a checkout, with the rock installed): the specs
+-- that need only the installed library, not the drover binary or a build
+-- directory (tests/run.sh runs everything).
+test = {
+  type = "busted",
+  flags = { "--lua=lua5.4", "--lpath=tests/?.lua", "tests/cron_spec.lua", "tests/fs_spec.lua",
+    "tests/db_spec.lua", "tests/tracker_spec.lua" },
+}

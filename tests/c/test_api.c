@@ -1,0 +1,359 @@
+/* test_api.c -- the embedding API beyond running scripts: host functions,
+ * backend contract calls with JSON, workflow files, a host-driven loop,
+ * the log callback, and bad input to each of them. */
+#include "drover.h"
+#include "tap.h"
+
+#include <lauxlib.h>
+#include <time.h>
+
+/* A fresh store directory per test, so runs of one test never meet another's. */
+static drover *open_engine(drover_options *o) {
+  static char home[64];
+  drover_options local;
+  snprintf(home, sizeof home, "/tmp/drover-api-XXXXXX");
+  if (mkdtemp(home) == NULL) return NULL;
+  if (o == NULL) {
+    memset(&local, 0, sizeof local);
+    o = &local;
+  }
+  o->home = home;
+  setenv("DROVER_DAEMON", "0", 1); /* the local backend would start a dashboard daemon */
+  return drover_open(o);
+}
+
+static void write_file(const char *path, const char *text) {
+  FILE *f = fopen(path, "w");
+  if (f) {
+    fputs(text, f);
+    fclose(f);
+  }
+}
+
+static double now(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+/* ---- host functions ------------------------------------------------------ */
+
+static int host_add(lua_State *L) {
+  int *calls = (int *)drover_host_ud(L);
+  (*calls)++;
+  lua_pushinteger(L, luaL_checkinteger(L, 1) + luaL_checkinteger(L, 2));
+  return 1;
+}
+
+static int host_fail(lua_State *L) { return luaL_error(L, "host says no"); }
+
+/* A host function that (wrongly) calls back into its engine: an error, not a crash. */
+static int reentrant_rc;
+static int host_reenter(lua_State *L) {
+  drover *D = (drover *)drover_host_ud(L);
+  reentrant_rc = drover_dostring(D, "return 1", "=inner");
+  return 0;
+}
+
+static void test_register(void) {
+  drover *D = open_engine(NULL);
+  lua_State *L = drover_lua(D);
+  int calls = 0;
+  CHECK(drover_register(D, "add", host_add, &calls) == DROVER_OK);
+  CHECK(drover_register(D, "fail", host_fail, NULL) == DROVER_OK);
+  /* from inside tasks, while other tasks wait */
+  CHECK(drover_dostring(D,
+                        "local d = require 'drover'\n"
+                        "local r = d.all { function() d.sleep(0.01); return d.host.add(1, 2) end,\n"
+                        "                  function() return d.host.add(40, 2) end }\n"
+                        "SUM = r[1] + r[2]\n"
+                        "local ok, err = pcall(d.host.fail)\n"
+                        "ERR = err",
+                        "=t") == DROVER_OK);
+  CHECK(calls == 2);
+  lua_getglobal(L, "SUM");
+  CHECK(lua_tointeger(L, -1) == 45);
+  lua_getglobal(L, "ERR");
+  CHECK(strstr(lua_tostring(L, -1), "host says no") != NULL);
+  lua_pop(L, 2);
+  /* an unknown name is a clear error */
+  CHECK(drover_dostring(D, "require('drover').host.nope()", "=t") == DROVER_ERUN);
+  CHECK(strstr(drover_errmsg(D), "drover.host.nope: no host function") != NULL);
+  /* bad arguments */
+  CHECK(drover_register(D, NULL, host_add, NULL) == DROVER_EARG);
+  CHECK(drover_register(D, "two words", host_add, NULL) == DROVER_EARG);
+  CHECK(strstr(drover_errmsg(D), "Lua identifier") != NULL);
+  CHECK(drover_register(D, "x", NULL, NULL) == DROVER_EARG);
+  CHECK(strstr(drover_errmsg(D), "fn is NULL") != NULL);
+  CHECK(drover_register(NULL, "x", host_add, NULL) == DROVER_EARG);
+  CHECK(drover_host_ud(NULL) == NULL);
+  CHECK(drover_register(D, "reenter", host_reenter, D) == DROVER_OK);
+  CHECK(drover_dostring(D, "require('drover').host.reenter()", "=t") == DROVER_OK);
+  CHECK(reentrant_rc == DROVER_ERUN);
+  drover_close(D);
+}
+
+/* ---- backends -------------------------------------------------------------- */
+
+static const char *fixture_dir(void) {
+  static char dir[4096];
+  const char *root = getenv("DROVER_ROOT");
+  snprintf(dir, sizeof dir, "%s/tests/conformance/fixture", root && *root ? root : ".");
+  return dir;
+}
+
+/* package, deploy, run, status (until COMPLETED), logs, list on the local backend */
+static void test_local_backend(void) {
+  drover *D = open_engine(NULL);
+  char args[8192], *out = NULL, id[64] = "";
+  double deadline;
+  int done = 0;
+  CHECK(drover_backend_load(D, "local") == DROVER_OK);
+  snprintf(args, sizeof args, "[\"Fixture\", \"fixture_flow\", \"main\", {\"path\": \"%s\"}]", fixture_dir());
+  if (drover_backend_call(D, "local", NULL, "package", args, &out) != DROVER_OK)
+    fprintf(stderr, "  package: %s\n", drover_errmsg(D));
+  CHECK(out != NULL && strstr(out, "\"sha256\"") != NULL);
+  {
+    /* the package id, from [{"id":"<sha>",...}] */
+    char *p = strstr(out, "\"id\":\""), *q;
+    CHECK(p != NULL);
+    p += 6;
+    q = strchr(p, '"');
+    CHECK(q != NULL && q - p < 100);
+    snprintf(args, sizeof args, "[\"api-ok\", {\"package\": \"%.*s\", \"params\": {\"mode\": \"ok\"}}]",
+             (int)(q - p), p);
+  }
+  drover_free(out);
+  CHECK(drover_backend_call(D, "local", NULL, "deploy", args, &out) == DROVER_OK);
+  CHECK(strstr(out, "\"api-ok\"") != NULL);
+  drover_free(out);
+  if (drover_backend_call(D, "local", "{}", "run", "[\"api-ok\", {}]", &out) != DROVER_OK)
+    fprintf(stderr, "  run: %s\n", drover_errmsg(D));
+  CHECK(out != NULL && out[0] == '[' && out[1] == '"');
+  sscanf(out, "[\"%63[^\"]\"", id);
+  CHECK(strlen(id) > 0);
+  drover_free(out);
+  snprintf(args, sizeof args, "[\"%s\"]", id);
+  deadline = now() + 120;
+  while (!done && now() < deadline) {
+    CHECK(drover_backend_call(D, "local", NULL, "status", args, &out) == DROVER_OK);
+    done = strstr(out, "\"state\":\"COMPLETED\"") != NULL;
+    CHECK(strstr(out, "FAILED") == NULL && strstr(out, "CRASHED") == NULL);
+    drover_free(out);
+    if (!done) usleep(50000);
+  }
+  CHECK(done);
+  CHECK(drover_backend_call(D, "local", NULL, "logs", args, &out) == DROVER_OK);
+  CHECK(strstr(out, "fixture says HELLO") != NULL);
+  drover_free(out);
+  CHECK(drover_backend_call(D, "local", NULL, "list", NULL, &out) == DROVER_OK);
+  CHECK(strstr(out, id) != NULL);
+  drover_free(out);
+  /* an operation's own error is DROVER_ERUN with its message */
+  CHECK(drover_backend_call(D, "local", NULL, "run", "[\"no-such\"]", &out) == DROVER_ERUN);
+  CHECK(out == NULL);
+  CHECK_STR(drover_errmsg(D), "unknown deployment 'no-such'");
+  drover_close(D);
+}
+
+static void test_backend_bad_input(void) {
+  drover *D = open_engine(NULL);
+  char dir[] = "/tmp/drover-api-be-XXXXXX", path[128], *out = (char *)"untouched";
+  CHECK(mkdtemp(dir) != NULL);
+  /* JSON that does not parse, or has the wrong shape */
+  CHECK(drover_backend_call(D, "local", NULL, "list", "[1, 2", &out) == DROVER_EARG);
+  CHECK(out == NULL);
+  CHECK(strstr(drover_errmsg(D), "args_json is not valid JSON") != NULL);
+  CHECK(drover_backend_call(D, "local", "{\"a\":", "list", NULL, &out) == DROVER_EARG);
+  CHECK(strstr(drover_errmsg(D), "config_json is not valid JSON") != NULL);
+  CHECK(drover_backend_call(D, "local", "[1]", "list", NULL, &out) == DROVER_EARG);
+  CHECK(strstr(drover_errmsg(D), "config_json must be a JSON object") != NULL);
+  CHECK(drover_backend_call(D, "local", NULL, "list", "{\"a\": 1}", &out) == DROVER_EARG);
+  CHECK(strstr(drover_errmsg(D), "args_json must be a JSON array") != NULL);
+  /* a config key the backend refuses */
+  CHECK(drover_backend_call(D, "local", "{\"colour\": \"red\"}", "list", NULL, &out) == DROVER_EARG);
+  CHECK(strstr(drover_errmsg(D), "unknown config key 'colour'") != NULL);
+  /* an unknown operation, an unknown backend */
+  CHECK(drover_backend_call(D, "local", NULL, "explode", NULL, &out) == DROVER_EARG);
+  CHECK(strstr(drover_errmsg(D), "unknown operation 'explode'") != NULL);
+  CHECK(drover_backend_call(D, "no_such_backend", NULL, "list", NULL, &out) == DROVER_ELOAD);
+  CHECK(strstr(drover_errmsg(D), "unknown backend 'no_such_backend'") != NULL);
+  /* a backend with a syntax error: file:line */
+  snprintf(path, sizeof path, "%s/broken.lua", dir);
+  write_file(path, "local drover = require 'drover'\nlocal B = = 1\nreturn B\n");
+  CHECK(drover_backend_load(D, path) == DROVER_ELOAD);
+  CHECK(strstr(drover_errmsg(D), "broken.lua:2:") != NULL);
+  CHECK(drover_backend_call(D, path, NULL, "list", NULL, &out) == DROVER_ELOAD);
+  CHECK(strstr(drover_errmsg(D), "broken.lua:2:") != NULL);
+  /* a backend that is not a backend */
+  snprintf(path, sizeof path, "%s/notone.lua", dir);
+  write_file(path, "return 42\n");
+  CHECK(drover_backend_load(D, path) == DROVER_ELOAD);
+  CHECK(strstr(drover_errmsg(D), "must return a subclass of drover.BaseOrchestrator") != NULL);
+  /* a backend that leaves an operation out */
+  snprintf(path, sizeof path, "%s/minimal.lua", dir);
+  write_file(path, "local B = require('drover').BaseOrchestrator:extend('minimal')\n"
+                   "B.backend_name = 'minimal'\n"
+                   "function B:list() return { 'a', 'b' } end\n"
+                   "return B\n");
+  CHECK(drover_backend_call(D, path, NULL, "list", NULL, &out) == DROVER_OK);
+  CHECK_STR(out, "[[\"a\",\"b\"]]");
+  drover_free(out);
+  CHECK(drover_backend_call(D, path, NULL, "logs", "[\"x\"]", &out) == DROVER_ENOTIMPL);
+  CHECK_STR(drover_errmsg(D), "backend 'minimal' does not implement logs");
+  /* NULL arguments */
+  CHECK(drover_backend_call(NULL, "local", NULL, "list", NULL, &out) == DROVER_EARG);
+  CHECK(drover_backend_call(D, NULL, NULL, "list", NULL, &out) == DROVER_EARG);
+  CHECK(drover_backend_call(D, "", NULL, "list", NULL, &out) == DROVER_EARG);
+  CHECK(drover_backend_call(D, "local", NULL, NULL, NULL, &out) == DROVER_EARG);
+  CHECK(strstr(drover_errmsg(D), "op is NULL") != NULL);
+  CHECK(drover_backend_call(D, "local", NULL, "list", NULL, NULL) == DROVER_OK); /* result dropped */
+  CHECK(drover_backend_load(NULL, "local") == DROVER_EARG);
+  CHECK(drover_backend_load(D, NULL) == DROVER_EARG);
+  drover_free(NULL);
+  drover_close(D);
+}
+
+/* ---- workflow files ---------------------------------------------------------- */
+
+static int host_record(lua_State *L) {
+  char *buf = (char *)drover_host_ud(L);
+  snprintf(buf, 64, "%s", luaL_checkstring(L, 1));
+  return 0;
+}
+
+static void test_exec(void) {
+  drover *D = open_engine(NULL);
+  char dir[] = "/tmp/drover-api-wf-XXXXXX", path[128], recorded[64] = "", *out = NULL;
+  CHECK(mkdtemp(dir) != NULL);
+  CHECK(drover_register(D, "record", host_record, recorded) == DROVER_OK);
+  snprintf(path, sizeof path, "%s/wf.lua", dir);
+  write_file(path, "local d = require 'drover'\n"
+                   "local params = ...\n"
+                   "local double = d.task('double', function(x) d.sleep(0.01); return 2 * x end)\n"
+                   "d.host.record('got ' .. double(params.n))\n");
+  CHECK(drover_exec(D, path, "{\"n\": 21}", &out) == DROVER_OK);
+  CHECK_STR(recorded, "got 42");
+  CHECK(out != NULL && strstr(out, "\"state\":\"COMPLETED\"") != NULL && strstr(out, "\"name\":\"wf\"") != NULL);
+  drover_free(out);
+  /* the run and its task run are in the store */
+  CHECK(drover_dostring(D,
+                        "local t = require 'drover.tracker'\n"
+                        "local s = t.default_store()\n"
+                        "local runs = s:flow_runs { limit = 10 }\n"
+                        "assert(#runs == 1 and runs[1].state == 'COMPLETED', 'one completed flow run')\n"
+                        "local tr = s:task_runs(runs[1].id)\n"
+                        "assert(#tr == 1 and tr[1].name == 'double', 'its task run')",
+                        "=check") == DROVER_OK);
+  /* a failing workflow: DROVER_ERUN, the state in out, the error in the message */
+  write_file(path, "error('workflow broke')\n");
+  CHECK(drover_exec(D, path, NULL, &out) == DROVER_ERUN);
+  CHECK(out != NULL && strstr(out, "\"state\":\"FAILED\"") != NULL);
+  CHECK(strstr(drover_errmsg(D), "workflow broke") != NULL);
+  CHECK(strstr(drover_errmsg(D), "FAILED") != NULL);
+  drover_free(out);
+  /* a syntax error: file:line */
+  write_file(path, "local x =\n\n+\n");
+  CHECK(drover_exec(D, path, NULL, &out) == DROVER_ELOAD);
+  CHECK(out == NULL);
+  CHECK(strstr(drover_errmsg(D), "wf.lua:3:") != NULL);
+  /* bad params, NULLs, a missing file */
+  CHECK(drover_exec(D, path, "{nope", &out) == DROVER_EARG);
+  CHECK(strstr(drover_errmsg(D), "params_json is not valid JSON") != NULL);
+  CHECK(drover_exec(D, NULL, NULL, &out) == DROVER_EARG);
+  CHECK(drover_exec(NULL, path, NULL, &out) == DROVER_EARG);
+  CHECK(drover_exec(D, "/nonexistent/wf.lua", NULL, NULL) == DROVER_ELOAD);
+  CHECK(strstr(drover_errmsg(D), "/nonexistent/wf.lua") != NULL);
+  drover_close(D);
+}
+
+/* ---- log callback -------------------------------------------------------- */
+
+static char logged[4096];
+static void on_log(void *ud, const char *level, const char *message) {
+  size_t n = strlen(logged);
+  (*(int *)ud)++;
+  snprintf(logged + n, sizeof logged - n, "[%s] %s\n", level, message);
+}
+
+static void test_log_callback(void) {
+  drover_options o;
+  drover *D;
+  int count = 0;
+  memset(&o, 0, sizeof o);
+  o.log = on_log;
+  o.log_ud = &count;
+  D = open_engine(&o);
+  CHECK(drover_dostring(D,
+                        "local d = require 'drover'\n"
+                        "d.log('hello', 42)\n"
+                        "local t = d.spawn(function() error('lost task') end)\n"
+                        "d.sleep(0.01)\n",
+                        "=t") == DROVER_OK);
+  /* the unjoined task's error is reported when its handle is collected */
+  CHECK(drover_dostring(D, "collectgarbage(); collectgarbage()", "=gc") == DROVER_OK);
+  CHECK(strstr(logged, "[info] hello 42\n") != NULL);
+  CHECK(strstr(logged, "[error] drover: task") != NULL);
+  CHECK(strstr(logged, "lost task") != NULL);
+  CHECK(count >= 2);
+  drover_close(D);
+}
+
+/* ---- a loop the host owns -------------------------------------------------- */
+
+static void test_start_step(void) {
+  uv_loop_t loop;
+  drover_options o;
+  drover *D;
+  lua_State *L;
+  int n, steps = 0, count = 0;
+  double deadline;
+  memset(&o, 0, sizeof o);
+  logged[0] = '\0';
+  uv_loop_init(&loop);
+  o.loop = &loop;
+  o.log = on_log;
+  o.log_ud = &count;
+  D = open_engine(&o);
+  L = drover_lua(D);
+  CHECK(drover_start(D, "local d = require 'drover'\n"
+                        "for i = 1, 3 do d.spawn(function() d.sleep(0.02 * i); DONE = (DONE or 0) + 1 end) end\n",
+                     "=started") == DROVER_OK);
+  CHECK(drover_start(D, "error('started and failed')", "=bad") == DROVER_OK);
+  /* drover_start returned at once: nothing has run yet */
+  lua_getglobal(L, "DONE");
+  CHECK(lua_isnil(L, -1));
+  lua_pop(L, 1);
+  deadline = now() + 30;
+  do {
+    n = drover_step(D);
+    steps++;
+    if (n > 0) usleep(1000); /* the host's own work would go here */
+  } while (n > 0 && now() < deadline);
+  CHECK(n == 0);
+  CHECK(steps > 1); /* it did not block until the sleeps were over */
+  lua_getglobal(L, "DONE");
+  CHECK(lua_tointeger(L, -1) == 3);
+  lua_pop(L, 1);
+  CHECK(strstr(logged, "[error] bad:1: started and failed") != NULL);
+  CHECK(drover_start(D, "local = 1", "=syn") == DROVER_ELOAD);
+  CHECK(strstr(drover_errmsg(D), "syn:1:") != NULL);
+  CHECK(drover_start(D, NULL, NULL) == DROVER_EARG);
+  CHECK(drover_start(NULL, "x", NULL) == DROVER_EARG);
+  CHECK(drover_step(NULL) == DROVER_EARG);
+  drover_close(D);
+  uv_run(&loop, UV_RUN_NOWAIT);
+  CHECK(uv_loop_close(&loop) == 0);
+}
+
+int main(void) {
+  static const tap_test tests[] = {
+      {"host functions registered in C are called from tasks", test_register},
+      {"local backend: package, deploy, run, status, logs, list through JSON", test_local_backend},
+      {"backend calls: bad JSON, syntax errors with file:line, unimplemented ops, NULLs", test_backend_bad_input},
+      {"drover_exec runs a workflow file as a tracked flow run", test_exec},
+      {"the log callback gets drover.log lines and task errors", test_log_callback},
+      {"drover_start + drover_step drive a host-owned loop without blocking", test_start_step},
+      {NULL, NULL}};
+  return tap_run(tests, 150);
+}

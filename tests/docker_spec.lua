@@ -1,0 +1,225 @@
+-- The docker backend on a real Docker Engine (tests/services/docker.sh
+-- starts one and exports DROVER_DOCKER_SOCKET).  Without it this spec fails:
+-- it does not skip.
+local drover = require "drover"
+local H = require "helper"
+
+local SOCKET = os.getenv("DROVER_DOCKER_SOCKET")
+local DEADLINE = 120
+local fixture = H.root .. "/tests/conformance/fixture"
+local suffix = tostring(math.random(100000, 999999))
+
+local function engine(method, path, opts)
+  opts = opts or {}
+  local r = assert(drover.http.request { url = "http://docker" .. path, method = method,
+    unix_socket = SOCKET, json = opts.json, timeout = 60 })
+  return r
+end
+
+local function filters(label)
+  local q = drover.json.encode { label = { label } }
+  return "filters=" .. q:gsub("[^%w%-%._~]", function(c) return string.format("%%%02X", c:byte()) end)
+end
+
+describe("docker backend", function()
+  local orch, pkg
+  local deployments = {}
+
+  local function deploy(name, opts)
+    local full = name .. "-" .. suffix
+    orch:deploy(full, opts)
+    deployments[#deployments + 1] = full
+    return full
+  end
+
+  local function wait_state(id, want)
+    local last
+    H.wait_until(function()
+      last = orch:status(id)
+      for _, w in ipairs(type(want) == "table" and want or { want }) do
+        if last.state == w then return true end
+      end
+      return false
+    end, DEADLINE, "run " .. id .. " to reach " .. (type(want) == "table" and table.concat(want, "/") or want))
+    return last
+  end
+
+  --- The container a run lives in (container mode: its own; swarm: its task's).
+  local function container_of(id)
+    local r = orch:store():flow_run(id)
+    local kind, eid = r.external_id:match("^(%a+):(.+)$")
+    if kind == "container" then return eid end
+    local cid
+    H.wait_until(function()
+      local t = orch:service_task(eid)
+      cid = t and t.Status and t.Status.ContainerStatus and t.Status.ContainerStatus.ContainerID
+      return cid
+    end, DEADLINE, "the swarm task's container of run " .. id)
+    return cid
+  end
+
+  setup(function()
+    assert(SOCKET and SOCKET ~= "", "DROVER_DOCKER_SOCKET is not set: the docker service " ..
+      "(tests/services/docker.sh start) did not run, so there is no Docker Engine to test against")
+    local ping = drover.http.get("http://docker/_ping", { unix_socket = SOCKET, timeout = 10 })
+    assert(ping and ping.status == 200, "no Docker Engine answers on " .. SOCKET)
+    orch = drover.orchestrator("docker", { socket = SOCKET, stop_timeout = 5 })
+  end)
+
+  teardown(function()
+    if not orch then return end
+    for _, name in ipairs(deployments) do pcall(orch.stop, orch, name, {}) end
+    -- run() starts a daemon for the store (the dashboard URL): stop it
+    local text = drover.fs.read(orch:store().home .. "/daemon.json")
+    local d = text and drover.json.decode(text)
+    if type(d) == "table" and math.type(d.pid) == "integer" and drover.kill(d.pid, "TERM") then
+      H.wait_until(function() return not drover.kill(d.pid, 0) end, 30, "the daemon to stop")
+    end
+  end)
+
+  it("package builds a labelled, tagged image; the same sources give the same image", function()
+    pkg = orch:package("Fixture", "fixture_flow", "main", { path = fixture })
+    assert.matches("^%x+$", pkg.id)
+    assert.are.equal("drover/fixture_flow:" .. pkg.id:sub(1, 12), pkg.image)
+    local img = engine("GET", "/images/" .. pkg.image .. "/json")
+    assert.are.equal(200, img.status)
+    assert.are.equal(pkg.image_id, img.json.Id)
+    assert.are.equal(pkg.id, img.json.Config.Labels["drover.package"])
+    assert.are.equal("fixture_flow", img.json.Config.Labels["drover.module"])
+    local again = orch:package("Fixture", "fixture_flow", "main", { path = fixture })
+    assert.are.equal(pkg.id, again.id)
+    assert.are.equal(pkg.image, again.image)
+    assert.are.equal(pkg.image_id, again.image_id)
+  end)
+
+  it("a failing Dockerfile step fails package with Docker's error", function()
+    local ok, err = pcall(orch.package, orch, "Fixture", "fixture_flow", "main",
+      { path = fixture, dockerfile_lines = { "RUN sh -c 'echo step-fails-on-purpose; exit 7'" } })
+    assert.is_false(ok)
+    assert.matches("docker.package: the build of drover/fixture_flow:%x+ failed: .*returned a non%-zero code: 7",
+      tostring(err))
+  end)
+
+  it("deploy refuses an image the engine does not have, naming it", function()
+    local ok, err = pcall(orch.deploy, orch, "noimage-" .. suffix, { package = pkg.id, image = "drover/no-such-image:nope" })
+    assert.is_false(ok)
+    assert.matches("image 'drover/no%-such%-image:nope' does not exist in the Docker Engine at " ..
+      SOCKET:gsub("%p", "%%%0"), tostring(err))
+    assert.is_nil(orch:store():deployment("noimage-" .. suffix))
+  end)
+
+  for _, mode in ipairs { "container", "swarm" } do
+    it("a run in " .. mode .. " mode COMPLETES with its task runs tracked in the host's store", function()
+      local name = deploy("ok-" .. mode, { package = pkg.id, params = { mode = "ok" }, mode = mode,
+        memory = "256m", cpus = 0.5, env = { FIXTURE_ENV = "yes" } })
+      local id, url = orch:run(name, {})
+      assert.matches("^%a[%w+.-]*://", url)
+      local st = wait_state(id, "COMPLETED")
+      local names = {}
+      for _, t in ipairs(st.task_runs) do names[#names + 1] = t.name .. "=" .. t.state end
+      table.sort(names)
+      assert.are.same({ "Fixture.main=COMPLETED", "Fixture.shout=COMPLETED" }, names)
+      local r = orch:store():flow_run(id)
+      assert.matches("^" .. (mode == "swarm" and "service:" or "container:"), r.external_id)
+      -- the limits reached the engine
+      local c = engine("GET", "/containers/" .. container_of(id) .. "/json").json
+      assert.are.equal(256 * 1024 * 1024, c.HostConfig.Memory)
+      assert.are.equal(id, c.Config.Labels["drover.run"])
+      assert.are.equal(name, c.Config.Labels["drover.deployment"])
+      assert.matches("fixture says HELLO", table.concat(orch:logs(id), "\n"))
+    end)
+
+    it("a container exiting non-zero makes the run FAILED with its exit code (" .. mode .. ")", function()
+      local name = deploy("exit3-" .. mode, { package = pkg.id, mode = mode, command = { "sh", "-c", "exit 3" } })
+      local id = orch:run(name, {})
+      local st = wait_state(id, { "FAILED", "COMPLETED", "CRASHED" })
+      assert.are.equal("FAILED", st.state)
+      assert.matches("exited with code 3", st.message)
+    end)
+
+    it("a container killed from outside makes the run CRASHED or FAILED, not RUNNING (" .. mode .. ")", function()
+      local name = deploy("killed-" .. mode, { package = pkg.id, mode = mode,
+        params = { mode = "long", marker = tostring(3000 + math.random(1, 1000)) .. ".5" } })
+      local id = orch:run(name, {})
+      wait_state(id, "RUNNING")
+      local cid = container_of(id)
+      assert.are.equal(204, engine("POST", "/containers/" .. cid .. "/kill").status)
+      local st = wait_state(id, { "CRASHED", "FAILED", "COMPLETED", "CANCELLED" })
+      assert.is_true(st.state == "CRASHED" or st.state == "FAILED", "state " .. st.state)
+      assert.matches("killed by signal 9", st.message)
+    end)
+
+    it("stop removes every container and service of the deployment, by label (" .. mode .. ")", function()
+      local name = deploy("stop-" .. mode, { package = pkg.id, mode = mode,
+        params = { mode = "long", marker = tostring(2000 + math.random(1, 1000)) .. ".5" } })
+      local a = orch:run(name, {})
+      local b = orch:run(name, {})
+      wait_state(a, "RUNNING"); wait_state(b, "RUNNING")
+      local res = orch:stop(name, {})
+      assert.are.equal(0, res.left)
+      for _, id in ipairs { a, b } do
+        local states = {}
+        for _, s in ipairs(orch:store():flow_run_states(id)) do states[#states + 1] = s.state end
+        assert.are.equal("CANCELLED", states[#states])
+        assert.truthy(table.concat(states, " "):find("CANCELLING", 1, true))
+      end
+      local label = "drover.deployment=" .. name
+      assert.are.same({}, engine("GET", "/containers/json?all=1&" .. filters(label)).json)
+      assert.are.same({}, engine("GET", "/services?" .. filters(label)).json)
+    end)
+  end
+
+  it("logs demultiplex stdout and stderr, and follow streams until the container ends", function()
+    local name = deploy("logs", { package = pkg.id,
+      command = { "sh", "-c", "echo out-line-1; echo err-line-1 >&2; sleep 1; echo out-line-2" } })
+    local id = orch:run(name, {})
+    -- two pipes: the order within a stream holds, not across streams
+    local seen = { stdout = {}, stderr = {} }
+    orch:logs(id, { follow = true, on_line = function(line, stream) table.insert(seen[stream], line) end })
+    assert.are.same({ stdout = { "out-line-1", "out-line-2" }, stderr = { "err-line-1" } }, seen)
+    local r = orch:store():flow_run(id)
+    local got = { stdout = {}, stderr = {} }
+    for _, e in ipairs(orch:engine_logs(r)) do table.insert(got[e.stream], e.line) end
+    assert.are.same({ stdout = { "out-line-1", "out-line-2" }, stderr = { "err-line-1" } }, got)
+    local lines = orch:logs(id)
+    assert.are.equal(3, #lines)
+  end)
+
+  it("the demultiplexer reassembles frames split anywhere", function()
+    local frames = string.pack(">BxxxI4", 1, 6) .. "ab\ncd\n" .. string.pack(">BxxxI4", 2, 4) .. "err\n"
+      .. string.pack(">BxxxI4", 1, 3) .. "tai"
+    local out = {}
+    local feed, finish = orch.demuxer(function(s, l) out[#out + 1] = s .. ":" .. l end)
+    for i = 1, #frames do feed(frames:sub(i, i)) end
+    finish()
+    assert.are.same({ "stdout:ab", "stdout:cd", "stderr:err", "stdout:tai" }, out)
+  end)
+
+  it("a missing socket gives a clear error naming where drover looked", function()
+    local dir = H.tempdir()
+    local o = drover.orchestrator("docker", { socket = dir .. "/docker.sock" })
+    local ok, err = pcall(o.deploy, o, "x-" .. suffix, { package = pkg.id })
+    assert.is_false(ok)
+    assert.are.equal("docker: the Docker Engine is not running: no socket at " .. dir ..
+      "/docker.sock (start dockerd, or set the 'socket' config key or DROVER_DOCKER_SOCKET)", tostring(err))
+    drover.fs.remove(dir, { recursive = true })
+  end)
+
+  it("a socket nobody listens on gives a clear error naming it", function()
+    local dir = H.tempdir()
+    local path = dir .. "/docker.sock"
+    -- a unix socket file left by a process that is gone: connections are refused
+    local r = assert(drover.proc.run({ "python3", "-c",
+      "import socket,sys; s=socket.socket(socket.AF_UNIX); s.bind(sys.argv[1])", path }))
+    assert.are.equal(0, r.code)
+    local o = drover.orchestrator("docker", { socket = path })
+    local ok, err = pcall(o.status, o, "ffffffffffff")  -- unknown run: the store answers, no engine needed
+    assert.is_false(ok)
+    assert.matches("unknown run", tostring(err))
+    ok, err = pcall(o.package, o, "Fixture", "fixture_flow", "main", { path = fixture })
+    assert.is_false(ok)
+    assert.matches("the Docker Engine is not running: " .. path:gsub("%p", "%%%0") .. " refuses connections",
+      tostring(err))
+    drover.fs.remove(dir, { recursive = true })
+  end)
+end)

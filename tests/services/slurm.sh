@@ -1,0 +1,212 @@
+#!/usr/bin/env bash
+# A real, private Slurm cluster on this machine for the slurm backend's
+# specs: munged, slurmctld, three slurmd nodes (n1..n3) and two slurmrestd
+# (REST over a unix socket with rest_auth/local, REST over TCP with JWT).
+#
+#   slurm.sh packages     Debian packages it needs
+#   slurm.sh start DIR    start it all under DIR, write DIR/env, DIR/conformance
+#   slurm.sh stop DIR     stop what start started, by PID
+#
+# Everything lives under DIR (config, state, spool, logs, munge key and
+# socket, JWT key), and the TCP ports are picked free, so it never collides
+# with a system Slurm or another copy of this cluster.  Runs as root.
+set -uo pipefail
+
+cmd=${1:-}
+DIR=${2:-}
+
+die() { echo "slurm.sh: $*" >&2; exit 1; }
+
+# Is TCP port $1 unused (no socket bound to it, any state, v4 or v6)?
+port_free() {
+  local hex
+  hex=$(printf '%04X' "$1")
+  ! awk -v h=":$hex" 'NR > 1 && substr($2, length($2) - 4) == h { found = 1 } END { exit !found }' \
+    /proc/net/tcp /proc/net/tcp6 2>/dev/null
+}
+
+# N distinct free ports, random in 20000-59999 (a second cluster picks others).
+free_ports() {
+  local n=$1 got=() p tries=0
+  while [ ${#got[@]} -lt "$n" ]; do
+    tries=$((tries + 1)); [ $tries -gt 1000 ] && die "no free TCP ports found"
+    p=$((20000 + (RANDOM * 32768 + RANDOM) % 40000))
+    [[ " ${got[*]-} " == *" $p "* ]] && continue
+    port_free "$p" && got+=("$p")
+  done
+  echo "${got[@]}"
+}
+
+# Start argv in its own session, output to a log, pid into DIR/NAME.pid.
+launch() {
+  local name=$1; shift
+  setsid "$@" </dev/null >>"$DIR/log/$name.out" 2>&1 &
+  echo $! >"$DIR/$name.pid"
+}
+
+# Poll until "$@" succeeds or $1 seconds pass (no fixed sleeps: a loaded
+# machine just takes longer).
+wait_for() {
+  local secs=$1 what=$2; shift 2
+  local end=$((SECONDS + secs))
+  until "$@" >/dev/null 2>&1; do
+    [ $SECONDS -ge $end ] && die "timed out after ${secs}s waiting for $what (logs in $DIR/log)"
+    for f in "$DIR"/*.pid; do
+      [ -e "$f" ] || continue
+      kill -0 "$(cat "$f")" 2>/dev/null || die "$(basename "$f" .pid) exited while waiting for $what: $(tail -n 5 "$DIR/log/$(basename "$f" .pid).out" 2>/dev/null)"
+    done
+    sleep 0.2
+  done
+}
+
+nodes_idle() { [ "$(sinfo -h -N -o '%N %t' 2>/dev/null | grep -c ' idle$')" -ge 3 ]; }
+rest_unix() { curl -sf --max-time 5 --unix-socket "$DIR/slurmrestd.sock" http://localhost/slurm/v0.0.38/ping; }
+rest_tcp() {
+  curl -sf --max-time 5 -H "X-SLURM-USER-NAME: root" -H "X-SLURM-USER-TOKEN: $(cat "$DIR/token")" \
+    "http://127.0.0.1:$REST_PORT/slurm/v0.0.38/ping"
+}
+
+start() {
+  [ -n "$DIR" ] || die "usage: slurm.sh start DIR"
+  [ "$(id -u)" = 0 ] || die "must run as root (slurmd needs it)"
+  for b in munged slurmctld slurmd slurmrestd sinfo scontrol sbatch curl; do
+    command -v "$b" >/dev/null || die "'$b' not found: install $("$0" packages)"
+  done
+  mkdir -p "$DIR"
+  DIR=$(cd "$DIR" && pwd)
+  [ -e "$DIR/slurmctld.pid" ] && stop
+  mkdir -p "$DIR"/{log,state,spool,munge-key,munge-run,jobs}
+  chmod 700 "$DIR/munge-key"; chmod 755 "$DIR" "$DIR/munge-run"
+
+  # munge: its own key and socket
+  head -c 1024 /dev/urandom >"$DIR/munge-key/munge.key"
+  chmod 400 "$DIR/munge-key/munge.key"
+  launch munged munged -F --force --key-file="$DIR/munge-key/munge.key" \
+    --socket="$DIR/munge-run/munge.sock" --pid-file="$DIR/munge-run/munged.pid" \
+    --seed-file="$DIR/munge-run/munge.seed" --log-file="$DIR/log/munged.log"
+  wait_for 30 "munged's socket" test -S "$DIR/munge-run/munge.sock"
+
+  # JWT key for slurmrestd over TCP
+  head -c 32 /dev/urandom >"$DIR/jwt.key"; chmod 600 "$DIR/jwt.key"
+
+  read -r CTLD_PORT P1 P2 P3 REST_PORT <<<"$(free_ports 5)"
+  local cluster="drover$$"
+  cat >"$DIR/slurm.conf" <<EOF
+# private test cluster written by tests/services/slurm.sh
+ClusterName=$cluster
+SlurmctldHost=localhost
+SlurmctldPort=$CTLD_PORT
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+AuthInfo=socket=$DIR/munge-run/munge.sock
+AuthAltTypes=auth/jwt
+AuthAltParameters=jwt_key=$DIR/jwt.key
+CredType=cred/munge
+StateSaveLocation=$DIR/state
+SlurmdSpoolDir=$DIR/spool/%n
+SlurmctldPidFile=$DIR/slurmctld.daemon.pid
+SlurmdPidFile=$DIR/slurmd-%n.daemon.pid
+SlurmctldLogFile=$DIR/log/slurmctld.log
+SlurmdLogFile=$DIR/log/slurmd-%n.log
+SlurmctldDebug=info
+SlurmdDebug=info
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/filetxt
+JobCompLoc=$DIR/jobcomp.txt
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+SlurmdParameters=config_overrides
+SchedulerParameters=batch_sched_delay=0,sched_min_interval=0
+DependencyParameters=kill_invalid_depend
+MpiDefault=none
+MinJobAge=300
+ReturnToService=2
+SlurmdTimeout=15
+KillWait=5
+JobRequeue=0
+InactiveLimit=0
+MaxArraySize=10001
+NodeName=n1 NodeHostname=localhost NodeAddr=127.0.0.1 Port=$P1 CPUs=4 RealMemory=2000
+NodeName=n2 NodeHostname=localhost NodeAddr=127.0.0.1 Port=$P2 CPUs=4 RealMemory=2000
+NodeName=n3 NodeHostname=localhost NodeAddr=127.0.0.1 Port=$P3 CPUs=4 RealMemory=2000
+PartitionName=debug Nodes=n1,n2,n3 Default=YES MaxTime=INFINITE State=UP
+EOF
+  export SLURM_CONF=$DIR/slurm.conf
+  mkdir -p "$DIR/spool/n1" "$DIR/spool/n2" "$DIR/spool/n3"
+
+  launch slurmctld slurmctld -D -i -f "$SLURM_CONF"
+  wait_for 60 "slurmctld to answer" scontrol ping
+  for n in n1 n2 n3; do launch "slurmd-$n" slurmd -D -N "$n" -f "$SLURM_CONF"; done
+  wait_for 120 "3 idle nodes in sinfo" nodes_idle
+
+  export SLURMRESTD_SECURITY=disable_user_check
+  launch slurmrestd-unix slurmrestd -a rest_auth/local -s openapi/v0.0.38 "unix:$DIR/slurmrestd.sock"
+  SLURM_JWT=daemon launch slurmrestd-tcp slurmrestd -a rest_auth/jwt -s openapi/v0.0.38 "127.0.0.1:$REST_PORT"
+  (umask 077; scontrol token lifespan=86400 | sed -n 's/^SLURM_JWT=//p' >"$DIR/token")
+  [ -s "$DIR/token" ] || die "scontrol token gave no token"
+  wait_for 60 "slurmrestd on $DIR/slurmrestd.sock" rest_unix
+  wait_for 60 "slurmrestd on 127.0.0.1:$REST_PORT" rest_tcp
+
+  cat >"$DIR/env" <<EOF
+export SLURM_CONF=$DIR/slurm.conf
+export DROVER_SLURM_DIR=$DIR
+export DROVER_SLURM_SOCKET=$DIR/slurmrestd.sock
+export DROVER_SLURM_URL=http://127.0.0.1:$REST_PORT
+export DROVER_SLURM_TOKEN_FILE=$DIR/token
+export DROVER_SLURM_JOBCOMP=$DIR/jobcomp.txt
+export DROVER_SLURM_PARTITION=debug
+EOF
+  # one conformance run per transport: REST over the unix socket, REST with
+  # JWT over TCP, and the sbatch/squeue/scancel commands
+  cat >"$DIR/conformance-socket.json" <<EOF
+{"socket": "$DIR/slurmrestd.sock", "partition": "debug", "jobcomp_file": "$DIR/jobcomp.txt"}
+EOF
+  cat >"$DIR/conformance-jwt.json" <<EOF
+{"url": "http://127.0.0.1:$REST_PORT", "token_file": "$DIR/token", "user": "root", "partition": "debug", "jobcomp_file": "$DIR/jobcomp.txt"}
+EOF
+  cat >"$DIR/conformance-commands.json" <<EOF
+{"commands": true, "partition": "debug", "jobcomp_file": "$DIR/jobcomp.txt"}
+EOF
+  cat >"$DIR/conformance" <<EOF
+slurm $DIR/conformance-socket.json SLURM_CONF=$DIR/slurm.conf DROVER_DAEMON=0
+slurm $DIR/conformance-jwt.json SLURM_CONF=$DIR/slurm.conf
+slurm $DIR/conformance-commands.json SLURM_CONF=$DIR/slurm.conf DROVER_DAEMON=0
+EOF
+  echo "slurm cluster up: $DIR (slurmctld :$CTLD_PORT, nodes :$P1 :$P2 :$P3, REST :$REST_PORT)"
+}
+
+# Stop every daemon start started, by the pid it saved, and wait for it.
+stop() {
+  [ -n "$DIR" ] || die "usage: slurm.sh stop DIR"
+  local pids=() f p
+  # jobs first, so no slurmstepd or job process outlives the cluster
+  if [ -e "$DIR/slurmctld.pid" ] && kill -0 "$(cat "$DIR/slurmctld.pid")" 2>/dev/null; then
+    export SLURM_CONF=$DIR/slurm.conf
+    scancel --quiet --user=root 2>/dev/null
+    local jend=$((SECONDS + 30))
+    while [ -n "$(squeue -h -o %i 2>/dev/null | head -1)" ] && [ $SECONDS -lt $jend ]; do sleep 0.2; done
+  fi
+  for f in "$DIR"/slurmrestd-*.pid "$DIR"/slurmd-n?.pid "$DIR"/slurmctld.pid "$DIR"/munged.pid; do
+    [ -e "$f" ] || continue
+    p=$(cat "$f")
+    kill -TERM "$p" 2>/dev/null && pids+=("$p")
+    rm -f "$f"
+  done
+  local end=$((SECONDS + 30))
+  for p in ${pids[@]+"${pids[@]}"}; do
+    while kill -0 "$p" 2>/dev/null && [ $SECONDS -lt $end ]; do sleep 0.1; done
+    kill -0 "$p" 2>/dev/null && kill -KILL "$p" 2>/dev/null
+  done
+  return 0
+}
+
+case "$cmd" in
+  packages) echo "slurm-wlm slurmctld slurmd slurm-client munge slurmrestd slurm-wlm-jwt-plugin curl" ;;
+  start) start ;;
+  stop) stop ;;
+  *) die "usage: slurm.sh packages | start DIR | stop DIR" ;;
+esac

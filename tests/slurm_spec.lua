@@ -1,0 +1,315 @@
+-- The slurm backend on a real three-node Slurm cluster, started by
+-- tests/services/slurm.sh (tests/run.sh sources its env: SLURM_CONF,
+-- DROVER_SLURM_*).  Without that cluster every test fails, saying so.
+local drover = require "drover"
+local H = require "helper"
+
+local fixture = H.root .. "/tests/fixtures/slurm"
+local DEADLINE = 120
+
+local function need(name)
+  local v = os.getenv(name)
+  if not v or v == "" then
+    error("the Slurm test cluster is not available: " .. name .. " is not set " ..
+      "(run `bash tests/services/slurm.sh start DIR` and source DIR/env)", 0)
+  end
+  return v
+end
+
+--- The backend config for each transport.
+local function config(transport, extra)
+  local c = { partition = need("DROVER_SLURM_PARTITION"), jobcomp_file = need("DROVER_SLURM_JOBCOMP") }
+  if transport == "socket" then c.socket = need("DROVER_SLURM_SOCKET")
+  elseif transport == "jwt" then c.url = need("DROVER_SLURM_URL"); c.token_file = need("DROVER_SLURM_TOKEN_FILE"); c.user = "root"
+  else c.commands = true end
+  for k, v in pairs(extra or {}) do c[k] = v end
+  return c
+end
+
+--- Run a Slurm command of the test cluster; its stdout.
+local function slurm(argv)
+  local out, err = drover.proc.output(argv, { env = { SLURM_CONF = need("SLURM_CONF") }, timeout = 60 })
+  assert(out, err)
+  return out
+end
+
+local function job_field(job, key)
+  -- %f: "NodeList" must not match inside "ReqNodeList"
+  return slurm({ "scontrol", "show", "job", "-o", job }):match("%f[%w/]" .. key:gsub("%p", "%%%0") .. "=(%S*)")
+end
+
+local function wait_state(orch, id, want)
+  local last
+  local set = {}
+  for _, w in ipairs(type(want) == "table" and want or { want }) do set[w] = true end
+  local ok, err = pcall(H.wait_until, function()
+    last = orch:status(id)
+    return set[last.state]
+  end, DEADLINE, "run " .. id .. " to reach " .. table.concat(type(want) == "table" and want or { want }, "/"))
+  if not ok then
+    error(tostring(err) .. " (last: " .. tostring(last and last.state) .. " " .. tostring(last and last.message) .. ")", 2)
+  end
+  return last
+end
+
+local n = 0
+local function fresh(prefix)
+  n = n + 1
+  return prefix .. "-" .. math.random(100000, 999999) .. "-" .. n
+end
+
+--- An orchestrator, a package and a deployment of the fixture.
+local function deployed(transport, params, job, extra)
+  local orch = drover.orchestrator("slurm", config(transport, extra))
+  local pkg = orch:package("SlurmFlow", "slurm_flow", "main", { path = fixture })
+  local name = fresh("sl-" .. transport)
+  orch:deploy(name, { package = pkg.id, params = params, job = job })
+  return orch, name
+end
+
+describe("slurm backend", function()
+  teardown(function()
+    -- run() starts a dashboard daemon for the store (no DROVER_DAEMON=0): stop it
+    local home = require("drover.tracker").default_store().home
+    local text = drover.fs.read(home .. "/daemon.json")
+    local d = text and drover.json.decode(text)
+    if type(d) == "table" and math.type(d.pid) == "integer" and drover.kill(d.pid, "TERM") then
+      H.wait_until(function() return not drover.kill(d.pid, 0) end, 30, "the daemon to stop")
+    end
+  end)
+
+  setup(function()
+    for _, k in ipairs { "SLURM_CONF", "DROVER_SLURM_SOCKET", "DROVER_SLURM_URL", "DROVER_SLURM_TOKEN_FILE",
+      "DROVER_SLURM_JOBCOMP", "DROVER_SLURM_DIR" } do need(k) end
+    -- every node must be up before the tests start
+    H.wait_until(function()
+      local idle = 0
+      for _ in slurm({ "sinfo", "-h", "-N", "-o", "%N %t" }):gmatch("idle") do idle = idle + 1 end
+      return idle >= 3
+    end, DEADLINE, "3 idle Slurm nodes")
+  end)
+
+  for _, transport in ipairs { "socket", "jwt", "commands" } do
+    it(transport .. ": a flow runs as a Slurm job on a node and COMPLETES, its tasks tracked", function()
+      local orch, name = deployed(transport, { mode = "ok" }, { cpus_per_task = 2, mem = "100M", time = "00:10:00" })
+      local id, url = orch:run(name, {})
+      assert.matches("^%a[%w+.-]*://", url)
+      local st = wait_state(orch, id, "COMPLETED")
+      local job = st.external_id
+      assert.matches("^%d+$", job)
+      -- the job Slurm ran is drover's: its name, comment and template
+      assert.are.equal("drover:" .. name, job_field(job, "JobName"))
+      assert.are.equal("2", job_field(job, "CPUs/Task"))
+      assert.matches("^n%d$", job_field(job, "NodeList"))
+      local result = drover.json.decode(st.result)
+      assert.are.equal(42, result.value)
+      assert.are.equal(job, result.job)
+      local names = {}
+      for _, t in ipairs(st.task_runs) do names[#names + 1] = t.name .. "=" .. t.state end
+      table.sort(names)
+      assert.are.same({ "SlurmFlow.double=COMPLETED", "SlurmFlow.main=COMPLETED" }, names)
+      assert.matches("slurm flow ran in job " .. job .. " cpus 2", table.concat(orch:logs(id), "\n"))
+      local listed = false
+      for _, r in ipairs(orch:list()) do if r.id == id then listed = true end end
+      assert.is_true(listed)
+    end)
+
+    it(transport .. ": an unknown partition is refused at deploy, naming it", function()
+      local orch = drover.orchestrator("slurm", config(transport))
+      local pkg = orch:package("SlurmFlow", "slurm_flow", "main", { path = fixture })
+      local ok, err = pcall(orch.deploy, orch, fresh("sl-part"), { package = pkg.id, job = { partition = "nosuchpart" } })
+      assert.is_false(ok)
+      assert.matches("unknown partition 'nosuchpart'", tostring(err))
+    end)
+
+    it(transport .. ": a job that dies FAILS with its exit code", function()
+      local orch, name = deployed(transport, { mode = "exit", code = 7 })
+      local id = orch:run(name, {})
+      local st = wait_state(orch, id, { "FAILED", "CRASHED", "COMPLETED", "CANCELLED" })
+      assert.are.equal("FAILED", st.state)
+      assert.matches("slurm job " .. st.external_id .. " FAILED %(exit code 7%)", st.message)
+    end)
+
+    it(transport .. ": a job cancelled from outside with scancel ends CANCELLED", function()
+      local marker = tostring(6000 + math.random(1, 3000)) .. ".5"
+      local orch, name = deployed(transport, { mode = "sleep", marker = marker })
+      local id = orch:run(name, {})
+      wait_state(orch, id, "RUNNING")
+      H.wait_until(function() return #H.pids_matching("sleep " .. marker) >= 2 end, DEADLINE, "the job's processes")
+      slurm({ "scancel", orch:status(id).external_id })
+      -- the worker may record an end while its processes are being killed:
+      -- status brings it in line with Slurm's CANCELLED
+      local st = wait_state(orch, id, "CANCELLED")
+      assert.are.equal("CANCELLED", st.state)
+      H.wait_until(function() return #H.pids_matching("sleep " .. marker) == 0 end, DEADLINE, "no process left")
+    end)
+  end
+
+  describe("errors name the endpoint and the cause", function()
+    it("slurmrestd down: the unix socket", function()
+      local dir = H.tempdir()
+      local orch = drover.orchestrator("slurm", { socket = dir .. "/nothing.sock", partition = "debug" })
+      local pkg = orch:package("SlurmFlow", "slurm_flow", "main", { path = fixture })
+      local ok, err = pcall(orch.deploy, orch, fresh("sl-down"), { package = pkg.id })
+      os.remove(dir)
+      assert.is_false(ok)
+      assert.matches("slurmrestd at unix:" .. dir:gsub("%p", "%%%0") .. "/nothing.sock is unreachable", tostring(err))
+      assert.is_nil(tostring(err):find("\n"))
+    end)
+
+    it("slurmrestd down: TCP", function()
+      -- port 9 (discard): nothing listens there on a test machine
+      local orch = drover.orchestrator("slurm", { url = "http://127.0.0.1:9", token = "x", partition = "debug" })
+      local pkg = orch:package("SlurmFlow", "slurm_flow", "main", { path = fixture })
+      local ok, err = pcall(orch.deploy, orch, fresh("sl-down"), { package = pkg.id })
+      assert.is_false(ok)
+      assert.matches("slurmrestd at http://127.0.0.1:9 is unreachable %(GET /partition/debug%)", tostring(err))
+      assert.matches("onnect", tostring(err))
+    end)
+
+    it("a refused token", function()
+      local orch = drover.orchestrator("slurm", config("jwt", { token_file = nil, token = "not-a-valid-token" }))
+      local pkg = orch:package("SlurmFlow", "slurm_flow", "main", { path = fixture })
+      local ok, err = pcall(orch.deploy, orch, fresh("sl-tok"), { package = pkg.id })
+      assert.is_false(ok)
+      assert.matches("slurmrestd at " .. need("DROVER_SLURM_URL"):gsub("%p", "%%%0"), tostring(err))
+      assert.matches("token", tostring(err))
+      assert.is_nil(tostring(err):find("not%-a%-valid%-token"), "the token is never shown")
+    end)
+
+    it("no token at all for TCP", function()
+      local ok, err = pcall(function()
+        local orch = drover.orchestrator("slurm", { url = need("DROVER_SLURM_URL") })
+        return orch:token()
+      end)
+      assert.is_false(ok)
+      assert.matches("needs a token: set token, token_file or token_command", tostring(err))
+    end)
+
+    it("a bad job template key or value", function()
+      local orch = drover.orchestrator("slurm", config("socket"))
+      local pkg = orch:package("SlurmFlow", "slurm_flow", "main", { path = fixture })
+      local ok, err = pcall(orch.deploy, orch, fresh("sl-bad"), { package = pkg.id, job = { cpus = 2 } })
+      assert.is_false(ok)
+      assert.matches("unknown job template key 'cpus'", tostring(err))
+      ok, err = pcall(orch.deploy, orch, fresh("sl-bad"), { package = pkg.id, job = { mem = "lots" } })
+      assert.is_false(ok)
+      assert.matches("bad job template value for 'mem': lots", tostring(err))
+    end)
+  end)
+
+  it("per-task resources, chained with afterok: the child runs after its parent", function()
+    local orch, name = deployed("socket", { mode = "ok" })
+    local a = orch:run(name, {}, { cpus = 3, mem = "200M", time = 5 })
+    local b = orch:run(name, {}, { after = { a }, cpus = 1 })
+    local ja, jb = orch:status(a).external_id, orch:status(b).external_id
+    local sa = wait_state(orch, a, "COMPLETED")
+    local sb = wait_state(orch, b, "COMPLETED")
+    assert.are.equal("3", job_field(ja, "CPUs/Task"))
+    assert.are.equal("200M", job_field(ja, "MinMemoryNode"))
+    assert.are.equal("00:05:00", job_field(ja, "TimeLimit"))
+    assert.is_true(sb.started >= sa.ended - 1, "the child started after its parent ended")
+  end)
+
+  it("a dependent job whose parent failed is cancelled, not pending forever", function()
+    local orch, name = deployed("jwt", { mode = "exit", code = 4 })
+    local parent = orch:run(name, {})
+    local child = orch:run(name, { mode = "ok" }, { after = { parent } })
+    wait_state(orch, parent, "FAILED")
+    local st = wait_state(orch, child, { "CANCELLED", "FAILED", "CRASHED", "COMPLETED" })
+    assert.are.equal("CANCELLED", st.state)
+    assert.matches("Dependency", st.message)
+  end)
+
+  for _, transport in ipairs { "socket", "commands" } do
+    it(transport .. ": map fans items out as one job array, %N limiting concurrency", function()
+      local orch, name = deployed(transport, { mode = "item" })
+      local items = {}
+      for i = 1, 24 do items[i] = i * 10 end
+      local m = orch:map(name, items, { concurrency = 5 })
+      assert.matches("^%d+$", m.job_id)
+      assert.are.equal(24, #m.runs)
+      assert.are.equal("5", slurm({ "scontrol", "show", "job", "-o", m.job_id }):match("ArrayTaskThrottle=(%d+)"))
+      local nodes = {}
+      for i, id in ipairs(m.runs) do
+        local st = wait_state(orch, id, "COMPLETED")
+        assert.are.equal(m.job_id .. "_" .. (i - 1), st.external_id)
+        local r = drover.json.decode(st.result)
+        assert.are.same({ item = i * 10, index = i, doubled = i * 20 }, r)
+        assert.are.equal(2, #st.task_runs) -- main and double, recorded on the node
+        local node = table.concat(orch:logs(id), "\n"):match("item " .. i * 10 .. " on (n%d)")
+        assert.is_string(node)
+        nodes[node] = true
+      end
+      assert.is_true(next(nodes) ~= nil)
+    end)
+  end
+
+  it("stop cancels every job of the deployment (runs and arrays), found by name", function()
+    local marker = tostring(6000 + math.random(1, 3000)) .. ".75"
+    local orch, name = deployed("socket", { mode = "sleep", marker = marker })
+    local other_orch, other = deployed("socket", { mode = "sleep", marker = marker .. "1" })
+    local r1 = orch:run(name, {})
+    local r2 = orch:run(name, {})
+    local m = orch:map(name, { 1, 2, 3 }, { param = "unused" })
+    local keep = other_orch:run(other, {})
+    wait_state(orch, r1, "RUNNING")
+    wait_state(other_orch, keep, "RUNNING")
+    local res = orch:stop(name, {})
+    assert.is_true(#res.jobs >= 3)
+    for _, id in ipairs { r1, r2, m.runs[1], m.runs[2], m.runs[3] } do
+      assert.are.equal("CANCELLED", orch:status(id).state)
+    end
+    assert.are.equal("", slurm({ "squeue", "-h", "--name=drover:" .. name, "-o", "%i" }))
+    H.wait_until(function() return #H.pids_matching("sleep " .. marker .. " ") == 0 end, DEADLINE, "no process left")
+    -- the other deployment's job is untouched
+    assert.are.equal("RUNNING", other_orch:status(keep).state)
+    other_orch:stop(other, {})
+    assert.are.equal("CANCELLED", other_orch:status(keep).state)
+  end)
+
+  it("a job whose finished record left slurmctld is read from the jobcomp file", function()
+    local orch, name = deployed("commands", { mode = "exit", code = 5 })
+    local id = orch:run(name, {})
+    local job = orch:status(id).external_id
+    H.wait_until(function() return (drover.fs.read(need("DROVER_SLURM_JOBCOMP")) or ""):find("JobId=" .. job .. " ", 1, true) end,
+      DEADLINE, "job " .. job .. " in the jobcomp file")
+    -- ask for a job id slurmctld has never had: only the jobcomp file can answer
+    local info = orch:jobcomp(job)
+    assert.are.equal("FAILED", info.state)
+    assert.are.equal(5, info.exit_code)
+    assert.is_nil(orch:job_info("999999"))
+  end)
+
+  -- last: it takes a node down (and brings it back)
+  it("a node killed mid-job: the run ends CRASHED or FAILED, never stuck RUNNING", function()
+    local marker = tostring(6000 + math.random(1, 3000)) .. ".125"
+    local orch, name = deployed("socket", { mode = "sleep", marker = marker })
+    local id = orch:run(name, {})
+    wait_state(orch, id, "RUNNING")
+    local job = orch:status(id).external_id
+    local node = job_field(job, "NodeList")
+    assert.matches("^n%d$", node)
+    local dir = need("DROVER_SLURM_DIR")
+    local pidfile = dir .. "/slurmd-" .. node .. ".pid"
+    local pid = math.tointeger(tonumber(assert(drover.fs.read(pidfile))))
+    assert.is_true(drover.kill(pid, "KILL"))
+    H.wait_until(function() return not drover.kill(pid, 0) end, 30, "slurmd " .. node .. " to die")
+    local ok, err = pcall(function()
+      local st = wait_state(orch, id, { "CRASHED", "FAILED", "CANCELLED", "COMPLETED" })
+      assert.is_true(st.state == "CRASHED" or st.state == "FAILED", st.state .. ": " .. tostring(st.message))
+      assert.matches("NODE_FAIL", st.message)
+    end)
+    -- bring the node back for whatever runs next, and its pid to the service
+    local p = assert(drover.proc.spawn({ "slurmd", "-D", "-N", node, "-f", need("SLURM_CONF") }, {
+      detach = true, stdin = "", stdout = dir .. "/log/slurmd-" .. node .. ".out",
+      stderr = dir .. "/log/slurmd-" .. node .. ".out", env = { SLURM_CONF = need("SLURM_CONF") } }))
+    assert(drover.fs.write(pidfile, tostring(p.pid) .. "\n"))
+    H.wait_until(function()
+      return slurm({ "sinfo", "-h", "-n", node, "-o", "%t" }):match("^idle")
+    end, DEADLINE, "node " .. node .. " back to idle")
+    -- the job's orphaned processes: the restarted slurmd reaps them
+    H.wait_until(function() return #H.pids_matching("sleep " .. marker) == 0 end, DEADLINE, "no process left")
+    assert(ok, err)
+  end)
+end)
