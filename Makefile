@@ -4,7 +4,6 @@ PREFIX   ?= /usr/local
 DESTDIR  ?=
 CC       ?= cc
 PKGS      = lua5.4 libuv libcurl libcrypto sqlite3 libh2o
-CJSON_A   = $(shell pkg-config --variable=libdir lua5.4-cjson 2>/dev/null || echo /usr/lib)/$(shell gcc -print-multiarch 2>/dev/null)/liblua5.4-cjson.a
 OPT      ?= -O2
 CFLAGS   ?= $(OPT) -g
 DRV_CFLAGS = -std=c99 -D_GNU_SOURCE -fPIC -Wall -Wextra -Wno-unused-parameter \
@@ -53,9 +52,9 @@ $(BUILD)/libdrover.a: $(ENGINE_OBJ)
 	rm -f $@ && ar rcs $@ $^
 
 $(BUILD)/libdrover.so: $(ENGINE_OBJ)
-	$(CC) $(CFLAGS) -shared -Wl,-soname,libdrover.so.$(SOVERSION) -o $@ $^ -llua5.4-cjson $(LIBS) $(LDFLAGS)
+	$(CC) $(CFLAGS) -shared -Wl,-soname,libdrover.so.$(SOVERSION) -o $@ $^ $(LIBS) $(LDFLAGS)
 
-# The binary: engine + cjson linked in statically; Lua and engine symbols
+# The binary: the engine linked in statically; Lua and engine symbols
 # exported so that C modules loaded with require(), and the server plugin,
 # find them.  The HTTP server is a plugin loaded on first use
 # (engine/cli/server_loader.c says why), so the binary does not link H2O.
@@ -63,7 +62,7 @@ BIN_OBJ = $(filter-out $(BUILD)/obj/server.o,$(ENGINE_OBJ))
 BIN_LIBS = -Wl,--as-needed $(shell pkg-config --libs lua5.4 libuv sqlite3) -lm -ldl -lpthread
 $(BUILD)/drover: engine/cli/main.c engine/cli/server_loader.c $(BIN_OBJ) $(HEADERS) $(BUILD)/plugins/server.so
 	$(CC) $(CFLAGS) $(DRV_CFLAGS) -Wl,-E -o $@ engine/cli/main.c engine/cli/server_loader.c \
-	  $(BIN_OBJ) $(CJSON_A) $(BIN_LIBS) $(LDFLAGS)
+	  $(BIN_OBJ) $(BIN_LIBS) $(LDFLAGS)
 
 $(BUILD)/plugins/server.so: $(BUILD)/obj/server.o
 	@mkdir -p $(BUILD)/plugins
@@ -122,7 +121,7 @@ uninstall:
 # C tests (tests/c/NAME.c -> $(BUILD)/tests/NAME), linked against the static engine.
 $(BUILD)/tests/%: tests/c/%.c $(BUILD)/libdrover.a $(HEADERS)
 	@mkdir -p $(BUILD)/tests
-	$(CC) $(CFLAGS) $(DRV_CFLAGS) -Itests/c -o $@ $< $(BUILD)/libdrover.a $(CJSON_A) $(LIBS) $(LDFLAGS)
+	$(CC) $(CFLAGS) $(DRV_CFLAGS) -Itests/c -o $@ $< $(BUILD)/libdrover.a $(LIBS) $(LDFLAGS)
 
 # The HTTP server the tests and benchmarks talk to (H2O on libuv).
 $(BUILD)/httpd-test: tests/support/httpd.c

@@ -10,7 +10,9 @@
 --            stderr; tag and labels derive from the package id (the sha256
 --            of the context)
 --   deploy   records image, command, env, memory, cpus and mode
---            (container | swarm); refuses an image the engine lacks
+--            (container | swarm); refuses an image the engine lacks; keeps
+--            the effective socket and base image (saved_config), so status
+--            from a process without DROVER_DOCKER_* asks the same engine
 --   run      container mode: POST /containers/create + /start; swarm mode:
 --            POST /services/create with a ReplicatedJob.  Either way the
 --            workflow runs under `drover worker RUN_ID` in the container,
@@ -20,7 +22,8 @@
 --            removed; active runs go CANCELLING, then CANCELLED
 --   status   the store's record, reconciled with the engine: a container
 --            that ended without the worker recording an end makes the run
---            FAILED (exit code) or CRASHED (killed)
+--            FAILED (exit code) or CRASHED (killed); an engine that cannot
+--            be reached raises and changes nothing
 --   logs     the engine's logs (8-byte stream frames demultiplexed), with
 --            follow; the store's lines once the container is gone
 local drover = require "drover"
@@ -44,6 +47,19 @@ Docker.config_keys = {
 
 local IMAGE_DROVER = "/opt/drover"   -- where drover lives inside the images
 local LABEL = "drover.deployment"
+--- A PENDING run the engine has no container or service for, this many
+-- seconds after it was created, never started (its submitter died).
+Docker.never_started_after = 600
+
+--- Text from the engine (or curl) fit for a one-line error: whitespace
+-- collapsed, at most ~200 characters (the start and the end, which for a
+-- build error holds the exit code).
+local function one_line(s)
+  s = tostring(s or ""):gsub("%s+", " "):gsub("^ ", ""):gsub(" $", "")
+  if #s > 200 then s = s:sub(1, 140) .. " ... " .. s:sub(-55) end
+  return s
+end
+Docker.one_line = one_line
 
 -- ---- the Engine API ------------------------------------------------------------------
 
@@ -90,14 +106,14 @@ function Docker:api(method, path, opts)
   end
   if st.type ~= "socket" or tostring(err):find("onnect") then
     error("docker: the Docker Engine is not running: " .. sock .. " refuses connections (" ..
-      tostring(err) .. ")", 0)
+      one_line(err) .. ")", 0)
   end
-  error("docker: " .. method .. " " .. path .. " on " .. sock .. " failed: " .. tostring(err), 0)
+  error("docker: " .. method .. " " .. path .. " on " .. sock .. " failed: " .. one_line(err), 0)
 end
 
 local function engine_message(r)
-  if type(r.json) == "table" and r.json.message then return tostring(r.json.message) end
-  return (r.body or ""):gsub("%s+$", "")
+  if type(r.json) == "table" and r.json.message then return one_line(r.json.message) end
+  return one_line(r.body)
 end
 
 --- api(), raising "WHAT: <engine's message>" on a status >= 400.
@@ -107,6 +123,19 @@ function Docker:api_ok(what, method, path, opts)
     error(what .. ": " .. engine_message(r) .. " (HTTP " .. r.status .. ")", 0)
   end
   return r
+end
+
+--- The config a deployment keeps: the caller's, plus the socket and the
+-- base image as resolved here (from DROVER_DOCKER_SOCKET or
+-- DROVER_DOCKER_BASE_IMAGE too), so that the daemon's reaper and `drover
+-- status` in another environment ask the same engine -- the default socket
+-- could be another engine, where every container is "gone".
+function Docker:saved_config()
+  local out = Local.saved_config(self) or {}
+  out.socket = self:socket()
+  local env = os.getenv("DROVER_DOCKER_BASE_IMAGE")
+  if self.config.base_image or (env and env ~= "") then out.base_image = self:base_image() end
+  return out
 end
 
 -- ---- package -----------------------------------------------------------------------
@@ -225,7 +254,7 @@ function Docker:package(class_name, module, entrypoint, opts)
   if r.status >= 400 then
     error("docker.package: the build of " .. tag .. " failed: " .. engine_message(r), 2)
   end
-  if out.error then error("docker.package: the build of " .. tag .. " failed: " .. out.error, 2) end
+  if out.error then error("docker.package: the build of " .. tag .. " failed: " .. one_line(out.error), 2) end
   local img = self:api_ok("docker.package: image " .. tag, "GET", "/images/" .. tag .. "/json").json
   local manifest = bundle.manifest
   manifest.docker = { image = tag, image_id = img.Id, base = self:base_image(), bundle = bundle.id }
@@ -308,7 +337,8 @@ function Docker:deploy(name, opts)
   local config = { image = image, command = opts.command, env = opts.env, memory = memory, cpus = opts.cpus,
     mode = mode }
   local ok, err = store:put_deployment({ name = name, backend = "docker", package_id = p.id,
-    params = opts.params, schedule = opts.schedule, max_active = opts.max_active, config = config }, opts.replace)
+    params = opts.params, schedule = opts.schedule, max_active = opts.max_active, config = config,
+    backend_config = self:saved_config() }, opts.replace)
   if not ok then error(err, 0) end
   return { name = name, package = p.id, image = image, mode = mode }
 end
@@ -322,25 +352,6 @@ function Docker:run_url(id, mode)
   if url and not url:match("^file:") then return url end
   return "http+unix://" .. urlencode(self:socket()) ..
     (mode == "swarm" and "/services/" or "/containers/") .. "drover-" .. id .. "/json"
-end
-
-function Docker:check_runnable(name)
-  local store = self:store()
-  local d = store:deployment(name)
-  if not d then error("unknown deployment '" .. tostring(name) .. "'", 0) end
-  if d.backend ~= "docker" then
-    error("deployment '" .. name .. "' belongs to backend '" .. tostring(d.backend) .. "', not docker", 0)
-  end
-  if d.paused == 1 then
-    error("deployment '" .. name .. "' is stopped; deploy it again (drover deploy --replace) to run it", 0)
-  end
-  if d.max_active then
-    local active = #store:flow_runs { deployment = name, active = true, limit = 100000 }
-    if active >= d.max_active then
-      error("deployment '" .. name .. "' already has " .. active .. " active run(s) (max " .. d.max_active .. ")", 0)
-    end
-  end
-  return d
 end
 
 --- The container's environment: drover's, then the deployment's.
@@ -397,33 +408,48 @@ function Docker:start_service(id, name, cfg, cmd, env, labels, home)
   return r.json.ID
 end
 
+--- Remove what start_container/start_service made (a run that could not
+-- be recorded must not go on running unseen).
+function Docker:remove_external(kind, eid)
+  if kind == "service" then return self:api("DELETE", "/services/" .. eid) end
+  return self:api("DELETE", "/containers/" .. eid, { query = { force = "1" } })
+end
+
 function Docker:run(name, params, opts)
   opts = opts or {}
   if params ~= nil and type(params) ~= "table" then
     error("docker.run: bad argument 'params' (table expected, got " .. type(params) .. ")", 2)
   end
   local store = self:store()
-  local d = self:check_runnable(name)
+  local d = self:runnable_deployment(name)
   local cfg = store_mod.decode(d.config) or {}
   local merged = store_mod.decode(d.params) or {}
   for k, v in pairs(params or {}) do merged[k] = v end
   local id = store_mod.new_id()
   local mode = cfg.mode or "container"
+  local kind = mode == "swarm" and "service" or "container"
   local url = self:run_url(id, mode)
   store:create_flow_run { id = id, name = name, deployment = name, backend = "docker",
     state = states.PENDING, params = merged, source = opts.source or { kind = "deployment" },
     resumed_from = opts.resumed_from, url = url }
-  local home = store.home
-  local cmd = cfg.command or { IMAGE_DROVER .. "/bin/drover", "worker", id }
-  local labels = { drover = "1", [LABEL] = name, ["drover.run"] = id, ["drover.home"] = home }
-  local env = container_env(home, id, cfg.env)
-  local starter = mode == "swarm" and self.start_service or self.start_container
-  local ok, ext = pcall(starter, self, id, name, cfg, cmd, env, labels, home)
+  -- From here on every failure ends the run CRASHED: a PENDING run with no
+  -- container would otherwise wait forever (reconcile catches the rest:
+  -- a submitter killed right here).
+  local ext
+  local ok, err = pcall(function()
+    local home = store.home
+    local cmd = cfg.command or { IMAGE_DROVER .. "/bin/drover", "worker", id }
+    local labels = { drover = "1", [LABEL] = name, ["drover.run"] = id, ["drover.home"] = home }
+    local env = container_env(home, id, cfg.env)
+    local starter = mode == "swarm" and self.start_service or self.start_container
+    ext = starter(self, id, name, cfg, cmd, env, labels, home)
+    store:update_flow_run(id, { external_id = kind .. ":" .. ext })
+  end)
   if not ok then
-    store:set_flow_state(id, states.CRASHED, tostring(ext))
-    error(ext, 0)
+    if ext then pcall(self.remove_external, self, kind, ext) end
+    store:end_flow_run(id, states.CRASHED, "did not start: " .. one_line(err))
+    error(err, 0)
   end
-  store:update_flow_run(id, { external_id = (mode == "swarm" and "service:" or "container:") .. ext })
   return id, url
 end
 
@@ -458,7 +484,7 @@ function Docker:engine_state(r)
     if resp.status >= 400 then return nil end
     local s = resp.json.State or {}
     if s.Running or s.Status == "created" or s.Status == "restarting" then return nil end
-    return { code = s.ExitCode or -1, oom = s.OOMKilled, message = s.Error ~= "" and s.Error or nil }
+    return { code = s.ExitCode or -1, oom = s.OOMKilled, message = s.Error ~= "" and one_line(s.Error) or nil }
   elseif kind == "service" then
     local t, gone = self:service_task(eid)
     if gone then return { gone = true, message = "service " .. eid:sub(1, 12) .. " is gone" } end
@@ -468,16 +494,47 @@ function Docker:engine_state(r)
     if not final[st.State] then return nil end
     local cs = st.ContainerStatus or {}
     local code = cs.ExitCode or (st.State == "complete" and 0 or -1)
-    return { code = code, message = (st.Err and st.Err ~= "") and (st.State .. ": " .. st.Err) or nil,
+    return { code = code, message = (st.Err and st.Err ~= "") and (st.State .. ": " .. one_line(st.Err)) or nil,
       rejected = st.State == "rejected" }
   end
+end
+
+--- A run with no external_id: its submitter failed or was killed between
+-- recording the run and recording its container.  The engine may still
+-- have it under its name, drover-RUN_ID: adopt it.  Else, once it is older
+-- than never_started_after, it never started: CRASHED.
+function Docker:adopt(r)
+  for _, kind in ipairs { "container", "service" } do
+    local path = kind == "service" and ("/services/drover-" .. r.id) or ("/containers/drover-" .. r.id .. "/json")
+    local resp = self:api("GET", path)
+    local eid = resp.status == 200 and type(resp.json) == "table" and (resp.json.Id or resp.json.ID)
+    if eid then
+      self:store():update_flow_run(r.id, { external_id = kind .. ":" .. eid })
+      return self:store():flow_run(r.id)
+    end
+    -- 503 on /services: not a swarm manager, so no services at all
+    if resp.status >= 400 and resp.status ~= 404 and resp.status ~= 503 then
+      error("docker: " .. path .. ": " .. engine_message(resp) .. " (HTTP " .. resp.status .. ")", 0)
+    end
+  end
+  if r.state == states.PENDING and store_mod.time() - (r.created or 0) > self.never_started_after then
+    self:store():end_flow_run(r.id, states.CRASHED,
+      "never started: no container or service drover-" .. r.id .. " in the engine")
+    return self:store():flow_run(r.id)
+  end
+  return r
 end
 
 --- A run the store still calls active whose container has ended without
 -- the worker recording an end: FAILED with the exit code, CRASHED when it
 -- was killed (signal, OOM) or vanished; a CANCELLING run becomes CANCELLED.
+-- An engine that cannot be reached raises (Docker:api): nothing changes.
 function Docker:reconcile(r)
-  if not (r and r.backend == "docker" and states.active[r.state] and r.external_id) then return r end
+  if not (r and r.backend == "docker" and states.active[r.state]) then return r end
+  if not r.external_id then
+    r = self:adopt(r)
+    if not (states.active[r.state] and r.external_id) then return r end
+  end
   local e = self:engine_state(r)
   if not e then return r end
   local store = self:store()
@@ -498,16 +555,13 @@ function Docker:reconcile(r)
     state, msg = states.CRASHED, "container exited with code 0 without recording an end" ..
       (e.message and (": " .. e.message) or "")
   end
-  store:set_flow_state(r.id, state, msg)
-  store:write([[UPDATE task_runs SET state = 'CRASHED', message = 'container ended'
-      WHERE flow_run_id = ? AND state IN ('RUNNING','PENDING','SCHEDULED','CANCELLING')]], r.id)
+  store:end_flow_run(r.id, state, msg)
   return store:flow_run(r.id)
 end
 
 function Docker:status(run_id)
   local store = self:store()
-  local r = store:find_flow_run(run_id)
-  if not r then error("unknown run '" .. tostring(run_id) .. "'", 0) end
+  local r = self:find_run(run_id)
   r = self:reconcile(r)
   r.task_runs = store:task_runs(r.id)
   return r
@@ -590,8 +644,7 @@ end
 function Docker:logs(run_id, opts)
   opts = opts or {}
   local store = self:store()
-  local r = store:find_flow_run(run_id)
-  if not r then error("unknown run '" .. tostring(run_id) .. "'", 0) end
+  local r = self:find_run(run_id)
   local lines = {}
   if opts.source ~= "store" then
     local entries = self:engine_logs(r, opts)
@@ -672,7 +725,7 @@ function Docker:stop(name, opts)
   local stopped = {}
   for _, r in ipairs(runs) do
     -- The worker records CANCELLED itself; if it could not, we do.
-    store:set_flow_state(r.id, states.CANCELLED, "stopped")
+    store:end_flow_run(r.id, states.CANCELLED, "stopped")
     stopped[#stopped + 1] = r.id
   end
   if first_err then error(first_err, 0) end

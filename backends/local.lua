@@ -90,22 +90,23 @@ end
 function Local:deploy(name, opts)
   opts = opts or {}
   if type(name) ~= "string" or not name:match("^[%w_%.%-]+$") then
-    error("local.deploy: bad deployment name '" .. tostring(name) .. "' (letters, digits, _ . - only)", 2)
+    error(self.backend_name .. ".deploy: bad deployment name '" .. tostring(name) .. "' (letters, digits, _ . - only)", 2)
   end
   local store = self:store()
-  if not opts.package then error("local.deploy: a package id is required (drover package prints one)", 2) end
+  if not opts.package then error(self.backend_name .. ".deploy: a package id is required (drover package prints one)", 2) end
   local p = store:package(opts.package)
-  if not p then error("local.deploy: unknown package '" .. tostring(opts.package) .. "'", 2) end
+  if not p then error(self.backend_name .. ".deploy: unknown package '" .. tostring(opts.package) .. "'", 2) end
   if opts.schedule ~= nil then
     -- the daemon's scheduler reads it back: refuse what it could not fire
     local ok_s, serr = require("drover.cron").parse(opts.schedule)
-    if not ok_s then error("local.deploy: " .. serr, 0) end
+    if not ok_s then error(self.backend_name .. ".deploy: " .. serr, 0) end
   end
   if opts.max_active ~= nil and (math.type(opts.max_active) ~= "integer" or opts.max_active < 1) then
-    error("local.deploy: bad max_active '" .. tostring(opts.max_active) .. "' (a positive integer expected)", 0)
+    error(self.backend_name .. ".deploy: bad max_active '" .. tostring(opts.max_active) .. "' (a positive integer expected)", 0)
   end
-  local ok, err = store:put_deployment({ name = name, backend = "local", package_id = p.id,
-    params = opts.params, schedule = opts.schedule, max_active = opts.max_active }, opts.replace)
+  local ok, err = store:put_deployment({ name = name, backend = self.backend_name, package_id = p.id,
+    params = opts.params, schedule = opts.schedule, max_active = opts.max_active,
+    backend_config = self:saved_config() }, opts.replace)
   if not ok then error(err, 0) end
   return { name = name, package = p.id }
 end
@@ -162,14 +163,16 @@ function Local:run_url(id)
   return ok and url or fallback
 end
 
-function Local:run(name, params, opts)
-  opts = opts or {}
-  if params ~= nil and type(params) ~= "table" then
-    error("local.run: bad argument 'params' (table expected, got " .. type(params) .. ")", 2)
-  end
+--- Deployment NAME, ready for a new run: raises one clear line if it is
+-- unknown, stopped, or already has max_active active runs.  Every
+-- backend's run starts here.
+function Local:runnable_deployment(name)
   local store = self:store()
   local d = store:deployment(name)
   if not d then error("unknown deployment '" .. tostring(name) .. "'", 0) end
+  if d.backend ~= self.backend_name then
+    error("deployment '" .. name .. "' belongs to backend '" .. d.backend .. "', not '" .. self.backend_name .. "'", 0)
+  end
   if d.paused == 1 then
     error("deployment '" .. name .. "' is stopped; deploy it again (drover deploy --replace) to run it", 0)
   end
@@ -179,6 +182,16 @@ function Local:run(name, params, opts)
       error("deployment '" .. name .. "' already has " .. active .. " active run(s) (max " .. d.max_active .. ")", 0)
     end
   end
+  return d
+end
+
+function Local:run(name, params, opts)
+  opts = opts or {}
+  if params ~= nil and type(params) ~= "table" then
+    error("local.run: bad argument 'params' (table expected, got " .. type(params) .. ")", 2)
+  end
+  local store = self:store()
+  local d = self:runnable_deployment(name)
   local merged = store_mod.decode(d.params) or {}
   for k, v in pairs(params or {}) do merged[k] = v end
   local id = store_mod.new_id()
@@ -200,10 +213,17 @@ function Local:run(name, params, opts)
   return id, url
 end
 
+--- The store's record of run `run_id` (an id or a unique prefix of one);
+-- raises "unknown run 'ID'" when there is none.
+function Local:find_run(run_id)
+  local r = self:store():find_flow_run(run_id)
+  if not r then error("unknown run '" .. tostring(run_id) .. "'", 0) end
+  return r
+end
+
 function Local:resume(run_id)
   local store = self:store()
-  local r = store:find_flow_run(run_id)
-  if not r then error("unknown run '" .. tostring(run_id) .. "'", 0) end
+  local r = self:find_run(run_id)
   local d = store:deployment(r.deployment)
   if d and d.paused == 1 then store:set_paused(d.name, false) end
   return self:run(r.deployment, store_mod.decode(r.params) or {}, { resumed_from = r.id })
@@ -218,9 +238,7 @@ function Local:reap(run)
       local store = self:store()
       local fresh = store:flow_run(run.id)
       if states.active[fresh.state] then
-        store:set_flow_state(run.id, states.CRASHED, "worker process " .. run.pid .. " died")
-        store:write([[UPDATE task_runs SET state = 'CRASHED', message = 'worker died'
-            WHERE flow_run_id = ? AND state IN ('RUNNING','PENDING','SCHEDULED','CANCELLING')]], run.id)
+        store:end_flow_run(run.id, states.CRASHED, "worker process " .. run.pid .. " died")
       end
       return store:flow_run(run.id)
     end
@@ -230,8 +248,7 @@ end
 
 function Local:status(run_id)
   local store = self:store()
-  local r = store:find_flow_run(run_id)
-  if not r then error("unknown run '" .. tostring(run_id) .. "'", 0) end
+  local r = self:find_run(run_id)
   r = self:reap(r)
   r.task_runs = store:task_runs(r.id)
   return r
@@ -239,15 +256,14 @@ end
 
 function Local:logs(run_id, opts)
   local store = self:store()
-  local r = store:find_flow_run(run_id)
-  if not r then error("unknown run '" .. tostring(run_id) .. "'", 0) end
+  local r = self:find_run(run_id)
   local lines = {}
   for _, l in ipairs(store:logs(r.id, opts and opts.after or 0)) do lines[#lines + 1] = l.line end
   return lines
 end
 
 function Local:list(opts)
-  local runs = self:store():flow_runs { backend = "local", deployment = opts and opts.deployment, limit = 1000 }
+  local runs = self:store():flow_runs { backend = self.backend_name, deployment = opts and opts.deployment, limit = 1000 }
   for i, r in ipairs(runs) do runs[i] = self:reap(r) end
   return runs
 end

@@ -49,6 +49,7 @@ Slurm.config_keys = {
   job = "table",             -- default job template (keys as deploy's `job`)
   jobcomp_file = "string",   -- JobCompLoc of jobcomp/filetxt (final states)
   http_timeout = "number",   -- seconds per REST request (default 30)
+  slurm_conf = "string",     -- slurm.conf for the commands (default: $SLURM_CONF)
 }
 
 -- Environment the job inherits from the submitter when set: how the
@@ -61,6 +62,14 @@ local PASS_ENV = { "DROVER_ROOT", "DROVER_PATH", "DROVER_BUILD", "LUA_PATH", "LU
 local function trim(s) return (s:gsub("^%s+", ""):gsub("%s+$", "")) end
 
 local function fail(fmt, ...) error("slurm: " .. string.format(fmt, ...), 0) end
+
+--- Text from outside (a response body, a command's output) fit for a
+-- one-line error: whitespace collapsed, cut to about 200 characters.
+local function oneline(s)
+  s = trim(tostring(s or ""):gsub("%s+", " "))
+  if #s > 200 then s = s:sub(1, 200) .. "..." end
+  return s
+end
 
 --- Minutes from a time limit: integer minutes, or "MM", "HH:MM:SS", "D-HH[:MM[:SS]]".
 local function minutes(t)
@@ -151,18 +160,20 @@ function Slurm:api_base()
   return u .. "/slurm/" .. v, u
 end
 
---- The JWT (read once per instance; never logged).
+--- The JWT (read once per instance and cached; rest() drops it and reads
+-- it again when slurmrestd refuses it, so a renewed token_file or a new
+-- token_command token is picked up; never logged).
 function Slurm:token()
   if self._token then return self._token end
   local c, t = self.config, nil
   if c.token then t = c.token
   elseif c.token_file then
     local s, err = fs.read(c.token_file)
-    if not s then fail("cannot read token_file: %s", err) end
+    if not s then fail("cannot read token_file: %s", oneline(err)) end
     t = s
   elseif c.token_command then
     local out, err = drover.proc.output(c.token_command, { timeout = 30 })
-    if not out then fail("token_command failed: %s", err) end
+    if not out then fail("token_command failed: %s", oneline(err)) end
     t = out
   else
     t = os.getenv("SLURM_JWT")
@@ -173,10 +184,25 @@ function Slurm:token()
   return t
 end
 
+--- Did slurmrestd refuse the request's credentials?  HTTP 401/403 (no or
+-- a malformed token), slurmctld's authentication error (5005), or what
+-- 22.05 answers for an expired or invalid JWT: HTTP 500 with only
+-- "Unspecified error" (errno -1), slurmctld logging "token expired".
+local function auth_refused(r, first)
+  if r.status == 401 or r.status == 403 then return true end
+  if not first then return false end
+  if first.error_code == 5005 or first.errno == 5005 then return true end
+  local text = tostring(first.error or "") .. " " .. tostring(first.description or "")
+  if text:lower():find("authentication", 1, true) then return true end
+  return r.status == 500 and first.error == "Unspecified error"
+end
+
 --- One REST call; returns the decoded body, or raises one line naming the
 -- method, the endpoint and the cause.  `ok_errors` lists Slurm error
--- strings the caller handles itself (returned as nil, error).
-function Slurm:rest(method, path, body, ok_errors)
+-- strings the caller handles itself (returned as nil, error).  A refused
+-- token (expired, renewed meanwhile) is read again and the call retried
+-- once.
+function Slurm:rest(method, path, body, ok_errors, retried)
   local base, where = self:api_base()
   local opts = { url = base .. path, method = method, json = body, timeout = self.config.http_timeout or 30,
     headers = {} }
@@ -187,30 +213,81 @@ function Slurm:rest(method, path, body, ok_errors)
     opts.headers["X-SLURM-USER-TOKEN"] = self:token()
   end
   local r, err = drover.http.request(opts)
-  if not r then fail("slurmrestd at %s is unreachable (%s %s): %s", where, method, path, err) end
+  if not r then fail("slurmrestd at %s is unreachable (%s %s): %s", where, method, path, oneline(err)) end
   local errs = type(r.json) == "table" and type(r.json.errors) == "table" and r.json.errors or {}
   local first = errs[1]
   local what = first and (tostring(first.description or "") ~= "" and first.description or first.error)
-  if first and ok_errors and ok_errors[first.error] then return nil, first.error, what end
-  if r.status == 401 or r.status == 403 then
-    fail("slurmrestd at %s refused the token (%s %s: HTTP %d %s)", where, method, path, r.status, trim(r.body))
+  if not self.config.socket and auth_refused(r, first) then
+    -- a token from config.token cannot change: reading it again is useless
+    if not retried and not self.config.token then
+      self._token = nil
+      return self:rest(method, path, body, ok_errors, true)
+    end
+    if r.status == 401 or r.status == 403 then
+      fail("slurmrestd at %s refused the token (%s %s: HTTP %d %s)", where, method, path, r.status, oneline(r.body))
+    end
   end
+  if first and ok_errors and ok_errors[first.error] then return nil, first.error, what end
   if r.status >= 400 or first then
-    local cause = what or trim(r.body):sub(1, 200)
+    local cause = oneline(what or r.body)
     local hint = ""
-    if not self.config.socket and (first and (first.error_code == 5005 or first.error == "Unspecified error")) then
+    if not self.config.socket and (first and (first.error_code == 5005 or first.errno == 5005
+        or first.error == "Unspecified error")) then
       hint = " (slurmctld rejected the request: is the token valid and unexpired?)"
     end
-    fail("slurmrestd at %s: %s %s answered HTTP %d: %s%s", where, method, path, r.status, tostring(cause), hint)
+    fail("slurmrestd at %s: %s %s answered HTTP %d: %s%s", where, method, path, r.status, cause, hint)
   end
   if type(r.json) ~= "table" then fail("slurmrestd at %s: %s %s answered no JSON", where, method, path) end
   return r.json
 end
 
+--- The slurm.conf the commands use: config.slurm_conf, else $SLURM_CONF
+-- (an empty one counts as unset), else nil (Slurm's own default).
+function Slurm:slurm_conf()
+  if self.config.slurm_conf then return self.config.slurm_conf end
+  local v = os.getenv("SLURM_CONF")
+  if v and v ~= "" then return v end
+  return nil
+end
+
+--- What a deployment keeps: the config, plus the
+-- slurm.conf in effect now, so a later process without SLURM_CONF in its
+-- environment (the daemon, `drover status` in another shell) reaches the
+-- same cluster.
+function Slurm:saved_config()
+  local out = Local.saved_config(self)
+  -- every transport: the commands need it, and the REST ones use it to
+  -- find the jobcomp file of jobs slurmctld has forgotten
+  if not self.config.slurm_conf and self:slurm_conf() then
+    out = out or {}
+    out.slurm_conf = self:slurm_conf()
+  end
+  return out
+end
+
+--- The environment of a Slurm command: SLURM_CONF set from slurm_conf
+-- (plus `extra`); nil when nothing needs changing.
+function Slurm:cmd_env(extra)
+  local conf = self:slurm_conf()
+  if not conf and not extra then return nil end
+  local env = {}
+  for k, v in pairs(extra or {}) do env[k] = v end
+  if conf then env.SLURM_CONF = conf end
+  return env
+end
+
+--- Run a Slurm command (argv) for its result table (code, stdout, stderr);
+-- raises if it cannot be started.
+function Slurm:cmd_run(argv)
+  local r, err = drover.proc.run(argv, { stdout = "capture", stderr = "capture", timeout = 60, env = self:cmd_env() })
+  if not r then fail("cannot run %s: %s", argv[1], oneline(err)) end
+  return r
+end
+
 --- Run a Slurm command (argv); returns stdout or raises naming it.
 function Slurm:cmd(argv, env)
-  local out, err = drover.proc.output(argv, { timeout = 60, env = env })
-  if not out then fail("%s", err) end
+  local out, err = drover.proc.output(argv, { timeout = 60, env = self:cmd_env(env) })
+  if not out then fail("%s", oneline(err)) end
   return out
 end
 
@@ -266,11 +343,10 @@ end
 function Slurm:job_records(job)
   local recs = {}
   if self:mode() == "commands" then
-    local r = drover.proc.run({ "scontrol", "show", "job", "-o", job }, { stdout = "capture", stderr = "capture", timeout = 60 })
-    if not r then fail("cannot run scontrol") end
+    local r = self:cmd_run({ "scontrol", "show", "job", "-o", job })
     if r.code ~= 0 then
       if ((r.stderr or "") .. (r.stdout or "")):find("Invalid job id", 1, true) then return nil end
-      fail("'scontrol show job %s' failed: %s", job, trim((r.stderr or "") .. (r.stdout or "")))
+      fail("'scontrol show job %s' failed: %s", job, oneline((r.stderr or "") .. " " .. (r.stdout or "")))
     end
     for line in r.stdout:gmatch("[^\n]+") do
       local kv = keyvals(line)
@@ -322,8 +398,11 @@ function Slurm:job_info(ext, run_dir)
 end
 
 -- Slurm's job states that still hold or wait for resources.
+-- (Slurm 22.05's job state names, as squeue/scontrol/slurmrestd print them;
+-- held ones included: `stop` cancels them too.)
 local ACTIVE = { PENDING = true, RUNNING = true, CONFIGURING = true, COMPLETING = true, SUSPENDED = true,
-  REQUEUED = true, RESIZING = true, SIGNALING = true, STAGE_OUT = true }
+  REQUEUED = true, RESIZING = true, SIGNALING = true, STAGE_OUT = true, STOPPED = true,
+  REQUEUE_HOLD = true, REQUEUE_FED = true, RESV_DEL_HOLD = true, SPECIAL_EXIT = true }
 
 -- Slurm's final job states and the drover state a run left active ends in.
 local SLURM_FINAL = {
@@ -331,6 +410,10 @@ local SLURM_FINAL = {
   FAILED = states.FAILED, TIMEOUT = states.FAILED, OUT_OF_MEMORY = states.FAILED, DEADLINE = states.FAILED,
   CANCELLED = states.CANCELLED, PREEMPTED = states.CANCELLED,
   NODE_FAIL = states.CRASHED, BOOT_FAIL = states.CRASHED,
+  -- held after a special exit code (the job waits for an admin's release),
+  -- or a federation sibling revoked: this run's job will not run its end
+  SPECIAL_EXIT = states.FAILED, REVOKED = states.FAILED,
+  -- STOPPED (SIGSTOP) still holds its allocation: not final
 }
 
 --- Turn a run its worker ended COMPLETED or FAILED into CANCELLED: the
@@ -351,13 +434,25 @@ end
 -- the worker missed (seconds; slurmctld's MinJobAge defaults to 300).
 local RECHECK = 600
 
+-- How long a run may sit without a Slurm job id before it counts as never
+-- submitted (its submitter died between recording the run and the job id).
+local UNSUBMITTED = 600
+
 --- Bring a run in line with Slurm: while the store calls it active, a job
 -- that ended (or vanished) ends the run; a run the worker ended while its
 -- job was being cancelled (scancel from outside) becomes CANCELLED.
 -- Returns the fresh row.
 function Slurm:reconcile(r)
-  if r.backend ~= "slurm" or not r.external_id then return r end
+  if r.backend ~= "slurm" then return r end
   local store = self:store()
+  if not r.external_id then
+    if states.active[r.state] and r.created and store_mod.time() - r.created > UNSUBMITTED then
+      store:end_flow_run(r.id, states.CRASHED, "never submitted to Slurm (no job id recorded "
+        .. UNSUBMITTED // 60 .. " minutes after the run was created)")
+      return store:flow_run(r.id)
+    end
+    return r
+  end
   local recent = (r.state == "COMPLETED" or r.state == "FAILED") and r.ended and store_mod.time() - r.ended < RECHECK
   if not states.active[r.state] and not recent then return r end
   local info = self:job_info(r.external_id, self:run_dir(r.id))
@@ -384,9 +479,7 @@ function Slurm:reconcile(r)
   if not final then return r end
   local fresh = store:flow_run(r.id)      -- the worker may have just recorded its end
   if states.active[fresh.state] then
-    store:set_flow_state(r.id, final, why)
-    store:write([[UPDATE task_runs SET state = ?, message = ?
-        WHERE flow_run_id = ? AND state IN ('RUNNING','PENDING','SCHEDULED','CANCELLING')]], final, why, r.id)
+    store:end_flow_run(r.id, final, why)
   elseif final == states.CANCELLED then
     self:cancelled_after_all(r.id, why)
   end
@@ -422,10 +515,9 @@ end
 --- Is `name` a partition of the cluster?
 function Slurm:partition_exists(name)
   if self:mode() == "commands" then
-    local r = drover.proc.run({ "scontrol", "show", "partition", "-o", name }, { stdout = "capture", stderr = "capture", timeout = 60 })
-    if not r then fail("cannot run scontrol") end
+    local r = self:cmd_run({ "scontrol", "show", "partition", "-o", name })
     if r.code == 0 then return true end
-    local msg = trim((r.stderr or "") .. (r.stdout or ""))
+    local msg = oneline((r.stderr or "") .. " " .. (r.stdout or ""))
     if msg:find("not found", 1, true) then return false end
     fail("'scontrol show partition %s' failed: %s", name, msg)
   end
@@ -455,7 +547,8 @@ function Slurm:deploy(name, opts)
   end
   if opts.schedule ~= nil then fail("deploy: schedules are fired by the local daemon; not supported on slurm yet") end
   local ok, err = store:put_deployment({ name = name, backend = "slurm", package_id = p.id,
-    params = opts.params, config = { job = job }, max_active = opts.max_active }, opts.replace)
+    params = opts.params, config = { job = job }, max_active = opts.max_active,
+    backend_config = self:saved_config() }, opts.replace)
   if not ok then error(err, 0) end
   return { name = name, package = p.id, job = job }
 end
@@ -472,6 +565,7 @@ function Slurm:job_env(job)
     local v = os.getenv(k)
     if v and v ~= "" then env[k] = v end
   end
+  env.SLURM_CONF = self:slurm_conf()
   env.PATH = env.PATH or "/usr/local/bin:/usr/bin:/bin"
   for k, v in pairs(job.environment or {}) do env[k] = tostring(v) end
   env.DROVER_HOME = self:store().home
@@ -502,7 +596,7 @@ function Slurm:submit(spec)
     add(script_path)
     local out = self:cmd(argv, env)
     local id = out:match("^(%d+)")
-    if not id then fail("sbatch printed no job id: %s", trim(out)) end
+    if not id then fail("sbatch printed no job id: %s", oneline(out)) end
     return id
   end
   local j = { name = spec.name, comment = spec.comment, standard_output = spec.output,
@@ -536,13 +630,8 @@ end
 --- The deployment and its job template, with per-run overrides (opts:
 -- cpus, mem, time, partition, nodes, or a `job` template).
 function Slurm:prepare(name, opts)
-  local store = self:store()
-  local d = store:deployment(name)
-  if not d then error("unknown deployment '" .. tostring(name) .. "'", 0) end
+  local d = self:runnable_deployment(name)
   if d.backend ~= "slurm" then fail("deployment '%s' belongs to backend '%s'", name, d.backend) end
-  if d.paused == 1 then
-    error("deployment '" .. name .. "' is stopped; deploy it again (drover deploy --replace) to run it", 0)
-  end
   local cfg = store_mod.decode(d.config) or {}
   local over = check_template(opts.job, "run '" .. name .. "'")
   local short = {}
@@ -590,28 +679,26 @@ function Slurm:run(name, params, opts)
   end
   local store = self:store()
   local d, job = self:prepare(name, opts)
-  if d.max_active then
-    local active = #store:flow_runs { deployment = name, active = true, limit = 100000 }
-    if active >= d.max_active then
-      error("deployment '" .. name .. "' already has " .. active .. " active run(s) (max " .. d.max_active .. ")", 0)
-    end
-  end
   local merged = store_mod.decode(d.params) or {}
   for k, v in pairs(params or {}) do merged[k] = v end
+  -- everything that can fail before the run is recorded: a run is never
+  -- left PENDING without a job
   local id = store_mod.new_id()
   local dir = self:run_dir(id)
   fs.mkdir(dir)
   local out = dir .. "/slurm.out"
+  local spec = { script = self:script(name, job, shell_quote(id)), job = job,
+    name = "drover:" .. name, comment = "drover run " .. id .. " of deployment " .. name, output = out, dir = dir,
+    dependency = self:dependency(opts.after) }
   store:create_flow_run { id = id, name = name, deployment = name, backend = "slurm", state = states.PENDING,
     params = merged, source = opts.source or { kind = "deployment" }, resumed_from = opts.resumed_from }
-  local ok, job_id = pcall(self.submit, self, { script = self:script(name, job, shell_quote(id)), job = job,
-    name = "drover:" .. name, comment = "drover run " .. id .. " of deployment " .. name, output = out, dir = dir,
-    dependency = self:dependency(opts.after) })
+  local ok, job_id = pcall(self.submit, self, spec)
   if not ok then
-    store:set_flow_state(id, states.CRASHED, "submit failed: " .. tostring(job_id))
+    store:end_flow_run(id, states.CRASHED, "submit failed: " .. tostring(job_id))
     error(job_id, 0)
   end
-  local url = self:run_url(id, self:job_url(job_id, out))
+  local url_ok, url = pcall(function() return self:run_url(id, self:job_url(job_id, out)) end)
+  if not url_ok then url = "file://" .. out end
   store:update_flow_run(id, { external_id = job_id, url = url })
   return id, url
 end
@@ -633,30 +720,35 @@ function Slurm:map(name, items, opts)
   local base = store_mod.decode(d.params) or {}
   for k, v in pairs(opts.params or {}) do base[k] = v end
   local key = opts.param or "item"
-  local ids, list = {}, {}
+  -- the ids, their directories, the runs file and the job are all made
+  -- before the runs are recorded: a run is never left PENDING without a job
+  local ids = {}
+  for i = 1, #items do
+    ids[i] = store_mod.new_id()
+    fs.mkdir(self:run_dir(ids[i]))
+  end
+  local adir = self:staging() .. "/arrays/" .. store_mod.new_id()
+  fs.mkdir(adir)
+  local wrote, werr = fs.write(adir .. "/runs", table.concat(ids, "\n") .. "\n")
+  if not wrote then fail("map: cannot write %s/runs: %s", adir, tostring(werr)) end
+  -- array task i (0-based) runs line i+1 of the runs file
+  local expr = '$(sed -n "$((SLURM_ARRAY_TASK_ID + 1))p" ' .. shell_quote(adir .. "/runs") .. ")"
+  local spec = { script = self:script(name, job, expr, true), job = job,
+    name = "drover:" .. name, comment = "drover map of " .. #ids .. " runs of deployment " .. name,
+    output = adir .. "/%a.out", dir = adir, array = "0-" .. (#ids - 1) .. (conc and ("%" .. conc) or ""),
+    dependency = self:dependency(opts.after) }
   store:transaction(function()
     for i, item in ipairs(items) do
       local p = {}
       for k, v in pairs(base) do p[k] = v end
       p[key], p.index = item, i
-      local id = store_mod.new_id()
-      ids[i] = id
-      store:create_flow_run { id = id, name = name, deployment = name, backend = "slurm", state = states.PENDING,
+      store:create_flow_run { id = ids[i], name = name, deployment = name, backend = "slurm", state = states.PENDING,
         params = p, source = { kind = "deployment" } }
     end
   end)
-  for i, id in ipairs(ids) do fs.mkdir(self:run_dir(id)); list[i] = id end
-  local adir = self:staging() .. "/arrays/" .. store_mod.new_id()
-  fs.mkdir(adir)
-  assert(fs.write(adir .. "/runs", table.concat(list, "\n") .. "\n"))
-  -- array task i (0-based) runs line i+1 of the runs file
-  local expr = '$(sed -n "$((SLURM_ARRAY_TASK_ID + 1))p" ' .. shell_quote(adir .. "/runs") .. ")"
-  local ok, job_id = pcall(self.submit, self, { script = self:script(name, job, expr, true), job = job,
-    name = "drover:" .. name, comment = "drover map of " .. #ids .. " runs of deployment " .. name,
-    output = adir .. "/%a.out", dir = adir, array = "0-" .. (#ids - 1) .. (conc and ("%" .. conc) or ""),
-    dependency = self:dependency(opts.after) })
+  local ok, job_id = pcall(self.submit, self, spec)
   if not ok then
-    for _, id in ipairs(ids) do store:set_flow_state(id, states.CRASHED, "submit failed: " .. tostring(job_id)) end
+    for _, id in ipairs(ids) do store:end_flow_run(id, states.CRASHED, "submit failed: " .. tostring(job_id)) end
     error(job_id, 0)
   end
   store:transaction(function()
@@ -671,8 +763,7 @@ end
 
 function Slurm:status(run_id)
   local store = self:store()
-  local r = store:find_flow_run(run_id)
-  if not r then error("unknown run '" .. tostring(run_id) .. "'", 0) end
+  local r = self:find_run(run_id)
   if r.backend ~= "slurm" then return Local.status(self, run_id) end
   r = self:reconcile(r)
   r.task_runs = store:task_runs(r.id)
@@ -709,10 +800,10 @@ function Slurm:jobs_of(name)
   local want, ids = "drover:" .. name, {}
   if self:mode() == "commands" then
     local out = self:cmd({ "squeue", "-h", "--name=" .. want, "-o", "%A|%T" })
-    for id, st in out:gmatch("(%d+)|(%u+)") do ids[#ids + 1] = { id = id, state = st } end
+    for id, st in out:gmatch("(%d+)|([%u_]+)") do ids[#ids + 1] = { id = id, state = st } end
   else
     for _, j in ipairs(self:rest("GET", "/jobs").jobs or {}) do
-      local st = (j.job_state or ""):match("^%u+")
+      local st = (j.job_state or ""):match("^%u[%u_]*")
       if j.name == want and ACTIVE[st] then
         ids[#ids + 1] = { id = tostring(math.tointeger(j.job_id) or j.job_id), state = st }
       end
@@ -730,7 +821,7 @@ local GONE = { ["Invalid job id specified"] = true, ["Job/step already completin
 function Slurm:cancel_job(id, soft)
   if self:mode() == "commands" then
     local argv = soft and { "scancel", "--full", "--signal=TERM", id } or { "scancel", id }
-    drover.proc.run(argv, { stdout = "capture", stderr = "capture", timeout = 60 })
+    pcall(self.cmd_run, self, argv) -- a job already gone is what was wanted
   else
     self:rest("DELETE", "/job/" .. id .. (soft and "?signal=SIGTERM" or ""), nil, GONE)
   end
@@ -742,7 +833,7 @@ function Slurm:job_active(id)
   local ok, recs = pcall(self.job_records, self, tostring(id))
   if not ok or not recs then return false end
   for _, rec in ipairs(recs) do
-    if ACTIVE[(rec.state or ""):match("^%u+")] then return true end
+    if ACTIVE[(rec.state or ""):match("^%u[%u_]*")] then return true end
   end
   return false
 end
@@ -775,21 +866,10 @@ function Slurm:stop(name, opts)
   for _, r in ipairs(runs) do
     local why = "stopped: slurm job " .. tostring(r.external_id) .. " cancelled"
     -- a worker that raced the signal and recorded an end was still stopped
-    if not store:set_flow_state(r.id, states.CANCELLED, why) then self:cancelled_after_all(r.id, why) end
-    store:write([[UPDATE task_runs SET state = 'CANCELLED', message = 'stopped'
-        WHERE flow_run_id = ? AND state IN ('RUNNING','PENDING','SCHEDULED','CANCELLING')]], r.id)
+    if not store:end_flow_run(r.id, states.CANCELLED, why) then self:cancelled_after_all(r.id, why) end
     stopped[#stopped + 1] = r.id
   end
   return { name = name, cancelled = stopped, jobs = ids }
-end
-
-function Slurm:resume(run_id)
-  local store = self:store()
-  local r = store:find_flow_run(run_id)
-  if not r then error("unknown run '" .. tostring(run_id) .. "'", 0) end
-  local d = store:deployment(r.deployment)
-  if d and d.paused == 1 then store:set_paused(d.name, false) end
-  return self:run(r.deployment, store_mod.decode(r.params) or {}, { resumed_from = r.id })
 end
 
 return Slurm

@@ -68,8 +68,11 @@ build = {
   install = {
     -- Next to the modules, where drover.orchestrator.backend_dirs() and
     -- drover.daemon look for them: share/lua/5.4/drover/{backends,dashboard}/
+    -- (every backends/*.lua: tests/rockspec_spec.lua checks the list)
     lua = {
+      ["drover.backends.docker"] = "backends/docker.lua",
       ["drover.backends.local"] = "backends/local.lua",
+      ["drover.backends.slurm"] = "backends/slurm.lua",
       ["drover.dashboard.index"] = "lua/drover/dashboard/index.html",
       ["drover.dashboard.app"] = "lua/drover/dashboard/app.js",
       ["drover.dashboard.style"] = "lua/drover/dashboard/style.css",

@@ -144,6 +144,47 @@ describe("drover CLI", function()
     assert.matches("stopped", err)
   end)
 
+  it("a deployment keeps its backend config, so run and stop need not repeat it", function()
+    local path = root .. "/tests/conformance/fixture"
+    local code, out, err = drv({ "package", "--module", "fixture_flow", "--class", "Fixture",
+      "--entrypoint", "main", "--path", path, "--json" })
+    assert.are.equal(0, code, err)
+    local pkg = drover.json.decode(out)
+    code, _, err = drv({ "deploy", "kept", "--package", pkg.id, "--set", "stop_timeout=7",
+      "--set", "drover_bin=" .. H.drover_bin, "mode=long", "marker=" .. (4000 + math.random(1, 999)) .. ".5" })
+    assert.are.equal(0, code, err)
+    local store = assert(require("drover.store").open(home))
+    local d = store:deployment("kept")
+    assert.are.same({ stop_timeout = 7, drover_bin = H.drover_bin }, drover.json.decode(d.backend_config))
+    -- run and stop load the backend with that config; a bad key given now is still refused
+    code, _, err = drv({ "run", "kept", "--set", "nonsense=1" })
+    assert.are.equal(2, code)
+    assert.matches("unknown config key 'nonsense'", err)
+    code, out, err = drv({ "run", "kept" })
+    assert.are.equal(0, code, err)
+    local id = out:match("^(%x+)")
+    H.wait_until(function()
+      local _, s = drv({ "status", id, "--json" })
+      return drover.json.decode(s).state == "RUNNING"
+    end, 60, "run to start")
+    code, _, err = drv({ "stop", "kept" })
+    assert.are.equal(0, code, err)
+    local _, s = drv({ "status", id, "--json" })
+    assert.are.equal("CANCELLED", drover.json.decode(s).state)
+    store:close()
+  end)
+
+  it("secrets in a backend config are never stored with the deployment", function()
+    local o = drover.orchestrator("slurm", { url = "http://127.0.0.1:9", token = "s3cret-token",
+      partition = "debug", home = home })
+    local kept = o:saved_config()
+    assert.are.equal("http://127.0.0.1:9", kept.url)
+    assert.are.equal("debug", kept.partition)
+    assert.is_nil(kept.token)
+    assert.is_nil(kept.home)
+    assert.is_nil(drover.json.encode(kept):find("s3cret", 1, true))
+  end)
+
   it("resume reruns a failed exec, reusing completed tasks", function()
     write(work .. "/resumable.lua", [[
       local drover = require "drover"

@@ -335,6 +335,60 @@ describe("drover serve", function()
     assert.are.equal(0, code)
   end)
 
+  it("checks other backends' active runs through their status, configured as deployed", function()
+    -- a backend of the test's own (found through DROVER_PATH by the daemon):
+    -- its status ends the run once a marker file exists; the marker's path
+    -- reaches the daemon only through the config the deployment kept
+    local dir = H.tempdir()
+    assert(drover.fs.mkdir(dir .. "/backends"))
+    assert(drover.fs.write(dir .. "/backends/probe.lua", [[
+      local Local = require("drover.orchestrator").backend_class("local")
+      local Probe = Local:extend("probe")
+      Probe.backend_name = "probe"
+      Probe.config_keys = { marker = "string", broken = "boolean" }
+      function Probe:status(id)
+        if self.config.broken then error("probe backend is down") end
+        local r = self:find_run(id)
+        if require("drover.fs").exists(self.config.marker) then
+          self:store():end_flow_run(r.id, "CRASHED", "probe saw it end")
+        end
+        return self:store():flow_run(r.id)
+      end
+      return Probe
+    ]]))
+    local phome = H.tempdir()
+    local store = assert(require("drover.store").open(phome))
+    local marker = dir .. "/ended"
+    assert(store:put_deployment { name = "probed", backend = "probe", backend_config = { marker = marker } })
+    assert(store:put_deployment { name = "down", backend = "probe", backend_config = { broken = true } })
+    local probed = store:create_flow_run { name = "probed", deployment = "probed", backend = "probe", state = "RUNNING" }
+    local down = store:create_flow_run { name = "down", deployment = "down", backend = "probe", state = "RUNNING" }
+    -- a local run whose worker is long gone: the reaper must not wait on the broken backend
+    local gone = store:create_flow_run { name = "gone", backend = "local", state = "RUNNING", pid = 999999 }
+    store:close()
+    local p, pinfo = serve(nil, phome, { DROVER_PATH = dir .. "/backends" })
+    local function state_of(id) return assert(http.get(pinfo.url .. "/api/runs/" .. id)).json.state end
+    H.wait_until(function() return state_of(gone) == "CRASHED" end, 60, "the local run to be reaped")
+    assert.are.equal("RUNNING", state_of(probed)) -- no marker yet: the backend says it still runs
+    assert(drover.fs.write(marker, "x"))
+    H.wait_until(function() return state_of(probed) == "CRASHED" end, 60, "the daemon to ask the probe backend")
+    assert.are.equal("probe saw it end", assert(http.get(pinfo.url .. "/api/runs/" .. probed)).json.message)
+    assert.are.equal("RUNNING", state_of(down)) -- a backend that fails changes nothing
+    H.wait_until(function()
+      return (drover.fs.read(phome .. "/serve.err") or ""):find("probe backend is down", 1, true)
+    end, 60, "the failure to be reported")
+    -- one more sweep (a new run to end), then count: the same failure is reported once
+    store = assert(require("drover.store").open(phome))
+    local later = store:create_flow_run { name = "probed", deployment = "probed", backend = "probe", state = "RUNNING" }
+    store:close()
+    H.wait_until(function() return state_of(later) == "CRASHED" end, 60, "a later sweep")
+    local _, reports = (drover.fs.read(phome .. "/serve.err") or ""):gsub("probe backend is down", "")
+    assert.is_true(drover.kill(p.pid, "TERM"))
+    p:wait(30)
+    assert.are.equal(1, reports)
+    os.execute("rm -rf " .. dir .. " " .. phome)
+  end)
+
   it("drover run starts a daemon when none runs, and reuses it", function()
     local dir = H.tempdir()
     local env = { DROVER_HOME = dir }

@@ -169,6 +169,114 @@ describe("docker backend", function()
     end)
   end
 
+  it("the CLI: drover status reconciles a run whose container was killed from outside", function()
+    local name = deploy("cli-killed", { package = pkg.id, mode = "container",
+      params = { mode = "long", marker = tostring(3000 + math.random(1, 1000)) .. ".25" } })
+    local id = orch:run(name, {})
+    local store = orch:store()
+    H.wait_until(function() return store:flow_run(id).state == "RUNNING" end, DEADLINE, "the run to be RUNNING")
+    assert.are.equal(204, engine("POST", "/containers/" .. container_of(id) .. "/kill").status)
+    -- only `drover status` asks the engine here (the deployment kept the socket)
+    local env = { DROVER_HOME = store.home, DROVER_DAEMON = "0" }
+    local st
+    H.wait_until(function()
+      local code, out = H.drover({ "status", id, "--json" }, { env = env })
+      st = code == 0 and drover.json.decode(out)
+      return st and (st.state == "CRASHED" or st.state == "FAILED")
+    end, DEADLINE, "drover status to see the container end")
+    assert.matches("killed by signal 9", st.message)
+  end)
+
+  it("a deployment keeps the socket taken from DROVER_DOCKER_SOCKET; status elsewhere asks that engine", function()
+    -- this orchestrator has no socket key: the env (docker.sh's) gives it
+    local o = drover.orchestrator("docker", { home = orch:store().home })
+    local name = "envsock-" .. suffix
+    o:deploy(name, { package = pkg.id, mode = "container",
+      params = { mode = "long", marker = tostring(4000 + math.random(1, 1000)) .. ".5" } })
+    deployments[#deployments + 1] = name
+    local store = orch:store()
+    local kept = drover.json.decode(store:deployment(name).backend_config)
+    assert.are.equal(SOCKET, kept.socket)
+    assert.are.equal(os.getenv("DROVER_DOCKER_BASE_IMAGE"), kept.base_image)
+    local id = o:run(name, {})
+    H.wait_until(function() return store:flow_run(id).state == "RUNNING" end, DEADLINE, "the run to be RUNNING")
+    -- a process whose env names another (absent) socket still asks the kept one
+    local dir = H.tempdir()
+    local env = { DROVER_HOME = store.home, DROVER_DAEMON = "0", DROVER_DOCKER_SOCKET = dir .. "/none.sock" }
+    local code, out, err = H.drover({ "status", id, "--json" }, { env = env })
+    assert.are.equal(0, code, err)
+    assert.are.equal("RUNNING", drover.json.decode(out).state)
+    drover.fs.remove(dir, { recursive = true })
+  end)
+
+  it("an engine that cannot be reached makes status raise one line and changes no run", function()
+    local name = deploy("noengine", { package = pkg.id, mode = "container",
+      params = { mode = "long", marker = tostring(5000 + math.random(1, 1000)) .. ".5" } })
+    local id = orch:run(name, {})
+    local store = orch:store()
+    H.wait_until(function() return store:flow_run(id).state == "RUNNING" end, DEADLINE, "the run to be RUNNING")
+    local dir = H.tempdir()
+    local o = drover.orchestrator("docker", { home = store.home, socket = dir .. "/docker.sock" })
+    local ok, err = pcall(o.status, o, id)
+    assert.is_false(ok)
+    assert.are.equal("docker: the Docker Engine is not running: no socket at " .. dir ..
+      "/docker.sock (start dockerd, or set the 'socket' config key or DROVER_DOCKER_SOCKET)", tostring(err))
+    assert.are.equal("RUNNING", store:flow_run(id).state)
+    drover.fs.remove(dir, { recursive = true })
+  end)
+
+  it("a run the engine refuses to create ends CRASHED at once, with one line of the engine's error", function()
+    -- the engine refuses a memory limit under 6 MB when creating the container
+    local name = deploy("refused", { package = pkg.id, mode = "container", memory = 1024 * 1024 })
+    local before = {}
+    for _, r in ipairs(orch:store():flow_runs { deployment = name, limit = 100 }) do before[r.id] = true end
+    local ok, err = pcall(orch.run, orch, name, {})
+    assert.is_false(ok)
+    assert.matches("docker.run: creating the container: .*memory", tostring(err))
+    assert.is_nil(tostring(err):find("\n", 1, true))
+    local runs = orch:store():flow_runs { deployment = name, limit = 100 }
+    assert.are.equal(1, #runs)
+    assert.are.equal("CRASHED", runs[1].state)
+    assert.matches("^did not start: docker.run: creating the container", runs[1].message)
+  end)
+
+  it("a PENDING run without a container: adopted by name if the engine has it, else CRASHED after 10 min", function()
+    local name = deploy("orphan", { package = pkg.id, mode = "container" })
+    local store = orch:store()
+    local function pending_run()
+      local id = require("drover.store").new_id()
+      store:create_flow_run { id = id, name = name, deployment = name, backend = "docker", state = "PENDING" }
+      return id
+    end
+    -- a fresh one may still be starting: left alone
+    local fresh = pending_run()
+    assert.are.equal("PENDING", orch:status(fresh).state)
+    -- an old one with nothing in the engine never started
+    local old = pending_run()
+    store:write("UPDATE flow_runs SET created = created - 700 WHERE id = ?", old)
+    local st = orch:status(old)
+    assert.are.equal("CRASHED", st.state)
+    assert.matches("^never started", st.message)
+    -- one whose submitter died after the engine created its container: adopted
+    local adopted = pending_run()
+    store:write("UPDATE flow_runs SET created = created - 700 WHERE id = ?", adopted)
+    local c = engine("POST", "/containers/create?name=drover-" .. adopted, { json = { Image = pkg.image,
+      Cmd = { "sleep", "300" }, Labels = { drover = "1", ["drover.deployment"] = name, ["drover.run"] = adopted } } })
+    assert.are.equal(201, c.status)
+    st = orch:status(adopted)
+    assert.are.equal("PENDING", st.state, st.message)
+    assert.are.equal("container:" .. c.json.Id, st.external_id)
+  end)
+
+  it("engine text in errors is one line of at most ~200 characters", function()
+    local long = ("word\n  "):rep(100) .. "the end: code 7"
+    local s = orch.one_line(long)
+    assert.is_nil(s:find("\n", 1, true))
+    assert.is_true(#s <= 200, "length " .. #s)
+    assert.matches("the end: code 7$", s)
+    assert.are.equal("short message", orch.one_line("  short\n message \n"))
+  end)
+
   it("logs demultiplex stdout and stderr, and follow streams until the container ends", function()
     local name = deploy("logs", { package = pkg.id,
       command = { "sh", "-c", "echo out-line-1; echo err-line-1 >&2; sleep 1; echo out-line-2" } })

@@ -36,9 +36,53 @@ describe("the LuaRocks rockspec", function()
   it("installs drover.core, the Lua library, the dashboard and the backends into the tree", function()
     for _, f in ipairs { "/lib/lua/5.4/drover/core.so", "/share/lua/5.4/drover/init.lua",
       "/share/lua/5.4/drover/orchestrator.lua", "/share/lua/5.4/drover/dashboard/index.html",
-      "/share/lua/5.4/drover/backends/local.lua" } do
+      "/share/lua/5.4/drover/backends/local.lua", "/share/lua/5.4/drover/backends/slurm.lua",
+      "/share/lua/5.4/drover/backends/docker.lua" } do
       assert.is_truthy(drover.fs.exists(tree .. f), f)
     end
+  end)
+
+  -- The rockspec lists files by hand: a new backend or module left out of
+  -- it would be missing from the rock only.
+  local function files(dir, pattern)
+    local out = {}
+    for _, f in ipairs(assert(drover.fs.list(dir))) do
+      local name = f:match(pattern)
+      if name then out[#out + 1] = name end
+    end
+    table.sort(out)
+    return out
+  end
+
+  it("installs every backends/*.lua, as drover.backends.NAME", function()
+    local text = assert(drover.fs.read(H.root .. "/rockspec/drover-scm-1.rockspec"))
+    local listed = {}
+    for name, file in text:gmatch('%["drover%.backends%.([%w_%-]+)"%]%s*=%s*"backends/([%w_%-]+)%.lua"') do
+      assert.are.equal(name, file)
+      listed[#listed + 1] = name
+    end
+    table.sort(listed)
+    local want = files(H.root .. "/backends", "^([%w_%-]+)%.lua$")
+    assert.is_true(#want >= 3)
+    assert.are.same(want, listed)
+    for _, name in ipairs(want) do
+      assert.is_truthy(drover.fs.exists(tree .. "/share/lua/5.4/drover/backends/" .. name .. ".lua"), name)
+    end
+  end)
+
+  it("builds every lua/drover/*.lua as a module", function()
+    local spec = {}
+    assert(loadfile(H.root .. "/rockspec/drover-scm-1.rockspec", "t", spec))()
+    local listed = {}
+    for mod, src in pairs(spec.build.modules) do
+      local name = type(src) == "string" and src:match("^lua/drover/([%w_]+)%.lua$")
+      if name then
+        assert.are.equal(name == "init" and "drover" or "drover." .. name, mod)
+        listed[#listed + 1] = name
+      end
+    end
+    table.sort(listed)
+    assert.are.same(files(H.root .. "/lua/drover", "^([%w_]+)%.lua$"), listed)
   end)
 
   it("builds every engine source but api.c (the rockspec lists them by hand)", function()

@@ -198,6 +198,46 @@ describe("slurm backend", function()
     end)
   end)
 
+  it("a run that cannot be submitted is not recorded; one never submitted ends CRASHED", function()
+    local orch, name = deployed("socket", { mode = "ok" })
+    local store = orch:store()
+    -- a bad `after` fails before the run is recorded: no run left PENDING
+    local ok, err = pcall(orch.run, orch, name, {}, { after = { "no-such-run" } })
+    assert.is_false(ok)
+    assert.matches("'after' names run 'no%-such%-run', which has no Slurm job", tostring(err))
+    assert.are.equal(0, #store:flow_runs { deployment = name })
+    -- a run whose submitter died before it recorded a job id: after ten
+    -- minutes without one, status ends it
+    local id = require("drover.store").new_id()
+    store:create_flow_run { id = id, name = name, deployment = name, backend = "slurm", state = "PENDING",
+      params = {}, source = { kind = "deployment" } }
+    assert.are.equal("PENDING", orch:status(id).state, "a fresh run may still be submitting")
+    store:write("UPDATE flow_runs SET created = created - 700 WHERE id = ?", id)
+    local st = orch:status(id)
+    assert.are.equal("CRASHED", st.state)
+    assert.matches("never submitted to Slurm", st.message)
+  end)
+
+  it("jwt: a token slurmrestd refuses is read again from token_file and the request retried", function()
+    local dir = H.tempdir()
+    local file = dir .. "/jwt"
+    assert(drover.fs.write(file, "SLURM_JWT=expired.not.valid\n"))
+    local orch = drover.orchestrator("slurm", config("jwt", { token_file = file }))
+    assert.are.equal("expired.not.valid", orch:token()) -- cached now
+    -- the token is renewed in the file (as a cron job would)
+    assert(drover.fs.write(file, assert(drover.fs.read(need("DROVER_SLURM_TOKEN_FILE")))))
+    assert.is_true(orch:partition_exists(need("DROVER_SLURM_PARTITION")))
+    assert.are_not.equal("expired.not.valid", orch:token())
+    -- a token that stays bad fails after one retry, with one line, never shown
+    assert(drover.fs.write(file, "still-not-valid"))
+    orch._token = nil
+    local ok, err = pcall(orch.partition_exists, orch, need("DROVER_SLURM_PARTITION"))
+    assert.is_false(ok)
+    assert.matches("token", tostring(err))
+    assert.is_nil(tostring(err):find("\n"))
+    assert.is_nil(tostring(err):find("still%-not%-valid"))
+  end)
+
   it("per-task resources, chained with afterok: the child runs after its parent", function()
     local orch, name = deployed("socket", { mode = "ok" })
     local a = orch:run(name, {}, { cpus = 3, mem = "200M", time = 5 })
@@ -279,6 +319,91 @@ describe("slurm backend", function()
     assert.are.equal("FAILED", info.state)
     assert.are.equal(5, info.exit_code)
     assert.is_nil(orch:job_info("999999"))
+  end)
+
+  --- `drover status ID --json` in a fresh process with env; a table with
+  -- state "?" when the backend could not be asked (exit 1).
+  local function cli_status(env, id)
+    local code, out = H.drover({ "status", id, "--json" }, { env = env })
+    drover.sleep(0.2) -- each poll spawns a process: do not spin
+    if code ~= 0 then return { state = "?" } end
+    return drover.json.decode(out)
+  end
+
+  it("the CLI: a deployment keeps its transport; drover status reconciles with Slurm", function()
+    local cfg_file = need("DROVER_SLURM_DIR") .. "/conformance-socket.json"
+    local home = require("drover.tracker").default_store().home
+    local env = { SLURM_CONF = need("SLURM_CONF"), DROVER_HOME = home, DROVER_DAEMON = "0" }
+    local function drv(args)
+      local code, out, err = H.drover(args, { env = env })
+      return code, out, err
+    end
+    local code, out, err = drv({ "package", "-b", "slurm", "-c", cfg_file, "--module", "slurm_flow",
+      "--class", "SlurmFlow", "--entrypoint", "main", "--path", fixture, "--json" })
+    assert.are.equal(0, code, err)
+    local name = fresh("sl-cli")
+    local marker = tostring(6000 + math.random(1, 3000)) .. ".25"
+    code, _, err = drv({ "deploy", name, "-b", "slurm", "-c", cfg_file, "--package", drover.json.decode(out).id,
+      "mode=sleep", "marker=" .. marker })
+    assert.are.equal(0, code, err)
+    -- no -c from here on: the deployment remembers its socket
+    code, out, err = drv({ "run", name, "--json" })
+    assert.are.equal(0, code, err)
+    local id = drover.json.decode(out).id
+    local function cli_state() return cli_status(env, id) end
+    H.wait_until(function() return cli_state().state == "RUNNING" end, DEADLINE, "the run to be RUNNING")
+    H.wait_until(function() return #H.pids_matching("sleep " .. marker) >= 1 end, DEADLINE, "the job's processes")
+    local job = cli_state().external_id
+    -- SIGKILL to the worker itself: it records nothing, so only a look at
+    -- Slurm (drover status here) can end the run
+    local workers = H.pids_matching("worker " .. id)
+    assert.are.equal(1, #workers, "one `drover worker " .. id .. "` process")
+    assert.is_true(drover.kill(workers[1], "KILL"))
+    local st
+    H.wait_until(function()
+      st = cli_state()
+      return st.state ~= "RUNNING" and st.state ~= "PENDING" and st.state ~= "?"
+    end, DEADLINE, "drover status to see the job end")
+    assert.is_true(st.state == "FAILED" or st.state == "CRASHED", st.state .. ": " .. tostring(st.message))
+    assert.matches("slurm job " .. job, st.message)
+    -- the workflow's sleeps, orphaned by the killed worker, escape the job's
+    -- cleanup under the test cluster's proctrack/linuxproc (proctrack/cgroup
+    -- would end them): end them here
+    for _, pid in ipairs(H.pids_matching("sleep " .. marker)) do drover.kill(pid, "KILL") end
+    H.wait_until(function() return #H.pids_matching("sleep " .. marker) == 0 end, DEADLINE, "no process left")
+  end)
+
+  it("the CLI: a commands deployment keeps its slurm.conf; drover status without SLURM_CONF reaches Slurm", function()
+    local home = require("drover.tracker").default_store().home
+    local with = { SLURM_CONF = need("SLURM_CONF"), DROVER_HOME = home, DROVER_DAEMON = "0" }
+    -- false removes the variable from the child's environment
+    local without = { SLURM_CONF = false, DROVER_HOME = home, DROVER_DAEMON = "0" }
+    local cfg_file = need("DROVER_SLURM_DIR") .. "/conformance-commands.json"
+    local code, out, err = H.drover({ "package", "-b", "slurm", "-c", cfg_file, "--module", "slurm_flow",
+      "--class", "SlurmFlow", "--entrypoint", "main", "--path", fixture, "--json" }, { env = with })
+    assert.are.equal(0, code, err)
+    local name = fresh("sl-conf")
+    code, _, err = H.drover({ "deploy", name, "-b", "slurm", "-c", cfg_file, "--package", drover.json.decode(out).id,
+      "mode=exit", "code=3" }, { env = with })
+    assert.are.equal(0, code, err)
+    local d = require("drover.tracker").default_store():deployment(name)
+    assert.are.equal(need("SLURM_CONF"), drover.json.decode(d.backend_config).slurm_conf)
+    -- from here on no SLURM_CONF anywhere: run (sbatch) and status
+    -- (scontrol) find the cluster through the deployment's slurm_conf
+    code, out, err = H.drover({ "run", name, "--json" }, { env = without })
+    assert.are.equal(0, code, err)
+    local id = drover.json.decode(out).id
+    local st
+    H.wait_until(function()
+      st = cli_status(without, id)
+      return st.state ~= "?" and st.state ~= "RUNNING" and st.state ~= "PENDING"
+    end, DEADLINE, "drover status without SLURM_CONF to see the run end")
+    assert.are.equal("FAILED", st.state)
+    assert.matches("^%d+$", st.external_id)
+    -- status asked Slurm (scontrol, through the kept slurm.conf) and got an answer
+    code, _, err = H.drover({ "status", id, "--json" }, { env = without })
+    assert.are.equal(0, code, err)
+    assert.are.equal("", err)
   end)
 
   -- last: it takes a node down (and brings it back)

@@ -47,12 +47,20 @@ typedef struct drover drover;
 typedef void (*drover_log_fn)(void *ud, const char *level, const char *message);
 
 typedef struct drover_options {
-  const char *home;      /* tracking store directory; NULL: $DROVER_HOME, else the default */
-  const char *path;      /* extra backend directories, ':'-separated (DROVER_PATH) */
+  const char *home;      /* tracking store directory, used even when
+                            $DROVER_HOME is set; NULL: $DROVER_HOME, else
+                            $XDG_DATA_HOME/drover, else ~/.local/share/drover */
+  const char *path;      /* extra backend directories, ':'-separated, searched
+                            after $DROVER_PATH's */
   const char *lua_dir;   /* the directory holding drover/init.lua; NULL:
-                            $DROVER_LUA_DIR, else next to libdrover
-                            (LIBDIR/../share/drover/lua) or to the program,
-                            else the PREFIX drover was installed with */
+                            $DROVER_LUA_DIR, else the first of: next to
+                            libdrover (LIBDIR/../share/drover/lua) or to the
+                            program (BINDIR/../lua, BINDIR/../share/drover/lua),
+                            the PREFIX drover was installed with
+                            (PREFIX/share/drover/lua), the first drover/init.lua
+                            on the Lua path ($LUA_PATH_5_4 or $LUA_PATH).  The
+                            backends directory is the one next to it
+                            (lua_dir/../backends). */
   uv_loop_t *loop;       /* run on the host's loop instead of drover's own; NULL: own */
   drover_log_fn log;     /* NULL: the engine's messages go to stderr */
   void *log_ud;
@@ -63,9 +71,14 @@ typedef struct drover_options {
 
 /*
  * drover_open -- create an engine.  opts may be NULL for defaults.
- * Returns NULL only when out of memory.  If the engine could not be set up
- * (for example the Lua library was not found), it is still returned and
- * drover_errmsg() says why; the first call that needs the library fails.
+ * Returns NULL only when out of memory.  If the engine could not be set up,
+ * it is still returned and drover_errmsg() says why in one line, for
+ * example "drover_open: Lua library not found in DIR (set lua_dir or
+ * DROVER_LUA_DIR)" when DIR/drover/init.lua does not exist.  Such an
+ * engine can only be closed: every call that runs Lua (drover_dofile,
+ * drover_dostring, drover_call, drover_register, drover_backend_load,
+ * drover_backend_call, drover_exec, drover_start) returns DROVER_ELOAD with
+ * that same message.  So check *drover_errmsg(D) after drover_open.
  */
 drover *drover_open(const drover_options *opts);
 
@@ -99,7 +112,8 @@ int drover_call(drover *D, int nargs);
  * modules, inspect results).  Do not lua_close it. */
 lua_State *drover_lua(drover *D);
 
-/* drover_loop -- the engine's libuv loop. */
+/* drover_loop -- the engine's libuv loop (NULL only if D is NULL or its
+ * Lua state could not even be set up). */
 uv_loop_t *drover_loop(drover *D);
 
 /*
@@ -121,11 +135,12 @@ int drover_register(drover *D, const char *name, lua_CFunction fn, void *ud);
 void *drover_host_ud(lua_State *L);
 
 /*
- * drover_backend_load -- load the backend NAME (found in drover's
- * backends/ directory, drover_options.path, $DROVER_PATH, ./backends) or
- * the backend file at a path (any name containing '/' or ending in .lua).
- * Returns DROVER_ELOAD with the reason when it is not found, does not
- * compile (the message holds file:line) or does not return a subclass of
+ * drover_backend_load -- load the backend NAME (the first NAME.lua in
+ * drover's backends/ directory, $DROVER_PATH, drover_options.path,
+ * ./backends) or the backend file at a path (any name containing '/' or
+ * ending in .lua).  Returns DROVER_ELOAD with the reason when it is not
+ * found ("unknown backend 'NAME' (looked in DIRS)"), does not compile (the
+ * message holds file:line) or does not return a subclass of
  * drover.BaseOrchestrator.  drover_backend_call loads backends itself;
  * this only checks early.
  */
@@ -150,7 +165,8 @@ int drover_backend_load(drover *D, const char *backend);
  * DROVER_ELOAD (the backend could not be loaded), DROVER_ENOTIMPL
  * ("backend 'NAME' does not implement OP"), DROVER_ERUN (the operation
  * raised; the message is its error).  One backend instance is kept per
- * (backend, config_json) pair for the engine's life.  Runs the loop until
+ * (backend, config_json) pair for the engine's life.  "{}" is not an empty
+ * args_json ("args_json must be a JSON array"), nor "[]" a config.  Runs the loop until
  * the operation and the tasks it spawned finish.
  */
 int drover_backend_call(drover *D, const char *backend, const char *config_json, const char *op,
@@ -163,8 +179,8 @@ int drover_backend_call(drover *D, const char *backend, const char *config_json,
  * calls inside are recorded under the flow run in the store
  * (drover_options.home); print() output goes to stdout and to the run's
  * logs.  *out_json (if out_json is not NULL) receives
- * {"id": ..., "name": ..., "state": ..., "message": ...}; free it with
- * drover_free.  Returns DROVER_OK when the run COMPLETED, DROVER_ERUN when it
+ * {"id": ..., "name": ..., "state": ..., "message": ...} (message null
+ * when the run has none); free it with drover_free.  Returns DROVER_OK when the run COMPLETED, DROVER_ERUN when it
  * FAILED (or was cancelled; *out_json is still set and the message names
  * the run and its error), DROVER_ELOAD when the file does not compile
  * (file:line in the message), DROVER_EARG for bad arguments or JSON.
@@ -186,7 +202,8 @@ int drover_start(drover *D, const char *code, const char *chunkname);
  * (uv_run(loop, UV_RUN_NOWAIT)): due timers, ready I/O, and the tasks that
  * are ready to resume.  Returns the number of tasks still alive (0 when
  * everything started has finished), or DROVER_EARG (D is NULL, or called
- * from inside the engine's own loop).  A host that runs the shared loop
+ * from inside the engine's own loop), or DROVER_ELOAD (drover_open failed
+ * before the loop existed).  A host that runs the shared loop
  * with uv_run does not need it: drover's handles live on that loop.
  */
 int drover_step(drover *D);

@@ -2,7 +2,7 @@
  * api.c -- the public C API (drover.h) over the engine.
  *
  * drover_open builds a Lua state the way the drover binary needs it: the
- * standard libraries, cjson and drover.core preloaded, package.path pointed
+ * standard libraries, drover.core preloaded, package.path pointed
  * at the Lua library, and a "drover.config" table the Lua side reads for
  * its directories.
  *
@@ -15,7 +15,6 @@
 #include "drover.h"
 
 #include <dlfcn.h>
-#include <lua-cjson.h>
 #include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -30,13 +29,45 @@ int luaopen_drover_core(lua_State *L);
 
 struct drover {
   lua_State *L;
-  char errmsg[4096];
+  int attached;        /* drv__setup ran: the engine (loop, scheduler) exists */
+  int broken;          /* drover_open failed: every call that runs Lua refuses */
+  char openerr[PATH_MAX + 256]; /* ... with this message */
+  char errmsg[8192];
   char lua_dir[PATH_MAX + 64];
   char backends_dir[PATH_MAX + 128];
 };
 
 static void drv__seterr(drover *D, const char *msg) {
   snprintf(D->errmsg, sizeof D->errmsg, "%s", msg ? msg : "unknown error");
+}
+
+static int drv__tostr(lua_State *L) {
+  luaL_tolstring(L, 1, NULL);
+  return 1;
+}
+
+/* The error object on top of the stack becomes the message, and is popped.
+ * luaL_tolstring honours __tostring; it runs protected because __tostring
+ * may itself raise (or return a non-string). */
+static void drv__seterr_top(drover *D) {
+  lua_State *L = D->L;
+  const char *m;
+  lua_pushcfunction(L, drv__tostr);
+  lua_insert(L, -2);
+  if (lua_pcall(L, 1, 1, 0) == LUA_OK && (m = lua_tostring(L, -1)) != NULL)
+    drv__seterr(D, m);
+  else
+    drv__seterr(D, "(error object could not be converted to a string)");
+  lua_pop(L, 1);
+}
+
+/* On an engine drover_open could not set up, every call that runs Lua
+ * fails with DROVER_ELOAD and drover_open's message, rather than with a
+ * confusing error of its own later. */
+static int drv__broken(drover *D) {
+  if (!D->broken) return 0;
+  drv__seterr(D, D->openerr);
+  return 1;
 }
 
 static int drv__isfile(const char *path) { return access(path, R_OK) == 0; }
@@ -49,7 +80,7 @@ static int drv__try_lua_dir(drover *D, const char *dir) {
   if (!drv__isfile(probe)) return 0;
   if (realpath(dir, real)) snprintf(D->lua_dir, sizeof D->lua_dir, "%s", real);
   else snprintf(D->lua_dir, sizeof D->lua_dir, "%.*s", PATH_MAX, dir);
-  snprintf(D->backends_dir, sizeof D->backends_dir, "%s/../backends", real);
+  snprintf(D->backends_dir, sizeof D->backends_dir, "%s/../backends", D->lua_dir);
   if (realpath(D->backends_dir, real)) snprintf(D->backends_dir, sizeof D->backends_dir, "%s", real);
   return 1;
 }
@@ -73,13 +104,56 @@ static int drv__try_near(drover *D, const char *file) {
   return 0;
 }
 
+/* Where `require "drover"` would find the library through the Lua path
+ * ($LUA_PATH_5_4 or $LUA_PATH, ";;" standing for the default path, as
+ * package.path is built): the first TEMPLATE with "drover" for "?" that
+ * names a file, if that file is a drover/init.lua.  This is how a program
+ * run from a checkout with LUA_PATH set (the C tests) finds it. */
+static int drv__try_lua_path(drover *D) {
+  const char *env = getenv("LUA_PATH_5_4"), *dd, *p, *end;
+  char *path, cand[PATH_MAX];
+  size_t n;
+  int found = 0;
+  if (env == NULL) env = getenv("LUA_PATH");
+  if (env == NULL) env = LUA_PATH_DEFAULT;
+  n = strlen(env) + sizeof LUA_PATH_DEFAULT + 2;
+  if ((path = (char *)malloc(n)) == NULL) return 0;
+  if ((dd = strstr(env, ";;")) != NULL) /* the first ";;" only, as Lua does */
+    snprintf(path, n, "%.*s;%s;%s", (int)(dd - env), env, LUA_PATH_DEFAULT, dd + 2);
+  else
+    snprintf(path, n, "%s", env);
+  for (p = path; *p; p = *end ? end + 1 : end) {
+    size_t k = 0, len;
+    end = strchr(p, ';');
+    if (end == NULL) end = p + strlen(p);
+    for (; p < end && k + 7 < sizeof cand; p++) {
+      if (*p == '?') k += (size_t)snprintf(cand + k, sizeof cand - k, "drover");
+      else cand[k++] = *p;
+    }
+    cand[k] = '\0';
+    if (p < end || k == 0 || !drv__isfile(cand)) continue; /* too long, empty or absent */
+    /* the first file found is what require would load: ours only if it
+     * is a drover/init.lua */
+    len = strlen("/drover/init.lua");
+    if (k > len && strcmp(cand + k - len, "/drover/init.lua") == 0) {
+      cand[k - len] = '\0';
+      found = drv__try_lua_dir(D, cand);
+    }
+    break;
+  }
+  free(path);
+  return found;
+}
+
 /* Find lua/ and backends/: the option, $DROVER_LUA_DIR, next to the file
  * holding this code (libdrover.so, or the program libdrover.a is linked
- * into), next to the running program, and last the compiled-in prefix.
- * Locating relative to the library is what lets `make install PREFIX=X`
- * work without rebuilding, and an installed tree be moved as a whole. */
+ * into), next to the running program, the compiled-in prefix, and last
+ * the Lua path.  Locating relative to the library is what lets
+ * `make install PREFIX=X` work without rebuilding, and an installed tree
+ * be moved as a whole.  When none has drover/init.lua, D->lua_dir is the
+ * prefix's, for drover_open's message. */
 static void drv__find_dirs(drover *D, const drover_options *o) {
-  char exe[PATH_MAX];
+  char exe[PATH_MAX], prefix_lua[PATH_MAX];
   size_t n = sizeof exe;
   const char *env = getenv("DROVER_LUA_DIR");
   Dl_info info;
@@ -97,7 +171,9 @@ static void drv__find_dirs(drover *D, const drover_options *o) {
       drv__try_near(D, info.dli_fname))
     return;
   if (uv_exepath(exe, &n) == 0 && drv__try_near(D, exe)) return;
-  snprintf(D->lua_dir, sizeof D->lua_dir, "%s/share/drover/lua", DRV_PREFIX);
+  snprintf(prefix_lua, sizeof prefix_lua, "%s/share/drover/lua", DRV_PREFIX);
+  if (drv__try_lua_dir(D, prefix_lua) || drv__try_lua_path(D)) return;
+  snprintf(D->lua_dir, sizeof D->lua_dir, "%s", prefix_lua);
   snprintf(D->backends_dir, sizeof D->backends_dir, "%s/share/drover/backends", DRV_PREFIX);
 }
 
@@ -119,8 +195,6 @@ static int drv__setup(lua_State *L) {
   luaL_openlibs(L);
   drv__engine_attach(L, o ? o->loop : NULL);
   luaL_getsubtable(L, LUA_REGISTRYINDEX, LUA_PRELOAD_TABLE);
-  lua_pushcfunction(L, luaopen_cjson);
-  lua_setfield(L, -2, "cjson");
   lua_pushcfunction(L, luaopen_drover_core);
   lua_setfield(L, -2, "drover.core");
   lua_pop(L, 1);
@@ -160,6 +234,7 @@ static int drv__setup(lua_State *L) {
 }
 
 drover *drover_open(const drover_options *opts) {
+  char probe[sizeof ((drover *)0)->lua_dir + 32];
   drover *D = (drover *)calloc(1, sizeof *D);
   if (D == NULL) return NULL;
   D->L = luaL_newstate();
@@ -169,9 +244,22 @@ drover *drover_open(const drover_options *opts) {
   lua_pushlightuserdata(D->L, D);
   lua_pushlightuserdata(D->L, (void *)opts);
   if (lua_pcall(D->L, 2, 0, 0) != LUA_OK) {
-    drv__seterr(D, lua_tostring(D->L, -1));
-    lua_pop(D->L, 1);
+    drv__seterr_top(D);
+    snprintf(D->openerr, sizeof D->openerr, "drover_open: %.4000s", D->errmsg);
+    D->broken = 1;
+  } else {
+    D->attached = 1;
   }
+  /* Without the Lua library every later call would fail with a long
+   * "module 'drover' not found" list; say what is wrong, once, here. */
+  snprintf(probe, sizeof probe, "%s/drover/init.lua", D->lua_dir);
+  if (!D->broken && !drv__isfile(probe)) {
+    snprintf(D->openerr, sizeof D->openerr,
+             "drover_open: Lua library not found in %.*s (set lua_dir or DROVER_LUA_DIR)", PATH_MAX,
+             D->lua_dir);
+    D->broken = 1;
+  }
+  if (D->broken) drv__seterr(D, D->openerr);
   return D;
 }
 
@@ -189,7 +277,7 @@ const char *drover_errmsg(const drover *D) {
 lua_State *drover_lua(drover *D) { return D ? D->L : NULL; }
 
 uv_loop_t *drover_loop(drover *D) {
-  if (D == NULL) return NULL;
+  if (D == NULL || !D->attached) return NULL;
   return drv__engine(D->L)->loop;
 }
 
@@ -200,8 +288,7 @@ static int drv__run_chunk(drover *D, int nargs) {
   lua_pushcfunction(L, drv__run);
   lua_insert(L, base);
   if (lua_pcall(L, nargs + 1, 0, 0) != LUA_OK) {
-    const char *m = lua_tostring(L, -1);
-    drv__seterr(D, m ? m : "(error object is not a string)");
+    drv__seterr_top(D);
     lua_settop(L, base - 1);
     return DROVER_ERUN;
   }
@@ -215,6 +302,10 @@ int drover_call(drover *D, int nargs) {
     drv__seterr(D, "drover_call: no function below the arguments on the stack");
     return DROVER_EARG;
   }
+  if (drv__broken(D)) {
+    lua_pop(D->L, nargs + 1); /* popped, as on any other outcome */
+    return DROVER_ELOAD;
+  }
   return drv__run_chunk(D, nargs);
 }
 
@@ -226,6 +317,7 @@ int drover_dofile(drover *D, const char *path, int argc, const char *const *argv
     drv__seterr(D, "drover_dofile: path is NULL or argv does not match argc");
     return DROVER_EARG;
   }
+  if (drv__broken(D)) return DROVER_ELOAD;
   L = D->L;
   /* arg: arg[0] = script, arg[1..] = its arguments, as lua5.4 sets it */
   lua_createtable(L, argc, 1);
@@ -251,6 +343,7 @@ int drover_dostring(drover *D, const char *code, const char *chunkname) {
     drv__seterr(D, "drover_dostring: code is NULL");
     return DROVER_EARG;
   }
+  if (drv__broken(D)) return DROVER_ELOAD;
   if (luaL_loadbuffer(D->L, code, strlen(code), chunkname ? chunkname : "=(string)") != LUA_OK) {
     drv__seterr(D, lua_tostring(D->L, -1));
     lua_pop(D->L, 1);
@@ -278,6 +371,7 @@ int drover_register(drover *D, const char *name, lua_CFunction fn, void *ud) {
                               : "drover_register: name must be a Lua identifier (letters, digits, _)");
     return DROVER_EARG;
   }
+  if (drv__broken(D)) return DROVER_ELOAD;
   L = D->L;
   luaL_getsubtable(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);
   lua_getfield(L, -1, "drover.host");
@@ -310,20 +404,27 @@ static const char drv__glue_src[] =
     "local ops = { package = true, deploy = true, run = true, stop = true, status = true,\n"
     "  logs = true, list = true }\n"
     "local instances = {}\n"
-    "local function fail(box, code, msg) box.code = code; box.err = tostring(msg) end\n"
+    /* errors raised for the caller (level 2 or 3) by code this chunk calls
+     * can point into it: "drover.api:39: unknown backend ..."; that
+     * position means nothing to the embedder */
+    "local function fail(box, code, msg)\n"
+    "  box.code = code\n"
+    "  box.err = (tostring(msg):gsub('^drover%.api:%d+: ', ''))\n"
+    "end\n"
+    /* drover.json.decode marks [] as an array and leaves {} unmarked;
+     * a non-empty array has keys 1..n, an object string keys */
+    "local function is_array(json, v)\n"
+    "  if json.kind(v) == 'array' then return true end\n"
+    "  local n = 0\n"
+    "  for _ in pairs(v) do n = n + 1 end\n"
+    "  return n > 0 and n == #v\n"
+    "end\n"
     "local function decode(box, what, text, want)\n"
     "  if text == nil then return want == 'object' and {} or { n = 0 } end\n"
     "  local json = require 'drover.json'\n"
     "  local v, err = json.decode(text)\n"
     "  if v == nil and err then fail(box, 'arg', what .. ' is not valid JSON: ' .. err); return nil end\n"
-    "  local is_array = false\n"
-    "  if type(v) == 'table' then\n"
-    "    local n = 0\n"
-    "    for _ in pairs(v) do n = n + 1 end\n"
-    "    local kind = json.kind(v)\n"
-    "    is_array = kind == 'array' or (kind ~= 'object' and n > 0 and n == #v)\n"
-    "  end\n"
-    "  if type(v) ~= 'table' or (want == 'array') ~= is_array and not (next(v) == nil and json.kind(v) == nil) then\n"
+    "  if type(v) ~= 'table' or (want == 'array') ~= is_array(json, v) then\n"
     "    fail(box, 'arg', what .. ' must be a JSON ' .. want); return nil\n"
     "  end\n"
     "  if want == 'array' then v.n = #v end\n"
@@ -380,7 +481,8 @@ static const char drv__glue_src[] =
     "  restore()\n"
     "  flow.store:flush()\n"
     "  local row = flow.store:flow_run(flow.id)\n"
-    "  box.out = json.encode { id = row.id, name = row.name, state = row.state, message = row.message }\n"
+    "  box.out = json.encode { id = row.id, name = row.name, state = row.state,\n"
+    "    message = row.message == nil and json.null or row.message }\n"
     "  if row.state ~= 'COMPLETED' then\n"
     "    fail(box, 'run', 'flow run ' .. row.id .. ' ' .. row.state ..\n"
     "      (row.message and (': ' .. row.message) or (not ok and (': ' .. tostring(value)) or '')))\n"
@@ -405,8 +507,7 @@ static int drv__push_glue(drover *D, const char *fn) {
     lua_pop(L, 1);
     if (luaL_loadbuffer(L, drv__glue_src, sizeof drv__glue_src - 1, "=drover.api") != LUA_OK ||
         lua_pcall(L, 0, 1, 0) != LUA_OK) {
-      drv__seterr(D, lua_tostring(L, -1));
-      lua_pop(L, 1);
+      drv__seterr_top(D);
       return 0;
     }
     lua_pushvalue(L, -1);
@@ -476,6 +577,7 @@ int drover_backend_load(drover *D, const char *backend) {
     drv__seterr(D, "drover_backend_load: backend is NULL or empty");
     return DROVER_EARG;
   }
+  if (drv__broken(D)) return DROVER_ELOAD;
   lua_pushstring(D->L, backend);
   return drv__glue_run(D, "load", 1, NULL);
 }
@@ -489,6 +591,7 @@ int drover_backend_call(drover *D, const char *backend, const char *config_json,
                                                 : "drover_backend_call: op is NULL");
     return DROVER_EARG;
   }
+  if (drv__broken(D)) return DROVER_ELOAD;
   lua_pushstring(D->L, backend);
   lua_pushstring(D->L, config_json); /* NULL pushes nil */
   lua_pushstring(D->L, op);
@@ -503,6 +606,7 @@ int drover_exec(drover *D, const char *path, const char *params_json, char **out
     drv__seterr(D, "drover_exec: path is NULL");
     return DROVER_EARG;
   }
+  if (drv__broken(D)) return DROVER_ELOAD;
   lua_pushstring(D->L, path);
   lua_pushstring(D->L, params_json);
   return drv__glue_run(D, "exec", 2, out_json);
@@ -517,6 +621,7 @@ int drover_start(drover *D, const char *code, const char *chunkname) {
     drv__seterr(D, "drover_start: code is NULL");
     return DROVER_EARG;
   }
+  if (drv__broken(D)) return DROVER_ELOAD;
   L = D->L;
   if (luaL_loadbuffer(L, code, strlen(code), chunkname ? chunkname : "=(string)") != LUA_OK) {
     drv__seterr(D, lua_tostring(L, -1));
@@ -529,8 +634,7 @@ int drover_start(drover *D, const char *code, const char *chunkname) {
   }
   lua_insert(L, -2);
   if (lua_pcall(L, 1, 0, 0) != LUA_OK) {
-    drv__seterr(D, lua_tostring(L, -1));
-    lua_pop(L, 1);
+    drv__seterr_top(D);
     return DROVER_ERUN;
   }
   D->errmsg[0] = '\0';
@@ -540,6 +644,10 @@ int drover_start(drover *D, const char *code, const char *chunkname) {
 int drover_step(drover *D) {
   drv_engine *E;
   if (D == NULL) return DROVER_EARG;
+  if (!D->attached) {
+    drv__seterr(D, D->openerr);
+    return DROVER_ELOAD;
+  }
   E = drv__engine(D->L);
   if (E->loop_depth > 0) {
     drv__seterr(D, "drover_step: called while the engine is running its loop (from a callback)");

@@ -223,6 +223,75 @@ static size_t drv__jgfmt(char *out, int neg, const char *dig, int n, int x, int 
   return (size_t)(o - out);
 }
 
+#if defined(__SIZEOF_INT128__) && FLT_EVAL_METHOD == 0
+#define DRV_JSON_FAST_FLOAT 1
+__extension__ typedef unsigned __int128 drv__u128;
+
+static drv__u128 drv__jpow10_128(int k) {
+  drv__u128 p = 1;
+  while (k-- > 0) p *= 10;
+  return p;
+}
+
+/* Is m / 2^S >= 10^x? */
+static int drv__jge_pow10(uint64_t m, int S, int x) {
+  if (x >= 0) return (drv__u128)m >= drv__jpow10_128(x) << S;
+  return (drv__u128)m * drv__jpow10_128(-x) >= (drv__u128)1 << S;
+}
+
+/* The nearest p-digit decimals of d, for p = 14, 15, 16, decided exactly
+ * with 128-bit integers, without printf: d = m * 2^E (m an integer), so
+ * d * 10^k lies above or below the midpoint M + 1/2 as 2 m 10^k does
+ * against (2M + 1) 2^-E.  Writes the shortest that reads back and returns
+ * its length; returns 0 when none of the three does (then it is %.17g),
+ * and -1 when d is outside the range this handles (then printf decides).
+ * Exact ties go to the even neighbour, as printf rounds them. */
+static int drv__jfloat_fast(double d, char *out) {
+  double a = d < 0 ? -d : d;
+  if (!(a >= 1e-5 && a < 1e13)) return -1;
+  int E;
+  double fr = frexp(a, &E);                 /* a = fr * 2^E, fr in [0.5, 1) */
+  uint64_t m = (uint64_t)ldexp(fr, 53);     /* exact: 53 bits */
+  int S = 53 - E;                           /* a = m / 2^S, S in [9, 69] */
+  /* the decimal exponent: log10 may be off by one next to a power of ten */
+  int x = (int)floor(log10(a));
+  while (x > -6 && !drv__jge_pow10(m, S, x)) x--;
+  while (x < 12 && drv__jge_pow10(m, S, x + 1)) x++;
+  for (int p = 14; p <= 16; p++) {
+    int k = p - 1 - x; /* in [1, 20]: 10^k is an exact double */
+    uint64_t M = (uint64_t)(a * drv__jpow10[k] + 0.5); /* within a unit or so */
+    drv__u128 T2 = (drv__u128)m * drv__jpow10_128(k) * 2; /* 2 a 10^k, times 2^S */
+    for (;;) { /* walk M to the nearest */
+      drv__u128 up = ((drv__u128)(2 * M + 1)) << S;
+      drv__u128 lo = ((drv__u128)(2 * M - 1)) << S;
+      if (T2 > up || (T2 == up && (M & 1))) M++;
+      else if (T2 < lo || (T2 == lo && (M & 1))) M--;
+      else break;
+    }
+    /* M * 10^-k, p digits (10^p after a carry) */
+    int e = -k;
+    while (M % 10 == 0) {
+      M /= 10;
+      e++;
+    }
+    if (M > (1ULL << 53)) return -1;        /* beyond Clinger's path: printf decides */
+    double v = (double)M;
+    v = e < 0 ? v / drv__jpow10[-e] : v * drv__jpow10[e];
+    if (v != a) continue;
+    char dig[20];
+    int n = 0;
+    for (uint64_t t = M; t; t /= 10) dig[n++] = (char)('0' + t % 10);
+    for (int i = 0; i < n / 2; i++) {
+      char c = dig[i];
+      dig[i] = dig[n - 1 - i];
+      dig[n - 1 - i] = c;
+    }
+    return (int)drv__jgfmt(out, d < 0, dig, n, e + n - 1, p);
+  }
+  return 0;
+}
+#endif /* fast float */
+
 /* The shortest of %.14g .. %.17g that reads back as d (finite): %.14g
  * keeps 0.1 as "0.1", %.17g is always exact.  printf is exact but slow
  * (multi-precision arithmetic), so it runs once, for 17 significant
@@ -232,6 +301,11 @@ static size_t drv__jgfmt(char *out, int neg, const char *dig, int n, int x, int 
  * exactly 5, 50 or 500 -- then printf is asked again for that length. */
 static size_t drv__jfloat(double d, char *out) {
   if (d == 0) return (size_t)snprintf(out, 32, "%.14g", d); /* "0" or "-0" */
+#ifdef DRV_JSON_FAST_FLOAT
+  int r = drv__jfloat_fast(d, out);
+  if (r > 0) return (size_t)r;
+  if (r == 0) return (size_t)snprintf(out, 32, "%.17g", d);
+#endif
   int neg = d < 0;
   double a = neg ? -d : d;
   char e17[40], d17[17];

@@ -3,57 +3,106 @@
 -- the deployment and the run, in which `drover worker RUN_ID` runs the
 -- workflow; `tmux -L drover attach -t SESSION` shows it live.
 --
---   package  the local backend's bundle (a deterministic tar + manifest:
---            the format `drover worker` unpacks), borrowed as is
---   deploy   a deployment row in the store, backend "tmux"
+-- It extends the local backend, so it inherits what does not depend on
+-- where the worker runs:
+--   package        local's bundle (a deterministic tar + manifest: the
+--                  format `drover worker` unpacks)
+--   deploy         a deployment row with backend "tmux" (self.backend_name)
+--                  that keeps the config (socket, tmpdir) for later
+--                  commands and the daemon
+--   status, logs, list, find_run, resume, runnable_deployment, drover_bin
+--                  the store's records; status and list call self:reap,
+--                  which is this file's
+-- and implements:
 --   run      a flow run row, then `tmux new-session -d` running the worker
+--   reap     a run still active whose session is gone becomes CRASHED
 --   stop     TERM to the worker (it cancels its flow run and ends its
 --            children), then kill-session; the run ends CANCELLED
---   status, logs, list   read the store; a run whose session vanished
---            without recording an end becomes CRASHED
 --
 -- Load it with DROVER_PATH=/path/to/examples/backends; check it with
 --   DROVER_PATH=$PWD/examples/backends tests/conformance/run.sh tmux
 local drover = require "drover"
+local fs = require "drover.fs"
 local states = require "drover.states"
 local store_mod = require "drover.store"
-local orchestrator = require "drover.orchestrator"
 
-local Tmux = drover.BaseOrchestrator:extend("tmux")
+local Local = require("drover.orchestrator").backend_class("local")
+local Tmux = Local:extend("tmux")
 Tmux.backend_name = "tmux"
 Tmux.config_keys = {
   socket = "string",       -- tmux server socket name (tmux -L); default "drover"
+  tmpdir = "string",       -- where tmux keeps its sockets (TMUX_TMPDIR); default: TMUX_TMPDIR, else /tmp
   drover_bin = "string",   -- the drover binary the sessions run (default: found as local does)
   stop_timeout = "number", -- seconds stop waits for a worker before killing its session
 }
 
--- The bundle format and the worker are the local backend's; reuse them.
-local Local = orchestrator.backend_class("local")
-Tmux.package = Local.package
-Tmux.drover_bin = Local.drover_bin
+function Tmux:socket() return self.config.socket or "drover" end
 
---- Run `tmux -L SOCKET args...`; its stdout, or raise with tmux's error.
+function Tmux:tmpdir()
+  local env = os.getenv("TMUX_TMPDIR")
+  return self.config.tmpdir or (env and env ~= "" and env) or "/tmp"
+end
+
+--- The config a deployment keeps: with the socket directory as resolved
+-- here, so that a daemon or a `drover status` with another TMUX_TMPDIR
+-- still finds this server (and does not take its sessions for gone).
+function Tmux:saved_config()
+  local out = Local.saved_config(self) or {}
+  out.tmpdir = self:tmpdir()
+  return out
+end
+
+--- Run `tmux -L SOCKET args...` (never the user's server: our socket, our
+-- socket directory); the result of drover.proc.run, or raise.
+function Tmux:tmux_run(...)
+  -- tmux quietly falls back to /tmp when TMUX_TMPDIR does not exist: the
+  -- wrong server would then answer "no such session"
+  local st = fs.stat(self:tmpdir())
+  if not (st and st.type == "directory") then
+    error("tmux backend: the tmux socket directory " .. self:tmpdir() .. " does not exist " ..
+      "(config key tmpdir, or TMUX_TMPDIR)", 0)
+  end
+  local r, err = drover.proc.run({ "tmux", "-L", self:socket(), ... }, { stdin = "",
+    stdout = "capture", stderr = "capture", env = { TMUX_TMPDIR = self:tmpdir(), TMUX = false } })
+  if not r then error("tmux backend: cannot run tmux: " .. tostring(err), 0) end
+  return r
+end
+
+--- tmux's stderr as one line for an error message.
+local function one_line(s)
+  s = tostring(s or ""):gsub("%s+", " "):gsub("^ ", ""):gsub(" $", "")
+  return #s > 200 and (s:sub(1, 197) .. "...") or s
+end
+
+--- `tmux ARGS...`; its stdout, or raise with tmux's error.
 -- A tmux server exits when its last session ends; a command that reaches
 -- it in that moment fails with "server exited unexpectedly", and the next
 -- attempt starts a fresh server: so that one error is retried.
 function Tmux:tmux(...)
-  local argv = { "tmux", "-L", self.config.socket or "drover", ... }
-  local out, err
+  local r
   for attempt = 1, 20 do
-    out, err = drover.proc.output(argv, { stdin = "" })
-    if out or not tostring(err):find("server exited unexpectedly", 1, true) then break end
+    r = self:tmux_run(...)
+    if r.code == 0 or not (r.stderr or ""):find("server exited unexpectedly", 1, true) then break end
     drover.sleep(0.01 * attempt)
   end
-  if not out then error("tmux backend: " .. tostring(err), 0) end
-  return out
+  if r.code ~= 0 then error("tmux backend: tmux " .. (...) .. ": " .. one_line(r.stderr), 0) end
+  return r.stdout
 end
 
---- Does session NAME exist?  (has-session exits 1 when it does not, or
--- when no server runs at all.)
+--- Does session NAME exist?  Only tmux's own "no such session" answers
+-- (exit 1 with "can't find session" or "no server running") mean no;
+-- anything else -- tmux missing, a socket directory that does not exist
+-- (tmux_run), a socket file missing -- raises, so that nobody marks a live run CRASHED
+-- because it looked in the wrong place.
 function Tmux:has_session(name)
-  local r = drover.proc.run({ "tmux", "-L", self.config.socket or "drover", "has-session", "-t", "=" .. name },
-    { stdin = "", stdout = "capture", stderr = "capture" })
-  return r ~= nil and r.code == 0
+  local r = self:tmux_run("has-session", "-t", "=" .. name)
+  if r.code == 0 then return true end
+  local err = r.stderr or ""
+  if r.code == 1 and (err:find("can't find session", 1, true) or err:find("no server running", 1, true)) then
+    return false
+  end
+  error("tmux backend: cannot tell whether session " .. name .. " exists (tmux -L " .. self:socket() ..
+    ", TMUX_TMPDIR " .. self:tmpdir() .. "): " .. one_line(err), 0)
 end
 
 -- tmux reserves '.' and ':' in target names.
@@ -61,40 +110,27 @@ local function session_name(deployment, run_id)
   return ("drover-" .. deployment .. "-" .. run_id):gsub("[.:]", "_")
 end
 
-function Tmux:deploy(name, opts)
+-- local's deploy records backend "local": this one records "tmux".
+function Tmux:run(name, params, opts)
   opts = opts or {}
-  if type(name) ~= "string" or not name:match("^[%w_%.%-]+$") then
-    error("tmux.deploy: bad deployment name '" .. tostring(name) .. "' (letters, digits, _ . - only)", 2)
-  end
-  local store = self:store()
-  local p = opts.package and store:package(opts.package)
-  if not p then error("tmux.deploy: unknown package '" .. tostring(opts.package) .. "'", 2) end
-  local ok, err = store:put_deployment({ name = name, backend = "tmux", package_id = p.id,
-    params = opts.params }, opts.replace)
-  if not ok then error(err, 0) end
-  return { name = name, package = p.id }
-end
-
-function Tmux:run(name, params)
   if params ~= nil and type(params) ~= "table" then
     error("tmux.run: bad argument 'params' (table expected, got " .. type(params) .. ")", 2)
   end
   local store = self:store()
-  local d = store:deployment(name)
-  if not d then error("unknown deployment '" .. tostring(name) .. "'", 0) end
-  if d.paused == 1 then error("deployment '" .. name .. "' is stopped; deploy it again to run it", 0) end
+  local d = self:runnable_deployment(name) -- local's: unknown, stopped, max_active
   local merged = store_mod.decode(d.params) or {}
   for k, v in pairs(params or {}) do merged[k] = v end
   local id = store_mod.new_id()
   local session = session_name(name, id)
-  local url = "tmux://" .. (self.config.socket or "drover") .. "/" .. session
+  local url = "tmux://" .. self:socket() .. "/" .. session
   store:create_flow_run { id = id, name = name, deployment = name, backend = "tmux",
-    state = states.PENDING, params = merged, source = { kind = "deployment" }, url = url }
+    state = states.PENDING, params = merged, source = opts.source or { kind = "deployment" },
+    resumed_from = opts.resumed_from, url = url }
   -- argv after the session options is run as is (no shell); -P -F prints the worker's pid
   local ok, out = pcall(self.tmux, self, "new-session", "-d", "-s", session, "-P", "-F", "#{pane_pid}",
     "env", "DROVER_HOME=" .. store.home, self:drover_bin(), "worker", id)
   if not ok then
-    store:set_flow_state(id, states.CRASHED, "session did not start: " .. tostring(out))
+    store:end_flow_run(id, states.CRASHED, "session did not start: " .. tostring(out))
     error(out, 0)
   end
   store:update_flow_run(id, { pid = math.tointeger(tonumber(out:match("%d+"))) })
@@ -102,41 +138,15 @@ function Tmux:run(name, params)
 end
 
 --- A run still marked active whose session is gone died without
--- recording its end: mark it CRASHED.
+-- recording its end: CRASHED.  (Local's status and list call this.)
 function Tmux:reap(run)
   if run and states.active[run.state] and run.backend == "tmux"
       and not self:has_session(session_name(run.deployment, run.id)) then
     local store = self:store()
-    if states.active[store:flow_run(run.id).state] then
-      store:set_flow_state(run.id, states.CRASHED, "tmux session ended")
-    end
+    store:end_flow_run(run.id, states.CRASHED, "tmux session ended") -- keeps an end already recorded
     return store:flow_run(run.id)
   end
   return run
-end
-
-function Tmux:status(run_id)
-  local store = self:store()
-  local r = store:find_flow_run(run_id)
-  if not r then error("unknown run '" .. tostring(run_id) .. "'", 0) end
-  r = self:reap(r)
-  r.task_runs = store:task_runs(r.id)
-  return r
-end
-
-function Tmux:logs(run_id, opts)
-  local store = self:store()
-  local r = store:find_flow_run(run_id)
-  if not r then error("unknown run '" .. tostring(run_id) .. "'", 0) end
-  local lines = {}
-  for _, l in ipairs(store:logs(r.id, opts and opts.after or 0)) do lines[#lines + 1] = l.line end
-  return lines
-end
-
-function Tmux:list(opts)
-  local runs = self:store():flow_runs { backend = "tmux", deployment = opts and opts.deployment, limit = 1000 }
-  for i, r in ipairs(runs) do runs[i] = self:reap(r) end
-  return runs
 end
 
 function Tmux:stop(name, opts)
@@ -156,7 +166,7 @@ function Tmux:stop(name, opts)
     local deadline = drover.now() + (self.config.stop_timeout or 20)
     while self:has_session(session) and drover.now() < deadline do drover.sleep(0.05) end
     if self:has_session(session) then pcall(self.tmux, self, "kill-session", "-t", "=" .. session) end
-    store:set_flow_state(r.id, states.CANCELLED, "stopped")
+    store:end_flow_run(r.id, states.CANCELLED, "stopped")
     stopped[#stopped + 1] = r.id
   end
   return { name = name, cancelled = stopped }

@@ -169,11 +169,30 @@ local function load_config(opts)
   return cfg
 end
 
-local function orchestrator_for(opts, backend)
-  local drover = require "drover"
-  local ok, o = pcall(drover.orchestrator, backend or opts.backend or "local", load_config(opts))
+--- Load a backend through `fn(...)`.  The loader raises with a position
+-- (for Lua callers); the CLI shows one plain line (usage errors, tables,
+-- pass through as they are).
+local function load_backend(fn, ...)
+  local ok, o = pcall(fn, ...)
   if not ok then error(type(o) == "table" and o or tostring(o), 0) end
   return o
+end
+
+local function orchestrator_for(opts, backend)
+  return load_backend(require("drover").orchestrator, backend or opts.backend or "local", load_config(opts))
+end
+
+--- Deployment NAME's backend, configured as it was deployed (the config the
+-- deployment kept) with the command's -c/--set on top.
+local function deployment_orchestrator(opts, store, name)
+  local d = store:deployment(name)
+  if not d then error("unknown deployment '" .. tostring(name) .. "'", 0) end
+  return load_backend(require("drover.orchestrator").for_deployment, d, load_config(opts), store.home)
+end
+
+--- The backend of a flow run (its deployment's, configured as deployed).
+local function run_orchestrator(opts, store, run)
+  return load_backend(require("drover.orchestrator").for_run, store, run, load_config(opts))
 end
 
 -- ---- commands -------------------------------------------------------------------------------
@@ -285,7 +304,7 @@ command("resume", "rerun a FAILED or CRASHED flow run, reusing its COMPLETED tas
     return M.exec_file(source.file, source.params or {}, { json = opts.json, name = run.name, resumed_from = run.id })
   end
   if not run.deployment then error("run " .. run.id .. " has no deployment and no source to rerun", 0) end
-  local o = orchestrator_for({}, run.backend)
+  local o = run_orchestrator({}, store, run)
   if type(o.resume) ~= "function" then error("backend '" .. run.backend .. "' does not implement resume", 0) end
   local new_id, url = o:resume(run.id)
   if opts.json then out_json { id = new_id, url = url, resumed_from = run.id }
@@ -327,12 +346,6 @@ command("deploy", "register a deployment so the backend can run it", {
   return EXIT_OK
 end)
 
-local function deployment_backend(store, name)
-  local d = store:deployment(name)
-  if not d then error("unknown deployment '" .. tostring(name) .. "'", 0) end
-  return d
-end
-
 command("run", "start a run of a deployment; prints its id and URL", {
   args = "DEPLOYMENT [key=value ...]",
   flags = { json = json_flag, params = { arg = true, help = "parameters as a JSON object" },
@@ -340,8 +353,7 @@ command("run", "start a run of a deployment; prints its id and URL", {
 }, function(opts, pos)
   local name = table.remove(pos, 1) or usage_error("drover run: missing DEPLOYMENT")
   local params = params_from(opts, pos)
-  local d = deployment_backend(open_store(), name)
-  local o = orchestrator_for(opts, d.backend)
+  local o = deployment_orchestrator(opts, open_store(), name)
   local id, url = o:run(name, params)
   if opts.json then out_json { id = id, url = url } else print(id, url) end
   return EXIT_OK
@@ -351,24 +363,37 @@ command("stop", "stop a deployment: cancel its active runs, pause it", {
   args = "DEPLOYMENT", flags = { json = json_flag, config = backend_flags.config, set = backend_flags.set },
 }, function(opts, pos)
   local name = pos[1] or usage_error("drover stop: missing DEPLOYMENT")
-  local d = deployment_backend(open_store(), name)
-  local o = orchestrator_for(opts, d.backend)
+  local o = deployment_orchestrator(opts, open_store(), name)
   local r = o:stop(name, {})
   if opts.json then out_json(r or { name = name }) else print("stopped " .. name) end
   return EXIT_OK
 end)
 
 command("status", "show a run and its task runs", {
-  args = "RUN_ID", flags = { json = json_flag },
+  args = "RUN_ID", flags = { json = json_flag, config = backend_flags.config, set = backend_flags.set },
 }, function(opts, pos)
   local id = pos[1] or usage_error("drover status: missing RUN_ID")
   local store = open_store()
   local run = find_run(store, id)
-  local tasks = store:task_runs(run.id)
+  -- Ask the run's backend: it reconciles the store with what really runs
+  -- (a dead worker, a job Slurm ended, a container killed from outside).
+  -- If the backend cannot answer, show the store's record, say why, and
+  -- exit 1: the state shown may be stale.
+  local code = EXIT_OK
+  local ok, fresh = pcall(function() return run_orchestrator(opts, store, run):status(run.id) end)
+  if ok and type(fresh) == "table" then
+    run = fresh
+  else
+    io.stderr:write("drover status: backend '", run.backend, "' could not be asked (",
+      type(fresh) == "table" and tostring(fresh.message or fresh[1]) or tostring(fresh),
+      "); showing the stored record\n")
+    code = EXIT_FAILED
+  end
+  local tasks = run.task_runs or store:task_runs(run.id)
   if opts.json then
     run.task_runs = tasks
     out_json(run)
-    return EXIT_OK
+    return code
   end
   print(string.format("run %s  %s  %s", run.id, run.name, run.state))
   print(string.format("  deployment %s  backend %s  started %s  duration %s", run.deployment or "-",
@@ -389,7 +414,7 @@ command("status", "show a run and its task runs", {
       { "note", function(t) return t.message end },
     })
   end
-  return EXIT_OK
+  return code
 end)
 
 command("logs", "print a run's log lines", {

@@ -30,6 +30,7 @@ local drover = require "drover"
 local cron = require "drover.cron"
 local fs = require "drover.fs"
 local json = require "drover.json"
+local orchestrator = require "drover.orchestrator"
 local server = require "drover.server"
 local states = require "drover.states"
 local store_mod = require "drover.store"
@@ -39,6 +40,7 @@ local M = {}
 M.DEFAULT_PORT = 8765
 M.POLL_INTERVAL = 0.5
 M.REAP_INTERVAL = 2
+M.REMOTE_CHECK_INTERVAL = 5
 M.SCHEDULE_INTERVAL = 1
 --- A fire time later than this (seconds) is skipped, not caught up: after
 -- downtime a deployment resumes with its next fire time, not a backlog.
@@ -140,7 +142,7 @@ function M.new(opts)
   if not store then return nil, serr end
   local self = setmetatable({ bind = bind, token = token, store = store, home = store.home,
     port = opts.port or M.DEFAULT_PORT, auto = opts.auto, stopping = false,
-    stop_event = drover.event(), tasks = {} }, Daemon)
+    stop_event = drover.event(), tasks = {}, check_errors = {} }, Daemon)
   self.orch = drover.orchestrator("local", { home = store.home })
   return self
 end
@@ -170,6 +172,7 @@ function Daemon:start()
     json.encode { pid = drover.pid(), port = srv.port, url = self.url, bind = self.bind })
   if not ok then srv:close(); return nil, werr end
   self.tasks[#self.tasks + 1] = drover.spawn(function() self:reaper() end)
+  self.tasks[#self.tasks + 1] = drover.spawn(function() self:remote_checker() end)
   local tok, terr = pcall(self.init_schedule, self)
   if not tok then srv:close(); return nil, terr end
   self.tasks[#self.tasks + 1] = drover.spawn(function() self:scheduler() end)
@@ -194,17 +197,17 @@ function Daemon:stop()
   self.stop_event:set()
 end
 
--- Every REAP_INTERVAL seconds, local runs in an active state whose worker is
--- gone become CRASHED (Local:reap).  A daemon started automatically by
--- `drover run` also steps aside when another live daemon owns daemon.json
--- (two runs started at once may each have started one).
+-- Every REAP_INTERVAL seconds, local runs in an active state whose worker
+-- is gone become CRASHED (Local:reap: a kill(pid, 0) each, cheap).  A
+-- daemon started automatically by `drover run` also steps aside when
+-- another live daemon owns daemon.json (two runs started at once may each
+-- have started one).
 function Daemon:reaper()
   while not self.stopping do
     drover.sleep(M.REAP_INTERVAL)
     for _, st in ipairs(ACTIVE) do
       for _, r in ipairs(self.store:flow_runs { state = st, backend = "local", limit = 10000 }) do
-        local ok, e = pcall(self.orch.reap, self.orch, r)
-        if not ok then io.stderr:write("drover serve: reaping ", r.id, ": ", tostring(e), "\n") end
+        self:note_check(r.id, pcall(self.orch.reap, self.orch, r))
       end
     end
     if self.auto then
@@ -212,6 +215,44 @@ function Daemon:reaper()
       if info and info.pid ~= drover.pid() then
         drover.spawn(function() self:stop() end)
         return
+      end
+    end
+  end
+end
+
+--- A check of run `id` that failed is reported once per distinct message
+-- (a backend that stays down would otherwise fill the log every sweep).
+function Daemon:note_check(id, ok, err)
+  local msg = not ok and tostring(err) or nil
+  if msg and self.check_errors[id] ~= msg then
+    io.stderr:write("drover serve: checking run ", id, ": ", msg, "\n")
+  end
+  self.check_errors[id] = msg
+end
+
+-- Every REMOTE_CHECK_INTERVAL seconds, the active runs of every other
+-- backend (slurm, docker, ...) go through their backend's status, which
+-- reconciles the store with the cluster or engine: a job Slurm ended or a
+-- container killed from outside while no worker could record it.  This is
+-- its own task so that a slow or hung backend never delays the local
+-- reaper; each (deployment, backend) gets one orchestrator per sweep,
+-- configured as deployed, and after its first failure the rest of its runs
+-- wait for the next sweep instead of each timing out in turn.
+function Daemon:remote_checker()
+  while not self.stopping do
+    drover.sleep(M.REMOTE_CHECK_INTERVAL)
+    local backends, down = {}, {}
+    for _, st in ipairs(ACTIVE) do
+      for _, r in ipairs(self.store:flow_runs { state = st, limit = 10000 }) do
+        local key = (r.deployment or "") .. "\0" .. r.backend
+        if r.backend ~= "local" and not down[key] and not self.stopping then
+          local ok, err = pcall(function()
+            backends[key] = backends[key] or orchestrator.for_run(self.store, r)
+            return backends[key]:status(r.id)
+          end)
+          if not ok then down[key] = true end
+          self:note_check(r.id, ok, err)
+        end
       end
     end
   end
@@ -305,8 +346,12 @@ function Daemon:fire(d, t)
       return
     end
   end
-  local ok, id = pcall(self.orch.run, self.orch, d.name, nil,
-    { source = { kind = "schedule", schedule = d.schedule, fire_time = t } })
+  -- the deployment's own backend, configured as deployed (a docker
+  -- deployment's scheduled runs are containers, not local workers)
+  local ok, id = pcall(function()
+    local o = d.backend == "local" and self.orch or orchestrator.for_deployment(d, nil, self.store.home)
+    return o:run(d.name, nil, { source = { kind = "schedule", schedule = d.schedule, fire_time = t } })
+  end)
   if ok then
     log("schedule of '", d.name, "': fire at ", stamp(t), " started run ", id)
   else

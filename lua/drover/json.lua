@@ -30,7 +30,10 @@
 --                  its keys are integers (written as strings); returns t.
 --   json.kind(t)   "array", "object" or nil: how t is marked.
 --
--- Speed: see bench/json.sh (encode and decode side by side with cjson).
+-- Speed (bench/json.sh, side by side with cjson): encode 85-850 MB/s,
+-- decode 170-500 MB/s depending on the document, about cjson's own speed;
+-- 8-20 times the pure-Lua encoder and the cjson + fix-up decoder drover
+-- used before.
 --
 -- How plain (unmarked) tables encode:
 --   empty                              -> {}   (as cjson; use json.array)

@@ -33,6 +33,9 @@ Base.common_config_keys = {
   task_options = "table",     -- default task options for every decorated call
 }
 Base.config_keys = {}
+--- Config keys never written to the store (a deployment keeps the rest of
+-- its backend's config); a backend adds its own secrets here.
+Base.secret_config_keys = { token = true }
 
 function Base:init(config)
   config = config or {}
@@ -72,6 +75,19 @@ function Base:store()
     end
   end
   return self._store
+end
+
+--- The config to keep with a deployment: this orchestrator's config minus
+-- `home` (the store is where it is kept) and the secret keys, so that
+-- later commands (run, stop, status, the daemon) reach the backend the way
+-- deploy did without being told again.  Secrets come back from the
+-- caller's own config, or from token files and commands.
+function Base:saved_config()
+  local out, secret = {}, self.secret_config_keys or Base.secret_config_keys
+  for k, v in pairs(self.config) do
+    if k ~= "home" and not secret[k] and not Base.secret_config_keys[k] then out[k] = v end
+  end
+  return next(out) and out or nil
 end
 
 local function unimplemented(op)
@@ -223,17 +239,36 @@ function M.orchestrator(name, config)
   return o
 end
 
+--- The backend of deployment row `d` (from store:deployment), configured
+-- as it was deployed, with `overrides` (the caller's config) on top.
+local function merged_config(kept, overrides, home)
+  local cfg = {}
+  for k, v in pairs(kept or {}) do cfg[k] = v end
+  for k, v in pairs(overrides or {}) do cfg[k] = v end
+  if home and cfg.home == nil then cfg.home = home end
+  return cfg
+end
+
+function M.for_deployment(d, overrides, home)
+  return M.orchestrator(d.backend, merged_config(store_mod.decode(d.backend_config), overrides, home))
+end
+
+--- The backend of flow run `run`: its deployment's, when it has one.
+function M.for_run(store, run, overrides)
+  local d = run.deployment and store:deployment(run.deployment)
+  if d and d.backend == run.backend then return M.for_deployment(d, overrides, store.home) end
+  return M.orchestrator(run.backend, merged_config(nil, overrides, store.home))
+end
+
 --- Names of the backends found, with their paths.
 function M.available()
   local out, seen = {}, {}
   for _, d in ipairs(M.backend_dirs()) do
-    local p = io.popen('ls "' .. d:gsub('"', '') .. '" 2>/dev/null')
-    if p then
-      for f in p:lines() do
-        local n = f:match("^([%w_%-]+)%.lua$")
-        if n and not seen[n] then seen[n] = true; out[#out + 1] = { name = n, path = d .. "/" .. n .. ".lua" } end
-      end
-      p:close()
+    local names = require("drover.fs").list(d) or {}
+    table.sort(names)
+    for _, f in ipairs(names) do
+      local n = f:match("^([%w_%-]+)%.lua$")
+      if n and not seen[n] then seen[n] = true; out[#out + 1] = { name = n, path = d .. "/" .. n .. ".lua" } end
     end
   end
   table.sort(out, function(a, b) return a.name < b.name end)

@@ -15,7 +15,7 @@ local M = {}
 local Store = {}
 Store.__index = Store
 
-M.SCHEMA_VERSION = 1
+M.SCHEMA_VERSION = 2
 
 -- Each migration takes the store from version i-1 to i.  Never edit one
 -- that has shipped: add the next.
@@ -55,6 +55,11 @@ local migrations = {
       message TEXT, ts REAL NOT NULL);
     CREATE INDEX flow_run_states_by_run ON flow_run_states(flow_run_id, id);
     INSERT INTO meta(key, value) VALUES ('app', 'drover');
+  ]],
+  -- the backend config a deployment was made with (secrets left out), so
+  -- run, stop, status and the daemon reach the backend the same way later
+  [2] = [[
+    ALTER TABLE deployments ADD COLUMN backend_config TEXT;
   ]],
 }
 
@@ -276,6 +281,17 @@ function Store:set_flow_state(id, state, message, extra)
   return changes > 0
 end
 
+--- End flow run `id` in final `state` from outside the worker (a reaper, a
+-- backend that saw the job or container end, stop): the run, and every
+-- task run of it still active, get `state` and `message`.  Returns true if
+-- the run was still active (an end already recorded is kept).
+function Store:end_flow_run(id, state, message)
+  local changed = self:set_flow_state(id, state, message)
+  self:write([[UPDATE task_runs SET state = ?, message = ?
+      WHERE flow_run_id = ? AND state IN ('RUNNING','PENDING','SCHEDULED','CANCELLING')]], state, message, id)
+  return changed
+end
+
 function Store:flow_run_states(id)
   return self:rows("SELECT state, message, ts FROM flow_run_states WHERE flow_run_id = ? ORDER BY id", id)
 end
@@ -418,12 +434,13 @@ function Store:put_deployment(d, replace)
       "); pass --replace to redeploy it"
   end
   self:write([[INSERT INTO deployments(name, backend, package_id, params, config, schedule,
-      max_active, paused, created, updated) VALUES(?,?,?,?,?,?,?,0,?,?)
+      max_active, paused, created, updated, backend_config) VALUES(?,?,?,?,?,?,?,0,?,?,?)
       ON CONFLICT(name) DO UPDATE SET backend = excluded.backend, package_id = excluded.package_id,
       params = excluded.params, config = excluded.config, schedule = excluded.schedule,
-      max_active = excluded.max_active, paused = 0, updated = excluded.updated]],
+      max_active = excluded.max_active, paused = 0, updated = excluded.updated,
+      backend_config = excluded.backend_config]],
     d.name, d.backend, d.package_id, (M.encode(d.params)), (M.encode(d.config)), d.schedule,
-    d.max_active, now, now)
+    d.max_active, now, now, (M.encode(d.backend_config)))
   return true
 end
 

@@ -170,25 +170,50 @@ static void test_backend_bad_input(void) {
   CHECK(strstr(drover_errmsg(D), "config_json must be a JSON object") != NULL);
   CHECK(drover_backend_call(D, "local", NULL, "list", "{\"a\": 1}", &out) == DROVER_EARG);
   CHECK(strstr(drover_errmsg(D), "args_json must be a JSON array") != NULL);
+  /* an empty object is not an empty array, nor the reverse */
+  CHECK(drover_backend_call(D, "local", NULL, "run", "{}", &out) == DROVER_EARG);
+  CHECK_STR(drover_errmsg(D), "drover_backend_call: args_json must be a JSON array");
+  CHECK(drover_backend_call(D, "local", "[]", "list", NULL, &out) == DROVER_EARG);
+  CHECK_STR(drover_errmsg(D), "drover_backend_call: config_json must be a JSON object");
+  CHECK(drover_backend_call(D, "local", NULL, "list", "\"x\"", &out) == DROVER_EARG);
+  CHECK_STR(drover_errmsg(D), "drover_backend_call: args_json must be a JSON array");
+  CHECK(drover_backend_call(D, "local", NULL, "list", "null", &out) == DROVER_EARG);
+  CHECK_STR(drover_errmsg(D), "drover_backend_call: args_json must be a JSON array");
+  CHECK(drover_backend_call(D, "local", "{\"1\": 2}", "list", NULL, &out) == DROVER_EARG);
+  CHECK(strstr(drover_errmsg(D), "unknown config key '1'") != NULL);
+  CHECK(drover_backend_call(D, "local", "{}", "list", "[]", &out) == DROVER_OK);
+  CHECK(out != NULL && out[0] == '[');
+  drover_free(out);
+  CHECK(drover_exec(D, "/nonexistent/wf.lua", "[]", NULL) == DROVER_EARG);
+  CHECK_STR(drover_errmsg(D), "drover_exec: params_json must be a JSON object");
   /* a config key the backend refuses */
   CHECK(drover_backend_call(D, "local", "{\"colour\": \"red\"}", "list", NULL, &out) == DROVER_EARG);
   CHECK(strstr(drover_errmsg(D), "unknown config key 'colour'") != NULL);
   /* an unknown operation, an unknown backend */
   CHECK(drover_backend_call(D, "local", NULL, "explode", NULL, &out) == DROVER_EARG);
   CHECK(strstr(drover_errmsg(D), "unknown operation 'explode'") != NULL);
+  /* load errors name the backend first: no position inside drover's glue */
   CHECK(drover_backend_call(D, "no_such_backend", NULL, "list", NULL, &out) == DROVER_ELOAD);
-  CHECK(strstr(drover_errmsg(D), "unknown backend 'no_such_backend'") != NULL);
+  CHECK(strncmp(drover_errmsg(D), "unknown backend 'no_such_backend' (looked in ", 45) == 0);
+  CHECK(strchr(drover_errmsg(D), '\n') == NULL);
+  CHECK(drover_backend_load(D, "no_such_backend") == DROVER_ELOAD);
+  CHECK(strncmp(drover_errmsg(D), "unknown backend 'no_such_backend' (looked in ", 45) == 0);
+  CHECK(drover_backend_load(D, "bad name!") == DROVER_ELOAD);
+  CHECK_STR(drover_errmsg(D), "drover.orchestrator: bad backend name 'bad name!'");
   /* a backend with a syntax error: file:line */
   snprintf(path, sizeof path, "%s/broken.lua", dir);
   write_file(path, "local drover = require 'drover'\nlocal B = = 1\nreturn B\n");
   CHECK(drover_backend_load(D, path) == DROVER_ELOAD);
+  CHECK(strncmp(drover_errmsg(D), "backend '", 9) == 0);
   CHECK(strstr(drover_errmsg(D), "broken.lua:2:") != NULL);
   CHECK(drover_backend_call(D, path, NULL, "list", NULL, &out) == DROVER_ELOAD);
+  CHECK(strncmp(drover_errmsg(D), "backend '", 9) == 0);
   CHECK(strstr(drover_errmsg(D), "broken.lua:2:") != NULL);
   /* a backend that is not a backend */
   snprintf(path, sizeof path, "%s/notone.lua", dir);
   write_file(path, "return 42\n");
   CHECK(drover_backend_load(D, path) == DROVER_ELOAD);
+  CHECK(strncmp(drover_errmsg(D), "backend '", 9) == 0);
   CHECK(strstr(drover_errmsg(D), "must return a subclass of drover.BaseOrchestrator") != NULL);
   /* a backend that leaves an operation out */
   snprintf(path, sizeof path, "%s/minimal.lua", dir);
@@ -235,6 +260,7 @@ static void test_exec(void) {
   CHECK(drover_exec(D, path, "{\"n\": 21}", &out) == DROVER_OK);
   CHECK_STR(recorded, "got 42");
   CHECK(out != NULL && strstr(out, "\"state\":\"COMPLETED\"") != NULL && strstr(out, "\"name\":\"wf\"") != NULL);
+  CHECK(strstr(out, "\"message\":null") != NULL); /* always the same four keys */
   drover_free(out);
   /* the run and its task run are in the store */
   CHECK(drover_dostring(D,

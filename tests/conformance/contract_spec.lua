@@ -24,15 +24,17 @@ describe("conformance: backend '" .. backend .. "'", function()
 
   local function wait_state(id, want)
     local last
-    H.wait_until(function()
+    local ok, err = pcall(H.wait_until, function()
       last = orch:status(id)
       if type(want) == "table" then
         for _, w in ipairs(want) do if last.state == w then return true end end
         return false
       end
       return last.state == want
-    end, deadline, "run " .. id .. " to reach " .. (type(want) == "table" and table.concat(want, "/") or want)
-      .. " (last: " .. tostring(last and last.state) .. ")")
+    end, deadline, "run " .. id .. " to reach " .. (type(want) == "table" and table.concat(want, "/") or want))
+    -- the last state seen, known only once the wait is over
+    if not ok then error(tostring(err) .. " (last: " .. tostring(last and last.state) .. ", "
+      .. tostring(last and last.message) .. ")", 2) end
     return last
   end
 

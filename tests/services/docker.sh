@@ -101,6 +101,49 @@ EOF
   echo "Docker Engine ready on $SOCK, base image $BASE_IMAGE"
 }
 
+# Pids whose parent is $1 (from /proc: no procps needed).
+children_of() {
+  local f
+  for f in /proc/[0-9]*/status; do
+    grep -qE "^PPid:[[:space:]]+$1\$" "$f" 2>/dev/null && { f=${f#/proc/}; echo "${f%/status}"; }
+  done
+  return 0
+}
+
+pgid_of() { awk '{ sub(/^.*\) /, ""); print $3 }' "/proc/$1/stat" 2>/dev/null; }
+
+# The shims of the containerd that dockerd manages (its socket under
+# /var/run/docker): left behind when dockerd and containerd were killed.
+shims() {
+  local f
+  for f in /proc/[0-9]*/cmdline; do
+    { tr '\0' ' ' <"$f"; } 2>/dev/null | grep -q "containerd-shim.*/var/run/docker/containerd/containerd.sock" &&
+      { f=${f#/proc/}; echo "${f%/cmdline}"; }
+  done
+  return 0
+}
+
+# TERM the pids given, wait up to 20 s, KILL what is left, wait for it.
+end_all() {
+  local p i left
+  [ $# -gt 0 ] || return 0
+  kill -TERM "$@" 2>/dev/null || true
+  for i in $(seq 1 100); do
+    left=
+    for p in "$@"; do kill -0 "$p" 2>/dev/null && left="$left $p"; done
+    [ -n "$left" ] || return 0
+    sleep 0.2
+  done
+  echo "docker.sh: killing what dockerd left:$left" >&2
+  kill -KILL $left 2>/dev/null || true
+  for i in $(seq 1 50); do
+    left=
+    for p in "$@"; do kill -0 "$p" 2>/dev/null && left="$left $p"; done
+    [ -n "$left" ] || return 0
+    sleep 0.1
+  done
+}
+
 stop() {
   local dir=$1
   if [ -f "$dir/swarm-initialised" ]; then
@@ -116,9 +159,21 @@ stop() {
     docker rm -f $(docker ps -aq --filter label=drover=1 2>/dev/null) >/dev/null 2>&1 || true
     docker rmi $(docker images -q "drover/*" 2>/dev/null) >/dev/null 2>&1 || true
     if kill -0 "$pid" 2>/dev/null; then
+      # containerd and the shims run in sessions of their own, so dockerd's
+      # process group does not hold them: note them now, while dockerd is
+      # their parent, to make sure they end too
+      local kids
+      kids=$(children_of "$pid")
       kill -TERM "$pid"
       for i in $(seq 1 300); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
-      kill -0 "$pid" 2>/dev/null && { echo "docker.sh: dockerd $pid did not stop in 60 s, killing it" >&2; kill -KILL "$pid"; }
+      if kill -0 "$pid" 2>/dev/null; then
+        echo "docker.sh: dockerd $pid did not stop in 60 s, killing it" >&2
+        # setsid made dockerd a process group leader: the group goes with it
+        if [ "$(pgid_of "$pid")" = "$pid" ]; then kill -KILL -- "-$pid" 2>/dev/null || true
+        else kill -KILL "$pid" 2>/dev/null || true; fi
+        for i in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+      fi
+      end_all $kids $(shims)
     fi
     rm -f "$dir/dockerd.pid"
   fi

@@ -61,9 +61,10 @@ wait_for() {
 
 nodes_idle() { [ "$(sinfo -h -N -o '%N %t' 2>/dev/null | grep -c ' idle$')" -ge 3 ]; }
 rest_unix() { curl -sf --max-time 5 --unix-socket "$DIR/slurmrestd.sock" http://localhost/slurm/v0.0.38/ping; }
+# the JWT goes in a header file (mode 600), never on curl's command line,
+# which every user can read in /proc
 rest_tcp() {
-  curl -sf --max-time 5 -H "X-SLURM-USER-NAME: root" -H "X-SLURM-USER-TOKEN: $(cat "$DIR/token")" \
-    "http://127.0.0.1:$REST_PORT/slurm/v0.0.38/ping"
+  curl -sf --max-time 5 -H @"$DIR/rest-headers" "http://127.0.0.1:$REST_PORT/slurm/v0.0.38/ping"
 }
 
 start() {
@@ -75,6 +76,9 @@ start() {
   mkdir -p "$DIR"
   DIR=$(cd "$DIR" && pwd)
   [ -e "$DIR/slurmctld.pid" ] && stop
+  # a fresh cluster each time: slurmctld refuses state saved under another
+  # ClusterName (the name carries this script's pid)
+  rm -rf "$DIR/state" "$DIR/spool" "$DIR/jobcomp.txt"
   mkdir -p "$DIR"/{log,state,spool,munge-key,munge-run,jobs}
   chmod 700 "$DIR/munge-key"; chmod 755 "$DIR" "$DIR/munge-run"
 
@@ -148,6 +152,7 @@ EOF
   SLURM_JWT=daemon launch slurmrestd-tcp slurmrestd -a rest_auth/jwt -s openapi/v0.0.38 "127.0.0.1:$REST_PORT"
   (umask 077; scontrol token lifespan=86400 | sed -n 's/^SLURM_JWT=//p' >"$DIR/token")
   [ -s "$DIR/token" ] || die "scontrol token gave no token"
+  (umask 077; printf 'X-SLURM-USER-NAME: root\nX-SLURM-USER-TOKEN: %s\n' "$(cat "$DIR/token")" >"$DIR/rest-headers")
   wait_for 60 "slurmrestd on $DIR/slurmrestd.sock" rest_unix
   wait_for 60 "slurmrestd on 127.0.0.1:$REST_PORT" rest_tcp
 
@@ -200,6 +205,57 @@ stop() {
   for p in ${pids[@]+"${pids[@]}"}; do
     while kill -0 "$p" 2>/dev/null && [ $SECONDS -lt $end ]; do sleep 0.1; done
     kill -0 "$p" 2>/dev/null && kill -KILL "$p" 2>/dev/null
+  done
+  kill_leftovers
+  return 0
+}
+
+# This (sub)shell and its ancestors (their command lines may name DIR: never
+# killed).
+own_tree() {
+  local p=$BASHPID ppid
+  while [ -n "$p" ] && [ "$p" -gt 1 ]; do
+    echo "$p"
+    ppid=$(awk '/^PPid:/ { print $2 }' "/proc/$p/status" 2>/dev/null)
+    p=$ppid
+  done
+}
+
+# Processes the cluster left behind: slurmstepd and job processes (their
+# environment carries SLURM_CONF=DIR/slurm.conf, jobs also SLURM_JOB_ID),
+# and anything whose command line names DIR (a slurmd a test restarted).
+# Other clusters' processes name their own DIR; the caller's are skipped.
+leftovers() {
+  local own p d
+  own=" $(own_tree | tr '\n' ' ') "
+  for d in /proc/[0-9]*; do
+    p=${d#/proc/}
+    [[ "$own" == *" $p "* ]] && continue
+    if grep -qzF -- "$DIR/" "$d/cmdline" 2>/dev/null; then echo "$p"; continue; fi
+    grep -qzF -- "$DIR/" "$d/environ" 2>/dev/null || continue
+    if grep -qz '^slurmstepd' "$d/cmdline" 2>/dev/null || grep -qz '^SLURM_JOB_ID=' "$d/environ" 2>/dev/null; then
+      echo "$p"
+    fi
+  done
+}
+
+# TERM the leftovers, by PID; KILL what is still there after 10 s; wait.
+kill_leftovers() {
+  local pids p end
+  pids=$(leftovers)
+  [ -n "$pids" ] || return 0
+  local what=""
+  for p in $pids; do what+=" $p($(cat "/proc/$p/comm" 2>/dev/null))"; done
+  echo "slurm.sh: killing leftover processes of $DIR:$what" >&2
+  for p in $pids; do kill -TERM "$p" 2>/dev/null; done
+  end=$((SECONDS + 10))
+  for p in $pids; do
+    while kill -0 "$p" 2>/dev/null && [ $SECONDS -lt $end ]; do sleep 0.1; done
+  done
+  for p in $pids; do kill -0 "$p" 2>/dev/null && kill -KILL "$p" 2>/dev/null; done
+  end=$((SECONDS + 10))
+  for p in $pids; do
+    while kill -0 "$p" 2>/dev/null && [ $SECONDS -lt $end ]; do sleep 0.1; done
   done
   return 0
 }

@@ -25,7 +25,9 @@ start)
   pid=$(tmux -L drover display-message -p -t =keepalive '#{pid}')
   [[ $pid =~ ^[0-9]+$ ]] || { echo "tmux.sh: could not read the tmux server's pid (got '$pid')" >&2; exit 1; }
   echo "$pid" >"$DIR/tmux.pid"
-  echo "export DROVER_TMUX_TMPDIR=$TMUX_TMPDIR" >"$DIR/env"
+  # no env for the specs: the conformance line below carries TMUX_TMPDIR,
+  # and a tmux deployment keeps it (config key tmpdir)
+  : >"$DIR/env"
   echo "tmux DROVER_PATH=$ROOT/examples/backends TMUX_TMPDIR=$TMUX_TMPDIR" >"$DIR/conformance"
   ;;
 stop)

@@ -11,6 +11,13 @@ assert(fs.tar(dir .. "/x.tar", { { name = "a.txt", path = dir .. "/a.txt" }, { n
 fs.mkdir(dir .. "/out")
 assert(fs.untar(dir .. "/x.tar", dir .. "/out"))
 assert(json.decode(json.encode({ a = { 1, 2, json.null }, b = json.array({}) })))
+-- the JSON error paths free what they built (a Lua error jumps out of C)
+assert(not pcall(json.encode, { f = function() end, deep = { { { 1.5, "x" } } } }))
+local loop = {}; loop.self = loop
+assert(not pcall(json.encode, loop))
+assert(not json.decode('{"a": [1, 2, {"b": tru}]}'))
+assert(not json.decode(string.rep("[", 2000)))
+assert(json.encode(json.decode([[{"n": 9007199254740993, "f": 0.1, "s": "\u00e9\ud83d\ude00"}]]), { indent = 2 }))
 
 local db = assert(drover.db.open(dir .. "/t.db"))
 db:exec("CREATE TABLE t(x)")
