@@ -872,4 +872,188 @@ function Slurm:stop(name, opts)
   return { name = name, cancelled = stopped, jobs = ids }
 end
 
+-- ---- tasks as jobs: resources -----------------------------------------------------------
+--
+-- A method whose task options carry `resources = { cpus =, mem =, time =,
+-- partition = }` does not run in the flow's worker: each call (each
+-- attempt) is a Slurm job of its own running `drover worker --call RUN
+-- CALL`, which calls the method on a fresh object of the deployed class
+-- and writes the result as JSON into the call's staging directory.  The
+-- tracked call (state, retries, timeout, catch, cancel) stays in the flow.
+
+local RESOURCE_KEYS = { cpus = "cpus_per_task", mem = "mem", time = "time", partition = "partition" }
+
+--- The `resources` task option of method `name` of cls (merged as
+-- Base:decorator merges task options: backend, class "*", method), checked.
+function Slurm:resources_of(cls, name)
+  local res
+  local function take(src) if type(src) == "table" and src.resources ~= nil then res = src.resources end end
+  take(self.config.task_options)
+  local per_class = cls and cls.task_options
+  if type(per_class) == "table" then
+    take(per_class["*"])
+    if name then take(per_class[name]) end
+  end
+  if res == nil then return nil end
+  local where = "task " .. tostring(cls and cls.__name or "?") .. "." .. tostring(name)
+  if type(res) ~= "table" then fail("%s: task option 'resources' must be a table, got %s", where, type(res)) end
+  local short = {}
+  for k, v in pairs(res) do
+    local key = RESOURCE_KEYS[k]
+    if not key then fail("%s: unknown resource '%s' (cpus, mem, time, partition)", where, tostring(k)) end
+    short[key] = v
+  end
+  check_template(short, where)
+  return short
+end
+
+function Slurm:decorator(func, cls, name)
+  local job = (type(func) == "function" and name) and self:resources_of(cls, name)
+  if not job then return Local.decorator(self, func, cls, name) end
+  local backend = self
+  local function remote(_, ...) return backend:remote_call(cls, name, job, ...) end
+  return Local.decorator(self, remote, cls, name)
+end
+
+local function call_dir(self, run_id, call_id) return self:run_dir(run_id) .. "/calls/" .. call_id end
+
+--- A JSON-able copy of an argument list (nil holes as null).
+local function encode_args(args, what)
+  local list = json.array()
+  for i = 1, args.n do if args[i] == nil then list[i] = json.null else list[i] = args[i] end end
+  local ok, text = pcall(json.encode, { n = args.n, args = list })
+  if not ok then fail("%s: arguments must be JSON-serialisable to run as a Slurm job: %s", what, oneline(text)) end
+  return text
+end
+
+--- The body of a task with resources: one Slurm job per call, waited for.
+function Slurm:remote_call(cls, name, job, ...)
+  local tracker = require "drover.tracker"
+  local what = "task " .. tostring(cls and cls.__name or "?") .. "." .. tostring(name)
+  local cur = tracker.current()
+  local store = self:store()
+  local r = cur and store:flow_run(cur.flow_run_id)
+  if not r or r.backend ~= "slurm" or not r.deployment then
+    fail("%s has resources, so it runs as a Slurm job: call it inside a run of a slurm deployment", what)
+  end
+  local d = store:deployment(r.deployment)
+  local cfg = d and store_mod.decode(d.config) or {}
+  -- the deployment's template (account, qos, environment...), the task's resources on top;
+  -- the flow's own cpus/mem/time are not the task's
+  local base = {}
+  for k, v in pairs(cfg.job or {}) do if k ~= "cpus_per_task" and k ~= "mem" and k ~= "time" and k ~= "nodes" then base[k] = v end end
+  local tmpl = merge_templates(base, job)
+  local args_text = encode_args(table.pack(...), what)
+  local call_id = store_mod.new_id()
+  local dir = call_dir(self, r.id, call_id)
+  fs.mkdir(dir)
+  local wrote, werr = fs.write(dir .. "/call.json", json.encode({ method = name, class = cls and cls.__name,
+    task_run_id = cur.task_run_id, args = json.decode(args_text) }))
+  if not wrote then fail("%s: cannot write %s/call.json: %s", what, dir, tostring(werr)) end
+  local script = table.concat({ "#!/bin/sh", "# drover: " .. what .. " of run " .. r.id,
+    "exec " .. shell_quote(self:drover_bin()) .. " worker --call " .. shell_quote(r.id) .. " " .. shell_quote(call_id) }, "\n") .. "\n"
+  local out = dir .. "/slurm.out"
+  local job_id = self:submit({ script = script, job = tmpl, name = "drover:" .. r.deployment,
+    comment = "drover call " .. call_id .. " (" .. what .. ") of run " .. r.id, output = out, dir = dir })
+  tracker.log("info", "slurm job " .. job_id .. " runs " .. what .. " (call " .. call_id .. ")")
+  local result = self:await_call(job_id, dir, what)
+  if result.node then tracker.log("info", "slurm job " .. job_id .. " ran " .. what .. " on " .. tostring(result.node)) end
+  if not result.ok then error(tostring(result.error), 0) end
+  local res = result.result
+  if res == nil or res == json.null then return nil end
+  return res
+end
+
+--- Wait for the job of a call to write its result (or to end without one);
+-- polled, each wait longer (up to 3 s).  Cancelled while waiting: cancels
+-- the job, then passes the cancel on.
+function Slurm:await_call(job_id, dir, what)
+  local delay = 0.2
+  local function result()
+    local text = fs.read(dir .. "/result.json")
+    return text and json.decode(text)
+  end
+  while true do
+    local ok, err = pcall(drover.sleep, delay)
+    if not ok then
+      pcall(self.cancel_job, self, job_id, false)
+      error(err, 0)
+    end
+    delay = math.min(delay * 1.5, 3)
+    local res = result()
+    if type(res) == "table" then return res end
+    local iok, info = pcall(self.job_info, self, job_id)
+    if not iok and info == "cancelled" then
+      pcall(self.cancel_job, self, job_id, false)
+      error(info, 0)
+    end
+    local st = iok and info and (info.state or ""):match("^(%u[%u_]*)")
+    if iok and (not info or not ACTIVE[st]) then
+      res = result() -- written just before the job ended
+      if type(res) == "table" then return res end
+      local tail = fs.read(dir .. "/slurm.out") or ""
+      fail("%s: slurm job %s ended %s without a result%s", what, job_id, tostring(st or "(unknown to Slurm)"),
+        tail ~= "" and (": " .. oneline(tail:sub(-400))) or "")
+    end
+  end
+end
+
+--- Runs inside `drover worker --call RUN CALL` (a job of its own): the
+-- call's method on a fresh object of the deployed class, its result (or
+-- error) written to result.json.  Returns the exit code.
+function Slurm:work_call(run_id, call_id)
+  local store = self:store()
+  local dir = call_dir(self, run_id, call_id)
+  local function finish(t)
+    t.node = os.getenv("SLURMD_NODENAME")
+    t.job = os.getenv("SLURM_JOB_ID")
+    local ok, text = pcall(json.encode, t)
+    if not ok then
+      t = { ok = false, error = "result of the call is not JSON-serialisable: " .. oneline(text), node = t.node, job = t.job }
+      text = json.encode(t)
+    end
+    local tmp = dir .. "/result.json.tmp"
+    assert(fs.write(tmp, text))
+    assert(fs.rename(tmp, dir .. "/result.json"))
+    if not t.ok then io.stderr:write("drover worker --call: ", tostring(t.error), "\n") end
+    return t.ok and 0 or 1
+  end
+  local function body()
+    local spec = json.decode(assert(fs.read(dir .. "/call.json"), "no call.json in " .. dir))
+    local r = store:flow_run(run_id) or error("unknown run '" .. tostring(run_id) .. "'", 0)
+    local d = store:deployment(r.deployment)
+    local p = d and store:package(d.package_id)
+    if not p then error("package of deployment '" .. tostring(r.deployment) .. "' is missing", 0) end
+    local bdir = dir .. "/bundle"
+    fs.mkdir(bdir)
+    local uok, uerr = fs.untar(p.location, bdir)
+    if not uok then error("bad package: " .. tostring(uerr), 0) end
+    package.path = bdir .. "/src/?.lua;" .. bdir .. "/src/?/init.lua;" .. package.path
+    local mod = require(p.module)
+    local cls = mod
+    if p.class and type(mod) == "table" and type(mod[p.class]) == "table" then cls = mod[p.class] end
+    if type(cls) ~= "table" then error("module '" .. p.module .. "' did not return a class", 0) end
+    -- the class as written (not decorated): nested calls run plainly in this job
+    local obj = cls.new and cls:new(store_mod.decode(r.params) or {}) or cls
+    local m = obj[spec.method]
+    if type(m) ~= "function" then error("class has no method '" .. tostring(spec.method) .. "'", 0) end
+    local args = spec.args or {}
+    local list = args.args or {}
+    for i = 1, args.n or #list do if list[i] == json.null then list[i] = nil end end
+    return m(obj, table.unpack(list, 1, args.n or #list))
+  end
+  -- in a task of its own, so that SIGTERM (scancel, stop) cancels it and
+  -- what it waits on (processes included) instead of orphaning them
+  local core = require "drover.core"
+  local h = core.spawn(function() return table.pack(xpcall(body, function(e) return e end)) end)
+  local function on_term() h:cancel() end
+  local s1 = drover.on_signal("TERM", on_term)
+  local s2 = drover.on_signal("INT", on_term)
+  local ran, r = h:wait()
+  s1:stop(); s2:stop()
+  if not ran then r = { false, r } end
+  if r[1] then return finish({ ok = true, result = r[2] }) end
+  return finish({ ok = false, error = type(r[2]) == "string" and r[2] or tostring(r[2]) })
+end
+
 return Slurm

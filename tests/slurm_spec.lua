@@ -437,4 +437,148 @@ describe("slurm backend", function()
     H.wait_until(function() return #H.pids_matching("sleep " .. marker) == 0 end, DEADLINE, "no process left")
     assert(ok, err)
   end)
+
+  describe("tasks with resources run as Slurm jobs of their own", function()
+    --- The store's log lines of run `id` as one text.
+    local function logs_of(orch, id) return table.concat(orch:logs(id), "\n") end
+
+    --- The Slurm job ids the flow's log names for task `what`.
+    local function task_jobs(orch, id, what)
+      local jobs, seen = {}, {}
+      for j in logs_of(orch, id):gmatch("slurm job (%d+) runs " .. what:gsub("%p", "%%%0")) do
+        if not seen[j] then seen[j] = true; jobs[#jobs + 1] = j end
+      end
+      return jobs
+    end
+
+    for _, transport in ipairs { "socket", "commands" } do
+      it(transport .. ": drover.map over a resources task fans out as concurrent jobs on several nodes", function()
+        local items = { 1, 2, 3, 4, 5, 6 }
+        local orch, name = deployed(transport, { mode = "fanout", items = items })
+        local id = orch:run(name, {})
+        local st = wait_state(orch, id, { "COMPLETED", "FAILED", "CRASHED", "CANCELLED" })
+        assert.are.equal("COMPLETED", st.state, tostring(st.message))
+        local result = drover.json.decode(st.result)
+        assert.are.equal(10, result.doubled) -- the plain task ran in the flow's job
+        local flow_job = st.external_id
+        assert.are.equal(flow_job, result.job)
+        local jobs, nodes, nnodes = {}, {}, 0
+        for i, r in ipairs(result.squares) do
+          assert.are.equal(items[i], r.x)
+          assert.are.equal(items[i] * items[i], r.square)
+          assert.matches("^%d+$", r.job)
+          assert.are_not.equal(flow_job, r.job)
+          assert.is_nil(jobs[r.job], "each call is a job of its own")
+          jobs[r.job] = r.node
+          if not nodes[r.node] then nodes[r.node] = true; nnodes = nnodes + 1 end
+        end
+        assert.is_true(nnodes >= 2, "the jobs ran on " .. nnodes .. " node(s)")
+        -- every task run COMPLETED; the log names the job of each call
+        local count = 0
+        for _, t in ipairs(st.task_runs) do
+          assert.are.equal("COMPLETED", t.state, t.name)
+          if t.name == "SlurmFlow.square" then count = count + 1 end
+        end
+        assert.are.equal(#items, count)
+        local logged = task_jobs(orch, id, "task SlurmFlow.square")
+        assert.are.equal(#items, #logged)
+        for _, j in ipairs(logged) do
+          assert.is_string(jobs[j], "logged job " .. j .. " is one that ran a call")
+          -- Slurm's own record: drover's job name, one CPU, the node the call reported, COMPLETED
+          assert.are.equal("drover:" .. name, job_field(j, "JobName"))
+          assert.are.equal("1", job_field(j, "CPUs/Task"))
+          assert.are.equal(jobs[j], job_field(j, "NodeList"))
+          H.wait_until(function() return job_field(j, "JobState") == "COMPLETED" end, DEADLINE, "job " .. j .. " to complete")
+          assert.matches("slurm job " .. j .. " ran task SlurmFlow.square on " .. jobs[j], logs_of(orch, id))
+        end
+      end)
+    end
+
+    it("a failing resources task FAILS with the job's error; its retry is a new job", function()
+      local marker = "m" .. math.random(100000, 999999)
+      local orch, name = deployed("socket", { mode = "fail", marker = marker })
+      local id = orch:run(name, {})
+      local st = wait_state(orch, id, { "COMPLETED", "FAILED", "CRASHED", "CANCELLED" })
+      assert.are.equal("FAILED", st.state)
+      local boom
+      for _, t in ipairs(st.task_runs) do if t.name == "SlurmFlow.boom" then boom = t end end
+      assert.is_table(boom)
+      assert.are.equal("FAILED", boom.state)
+      assert.are.equal(2, boom.attempts)
+      assert.matches("^boom " .. marker .. " in job %d+$", boom.message)
+      local jobs = task_jobs(orch, id, "task SlurmFlow.boom")
+      assert.are.equal(2, #jobs, "one job per attempt")
+      assert.are_not.equal(jobs[1], jobs[2])
+      assert.are.equal("boom " .. marker .. " in job " .. jobs[2], boom.message)
+      assert.matches("boom " .. marker, st.message)
+    end)
+
+    it("arguments that are not JSON fail the call before any job, saying so", function()
+      local orch, name = deployed("socket", { mode = "badarg" })
+      local id = orch:run(name, {})
+      local st = wait_state(orch, id, { "COMPLETED", "FAILED", "CRASHED", "CANCELLED" })
+      assert.are.equal("FAILED", st.state)
+      assert.matches("task SlurmFlow.square: arguments must be JSON%-serialisable to run as a Slurm job: " ..
+        ".*cannot encode function", st.message)
+      assert.are.equal(0, #task_jobs(orch, id, "task SlurmFlow.square"))
+    end)
+
+    it("a resources task that times out cancels its job", function()
+      local marker = tostring(6000 + math.random(1, 3000)) .. ".75"
+      local orch, name = deployed("socket", { mode = "remote_timeout", marker = marker })
+      local id = orch:run(name, {})
+      local st = wait_state(orch, id, { "COMPLETED", "FAILED", "CRASHED", "CANCELLED" })
+      assert.are.equal("FAILED", st.state)
+      assert.matches("timed out after 5 s", st.message)
+      local jobs = task_jobs(orch, id, "task SlurmFlow.nap_limited")
+      assert.are.equal(1, #jobs)
+      H.wait_until(function() return not orch:job_active(jobs[1]) end, DEADLINE, "the task's job to end")
+      local info = orch:job_info(jobs[1])
+      assert.matches("^CANCELLED", info.state)
+      H.wait_until(function() return #H.pids_matching("sleep " .. marker) == 0 end, DEADLINE, "no process left")
+    end)
+
+    it("bad resources are refused when the class is decorated, naming the task and the key", function()
+      local orch = drover.orchestrator("slurm", config("socket"))
+      local C = drover.class("Bad")
+      function C:m() end
+      C.task_options = { m = { resources = { gpus = 1 } } }
+      local ok, err = pcall(drover.decorate, C, orch)
+      assert.is_false(ok)
+      assert.matches("task Bad.m: unknown resource 'gpus' %(cpus, mem, time, partition%)", tostring(err))
+      C.task_options = { ["*"] = { resources = { mem = "lots" } } }
+      ok, err = pcall(drover.decorate, C, orch)
+      assert.is_false(ok)
+      assert.matches("task Bad.m: bad job template value for 'mem': lots", tostring(err))
+      -- outside a slurm run a resources task cannot become a job: it says so
+      C.task_options = { m = { resources = { cpus = 1 } } }
+      drover.decorate(C, orch)
+      ok, err = pcall(C.m, C:new())
+      assert.is_false(ok)
+      assert.matches("task Bad.m has resources, so it runs as a Slurm job: call it inside a run of a slurm deployment",
+        tostring(err))
+    end)
+
+    it("stop on the flow cancels its task jobs too", function()
+      local marker = tostring(6000 + math.random(1, 3000)) .. ".25"
+      local orch, name = deployed("commands", { mode = "remote_sleep", marker = marker })
+      local id = orch:run(name, {})
+      local jobs
+      H.wait_until(function()
+        jobs = task_jobs(orch, id, "task SlurmFlow.nap")
+        return #jobs == 1 and job_field(jobs[1], "JobState") == "RUNNING"
+      end, DEADLINE, "the task's job to run")
+      H.wait_until(function() return #H.pids_matching("sleep " .. marker) >= 2 end, DEADLINE, "the task's processes")
+      local res = orch:stop(name, {})
+      assert.are.same({ id }, res.cancelled)
+      local st = wait_state(orch, id, "CANCELLED")
+      assert.are.equal("CANCELLED", st.state)
+      for _, t in ipairs(st.task_runs) do assert.are_not.equal("RUNNING", t.state, t.name) end
+      H.wait_until(function()
+        return not orch:job_active(jobs[1]) and not orch:job_active(st.external_id)
+      end, DEADLINE, "no job of the flow left")
+      assert.are.equal("", slurm({ "squeue", "-h", "--name=drover:" .. name }))
+      H.wait_until(function() return #H.pids_matching("sleep " .. marker) == 0 end, DEADLINE, "no process left")
+    end)
+  end)
 end)

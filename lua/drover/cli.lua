@@ -497,11 +497,25 @@ command("serve", "run the daemon: dashboard, JSON API, events, metrics, reaper",
   return require("drover.daemon").serve { port = port, bind = opts.bind, token = token, auto = opts.auto }
 end)
 
-command("worker", "(internal) run one flow run of the local backend", {
-  args = "RUN_ID", flags = {},
+command("worker", "(internal) run one flow run (or, with --call, one task call of it)", {
+  args = "RUN_ID [CALL_ID]", flags = { call = { help = "run call CALL_ID of run RUN_ID (a backend's remote task)" } },
 }, function(opts, pos)
   local id = pos[1] or usage_error("drover worker: missing RUN_ID")
-  local o = orchestrator_for({}, "local")
+  -- the run's own backend, configured as deployed, so its decorator shapes
+  -- the calls (slurm: tasks with resources become jobs); the local one when
+  -- that backend cannot be loaded here (e.g. not on this worker's path)
+  local store = require("drover.tracker").default_store()
+  local run = store:find_flow_run(id)
+  local ok, o = false, nil
+  if run then ok, o = pcall(require("drover.orchestrator").for_run, store, run) end
+  if not ok then o = orchestrator_for({}, "local") end
+  if opts.call then
+    local call = pos[2] or usage_error("drover worker: --call needs RUN_ID CALL_ID")
+    if type(o.work_call) ~= "function" then
+      usage_error("drover worker: backend '" .. tostring(o.name) .. "' runs no remote calls")
+    end
+    return o:work_call(id, call)
+  end
   return o:work(id)
 end)
 

@@ -37,6 +37,7 @@ local option_types = {
   retry_jitter = "number", timeout = "number", cache_key = "function",
   cache_expiration = "number", tags = "table", catch = "boolean",
   on_completion = "function", on_failure = "function", kind = "string",
+  resources = "table", -- read by backends that run calls elsewhere (slurm: cpus, mem, time, partition)
 }
 
 --- Check a table of task options; an unknown key or a wrong type is an error
