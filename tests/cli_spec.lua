@@ -31,11 +31,7 @@ describe("drover CLI", function()
   end)
   after_each(function()
     -- `drover run` starts a daemon for the store (local backend): stop it
-    local text = drover.fs.read(home .. "/daemon.json")
-    local d = text and drover.json.decode(text)
-    if type(d) == "table" and math.type(d.pid) == "integer" and drover.kill(d.pid, "TERM") then
-      H.wait_until(function() return not drover.kill(d.pid, 0) end, 30, "the daemon to stop")
-    end
+    H.stop_daemon(home)
     os.execute("rm -rf " .. home .. " " .. work)
   end)
 

@@ -25,11 +25,7 @@ describe("dashboard in a browser", function()
   end)
 
   teardown(function()
-    local text = home and drover.fs.read(home .. "/daemon.json")
-    local d = text and json.decode(text)
-    if type(d) == "table" and math.type(d.pid) == "integer" and drover.kill(d.pid, "TERM") then
-      H.wait_until(function() return not drover.kill(d.pid, 0) end, 30, "the daemon to stop")
-    end
+    H.stop_daemon(home)
     os.execute("rm -rf " .. home)
   end)
 

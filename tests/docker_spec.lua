@@ -70,11 +70,7 @@ describe("docker backend", function()
     if not orch then return end
     for _, name in ipairs(deployments) do pcall(orch.stop, orch, name, {}) end
     -- run() starts a daemon for the store (the dashboard URL): stop it
-    local text = drover.fs.read(orch:store().home .. "/daemon.json")
-    local d = text and drover.json.decode(text)
-    if type(d) == "table" and math.type(d.pid) == "integer" and drover.kill(d.pid, "TERM") then
-      H.wait_until(function() return not drover.kill(d.pid, 0) end, 30, "the daemon to stop")
-    end
+    H.stop_daemon(orch:store().home)
   end)
 
   it("package builds a labelled, tagged image; the same sources give the same image", function()

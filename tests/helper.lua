@@ -54,6 +54,16 @@ function H.daemon_info(home)
   return text and drover.json.decode(text)
 end
 
+--- Stop the daemon serving store `home`, if one runs (`drover run` starts
+-- one for the dashboard URL); waits until it has exited.
+function H.stop_daemon(home)
+  local drover = require "drover"
+  local d = home and H.daemon_info(home)
+  if type(d) == "table" and math.type(d.pid) == "integer" and drover.kill(d.pid, "TERM") then
+    H.wait_until(function() return not drover.kill(d.pid, 0) end, 30, "the daemon to stop")
+  end
+end
+
 --- Start `drover serve ARGS` (default `--port 0`) on store `home`, with
 -- env (default { DROVER_HOME = home }); wait until it wrote daemon.json.
 -- Returns the process and the daemon info; the caller stops the process.

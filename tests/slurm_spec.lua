@@ -70,12 +70,7 @@ end
 describe("slurm backend", function()
   teardown(function()
     -- run() starts a dashboard daemon for the store (no DROVER_DAEMON=0): stop it
-    local home = require("drover.tracker").default_store().home
-    local text = drover.fs.read(home .. "/daemon.json")
-    local d = text and drover.json.decode(text)
-    if type(d) == "table" and math.type(d.pid) == "integer" and drover.kill(d.pid, "TERM") then
-      H.wait_until(function() return not drover.kill(d.pid, 0) end, 30, "the daemon to stop")
-    end
+    H.stop_daemon(require("drover.tracker").default_store().home)
   end)
 
   setup(function()

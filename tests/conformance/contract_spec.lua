@@ -44,11 +44,7 @@ describe("conformance: backend '" .. backend .. "'", function()
 
   teardown(function()
     -- the local backend's run() starts a daemon for the store: stop it
-    local text = orch and drover.fs.read(orch:store().home .. "/daemon.json")
-    local d = text and drover.json.decode(text)
-    if type(d) == "table" and math.type(d.pid) == "integer" and drover.kill(d.pid, "TERM") then
-      H.wait_until(function() return not drover.kill(d.pid, 0) end, 30, "the daemon to stop")
-    end
+    if orch then H.stop_daemon(orch:store().home) end
   end)
 
   it("package builds a record with an id and a content hash", function()
