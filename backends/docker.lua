@@ -19,7 +19,12 @@
 --            with DROVER_HOME bind-mounted at the same path, so task runs are
 --            tracked in the host's store (one host: see docs/docker.md)
 --   stop     everything labelled drover.deployment=NAME is stopped and
---            removed; active runs go CANCELLING, then CANCELLED
+--            removed; active runs go CANCELLING, then CANCELLED; the
+--            deployment is paused
+--   cancel   one active run: the same machinery on what is labelled
+--            drover.run=ID (its container; swarm: its service and the
+--            task's container); CANCELLING, then CANCELLED; the deployment
+--            stays active
 --   status   the store's record, reconciled with the engine: a container
 --            that ended without the worker recording an end makes the run
 --            FAILED (exit code) or CRASHED (killed); an engine that cannot
@@ -660,35 +665,35 @@ function Docker:logs(run_id, opts)
   return lines
 end
 
--- ---- stop ---------------------------------------------------------------------------
+-- ---- stop and cancel -------------------------------------------------------------------
 
-local function label_filter(name) return { label = { LABEL .. "=" .. name } } end
-
---- Everything the engine holds for a deployment, found by label.
-function Docker:find(name)
-  local cs = self:api_ok("docker.stop: listing containers", "GET", "/containers/json",
-    { query = { all = "1", filters = label_filter(name) } }).json
+--- Everything the engine holds labelled `label` ("key=value"): containers
+-- (swarm tasks' included: they carry the service's labels) and services.
+-- Raises one line (prefixed `what`) when the engine cannot answer.
+function Docker:find_labelled(label, what)
+  local filters = { label = { label } }
+  local cs = self:api_ok(what .. ": listing containers", "GET", "/containers/json",
+    { query = { all = "1", filters = filters } }).json
   local svcs = {}
-  local r = self:api("GET", "/services", { query = { filters = label_filter(name) } })
+  local r = self:api("GET", "/services", { query = { filters = filters } })
   if r.status < 400 then svcs = r.json end -- 503: not a swarm manager, so no services
   return cs, svcs
 end
 
-function Docker:stop(name, opts)
-  opts = opts or {}
-  local store = self:store()
-  local d = store:deployment(name)
-  if not d then error("unknown deployment '" .. tostring(name) .. "'", 0) end
-  -- ask the engine first: if it cannot answer, nothing changes
-  local containers, services = self:find(name)
-  store:set_paused(name, true)
-  local runs = store:flow_runs { deployment = name, active = true, limit = 100000 }
-  for _, r in ipairs(runs) do store:set_flow_state(r.id, states.CANCELLING, "stop requested") end
+--- Everything the engine holds for a deployment, found by label.
+function Docker:find(name)
+  return self:find_labelled(LABEL .. "=" .. name, "docker.stop")
+end
+
+--- Stop and remove `containers` and `services` (found by find_labelled
+-- with `label`), whose runs the caller has already set CANCELLING.
+-- Returns the first error (one line, prefixed `what`) or nil.
+function Docker:halt(what, label, containers, services)
   local timeout = self.config.stop_timeout or 10
-  -- Every container of the deployment, swarm tasks included (the swarm,
-  -- told to remove a job service, does not always stop a running task):
-  -- SIGTERM (the worker cancels its flow and records CANCELLED), SIGKILL
-  -- after the timeout; in parallel, each in its own task.
+  -- Every container, swarm tasks included (the swarm, told to remove a job
+  -- service, does not always stop a running task): SIGTERM (the worker
+  -- cancels its flow and records CANCELLED), SIGKILL after the timeout; in
+  -- parallel, each in its own task.
   local tasks = {}
   for _, c in ipairs(containers) do
     tasks[#tasks + 1] = drover.spawn(function()
@@ -705,23 +710,38 @@ function Docker:stop(name, opts)
   for _, s in ipairs(services) do
     local resp = self:api("DELETE", "/services/" .. s.ID)
     if resp.status >= 400 and resp.status ~= 404 and not first_err then
-      first_err = "docker.stop: removing service " .. s.ID .. ": " .. engine_message(resp)
+      first_err = what .. ": removing service " .. s.ID .. ": " .. engine_message(resp)
     end
   end
   for _, c in ipairs(containers) do
     local resp = self:api("DELETE", "/containers/" .. c.Id, { query = { force = "1" } })
     if resp.status >= 400 and resp.status ~= 404 and not first_err then
-      first_err = "docker.stop: removing container " .. c.Id:sub(1, 12) .. ": " .. engine_message(resp)
+      first_err = what .. ": removing container " .. c.Id:sub(1, 12) .. ": " .. engine_message(resp)
     end
   end
   -- what a swarm task started meanwhile goes too
   local deadline = drover.now() + 60
   while drover.now() < deadline do
-    local left = self:find(name)
+    local left = self:find_labelled(label, what)
     if #left == 0 then break end
     for _, c in ipairs(left) do self:api("DELETE", "/containers/" .. c.Id, { query = { force = "1" } }) end
     drover.sleep(0.2)
   end
+  return first_err
+end
+
+function Docker:stop(name, opts)
+  opts = opts or {}
+  local store = self:store()
+  local d = store:deployment(name)
+  if not d then error("unknown deployment '" .. tostring(name) .. "'", 0) end
+  -- ask the engine first: if it cannot answer, nothing changes
+  local label = LABEL .. "=" .. name
+  local containers, services = self:find_labelled(label, "docker.stop")
+  store:set_paused(name, true)
+  local runs = store:flow_runs { deployment = name, active = true, limit = 100000 }
+  for _, r in ipairs(runs) do store:set_flow_state(r.id, states.CANCELLING, "stop requested") end
+  local first_err = self:halt("docker.stop", label, containers, services)
   local stopped = {}
   for _, r in ipairs(runs) do
     -- The worker records CANCELLED itself; if it could not, we do.
@@ -729,9 +749,31 @@ function Docker:stop(name, opts)
     stopped[#stopped + 1] = r.id
   end
   if first_err then error(first_err, 0) end
-  local left_c, left_s = self:find(name)
+  local left_c, left_s = self:find_labelled(label, "docker.stop")
   return { name = name, cancelled = stopped, removed = #containers + #services,
     left = #left_c + #left_s }
+end
+
+--- Cancel one active run, leaving its deployment active: CANCELLING at
+-- once, then its container (swarm: its service and the task's container),
+-- found by the label drover.run=ID, is stopped and removed as stop does;
+-- CANCELLED once it has ended.  Returns the run's record.
+function Docker:cancel(run_id)
+  local store = self:store()
+  -- reconcile first (it raises, changing nothing, when the engine is down):
+  -- a run whose container already ended is not cancelled but reported
+  local r = self:reconcile(self:find_run(run_id))
+  if not states.active[r.state] then
+    error("run " .. r.id .. " is " .. r.state .. ": only active runs can be cancelled", 0)
+  end
+  local label = "drover.run=" .. r.id
+  local containers, services = self:find_labelled(label, "docker.cancel")
+  store:set_flow_state(r.id, states.CANCELLING, "cancel requested")
+  local err = self:halt("docker.cancel", label, containers, services)
+  -- The worker records CANCELLED itself; if it could not, we do.
+  store:end_flow_run(r.id, states.CANCELLED, "cancelled")
+  if err then error(err, 0) end
+  return store:flow_run(r.id)
 end
 
 return Docker

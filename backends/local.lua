@@ -10,6 +10,7 @@
 --            group, outliving the terminal; returns id, url
 --   stop     cancels the deployment's active runs (CANCELLING, the worker's
 --            process group ends, CANCELLED) and pauses the deployment
+--   cancel   the same for one run; the deployment stays active
 local drover = require "drover"
 local fs = require "drover.fs"
 local json = require "drover.json"
@@ -270,29 +271,54 @@ end
 
 -- ---- stop -------------------------------------------------------------------------------
 
+--- How this backend reaches a run's work (tmux overrides these): TERM to
+-- the worker's process group lets it cancel its flow run and end the
+-- groups it started; KILL when it will not end.
+function Local:interrupt(r) if r.pid then drover.kill(-math.tointeger(r.pid), "TERM") end end
+function Local:is_alive(r) return r.pid ~= nil and drover.kill(-math.tointeger(r.pid), 0) == true end
+function Local:kill_run(r) if r.pid then drover.kill(-math.tointeger(r.pid), "KILL") end end
+
+--- Two-phase cancel of active runs `runs`, for stop (all of a deployment's)
+-- and cancel (one): CANCELLING at once and every run interrupted, then, run
+-- by run, wait up to stop_timeout for its work to end (killed after that)
+-- and record CANCELLED with `why` (the worker records it itself when it
+-- can; an end it recorded first is kept).  Returns the run ids.
+function Local:cancel_runs(runs, why, requested)
+  local store = self:store()
+  for _, r in ipairs(runs) do
+    if r.state ~= states.CANCELLING then store:set_flow_state(r.id, states.CANCELLING, requested) end
+    self:interrupt(r)
+  end
+  local timeout = self.config.stop_timeout or 20
+  local ids = {}
+  for _, r in ipairs(runs) do
+    local deadline = drover.now() + timeout
+    while self:is_alive(r) and drover.now() < deadline do drover.sleep(0.05) end
+    if self:is_alive(r) then self:kill_run(r) end
+    store:end_flow_run(r.id, states.CANCELLED, why)
+    ids[#ids + 1] = r.id
+  end
+  return ids
+end
+
 function Local:stop(name, opts)
-  opts = opts or {}
   local store = self:store()
   local d = store:deployment(name)
   if not d then error("unknown deployment '" .. tostring(name) .. "'", 0) end
   store:set_paused(name, true)
-  local stopped = {}
   local runs = store:flow_runs { deployment = name, active = true, limit = 100000 }
-  local timeout = self.config.stop_timeout or 20
-  for _, r in ipairs(runs) do
-    store:set_flow_state(r.id, states.CANCELLING, "stop requested")
-    if r.pid then drover.kill(-math.tointeger(r.pid), "TERM") end
+  return { name = name, cancelled = self:cancel_runs(runs, "stopped", "stop requested") }
+end
+
+--- Cancel one active run (the deployment stays active); returns its record
+-- once the run has really ended.
+function Local:cancel(run_id)
+  local r = self:find_run(run_id)
+  if not states.active[r.state] then
+    error("run " .. r.id .. " is " .. r.state .. ": only active runs can be cancelled", 0)
   end
-  for _, r in ipairs(runs) do
-    local deadline = drover.now() + timeout
-    local pid = r.pid and math.tointeger(r.pid)
-    while pid and drover.kill(-pid, 0) and drover.now() < deadline do drover.sleep(0.05) end
-    if pid and drover.kill(-pid, 0) then drover.kill(-pid, "KILL") end
-    -- The worker records CANCELLED itself; if it could not, we do.
-    store:set_flow_state(r.id, states.CANCELLED, "stopped")
-    stopped[#stopped + 1] = r.id
-  end
-  return { name = name, cancelled = stopped }
+  self:cancel_runs({ r }, "cancelled", "cancel requested")
+  return self:store():flow_run(r.id)
 end
 
 -- ---- the worker side --------------------------------------------------------------------

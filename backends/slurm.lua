@@ -14,6 +14,8 @@
 --            is kept as the run's external_id
 --   map      a job array: one run per item, `%N` limiting concurrency
 --   stop     cancels every job named "drover:DEPLOYMENT", marks runs CANCELLED
+--   cancel   one run: its own job (for a map run, its array element) and its
+--            task jobs (comment "... of run RUN"); the deployment stays active
 --   status   the store's state, reconciled with Slurm's job state (a run
 --            whose job ended never stays RUNNING)
 --
@@ -795,17 +797,24 @@ function Slurm:list(opts)
   return runs
 end
 
---- Active Slurm jobs named "drover:NAME" (the name drover gives them).
+--- Active Slurm jobs named "drover:NAME" (the name drover gives them):
+-- { id, state, comment }.  The comment tells whose job it is: "drover run
+-- RUN of deployment NAME", "drover map of N runs...", or, for a task with
+-- resources, "drover call CALL (task C.m) of run RUN".
 function Slurm:jobs_of(name)
   local want, ids = "drover:" .. name, {}
   if self:mode() == "commands" then
-    local out = self:cmd({ "squeue", "-h", "--name=" .. want, "-o", "%A|%T" })
-    for id, st in out:gmatch("(%d+)|([%u_]+)") do ids[#ids + 1] = { id = id, state = st } end
+    local out = self:cmd({ "squeue", "-h", "--name=" .. want, "-o", "%A|%T|%k" })
+    for line in out:gmatch("[^\n]+") do
+      local id, st, comment = line:match("^%s*(%d+)|([%u_]+)|(.*)$")
+      if id then ids[#ids + 1] = { id = id, state = st, comment = comment } end
+    end
   else
     for _, j in ipairs(self:rest("GET", "/jobs").jobs or {}) do
       local st = (j.job_state or ""):match("^%u[%u_]*")
       if j.name == want and ACTIVE[st] then
-        ids[#ids + 1] = { id = tostring(math.tointeger(j.job_id) or j.job_id), state = st }
+        ids[#ids + 1] = { id = tostring(math.tointeger(j.job_id) or j.job_id), state = st,
+          comment = type(j.comment) == "string" and j.comment or "" }
       end
     end
   end
@@ -818,19 +827,38 @@ end
 -- TERM-then-KILL).
 local GONE = { ["Invalid job id specified"] = true, ["Job/step already completing or completed"] = true,
   ["Requested operation is presently disabled"] = true }
+-- slurmctld refuses to signal a job still starting (its batch launch not
+-- yet confirmed): "Job can not be altered now, try again later".  How long
+-- such a refusal is retried (seconds).
+local BUSY_RETRY = 10
 function Slurm:cancel_job(id, soft)
-  if self:mode() == "commands" then
-    local argv = soft and { "scancel", "--full", "--signal=TERM", id } or { "scancel", id }
-    pcall(self.cmd_run, self, argv) -- a job already gone is what was wanted
-  else
-    self:rest("DELETE", "/job/" .. id .. (soft and "?signal=SIGTERM" or ""), nil, GONE)
+  local deadline = drover.now() + BUSY_RETRY
+  while true do
+    local ok, err
+    if self:mode() == "commands" then
+      local argv = soft and { "scancel", "--full", "--signal=TERM", id } or { "scancel", id }
+      local rok, r = pcall(self.cmd_run, self, argv) -- a job already gone is what was wanted
+      ok = not (rok and r.code ~= 0 and ((r.stderr or "") .. (r.stdout or "")):find("try again later", 1, true))
+      err = ok or ("scancel " .. id .. ": " .. oneline((r.stderr or "") .. " " .. (r.stdout or "")))
+    else
+      ok, err = pcall(self.rest, self, "DELETE", "/job/" .. id .. (soft and "?signal=SIGTERM" or ""), nil, GONE)
+      if not ok and not tostring(err):find("try again later", 1, true) then error(err, 0) end
+    end
+    if ok then return end
+    if drover.now() >= deadline then fail("cannot cancel job %s: %s", id, oneline(tostring(err))) end
+    drover.sleep(0.2)
   end
 end
 
---- Is job `ext` still holding resources?  (PENDING, RUNNING, COMPLETING...)
---- Does job `id` (a whole array for an array id) still hold or wait for resources?
+--- Does job `id` (a whole array for an array id; one element for
+-- "ARRAY_TASK") still hold or wait for resources?
 function Slurm:job_active(id)
-  local ok, recs = pcall(self.job_records, self, tostring(id))
+  id = tostring(id)
+  if id:match("^%d+_%d+$") then
+    local ok, info = pcall(self.job_info, self, id)
+    return ok and info ~= nil and ACTIVE[(info.state or ""):match("^%u[%u_]*")] == true
+  end
+  local ok, recs = pcall(self.job_records, self, id)
   if not ok or not recs then return false end
   for _, rec in ipairs(recs) do
     if ACTIVE[(rec.state or ""):match("^%u[%u_]*")] then return true end
@@ -838,19 +866,24 @@ function Slurm:job_active(id)
   return false
 end
 
-function Slurm:stop(name, opts)
+--- The two phases of stop and cancel (Local:cancel_runs, with Slurm jobs
+-- instead of worker processes): `runs` (store rows) go CANCELLING
+-- (message `asked`); their Slurm `jobs` ({ id, state }) are cancelled --
+-- running ones with SIGTERM first, so workers end their flows as CANCELLED
+-- themselves; pending ones (and what is left after the grace period) for
+-- good; then, once no job is active (or stop_timeout passed), every run
+-- ends CANCELLED (message `ended`: slurm job ... cancelled).  Returns the
+-- run ids and the job ids.
+function Slurm:cancel_with_jobs(runs, jobs, asked, ended)
   local store = self:store()
-  local d = store:deployment(name)
-  if not d then error("unknown deployment '" .. tostring(name) .. "'", 0) end
-  store:set_paused(name, true)
-  local runs = store:flow_runs { deployment = name, active = true, limit = 100000 }
-  for _, r in ipairs(runs) do store:set_flow_state(r.id, states.CANCELLING, "stop requested") end
-  local jobs, ids = self:jobs_of(name), {}
-  -- running jobs: SIGTERM first, so workers end their flows as CANCELLED;
-  -- pending ones (and what is left after the grace period): cancelled
+  for _, r in ipairs(runs) do
+    if r.state ~= states.CANCELLING then store:set_flow_state(r.id, states.CANCELLING, asked) end
+  end
+  local ids = {}
   for _, j in ipairs(jobs) do
     ids[#ids + 1] = j.id
-    self:cancel_job(j.id, j.state == "RUNNING")
+    -- a signal slurmctld kept refusing: the hard cancel below follows
+    pcall(self.cancel_job, self, j.id, j.state == "RUNNING")
   end
   local timeout = self.config.stop_timeout or 60
   local grace = drover.now() + math.min(10, timeout)
@@ -862,14 +895,63 @@ function Slurm:stop(name, opts)
   wait_jobs(grace)
   for _, j in ipairs(jobs) do if self:job_active(j.id) then self:cancel_job(j.id, false) end end
   wait_jobs(drover.now() + timeout)
-  local stopped = {}
+  local done = {}
   for _, r in ipairs(runs) do
-    local why = "stopped: slurm job " .. tostring(r.external_id) .. " cancelled"
-    -- a worker that raced the signal and recorded an end was still stopped
+    local why = ended .. ": slurm job " .. tostring(r.external_id) .. " cancelled"
+    -- a worker that raced the signal and recorded an end was still cancelled
     if not store:end_flow_run(r.id, states.CANCELLED, why) then self:cancelled_after_all(r.id, why) end
-    stopped[#stopped + 1] = r.id
+    done[#done + 1] = r.id
   end
+  return done, ids
+end
+
+--- stop(name): pause the deployment and cancel all its runs: every active
+-- Slurm job named "drover:NAME" (runs, arrays, tasks with resources).
+function Slurm:stop(name, opts)
+  local store = self:store()
+  local d = store:deployment(name)
+  if not d then error("unknown deployment '" .. tostring(name) .. "'", 0) end
+  store:set_paused(name, true)
+  local runs = store:flow_runs { deployment = name, active = true, limit = 100000 }
+  local stopped, ids = self:cancel_with_jobs(runs, self:jobs_of(name), "stop requested", "stopped")
   return { name = name, cancelled = stopped, jobs = ids }
+end
+
+--- The active Slurm jobs of run `r`: its own job (for a run of a map, its
+-- array element only) and the jobs of its tasks with resources (their comment
+-- ends "of run RUN").
+function Slurm:jobs_of_run(r)
+  local jobs = {}
+  if r.external_id then
+    local ok, info = pcall(self.job_info, self, r.external_id, self:run_dir(r.id))
+    local st = ok and info and (info.state or ""):match("^(%u[%u_]*)")
+    -- an array element is cancelled (or signalled) as "ARRAY_TASK", by
+    -- scancel and slurmrestd alike, never by the array's id: the last
+    -- element to start runs under the array's own job id, and signalling
+    -- that id would reach every element
+    if not ok or ACTIVE[st] then jobs[#jobs + 1] = { id = r.external_id, state = st } end
+  end
+  if r.deployment then
+    local tail = " of run " .. r.id
+    for _, j in ipairs(self:jobs_of(r.deployment)) do
+      if j.comment:sub(-#tail) == tail then jobs[#jobs + 1] = j end
+    end
+  end
+  return jobs
+end
+
+--- cancel(run_id): cancel one active run (CANCELLING at once, CANCELLED
+-- once its jobs have stopped), leaving its deployment active.  Returns the
+-- run's record.
+function Slurm:cancel(run_id)
+  local r = self:find_run(run_id)
+  if r.backend ~= "slurm" and Local.cancel then return Local.cancel(self, run_id) end
+  r = self:reconcile(r) -- a job that already ended ends its run first
+  if not states.active[r.state] then
+    error("run " .. r.id .. " is " .. tostring(r.state) .. ": only active runs can be cancelled", 0)
+  end
+  self:cancel_with_jobs({ r }, self:jobs_of_run(r), "cancel requested", "cancelled")
+  return self:status(r.id)
 end
 
 -- ---- tasks as jobs: resources -----------------------------------------------------------

@@ -123,6 +123,9 @@ describe("docker backend", function()
       assert.are.equal(id, c.Config.Labels["drover.run"])
       assert.are.equal(name, c.Config.Labels["drover.deployment"])
       assert.matches("fixture says HELLO", table.concat(orch:logs(id), "\n"))
+      local ok, err = pcall(orch.cancel, orch, id)
+      assert.is_false(ok)
+      assert.are.equal("run " .. id .. " is COMPLETED: only active runs can be cancelled", err)
     end)
 
     it("a container exiting non-zero makes the run FAILED with its exit code (" .. mode .. ")", function()
@@ -163,7 +166,50 @@ describe("docker backend", function()
       assert.are.same({}, engine("GET", "/containers/json?all=1&" .. filters(label)).json)
       assert.are.same({}, engine("GET", "/services?" .. filters(label)).json)
     end)
+
+    it("cancel ends one run CANCELLED and removes its " .. (mode == "swarm" and "service" or "container") ..
+        "; the other run and the deployment go on (" .. mode .. ")", function()
+      local name = deploy("cancel-" .. mode, { package = pkg.id, mode = mode,
+        params = { mode = "long", marker = tostring(6000 + math.random(1, 1000)) .. ".5" } })
+      local a = orch:run(name, {})
+      local b = orch:run(name, {})
+      wait_state(a, "RUNNING"); wait_state(b, "RUNNING")
+      local a_cid, b_cid = container_of(a), container_of(b)
+      local a_kind, a_eid = orch:store():flow_run(a).external_id:match("^(%a+):(.+)$")
+      local r = orch:cancel(a)
+      assert.are.equal(a, r.id)
+      assert.are.equal("CANCELLED", r.state)
+      local history = {}
+      for _, s in ipairs(orch:store():flow_run_states(a)) do history[#history + 1] = s.state end
+      assert.are.equal("CANCELLED", history[#history])
+      assert.truthy(table.concat(history, " "):find("CANCELLING", 1, true), table.concat(history, " "))
+      -- a's container (and service) are gone from the engine
+      assert.are.equal(404, engine("GET", "/containers/" .. a_cid .. "/json").status)
+      assert.are.same({}, engine("GET", "/containers/json?all=1&" .. filters("drover.run=" .. a)).json)
+      if a_kind == "service" then
+        assert.are.equal(404, engine("GET", "/services/" .. a_eid).status)
+        assert.are.same({}, engine("GET", "/services?" .. filters("drover.run=" .. a)).json)
+      end
+      -- b still runs, in its container; the deployment is not paused
+      assert.are.equal("RUNNING", orch:status(b).state)
+      assert.is_true(engine("GET", "/containers/" .. b_cid .. "/json").json.State.Running)
+      assert.are.equal(0, orch:store():deployment(name).paused)
+      -- a finished run cannot be cancelled again
+      local ok, err = pcall(orch.cancel, orch, a)
+      assert.is_false(ok)
+      assert.are.equal("run " .. a .. " is CANCELLED: only active runs can be cancelled", err)
+      -- clean up: stop takes b
+      local res = orch:stop(name, {})
+      assert.are.equal(0, res.left)
+      assert.are.equal("CANCELLED", orch:store():flow_run(b).state)
+    end)
   end
+
+  it("cancel of an unknown run is one line naming it", function()
+    local ok, err = pcall(orch.cancel, orch, "ffffffffffff")
+    assert.is_false(ok)
+    assert.are.equal("unknown run 'ffffffffffff'", err)
+  end)
 
   it("the CLI: drover status reconciles a run whose container was killed from outside", function()
     local name = deploy("cli-killed", { package = pkg.id, mode = "container",
@@ -181,6 +227,24 @@ describe("docker backend", function()
       return st and (st.state == "CRASHED" or st.state == "FAILED")
     end, DEADLINE, "drover status to see the container end")
     assert.matches("killed by signal 9", st.message)
+  end)
+
+  it("the CLI: drover cancel RUN_ID cancels a docker run through its backend; the deployment stays active", function()
+    local name = deploy("cli-cancel", { package = pkg.id, mode = "container",
+      params = { mode = "long", marker = tostring(7000 + math.random(1, 1000)) .. ".25" } })
+    local id = orch:run(name, {})
+    local store = orch:store()
+    H.wait_until(function() return store:flow_run(id).state == "RUNNING" end, DEADLINE, "the run to be RUNNING")
+    local cid = container_of(id)
+    local env = { DROVER_HOME = store.home, DROVER_DAEMON = "0" }
+    local code, out, err = H.drover({ "cancel", id, "--json" }, { env = env })
+    assert.are.equal(0, code, err)
+    assert.are.equal("CANCELLED", drover.json.decode(out).state)
+    assert.are.equal(404, engine("GET", "/containers/" .. cid .. "/json").status)
+    assert.are.equal(0, store:deployment(name).paused)
+    code, out, err = H.drover({ "cancel", id }, { env = env })
+    assert.are_not.equal(0, code)
+    assert.matches("run " .. id .. " is CANCELLED: only active runs can be cancelled", err)
   end)
 
   it("a deployment keeps the socket taken from DROVER_DOCKER_SOCKET; status elsewhere asks that engine", function()
@@ -218,6 +282,14 @@ describe("docker backend", function()
     assert.are.equal("docker: the Docker Engine is not running: no socket at " .. dir ..
       "/docker.sock (start dockerd, or set the 'socket' config key or DROVER_DOCKER_SOCKET)", tostring(err))
     assert.are.equal("RUNNING", store:flow_run(id).state)
+    -- cancel too: one line, the run untouched, its container still running
+    ok, err = pcall(o.cancel, o, id)
+    assert.is_false(ok)
+    assert.are.equal("docker: the Docker Engine is not running: no socket at " .. dir ..
+      "/docker.sock (start dockerd, or set the 'socket' config key or DROVER_DOCKER_SOCKET)", tostring(err))
+    assert.are.equal("RUNNING", store:flow_run(id).state)
+    for _, h in ipairs(store:flow_run_states(id)) do assert.are_not.equal("CANCELLING", h.state) end
+    assert.is_true(engine("GET", "/containers/" .. container_of(id) .. "/json").json.State.Running)
     drover.fs.remove(dir, { recursive = true })
   end)
 

@@ -38,6 +38,8 @@ local function job_field(job, key)
   return slurm({ "scontrol", "show", "job", "-o", job }):match("%f[%w/]" .. key:gsub("%p", "%%%0") .. "=(%S*)")
 end
 
+local function trim_out(s) return (s:gsub("^%s+", ""):gsub("%s+$", "")) end
+
 local function wait_state(orch, id, want)
   local last
   local set = {}
@@ -433,6 +435,68 @@ describe("slurm backend", function()
     assert(ok, err)
   end)
 
+  describe("cancel ends one run, leaving its deployment active", function()
+    local function history(orch, id)
+      local h = {}
+      for _, s in ipairs(orch:store():flow_run_states(id)) do h[#h + 1] = s.state end
+      return table.concat(h, " ")
+    end
+
+    for _, transport in ipairs { "socket", "commands" } do
+      it(transport .. ": one of two runs ends CANCELLED through CANCELLING; its job is gone, the other runs on", function()
+        local marker = tostring(6000 + math.random(1, 3000)) .. ".35"
+        local orch, name = deployed(transport, { mode = "sleep", marker = marker })
+        local a = orch:run(name, {})
+        local b = orch:run(name, {})
+        wait_state(orch, a, "RUNNING")
+        wait_state(orch, b, "RUNNING")
+        local job_a, job_b = orch:status(a).external_id, orch:status(b).external_id
+        local rec = orch:cancel(a)
+        assert.are.equal(a, rec.id)
+        assert.are.equal("CANCELLED", rec.state)
+        assert.matches("^CANCELLED", orch:status(a).state)
+        assert.matches("CANCELLING CANCELLED$", history(orch, a))
+        H.wait_until(function() return not orch:job_active(job_a) end, DEADLINE, "job " .. job_a .. " to end")
+        -- the deployment is not paused, the other run and its job go on
+        assert.are_not.equal(1, orch:store():deployment(name).paused)
+        assert.are.equal("RUNNING", orch:status(b).state)
+        assert.is_true(orch:job_active(job_b))
+        assert.are.equal(job_b, trim_out(slurm({ "squeue", "-h", "--name=drover:" .. name, "-o", "%A" })))
+        -- a finished run, and an unknown one: one line each
+        local ok, err = pcall(orch.cancel, orch, a)
+        assert.is_false(ok)
+        assert.are.equal("run " .. a .. " is CANCELLED: only active runs can be cancelled", err)
+        ok, err = pcall(orch.cancel, orch, "nosuchrun-" .. marker)
+        assert.is_false(ok)
+        assert.are.equal("unknown run 'nosuchrun-" .. marker .. "'", err)
+        orch:stop(name, {})
+        assert.are.equal("CANCELLED", orch:status(b).state)
+        H.wait_until(function() return #H.pids_matching("sleep " .. marker) == 0 end, DEADLINE, "no process left")
+      end)
+    end
+
+    it("a run of a map: only its array element is cancelled, pending or running", function()
+      local marker = tostring(6000 + math.random(1, 3000)) .. ".45"
+      local orch, name = deployed("socket", { mode = "sleep", marker = marker })
+      -- %1: element 0 runs, elements 1 and 2 wait in the array's record
+      local m = orch:map(name, { 1, 2, 3 }, { param = "unused", concurrency = 1 })
+      wait_state(orch, m.runs[1], "RUNNING")
+      local pending = orch:cancel(m.runs[2])
+      assert.are.equal("CANCELLED", pending.state)
+      assert.matches("CANCELLING CANCELLED$", history(orch, m.runs[2]))
+      assert.are.equal("RUNNING", orch:status(m.runs[1]).state)
+      local running = orch:cancel(m.runs[1])
+      assert.are.equal("CANCELLED", running.state)
+      -- element 1 was skipped: element 2 runs next
+      local st = wait_state(orch, m.runs[3], "RUNNING")
+      assert.are.equal(m.job_id .. "_2", st.external_id)
+      assert.are.equal("CANCELLED", orch:status(m.runs[2]).state)
+      orch:stop(name, {})
+      assert.are.equal("CANCELLED", orch:status(m.runs[3]).state)
+      H.wait_until(function() return #H.pids_matching("sleep " .. marker) == 0 end, DEADLINE, "no process left")
+    end)
+  end)
+
   describe("tasks with resources run as Slurm jobs of their own", function()
     --- The store's log lines of run `id` as one text.
     local function logs_of(orch, id) return table.concat(orch:logs(id), "\n") end
@@ -552,6 +616,31 @@ describe("slurm backend", function()
       assert.is_false(ok)
       assert.matches("task Bad.m has resources, so it runs as a Slurm job: call it inside a run of a slurm deployment",
         tostring(err))
+    end)
+
+    it("cancel of a run cancels its task jobs too (found by their comment), not its deployment's others", function()
+      local marker = tostring(6000 + math.random(1, 3000)) .. ".65"
+      local orch, name = deployed("commands", { mode = "remote_sleep", marker = marker })
+      local id = orch:run(name, {})
+      local other = orch:run(name, {})
+      local jobs, others
+      H.wait_until(function()
+        jobs, others = task_jobs(orch, id, "task SlurmFlow.nap"), task_jobs(orch, other, "task SlurmFlow.nap")
+        return #jobs == 1 and #others == 1 and job_field(jobs[1], "JobState") == "RUNNING"
+          and job_field(others[1], "JobState") == "RUNNING"
+      end, DEADLINE, "the tasks' jobs to run")
+      assert.matches("of run " .. id .. "$", trim_out(slurm({ "squeue", "-h", "-j", jobs[1], "-o", "%k" })))
+      local st = orch:cancel(id)
+      assert.are.equal("CANCELLED", st.state)
+      for _, t in ipairs(st.task_runs) do assert.are_not.equal("RUNNING", t.state, t.name) end
+      H.wait_until(function()
+        return not orch:job_active(jobs[1]) and not orch:job_active(st.external_id)
+      end, DEADLINE, "no job of the cancelled run left")
+      assert.are.equal("RUNNING", orch:status(other).state)
+      assert.is_true(orch:job_active(others[1]))
+      orch:stop(name, {})
+      assert.are.equal("CANCELLED", orch:status(other).state)
+      H.wait_until(function() return #H.pids_matching("sleep " .. marker) == 0 end, DEADLINE, "no process left")
     end)
 
     it("stop on the flow cancels its task jobs too", function()

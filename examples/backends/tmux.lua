@@ -16,8 +16,10 @@
 -- and implements:
 --   run      a flow run row, then `tmux new-session -d` running the worker
 --   reap     a run still active whose session is gone becomes CRASHED
---   stop     TERM to the worker (it cancels its flow run and ends its
---            children), then kill-session; the run ends CANCELLED
+--   interrupt, is_alive, kill_run
+--            how local's stop and cancel reach a run: TERM to the worker
+--            (it cancels its flow run and ends its children), "is its
+--            session there?", kill-session
 --
 -- Load it with DROVER_PATH=/path/to/examples/backends; check it with
 --   DROVER_PATH=$PWD/examples/backends tests/conformance/run.sh tmux
@@ -149,27 +151,12 @@ function Tmux:reap(run)
   return run
 end
 
-function Tmux:stop(name, opts)
-  local store = self:store()
-  if not store:deployment(name) then error("unknown deployment '" .. tostring(name) .. "'", 0) end
-  store:set_paused(name, true)
-  local runs = store:flow_runs { deployment = name, active = true, limit = 100000 }
-  local stopped = {}
-  for _, r in ipairs(runs) do
-    store:set_flow_state(r.id, states.CANCELLING, "stop requested")
-    -- the pane's process leads its own process group: TERM lets the worker
-    -- cancel its flow run, which ends the process groups it started
-    if r.pid then drover.kill(-math.tointeger(r.pid), "TERM") end
-  end
-  for _, r in ipairs(runs) do
-    local session = session_name(name, r.id)
-    local deadline = drover.now() + (self.config.stop_timeout or 20)
-    while self:has_session(session) and drover.now() < deadline do drover.sleep(0.05) end
-    if self:has_session(session) then pcall(self.tmux, self, "kill-session", "-t", "=" .. session) end
-    store:end_flow_run(r.id, states.CANCELLED, "stopped")
-    stopped[#stopped + 1] = r.id
-  end
-  return { name = name, cancelled = stopped }
-end
+-- stop and cancel are local's (two-phase, over these three): TERM to the
+-- pane's process, which leads its own process group, lets the worker cancel
+-- its flow run and end the groups it started; the run's work is alive while
+-- its session is; kill-session when it will not end.
+function Tmux:interrupt(r) if r.pid then drover.kill(-math.tointeger(r.pid), "TERM") end end
+function Tmux:is_alive(r) return self:has_session(session_name(r.deployment, r.id)) end
+function Tmux:kill_run(r) pcall(self.tmux, self, "kill-session", "-t", "=" .. session_name(r.deployment, r.id)) end
 
 return Tmux

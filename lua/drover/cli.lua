@@ -369,6 +369,17 @@ command("stop", "stop a deployment: cancel its active runs, pause it", {
   return EXIT_OK
 end)
 
+command("cancel", "cancel one run (two-phase); its deployment stays active", {
+  args = "RUN_ID", flags = { json = json_flag, config = backend_flags.config, set = backend_flags.set },
+}, function(opts, pos)
+  local id = pos[1] or usage_error("drover cancel: missing RUN_ID")
+  local store = open_store()
+  local run = find_run(store, id)
+  local r = run_orchestrator(opts, store, run):cancel(run.id)
+  if opts.json then out_json(r) else print("cancelled " .. run.id .. " (" .. tostring(r and r.state) .. ")") end
+  return EXIT_OK
+end)
+
 command("status", "show a run and its task runs", {
   args = "RUN_ID", flags = { json = json_flag, config = backend_flags.config, set = backend_flags.set },
 }, function(opts, pos)

@@ -14,7 +14,7 @@
 --   GET  /api/runs?state=&deployment=&limit=   runs, newest first
 --   GET  /api/runs/ID                          the run, task_runs, states
 --   GET  /api/runs/ID/logs?after=N             log lines with id > N
---   POST /api/runs/ID/cancel                   two-phase cancel (local runs)
+--   POST /api/runs/ID/cancel                   two-phase cancel, through the run's backend
 --   GET  /api/deployments, /api/deployments/NAME (with recent runs)
 --   GET  /api/events?run=ID&after=N            text/event-stream: `run`
 --        events on state changes, `log` events for new lines of run ID
@@ -471,9 +471,9 @@ function Daemon:get_logs(id, req, method)
   return server.json(200, list(self.store:logs(r.id, after, 10000)))
 end
 
---- Two-phase cancel of one local run, as Local:stop does for a deployment:
--- CANCELLING now, SIGTERM to the worker's process group; the worker records
--- CANCELLED itself.  If it is gone (or will not end) we record it.
+--- The Cancel button: the run's own backend cancels it (two-phase:
+-- CANCELLING now, CANCELLED once its work has ended), in a task of its own
+-- so the request returns at once with the run as it is then.
 function Daemon:cancel(id, method)
   if method ~= "POST" then return err(405, "method not allowed: use POST") end
   local r = self:find(id)
@@ -481,30 +481,23 @@ function Daemon:cancel(id, method)
   if not states.active[r.state] then
     return err(400, "run " .. r.id .. " is " .. r.state .. ": only active runs can be cancelled")
   end
-  if r.backend ~= "local" then
-    return err(400, "run " .. r.id .. " runs on backend '" .. r.backend .. "': cancel it with drover stop")
-  end
+  local ok, o = pcall(function()
+    return r.backend == "local" and self.orch or orchestrator.for_run(self.store, r)
+  end)
+  if not ok then return err(502, "cannot reach backend '" .. r.backend .. "': " .. tostring(o)) end
   local store = self.store
   store:set_flow_state(r.id, states.CANCELLING, "cancel requested")
-  local pid = r.pid and math.tointeger(r.pid)
-  if pid and pid > 0 and drover.kill(-pid, 0) then
-    drover.kill(-pid, "TERM")
-    local timeout = self.orch.config.stop_timeout or 20
-    local live = {}
-    for _, t in ipairs(self.tasks) do
-      local s = t:status()
-      if s ~= "done" and s ~= "failed" and s ~= "cancelled" then live[#live + 1] = t end
-    end
-    self.tasks = live
-    self.tasks[#self.tasks + 1] = drover.spawn(function()
-      local deadline = drover.now() + timeout
-      while drover.kill(-pid, 0) and drover.now() < deadline do drover.sleep(0.1) end
-      if drover.kill(-pid, 0) then drover.kill(-pid, "KILL") end
-      store:set_flow_state(r.id, states.CANCELLED, "cancelled")
-    end)
-  else
-    store:set_flow_state(r.id, states.CANCELLED, "cancelled (worker was gone)")
+  r.state = states.CANCELLING
+  local live = {}
+  for _, t in ipairs(self.tasks) do
+    local s = t:status()
+    if s ~= "done" and s ~= "failed" and s ~= "cancelled" then live[#live + 1] = t end
   end
+  self.tasks = live
+  self.tasks[#self.tasks + 1] = drover.spawn(function()
+    local cok, cerr = pcall(o.cancel, o, r.id)
+    if not cok then log("cancel of run ", r.id, " on backend '", r.backend, "': ", tostring(cerr)) end
+  end)
   return server.json(202, run_view(store:flow_run(r.id)))
 end
 

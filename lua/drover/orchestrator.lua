@@ -12,7 +12,8 @@
 -- The five lolpop operations keep their names, arguments and meaning:
 -- decorator(func, cls), package(class, module, entrypoint, opts),
 -- deploy(deployment_name, opts), run(deployment_name, params) -> id, url,
--- stop(deployment_name, opts).  drover adds status(run_id), logs(run_id,
+-- stop(deployment_name, opts).  drover adds cancel(run_id) (one run,
+-- two-phase; the deployment stays active), status(run_id), logs(run_id,
 -- opts) and list().  An operation a backend leaves out raises
 -- "backend 'NAME' does not implement OP".
 local class = require "drover.class"
@@ -95,7 +96,7 @@ local function unimplemented(op)
     error("backend '" .. tostring(self.name) .. "' does not implement " .. op, 2)
   end
 end
-for _, op in ipairs { "package", "deploy", "run", "stop", "status", "logs", "list" } do
+for _, op in ipairs { "package", "deploy", "run", "stop", "cancel", "status", "logs", "list" } do
   Base[op] = unimplemented(op)
 end
 

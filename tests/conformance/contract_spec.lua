@@ -43,8 +43,13 @@ describe("conformance: backend '" .. backend .. "'", function()
   end)
 
   teardown(function()
-    -- the local backend's run() starts a daemon for the store: stop it
-    if orch then H.stop_daemon(orch:store().home) end
+    if not orch then return end
+    -- what the kit deployed goes (a backend may keep finished containers
+    -- or jobs until stop), then the daemon the local backend's run() starts
+    for _, d in ipairs(orch:store():deployments()) do
+      if d.name:sub(-#suffix - 1) == "-" .. suffix then pcall(orch.stop, orch, d.name, {}) end
+    end
+    H.stop_daemon(orch:store().home)
   end)
 
   it("package builds a record with an id and a content hash", function()
@@ -100,6 +105,33 @@ describe("conformance: backend '" .. backend .. "'", function()
       if s == "CANCELLED" then assert.is_true(seen_cancelling, "CANCELLING came before CANCELLED") ; assert.are.equal(#history, i) end
     end
     H.wait_until(function() return processes_matching("sleep " .. marker) == 0 end, 30, "no process left")
+  end)
+
+  it("cancel ends one run (CANCELLING then CANCELLED, no process left); the deployment stays runnable", function()
+    local name = "conf-cancel-" .. suffix
+    orch:deploy(name, { package = pkg.id, params = { mode = "long" } })
+    local marker = tostring(5000 + math.random(1, 4000)) .. ".75"
+    local id = orch:run(name, { marker = marker })
+    wait_state(id, "RUNNING")
+    H.wait_until(function() return processes_matching("sleep " .. marker) >= 2 end, deadline, "children to start")
+    local r = orch:cancel(id)
+    assert.are.equal("CANCELLED", r.state)
+    assert.are.equal("CANCELLED", orch:status(id).state)
+    local history = {}
+    for _, s in ipairs(orch:store():flow_run_states(id)) do history[#history + 1] = s.state end
+    assert.are.same({ "CANCELLING", "CANCELLED" }, { history[#history - 1], history[#history] })
+    H.wait_until(function() return processes_matching("sleep " .. marker) == 0 end, 30, "no process left")
+    -- not paused: a new run of the deployment starts (and is cancelled too)
+    local again = orch:run(name, { marker = marker })
+    wait_state(again, "RUNNING")
+    assert.are.equal("CANCELLED", orch:cancel(again).state)
+    H.wait_until(function() return processes_matching("sleep " .. marker) == 0 end, 30, "no process left")
+    local ok, err = pcall(orch.cancel, orch, again)
+    assert.is_false(ok)
+    assert.matches("only active runs can be cancelled", tostring(err))
+    ok, err = pcall(orch.cancel, orch, "ffffffffffff")
+    assert.is_false(ok)
+    assert.matches("unknown run", tostring(err))
   end)
 
   it("an unknown deployment gives a clear error naming it", function()
