@@ -733,8 +733,7 @@ end
 function Docker:stop(name, opts)
   opts = opts or {}
   local store = self:store()
-  local d = store:deployment(name)
-  if not d then error("unknown deployment '" .. tostring(name) .. "'", 0) end
+  self:deployment_of(name)
   -- ask the engine first: if it cannot answer, nothing changes
   local label = LABEL .. "=" .. name
   local containers, services = self:find_labelled(label, "docker.stop")
@@ -762,10 +761,7 @@ function Docker:cancel(run_id)
   local store = self:store()
   -- reconcile first (it raises, changing nothing, when the engine is down):
   -- a run whose container already ended is not cancelled but reported
-  local r = self:reconcile(self:find_run(run_id))
-  if not states.active[r.state] then
-    error("run " .. r.id .. " is " .. r.state .. ": only active runs can be cancelled", 0)
-  end
+  local r = self:cancellable_run(run_id)
   local label = "drover.run=" .. r.id
   local containers, services = self:find_labelled(label, "docker.cancel")
   store:set_flow_state(r.id, states.CANCELLING, "cancel requested")

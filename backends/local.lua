@@ -164,13 +164,30 @@ function Local:run_url(id)
   return ok and url or fallback
 end
 
+--- Deployment NAME's row; raises "unknown deployment 'NAME'" when there is none.
+function Local:deployment_of(name)
+  local d = self:store():deployment(name)
+  if not d then error("unknown deployment '" .. tostring(name) .. "'", 0) end
+  return d
+end
+
+--- Run `run_id`, brought in line with what really runs (self:status: the
+-- backend's reap or reconcile), if it can still be cancelled; else one line
+-- saying what state it is in.  Every backend's cancel starts here.
+function Local:cancellable_run(run_id)
+  local r = self:status(run_id)
+  if not states.active[r.state] then
+    error("run " .. r.id .. " is " .. tostring(r.state) .. ": only active runs can be cancelled", 0)
+  end
+  return r
+end
+
 --- Deployment NAME, ready for a new run: raises one clear line if it is
 -- unknown, stopped, or already has max_active active runs.  Every
 -- backend's run starts here.
 function Local:runnable_deployment(name)
   local store = self:store()
-  local d = store:deployment(name)
-  if not d then error("unknown deployment '" .. tostring(name) .. "'", 0) end
+  local d = self:deployment_of(name)
   if d.backend ~= self.backend_name then
     error("deployment '" .. name .. "' belongs to backend '" .. d.backend .. "', not '" .. self.backend_name .. "'", 0)
   end
@@ -303,8 +320,7 @@ end
 
 function Local:stop(name, opts)
   local store = self:store()
-  local d = store:deployment(name)
-  if not d then error("unknown deployment '" .. tostring(name) .. "'", 0) end
+  self:deployment_of(name)
   store:set_paused(name, true)
   local runs = store:flow_runs { deployment = name, active = true, limit = 100000 }
   return { name = name, cancelled = self:cancel_runs(runs, "stopped", "stop requested") }
@@ -313,10 +329,7 @@ end
 --- Cancel one active run (the deployment stays active); returns its record
 -- once the run has really ended.
 function Local:cancel(run_id)
-  local r = self:find_run(run_id)
-  if not states.active[r.state] then
-    error("run " .. r.id .. " is " .. r.state .. ": only active runs can be cancelled", 0)
-  end
+  local r = self:cancellable_run(run_id)
   self:cancel_runs({ r }, "cancelled", "cancel requested")
   return self:store():flow_run(r.id)
 end

@@ -909,8 +909,7 @@ end
 -- Slurm job named "drover:NAME" (runs, arrays, tasks with resources).
 function Slurm:stop(name, opts)
   local store = self:store()
-  local d = store:deployment(name)
-  if not d then error("unknown deployment '" .. tostring(name) .. "'", 0) end
+  self:deployment_of(name)
   store:set_paused(name, true)
   local runs = store:flow_runs { deployment = name, active = true, limit = 100000 }
   local stopped, ids = self:cancel_with_jobs(runs, self:jobs_of(name), "stop requested", "stopped")
@@ -946,10 +945,7 @@ end
 function Slurm:cancel(run_id)
   local r = self:find_run(run_id)
   if r.backend ~= "slurm" and Local.cancel then return Local.cancel(self, run_id) end
-  r = self:reconcile(r) -- a job that already ended ends its run first
-  if not states.active[r.state] then
-    error("run " .. r.id .. " is " .. tostring(r.state) .. ": only active runs can be cancelled", 0)
-  end
+  r = self:cancellable_run(r.id) -- a job that already ended ends its run first
   self:cancel_with_jobs({ r }, self:jobs_of_run(r), "cancel requested", "cancelled")
   return self:status(r.id)
 end
