@@ -353,7 +353,7 @@ end
 --- Where to watch a run: the dashboard when a daemon serves the store (as
 -- local's), else the engine's own record of the container or service.
 function Docker:run_url(id, mode)
-  local url = os.getenv("DROVER_DAEMON") ~= "0" and Local.run_url(self, id) or nil
+  local url = os.getenv("DROVER_DAEMON") ~= "0" and Local.run_url(self, id, (self:daemon_url())) or nil
   if url and not url:match("^file:") then return url end
   return "http+unix://" .. urlencode(self:socket()) ..
     (mode == "swarm" and "/services/" or "/containers/") .. "drover-" .. id .. "/json"

@@ -13,7 +13,6 @@
 --   cancel   the same for one run; the deployment stays active
 local drover = require "drover"
 local fs = require "drover.fs"
-local json = require "drover.json"
 local states = require "drover.states"
 local store_mod = require "drover.store"
 
@@ -135,14 +134,12 @@ function Local:drover_bin()
   return "drover"
 end
 
---- Where to watch run `id`: the dashboard of the daemon serving this store
--- (started here, detached, if none runs: `drover serve --port 0 --auto`),
--- or the worker's log file when no daemon can be had (DROVER_DAEMON=0, or
--- it did not start in time).  Never fails the run.
-function Local:run_url(id)
+--- The URL of the daemon serving this store (started here, detached, if
+-- none runs: `drover serve --port 0 --auto`), or nil and why there is none
+-- (DROVER_DAEMON=0, or it did not start in time).
+function Local:daemon_url()
   local home = self:store().home
-  local fallback = "file://" .. home .. "/runs/" .. id .. "/worker.log"
-  if os.getenv("DROVER_DAEMON") == "0" then return fallback end
+  if os.getenv("DROVER_DAEMON") == "0" then return nil, "DROVER_DAEMON=0" end
   local ok, url = pcall(function()
     local daemon = require "drover.daemon"
     local info = daemon.running(home)
@@ -159,9 +156,17 @@ function Local:run_url(id)
       until info or drover.now() > deadline or not p:is_running()
       info = info or daemon.running(home)
     end
-    return info and type(info.url) == "string" and (info.url .. "/runs/" .. id) or nil
+    return info and type(info.url) == "string" and info.url or nil
   end)
-  return ok and url or fallback
+  if ok and url then return url end
+  return nil, "no daemon started for " .. home .. (ok and "" or (": " .. tostring(url)))
+end
+
+--- Where to watch run `id`: its page on the daemon's dashboard, or the
+-- worker's log file when no daemon can be had.  Never fails the run.
+function Local:run_url(id, daemon)
+  if daemon then return daemon .. "/runs/" .. id end
+  return "file://" .. self:store().home .. "/runs/" .. id .. "/worker.log"
 end
 
 --- Deployment NAME's row; raises "unknown deployment 'NAME'" when there is none.
@@ -215,13 +220,24 @@ function Local:run(name, params, opts)
   local id = store_mod.new_id()
   local dir = store.home .. "/runs/" .. id
   fs.mkdir(dir)
-  local url = self:run_url(id)
+  -- a daemon serves the store: the worker reports to it over HTTP (the
+  -- same path as a worker on another host), with a token of its own run
+  local api, why = self:daemon_url()
+  local url = self:run_url(id, api)
   store:create_flow_run { id = id, name = name, deployment = name, backend = "local",
     state = states.PENDING, params = merged, source = opts.source or { kind = "deployment" },
     resumed_from = opts.resumed_from, url = url }
-  local proc, err = drover.proc.spawn({ self:drover_bin(), "worker", id }, {
-    detach = true, stdin = "", stdout = dir .. "/worker.log", stderr = dir .. "/worker.log",
-    env = { DROVER_HOME = store.home },
+  local argv, env = { self:drover_bin(), "worker", id }, { DROVER_HOME = store.home }
+  if api then
+    argv[#argv + 1] = "--api"
+    argv[#argv + 1] = api
+    env = { DROVER_HOME = false, DROVER_RUN_TOKEN = require("drover.run_token").issue(store, id),
+      DROVER_SPOOL_DIR = dir .. "/spool" }
+  elseif why ~= "DROVER_DAEMON=0" then -- (asked for: nothing to explain)
+    store:log(id, nil, "info", "the worker writes the store directly: " .. why)
+  end
+  local proc, err = drover.proc.spawn(argv, {
+    detach = true, stdin = "", stdout = dir .. "/worker.log", stderr = dir .. "/worker.log", env = env,
   })
   if not proc then
     store:set_flow_state(id, states.CRASHED, "worker did not start: " .. tostring(err))
@@ -318,7 +334,7 @@ function Local:cancel_runs(runs, why, requested)
   return ids
 end
 
-function Local:stop(name, opts)
+function Local:stop(name, _opts)
   local store = self:store()
   self:deployment_of(name)
   store:set_paused(name, true)
@@ -336,50 +352,12 @@ end
 
 -- ---- the worker side --------------------------------------------------------------------
 
---- Runs inside `drover worker RUN_ID`: unpack the package, load the class,
--- decorate it, call the entrypoint as the flow run.  Returns the exit code.
+--- Runs inside `drover worker RUN_ID` in shared-filesystem mode (the store
+-- under DROVER_HOME); `drover worker --api` runs drover.worker's remote
+-- source instead.  Returns the exit code.
 function Local:work(run_id)
-  local tracker = require "drover.tracker"
-  local store = self:store()
-  local r = store:flow_run(run_id)
-  if not r then error("unknown run '" .. tostring(run_id) .. "'", 0) end
-  local d = store:deployment(r.deployment)
-  local p = d and store:package(d.package_id)
-  if not p then
-    store:set_flow_state(run_id, states.CRASHED, "package of deployment '" .. tostring(r.deployment) .. "' is missing")
-    return 1
-  end
-  local dir = store.home .. "/runs/" .. run_id .. "/bundle"
-  fs.remove(dir, { recursive = true })
-  fs.mkdir(dir)
-  local ok, err = fs.untar(p.location, dir)
-  if not ok then
-    store:set_flow_state(run_id, states.CRASHED, "bad package: " .. tostring(err))
-    return 1
-  end
-  package.path = dir .. "/src/?.lua;" .. dir .. "/src/?/init.lua;" .. package.path
-  local flow = tracker.begin_flow { id = run_id, name = r.name, store = store, pid = drover.pid(),
-    resumed_from = r.resumed_from }
-  local function on_term() flow:cancel("stopped") end
-  local s1 = drover.on_signal("TERM", on_term)
-  local s2 = drover.on_signal("INT", on_term)
-  local restore_print = tracker.capture_print()
-  local params = store_mod.decode(r.params) or {}
-  local run_ok = flow:run(function()
-    local mod = require(p.module)
-    local cls = mod
-    if p.class and type(mod) == "table" and type(mod[p.class]) == "table" then cls = mod[p.class] end
-    if type(cls) ~= "table" then error("module '" .. p.module .. "' did not return a class", 0) end
-    drover.decorate(cls, self)
-    local obj = cls.new and cls:new(params) or cls
-    local ep = obj[p.entrypoint]
-    if type(ep) ~= "function" then error("class has no method '" .. tostring(p.entrypoint) .. "'", 0) end
-    return ep(obj, params)
-  end)
-  restore_print()
-  s1:stop(); s2:stop()
-  store:flush()
-  return run_ok and 0 or 1
+  local worker = require "drover.worker"
+  return worker.run(self, worker.direct(self:store(), run_id))
 end
 
 return Local

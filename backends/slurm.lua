@@ -659,7 +659,7 @@ end
 
 function Slurm:run_url(id, fallback)
   if os.getenv("DROVER_DAEMON") == "0" then return fallback end
-  local url = Local.run_url(self, id)
+  local url = Local.run_url(self, id, (self:daemon_url()))
   if url:match("^file://") then return fallback end
   return url
 end

@@ -525,7 +525,6 @@ describe("drover serve", function()
       assert.are.equal(0, (drv({ "deploy", "capped", "--package", pkg, "--schedule", "0 0 1 1 *",
         "--max-active", "1", "go=" .. go }, env)))
       local A, B = assert(daemon_mod.new { home = dir }), assert(daemon_mod.new { home = dir })
-      A:init_schedule()
       local Y = cron.parse("0 0 1 1 *"):next(os.time())
       local Y2 = cron.parse("0 0 1 1 *"):next(Y)
       local function n(name) return store:value("SELECT count(*) FROM flow_runs WHERE deployment = ?", name) end

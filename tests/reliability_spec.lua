@@ -26,8 +26,8 @@ describe("reliability", function()
 
   local function drv(args) return H.drover(args, { env = env }) end
 
-  local function serve()
-    local p, i = H.serve(home, nil, env)
+  local function serve(port)
+    local p, i = H.serve(home, { "--port", port or "0" }, env)
     daemons[#daemons + 1] = p
     return p, i
   end
@@ -136,7 +136,8 @@ describe("reliability", function()
 
     drover.kill(daemon.pid, "KILL")
     daemon:wait(30)
-    daemon, info = serve()
+    -- back at the same address: the workers report there over HTTP
+    daemon, info = serve(info.url:match(":(%d+)$"))
     assert.is_true(drover.fs.write(go, "go"))
     for i, id in ipairs(ids) do
       local r = wait_state(id, "COMPLETED", 60)

@@ -570,7 +570,7 @@ static int drv__req_k(lua_State *L, int status, lua_KContext ctx);
  * core.http.request(opts [, json_body]) -> response | nil, message
  *
  * opts: url (required), method, headers, body, timeout (seconds),
- * unix_socket, on_chunk, insecure.  json_body (internal, from http.lua) is
+ * unix_socket, on_chunk, insecure, ca_file.  json_body (internal, from http.lua) is
  * an already-encoded body that also defaults content-type to JSON.
  */
 static int drv__l_request(lua_State *L) {
@@ -579,7 +579,7 @@ static int drv__l_request(lua_State *L) {
   drv_req *r;
   drv_req_box *box;
   drv_wait w;
-  const char *url, *method, *unix_socket, *body = NULL;
+  const char *url, *method, *unix_socket, *ca_file, *body = NULL;
   size_t body_len = 0;
   double timeout;
   int insecure, has_ctype = 0, has_expect = 0, is_json = 0, hdr_idx = 0, cb_idx = 0;
@@ -599,6 +599,7 @@ static int drv__l_request(lua_State *L) {
   lua_pop(L, 1);
   method = drv__opt_string(L, 1, FN, "method", NULL);
   unix_socket = drv__opt_string(L, 1, FN, "unix_socket", NULL);
+  ca_file = drv__opt_string(L, 1, FN, "ca_file", NULL);
   timeout = drv__opt_number(L, 1, FN, "timeout", 0);
   if (!(timeout >= 0) || timeout > 1e9)
     return luaL_error(L, "%s: bad option 'timeout' (seconds, from 0 = none to 1e9)", FN);
@@ -707,6 +708,7 @@ static int drv__l_request(lua_State *L) {
     curl_easy_setopt(e, CURLOPT_TIMEOUT_MS, ms < 1 ? 1L : ms);
   }
   if (unix_socket) curl_easy_setopt(e, CURLOPT_UNIX_SOCKET_PATH, unix_socket);
+  if (ca_file) curl_easy_setopt(e, CURLOPT_CAINFO, ca_file); /* a private CA (drover serve --tls-cert) */
   if (insecure) {
     curl_easy_setopt(e, CURLOPT_SSL_VERIFYPEER, 0L);
     curl_easy_setopt(e, CURLOPT_SSL_VERIFYHOST, 0L);

@@ -493,41 +493,96 @@ command("backends", "list the backends drover can load, and where from", {
   return EXIT_OK
 end)
 
-command("serve", "run the daemon: dashboard, JSON API, events, metrics, reaper", {
+command("serve", "run the daemon: dashboard, JSON API, worker protocol, events, metrics, reaper", {
   args = "[--port N] [--bind ADDR] [--token T]",
   flags = { port = { short = "p", arg = true, help = "TCP port (default 8765; 0 picks a free one)" },
     bind = { arg = true, help = "address to listen on (default 127.0.0.1; others need a token)" },
     token = { arg = true, help = "require this bearer token (default: $DROVER_TOKEN)" },
+    ["public-url"] = { arg = true, help = "the URL workers and browsers reach this server by (its host is accepted)" },
+    heartbeat = { arg = true, help = "seconds between workers' heartbeats (default 10); 3 missed end a run CRASHED" },
+    ["max-body"] = { arg = true, help = "largest request body in bytes (default 16 MiB)" },
+    ["tls-cert"] = { arg = true, help = "serve HTTPS with this certificate (PEM; needs --tls-key)" },
+    ["tls-key"] = { arg = true, help = "the certificate's private key (PEM)" },
     auto = { help = "(internal) started by drover run: exit if a daemon already runs" } },
 }, function(opts)
   local port = opts.port and math.tointeger(tonumber(opts.port))
   if opts.port and (not port or port < 0 or port > 65535) then
     usage_error("drover serve: --port must be a port number (0-65535)")
   end
-  local token = opts.token or os.getenv("DROVER_TOKEN")
-  return require("drover.daemon").serve { port = port, bind = opts.bind, token = token, auto = opts.auto }
+  local heartbeat = opts.heartbeat and tonumber(opts.heartbeat)
+  if opts.heartbeat and (not heartbeat or heartbeat <= 0 or heartbeat ~= heartbeat or heartbeat > 86400) then
+    usage_error("drover serve: --heartbeat must be a number of seconds (0 < N <= 86400)")
+  end
+  local max_body = opts["max-body"] and math.tointeger(tonumber(opts["max-body"]))
+  if opts["max-body"] and (not max_body or max_body < 1024) then
+    usage_error("drover serve: --max-body must be a number of bytes (at least 1024)")
+  end
+  if opts["public-url"] and not opts["public-url"]:match("^https?://[^/]") then
+    usage_error("drover serve: --public-url must be an http:// or https:// URL")
+  end
+  if (opts["tls-cert"] == nil) ~= (opts["tls-key"] == nil) then
+    usage_error("drover serve: --tls-cert and --tls-key go together")
+  end
+  local tls = opts["tls-cert"] and { cert = opts["tls-cert"], key = opts["tls-key"] } or nil
+  local token = opts.token or require("drover.api_client").token_from_env("DROVER_TOKEN")
+  return require("drover.daemon").serve { port = port, bind = opts.bind, token = token, auto = opts.auto,
+    public_url = opts["public-url"], heartbeat = heartbeat, max_body = max_body, tls = tls }
 end)
 
 command("worker", "(internal) run one flow run (or, with --call, one task call of it)", {
-  args = "RUN_ID [CALL_ID]", flags = { call = { help = "run call CALL_ID of run RUN_ID (a backend's remote task)" } },
+  args = "RUN_ID [CALL_ID] [--api URL]",
+  flags = { call = { help = "run call CALL_ID of run RUN_ID (a backend's remote task)" },
+    api = { arg = true, help = "report to drover serve at URL (default: $DROVER_API); the run's token comes from "
+      .. "$DROVER_RUN_TOKEN or the file $DROVER_RUN_TOKEN_FILE names" },
+    ["ca-file"] = { arg = true, help = "CA bundle to verify the server's TLS certificate (default: $DROVER_CA_FILE)" } },
 }, function(opts, pos)
   local id = pos[1] or usage_error("drover worker: missing RUN_ID")
-  -- the run's own backend, configured as deployed, so its decorator shapes
-  -- the calls (slurm: tasks with resources become jobs); the local one when
-  -- that backend cannot be loaded here (e.g. not on this worker's path)
-  local store = require("drover.tracker").default_store()
-  local run = store:find_flow_run(id)
-  local ok, o = false, nil
-  if run then ok, o = pcall(require("drover.orchestrator").for_run, store, run) end
-  if not ok then o = orchestrator_for({}, "local") end
+  local worker = require "drover.worker"
+  local api = opts.api or os.getenv("DROVER_API")
+  if api == "" then api = nil end
+  local source, o
+  if api then
+    local token = require("drover.api_client").token_from_env("DROVER_RUN_TOKEN")
+    if not token then usage_error("drover worker: --api needs the run's token in DROVER_RUN_TOKEN or DROVER_RUN_TOKEN_FILE") end
+    source = worker.remote(id, { url = api, token = token, ca_file = opts["ca-file"] or os.getenv("DROVER_CA_FILE"),
+      heartbeat = tonumber(os.getenv("DROVER_HEARTBEAT") or ""),
+      delivery_timeout = tonumber(os.getenv("DROVER_DELIVERY_TIMEOUT") or "") })
+    local ok, job = pcall(source.job, source)
+    if not ok then error("drover worker: run " .. id .. ": " .. tostring(job), 0) end
+    o = worker.backend_of(job)
+    o._store = source:sink({}) -- the backend tracks through the server, never a store here
+  else
+    -- the run's own backend, configured as deployed, so its decorator
+    -- shapes the calls (slurm: tasks with resources become jobs)
+    local store = require("drover.tracker").default_store()
+    local run = store:find_flow_run(id)
+    if not run then error("unknown run '" .. tostring(id) .. "'", 0) end
+    o = load_backend(require("drover.orchestrator").for_run, store, run)
+    source = worker.direct(store, run.id)
+  end
   if opts.call then
     local call = pos[2] or usage_error("drover worker: --call needs RUN_ID CALL_ID")
     if type(o.work_call) ~= "function" then
       usage_error("drover worker: backend '" .. tostring(o.name) .. "' runs no remote calls")
     end
-    return o:work_call(id, call)
+    return o:work_call(id, call, source)
   end
-  return o:work(id)
+  return worker.run(o, source)
+end)
+
+command("replay", "send the events a worker kept in its spool to the server", {
+  args = "SPOOL_FILE [--api URL]",
+  flags = { api = { arg = true, help = "the server (default: the URL the spool names, or $DROVER_API)" },
+    ["ca-file"] = { arg = true, help = "CA bundle to verify the server's TLS certificate" } },
+}, function(opts, pos)
+  local file = pos[1] or usage_error("drover replay: missing SPOOL_FILE")
+  local token = require("drover.api_client").token_from_env("DROVER_TOKEN")
+    or require("drover.api_client").token_from_env("DROVER_RUN_TOKEN")
+  local n, msg = require("drover.replay").file(file, { api = opts.api or os.getenv("DROVER_API"), token = token,
+    ca_file = opts["ca-file"] or os.getenv("DROVER_CA_FILE") })
+  if not n then error(msg, 0) end
+  print(string.format("replayed %d event(s) of run %s", n, msg))
+  return EXIT_OK
 end)
 
 -- ---- help and dispatch ----------------------------------------------------------------------

@@ -31,9 +31,12 @@ local cron = require "drover.cron"
 local fs = require "drover.fs"
 local json = require "drover.json"
 local orchestrator = require "drover.orchestrator"
+local request_guard = require "drover.request_guard"
 local server = require "drover.server"
 local states = require "drover.states"
 local store_mod = require "drover.store"
+local client_api = require "drover.client_api"
+local worker_api = require "drover.worker_api"
 
 local M = {}
 
@@ -42,18 +45,19 @@ M.POLL_INTERVAL = 0.5
 M.REAP_INTERVAL = 2
 M.REMOTE_CHECK_INTERVAL = 5
 M.SCHEDULE_INTERVAL = 1
+--- Seconds between a worker's heartbeats (told to workers when they
+-- fetch their run); a run silent for HEARTBEAT_MISSES of them is asked
+-- about, then ended CRASHED.
+M.HEARTBEAT = 10
+M.HEARTBEAT_MISSES = 3
+--- Largest request body, in bytes (a package bundle is the largest thing
+-- a client sends).
+M.MAX_BODY = 16 * 1024 * 1024
 --- A fire time later than this (seconds) is skipped, not caught up: after
 -- downtime a deployment resumes with its next fire time, not a backlog.
 M.MISFIRE_GRACE = 10
 
--- Not a store migration: only the daemon reads or writes it.  dep_updated is
--- the deployment's `updated` when the row was (re)based: a redeploy, a new
--- schedule or a pause and resume starts counting afresh from that moment.
-local SCHEDULE_TABLE = [[CREATE TABLE IF NOT EXISTS daemon_schedule(
-    deployment TEXT PRIMARY KEY, schedule TEXT NOT NULL, dep_updated REAL NOT NULL,
-    last_fire REAL NOT NULL)]]
-
-local LOOPBACK = { ["127.0.0.1"] = true, ["::1"] = true, ["localhost"] = true }
+local LOOPBACK = request_guard.LOOPBACK_BINDS
 local ACTIVE = { "RUNNING", "PENDING", "CANCELLING" }
 local ALL_STATES = { "SCHEDULED", "PENDING", "RUNNING", "COMPLETED", "FAILED", "CANCELLING",
   "CANCELLED", "CRASHED" }
@@ -73,14 +77,6 @@ function M.running(home)
 end
 
 -- ---- helpers -------------------------------------------------------------------------
-
--- Equal strings in time independent of where they differ.
-local function same(a, b)
-  if type(a) ~= "string" or type(b) ~= "string" or #a ~= #b then return false end
-  local diff = 0
-  for i = 1, #a do diff = diff | (a:byte(i) ~ b:byte(i)) end
-  return diff == 0
-end
 
 local function err(status, message) return server.json(status, { error = message }) end
 
@@ -128,7 +124,10 @@ local Daemon = {}
 Daemon.__index = Daemon
 
 --- opts: port (default 8765, 0 = any free one), bind (default 127.0.0.1),
--- token, home, auto (started by `drover run`: yield to another live daemon).
+-- token, home, auto (started by `drover run`: yield to another live daemon),
+-- public_url (the URL others reach this server by: its host is accepted
+-- in Host headers), heartbeat (seconds), max_body (bytes), tls ({cert =
+-- PEM file, key = PEM file}: serve HTTPS).
 -- Returns a daemon or nil, message.
 function M.new(opts)
   opts = opts or {}
@@ -142,39 +141,34 @@ function M.new(opts)
   if not store then return nil, serr end
   local self = setmetatable({ bind = bind, token = token, store = store, home = store.home,
     port = opts.port or M.DEFAULT_PORT, auto = opts.auto, stopping = false,
-    stop_event = drover.event(), tasks = {}, check_errors = {} }, Daemon)
+    stop_event = drover.event(), tasks = {}, check_errors = {},
+    heartbeat = opts.heartbeat or M.HEARTBEAT, max_body = opts.max_body or M.MAX_BODY, tls = opts.tls,
+    guard = request_guard.new { bind = bind, public_url = opts.public_url, token = token } }, Daemon)
   self.orch = drover.orchestrator("local", { home = store.home })
   return self
 end
 
-function Daemon:authorized(req)
-  if not self.token then return true end
-  local h = req.headers.authorization
-  if h and same(h:match("^[Bb]earer%s+(.-)%s*$"), self.token) then return true end
-  local q = req.args.token
-  if type(q) == "string" and same(q, self.token) then return true, true end
-  local c = req.headers.cookie
-  if c and same(c:match("drover_token=([^;%s]+)"), self.token) then return true end
-  return false
-end
-
 function Daemon:start()
   local srv, lerr = server.listen {
-    host = self.bind, port = self.port,
+    host = self.bind, port = self.port, max_body = self.max_body, tls = self.tls,
     handler = function(req, res) return self:handle(req, res) end,
     on_error = function(e) io.stderr:write("drover serve: handler error: ", tostring(e):match("[^\n]*"), "\n") end,
   }
   if not srv then return nil, lerr end
   self.srv = srv
   local host = self.bind == "::1" and "[::1]" or (self.bind == "localhost" and "127.0.0.1" or self.bind)
-  self.url = "http://" .. host .. ":" .. srv.port
+  self.url = (self.tls and "https://" or "http://") .. host .. ":" .. srv.port
+  -- ca_file: what a worker started on this host verifies the server with.
+  -- The server's own certificate does (curl trusts a certificate listed in
+  -- its CA file even when it is not a root), so a self-signed one works.
+  local ca_file = self.tls and self.tls.cert
+  if ca_file and ca_file:sub(1, 1) ~= "/" then ca_file = drover.cwd() .. "/" .. ca_file end
   local ok, werr = fs.write(M.daemon_file(self.home),
-    json.encode { pid = drover.pid(), port = srv.port, url = self.url, bind = self.bind })
+    json.encode { pid = drover.pid(), port = srv.port, url = self.url, bind = self.bind, ca_file = ca_file })
   if not ok then srv:close(); return nil, werr end
+  self.started = store_mod.time()
   self.tasks[#self.tasks + 1] = drover.spawn(function() self:reaper() end)
   self.tasks[#self.tasks + 1] = drover.spawn(function() self:remote_checker() end)
-  local tok, terr = pcall(self.init_schedule, self)
-  if not tok then srv:close(); return nil, terr end
   self.tasks[#self.tasks + 1] = drover.spawn(function() self:scheduler() end)
   return self
 end
@@ -210,6 +204,7 @@ function Daemon:reaper()
         self:note_check(r.id, pcall(self.orch.reap, self.orch, r))
       end
     end
+    self:reap_silent()
     if self.auto then
       local info = M.running(self.home)
       if info and info.pid ~= drover.pid() then
@@ -220,10 +215,34 @@ function Daemon:reaper()
   end
 end
 
+--- Runs whose worker reports over HTTP and has sent nothing for
+-- HEARTBEAT_MISSES heartbeat intervals (counted from this daemon's start
+-- at the earliest: a restarted server gives its workers time to find it
+-- again) are asked about through their backend's liveness hook; unless it
+-- says the work is still going, they end CRASHED.
+function Daemon:reap_silent()
+  local limit = self.heartbeat * M.HEARTBEAT_MISSES
+  local before = store_mod.time() - limit
+  if self.started > before then return end
+  for _, r in ipairs(self.store:silent_runs(before)) do
+    local ok, alive = pcall(function()
+      local o = r.backend == "local" and self.orch or orchestrator.for_run(self.store, r)
+      return o:is_alive(r)
+    end)
+    if ok and alive == true then
+      self.store:update_flow_run(r.id, { heartbeat = store_mod.time() - limit / 2 })
+    else
+      self.store:end_flow_run(r.id, states.CRASHED, string.format(
+        "no heartbeat from its worker for %.0f s (%d intervals of %g s)%s", store_mod.time() - r.heartbeat,
+        M.HEARTBEAT_MISSES, self.heartbeat, ok and "" or ("; its backend could not be asked: " .. tostring(alive))))
+    end
+  end
+end
+
 --- A check of run `id` that failed is reported once per distinct message
 -- (a backend that stays down would otherwise fill the log every sweep).
-function Daemon:note_check(id, ok, err)
-  local msg = not ok and tostring(err) or nil
+function Daemon:note_check(id, ok, why)
+  local msg = not ok and tostring(why) or nil
   if msg and self.check_errors[id] ~= msg then
     io.stderr:write("drover serve: checking run ", id, ": ", msg, "\n")
   end
@@ -246,12 +265,12 @@ function Daemon:remote_checker()
       for _, r in ipairs(self.store:flow_runs { state = st, limit = 10000 }) do
         local key = (r.deployment or "") .. "\0" .. r.backend
         if r.backend ~= "local" and not down[key] and not self.stopping then
-          local ok, err = pcall(function()
+          local ok, why = pcall(function()
             backends[key] = backends[key] or orchestrator.for_run(self.store, r)
             return backends[key]:status(r.id)
           end)
           if not ok then down[key] = true end
-          self:note_check(r.id, ok, err)
+          self:note_check(r.id, ok, why)
         end
       end
     end
@@ -267,8 +286,6 @@ local function log(...)
 end
 
 local function stamp(t) return os.date("%Y-%m-%d %H:%M:%S %z", math.floor(t)) end
-
-function Daemon:init_schedule() self.store.db:exec(SCHEDULE_TABLE) end
 
 -- Right after start, then every SCHEDULE_INTERVAL seconds.
 function Daemon:scheduler()
@@ -386,13 +403,23 @@ end
 -- ---- routes --------------------------------------------------------------------------------
 
 function Daemon:handle(req, res)
-  local ok, via_query = self:authorized(req)
-  if not ok then
-    return 401, { ["content-type"] = "application/json", ["www-authenticate"] = 'Bearer realm="drover"' },
-      json.encode { error = "unauthorized: a token is required" }
+  local who, refusal = request_guard.check(self.guard, req, function(d) return self.store:run_by_token(d) end)
+  if not who then
+    local h = refusal.headers or {}
+    h["content-type"] = "application/json"
+    return refusal.status, h, json.encode { error = refusal.message }
   end
+  if req.path:sub(1, 8) == "/api/v1/" then
+    local st, h, body = worker_api.route(self, req, who)
+    if st then return st, h, body end
+    if not who.run_id then
+      st, h, body = client_api.route(self, req, who)
+      if st then return st, h, body end
+    end
+  end
+  if who.run_id then return err(403, "forbidden: a run's token may use its run's worker endpoints only") end
   local st, h, body = self:route(req, res)
-  if via_query and type(h) == "table" then
+  if who.via_query and type(h) == "table" then
     -- let the browser load the page's assets and call the API without ?token=
     h["set-cookie"] = "drover_token=" .. self.token .. "; Path=/; HttpOnly; SameSite=Strict"
   end

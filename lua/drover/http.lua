@@ -29,6 +29,8 @@
 --                requests); an error in it aborts the transfer and is
 --                returned as nil, message.
 --   insecure     true: do not verify the TLS certificate
+--   ca_file      path: verify the server's certificate against this CA
+--                bundle (PEM) instead of the system's
 --
 -- response: { status = 200, headers = { ["content-type"] = ... }, body = "",
 --             json = <decoded>, json_error = <message> }
@@ -59,7 +61,7 @@ local crequest = core.http.request
 
 local known = {
   url = true, method = true, headers = true, body = true, json = true, timeout = true,
-  unix_socket = true, on_chunk = true, insecure = true,
+  unix_socket = true, on_chunk = true, insecure = true, ca_file = true,
 }
 
 local function check_opts(fname, opts, level)

@@ -100,6 +100,13 @@ for _, op in ipairs { "package", "deploy", "run", "stop", "cancel", "status", "l
   Base[op] = unimplemented(op)
 end
 
+--- The liveness hook: is the work of run `r` (a store row) still going,
+-- as far as this backend can tell?  true or false; nil when it cannot say
+-- (the default).  The server asks it before it ends a run whose worker
+-- stopped sending heartbeats, and the conformance kit uses it to see that
+-- a cancelled run's work has really ended, wherever the work runs.
+function Base:is_alive(_run) return nil end
+
 --- Is a method of a class of this integration type a flow or a task run?
 function Base:kind_of(cls)
   local t = cls and rawget(cls, "integration_type")

@@ -15,7 +15,7 @@ local M = {}
 local Store = {}
 Store.__index = Store
 
-M.SCHEMA_VERSION = 2
+M.SCHEMA_VERSION = 3
 
 -- Each migration takes the store from version i-1 to i.  Never edit one
 -- that has shipped: add the next.
@@ -60,6 +60,23 @@ local migrations = {
   -- run, stop, status and the daemon reach the backend the same way later
   [2] = [[
     ALTER TABLE deployments ADD COLUMN backend_config TEXT;
+  ]],
+  -- workers that report over HTTP (the worker protocol, docs/protocol.md):
+  -- the hash of each run's own token, the last event sequence number the
+  -- server applied for it, the calls a backend runs as jobs of their own
+  -- (slurm `resources`) with their results, and the scheduler's fire
+  -- times (once created by the daemon outside the migrations).
+  [3] = [[
+    ALTER TABLE flow_runs ADD COLUMN token_hash TEXT;
+    ALTER TABLE flow_runs ADD COLUMN event_seq INTEGER NOT NULL DEFAULT 0;
+    CREATE UNIQUE INDEX flow_runs_by_token ON flow_runs(token_hash) WHERE token_hash IS NOT NULL;
+    CREATE TABLE run_calls(
+      id TEXT PRIMARY KEY, flow_run_id TEXT NOT NULL, task_run_id TEXT, spec TEXT NOT NULL,
+      state TEXT NOT NULL, result TEXT, created REAL NOT NULL, ended REAL);
+    CREATE INDEX run_calls_by_run ON run_calls(flow_run_id);
+    CREATE TABLE IF NOT EXISTS daemon_schedule(
+      deployment TEXT PRIMARY KEY, schedule TEXT NOT NULL, dep_updated REAL NOT NULL,
+      last_fire REAL NOT NULL);
   ]],
 }
 
@@ -349,27 +366,36 @@ function Store:task_run_started(t)
   if self.npending > 0 then self.inserting[t.id] = self.pending[self.npending] end
 end
 
-function Store:task_run_state(id, state, message, attempts)
+-- `flow_run_id`, when given, confines the update to that run's task runs
+-- (the server applying a worker's events: a run's token writes only its run).
+function Store:task_run_state(id, state, message, attempts, flow_run_id)
   local e = self.inserting[id]
-  if e then
+  if e and (flow_run_id == nil or e[4] == flow_run_id) then
     e[I_STATE], e[I_MESSAGE], e[I_ATTEMPTS] = state, message, attempts
     return
   end
-  self:queue("UPDATE task_runs SET state = ?, message = ?, attempts = ? WHERE id = ?",
-    state, message, attempts, id)
+  if flow_run_id then
+    self:queue("UPDATE task_runs SET state = ?, message = ?, attempts = ? WHERE id = ? AND flow_run_id = ?",
+      state, message, attempts, id, flow_run_id)
+  else
+    self:queue("UPDATE task_runs SET state = ?, message = ?, attempts = ? WHERE id = ?",
+      state, message, attempts, id)
+  end
 end
 
 function Store:task_run_finished(id, state, message, result, result_ok, attempts, ended,
-                                 cache_expires, reused_from)
+                                 cache_expires, reused_from, flow_run_id)
   local e = self.inserting[id]
-  if e then
+  if e and (flow_run_id == nil or e[4] == flow_run_id) then
     e[I_STATE], e[I_MESSAGE], e[I_RESULT], e[I_RESULT_OK] = state, message, result, result_ok and 1 or 0
     e[I_ATTEMPTS], e[I_ENDED], e[I_EXPIRES], e[I_REUSED] = attempts, ended, cache_expires, reused_from
     return
   end
   self:queue([[UPDATE task_runs SET state = ?, message = ?, result = ?, result_ok = ?,
-      attempts = ?, ended = ?, cache_expires = ?, reused_from = ? WHERE id = ?]],
-    state, message, result, result_ok and 1 or 0, attempts, ended, cache_expires, reused_from, id)
+      attempts = ?, ended = ?, cache_expires = ?, reused_from = ? WHERE id = ?
+      AND flow_run_id = coalesce(?, flow_run_id)]],
+    state, message, result, result_ok and 1 or 0, attempts, ended, cache_expires, reused_from, id,
+    flow_run_id)
 end
 
 function Store:task_runs(flow_run_id)
@@ -396,14 +422,70 @@ end
 
 -- ---- logs --------------------------------------------------------------------
 
-function Store:log(flow_run_id, task_run_id, stream, line)
+--- `ts` defaults to now (a worker reporting over HTTP sends its own).
+function Store:log(flow_run_id, task_run_id, stream, line, ts)
   self:queue("INSERT INTO logs(flow_run_id, task_run_id, ts, stream, line) VALUES(?,?,?,?,?)",
-    flow_run_id, task_run_id, M.time(), stream, line)
+    flow_run_id, task_run_id, ts or M.time(), stream, line)
 end
 
 function Store:logs(flow_run_id, after_id, limit)
   return self:rows([[SELECT id, task_run_id, ts, stream, line FROM logs
       WHERE flow_run_id = ? AND id > ? ORDER BY id LIMIT ?]], flow_run_id, after_id or 0, limit or 100000)
+end
+
+-- ---- the worker protocol: run tokens, applied events, remote calls ----------------
+
+--- Keep the hash of run `id`'s token (the token itself is never stored).
+function Store:set_run_token(id, token_hash)
+  return self:write("UPDATE flow_runs SET token_hash = ? WHERE id = ?", token_hash, id)
+end
+
+--- The run whose token has this hash, or nil.
+function Store:run_by_token(token_hash)
+  return self:first("SELECT id, state FROM flow_runs WHERE token_hash = ?", token_hash)
+end
+
+--- Apply a worker's batch in one transaction: `fn(run)` is called with the
+-- run's row read inside the transaction (state and event_seq as they are
+-- now), and writes through the store; queued writes are flushed before
+-- the commit.  `applied`, when fn returns one, becomes the run's event_seq.
+function Store:apply_batch(run_id, fn)
+  self:flush()
+  return self.db:transaction(function()
+    local run = self.db:first("SELECT id, state, event_seq FROM flow_runs WHERE id = ?", run_id)
+    local result, applied = fn(run)
+    self:flush()
+    if run and applied and applied > run.event_seq then
+      self.db:run("UPDATE flow_runs SET event_seq = ?, heartbeat = ? WHERE id = ?", applied, M.time(), run_id)
+    elseif run then
+      self.db:run("UPDATE flow_runs SET heartbeat = ? WHERE id = ?", M.time(), run_id)
+    end
+    return result
+  end)
+end
+
+--- Active runs reporting over HTTP (they have a token) whose last
+-- heartbeat is older than `before`.
+function Store:silent_runs(before)
+  return self:rows([[SELECT * FROM flow_runs WHERE token_hash IS NOT NULL
+      AND state IN ('RUNNING','CANCELLING') AND heartbeat < ?]], before)
+end
+
+function Store:create_call(c)
+  local id = c.id or M.new_id()
+  self:write([[INSERT INTO run_calls(id, flow_run_id, task_run_id, spec, state, created)
+      VALUES(?,?,?,?,?,?)]], id, c.flow_run_id, c.task_run_id, c.spec, "PENDING", M.time())
+  return id
+end
+
+function Store:call(flow_run_id, id)
+  return self:first("SELECT * FROM run_calls WHERE id = ? AND flow_run_id = ?", id, flow_run_id)
+end
+
+--- Record a call's result (JSON text) once; returns true if it was recorded.
+function Store:finish_call(flow_run_id, id, state, result)
+  return self:write([[UPDATE run_calls SET state = ?, result = ?, ended = ?
+      WHERE id = ? AND flow_run_id = ? AND ended IS NULL]], state, result, M.time(), id, flow_run_id) > 0
 end
 
 -- ---- packages and deployments -----------------------------------------------

@@ -338,8 +338,8 @@ local function finish_ok(flow, run, opts, r, cache_key)
   if r.n <= 2 then
     enc, round_trips = store_mod.encode(r[2])
   else
-    enc, round_trips = store_mod.encode({ table.unpack(r, 2, r.n) })
-    enc, round_trips = enc, false -- several results: kept for people, not reused
+    enc = store_mod.encode({ table.unpack(r, 2, r.n) })
+    round_trips = false -- several results: kept for people, not reused
   end
   local expires
   if cache_key and opts.cache_expiration then expires = store_mod.time() + opts.cache_expiration end
