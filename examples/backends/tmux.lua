@@ -128,9 +128,12 @@ function Tmux:run(name, params, opts)
   store:create_flow_run { id = id, name = name, deployment = name, backend = "tmux",
     state = states.PENDING, params = merged, source = opts.source or { kind = "deployment" },
     resumed_from = opts.resumed_from, url = url }
-  -- argv after the session options is run as is (no shell); -P -F prints the worker's pid
+  -- argv after the session options is run as is (no shell); -P -F prints the worker's pid.
+  -- The worker loads this backend to run the flow's calls: it needs DROVER_PATH too
+  -- (a session gets the tmux server's environment, not ours).
   local ok, out = pcall(self.tmux, self, "new-session", "-d", "-s", session, "-P", "-F", "#{pane_pid}",
-    "env", "DROVER_HOME=" .. store.home, self:drover_bin(), "worker", id)
+    "env", "DROVER_HOME=" .. store.home, "DROVER_PATH=" .. (os.getenv("DROVER_PATH") or ""),
+    self:drover_bin(), "worker", id)
   if not ok then
     store:end_flow_run(id, states.CRASHED, "session did not start: " .. tostring(out))
     error(out, 0)
