@@ -10,8 +10,10 @@ DRV_CFLAGS = -std=c99 -D_GNU_SOURCE -fPIC -Wall -Wextra -Wno-unused-parameter \
              -Iengine/include -Iengine/src $(shell pkg-config --cflags $(PKGS)) \
              -DDRV_PREFIX='"$(PREFIX)"'
 # libcurl and libcrypto are dlopen()ed on first use (engine/src/lazylib.h):
-# only their headers are needed at build time.
-LIBS      = -Wl,--as-needed $(shell pkg-config --libs lua5.4 libuv sqlite3 libh2o) -lm -ldl -lpthread
+# only their headers are needed at build time.  The HTTP server is the
+# exception: its TLS (server.c) calls OpenSSL, which H2O loads anyway.
+H2O_LIBS  = $(shell pkg-config --libs libh2o libssl libcrypto)
+LIBS      = -Wl,--as-needed $(shell pkg-config --libs lua5.4 libuv sqlite3) $(H2O_LIBS) -lm -ldl -lpthread
 BUILD    ?= build
 
 # The sanitizer build lives in its own directory; everything built there
@@ -66,12 +68,12 @@ $(BUILD)/drover: engine/cli/main.c engine/cli/server_loader.c $(BIN_OBJ) $(HEADE
 
 $(BUILD)/plugins/server.so: $(BUILD)/obj/server.o
 	@mkdir -p $(BUILD)/plugins
-	$(CC) $(CFLAGS) -shared -Wl,-Bsymbolic -o $@ $< $(shell pkg-config --libs libh2o) $(LDFLAGS)
+	$(CC) $(CFLAGS) -shared -Wl,-Bsymbolic -o $@ $< $(H2O_LIBS) $(LDFLAGS)
 
 # drover.core for stock lua5.4: the interpreter provides the Lua symbols.
 $(BUILD)/lua/drover/core.so: $(ENGINE_OBJ) | $(BUILD)/lua/drover
 	$(CC) $(CFLAGS) -shared -o $@ $(filter-out $(BUILD)/obj/api.o,$(ENGINE_OBJ)) \
-	  $(shell pkg-config --libs libuv sqlite3 libh2o) -lm -ldl -lpthread $(LDFLAGS)
+	  $(shell pkg-config --libs libuv sqlite3) $(H2O_LIBS) -lm -ldl -lpthread $(LDFLAGS)
 
 test: all
 	@bash tests/run.sh

@@ -14,10 +14,15 @@
 --            the effective socket and base image (saved_config), so status
 --            from a process without DROVER_DOCKER_* asks the same engine
 --   run      container mode: POST /containers/create + /start; swarm mode:
---            POST /services/create with a ReplicatedJob.  Either way the
---            workflow runs under `drover worker RUN_ID` in the container,
---            with DROVER_HOME bind-mounted at the same path, so task runs are
---            tracked in the host's store (one host: see docs/docker.md)
+--            POST /services/create with a ReplicatedJob.  With api_url the
+--            container runs `drover worker RUN_ID --api URL`: it downloads
+--            the bundle from `drover serve` and reports there over HTTP with
+--            its run's token (in its environment, never in its argv); no
+--            store, no staging directory is mounted, only the CA file if
+--            one is configured.  Without api_url (the shared-store
+--            fallback) it runs `drover worker RUN_ID` with DROVER_HOME
+--            bind-mounted at the same path, tracking into the host's store
+--            directly (one host: see docs/docker.md)
 --   stop     everything labelled drover.deployment=NAME is stopped and
 --            removed; active runs go CANCELLING, then CANCELLED; the
 --            deployment is paused
@@ -29,6 +34,8 @@
 --            that ended without the worker recording an end makes the run
 --            FAILED (exit code) or CRASHED (killed); an engine that cannot
 --            be reached raises and changes nothing
+--   is_alive the liveness hook: the run's container (swarm: its task) still
+--            runs; nil when the engine cannot be asked
 --   logs     the engine's logs (8-byte stream frames demultiplexed), with
 --            follow; the store's lines once the container is gone
 local drover = require "drover"
@@ -48,9 +55,15 @@ Docker.config_keys = {
   base_image = "string",   -- the image packages start FROM (default: DROVER_DOCKER_BASE_IMAGE, drover-base:latest)
   mode = "string",         -- default mode of deployments: "container" or "swarm"
   api_timeout = "number",  -- seconds for one non-streaming API call (default 120)
+  api_url = "string",      -- drover serve's URL the containers report to ("auto": the daemon serving
+                           -- this store); unset: the shared-store fallback (DROVER_HOME bind-mounted)
+  ca_file = "string",      -- CA bundle (a path on the engine's host) to verify api_url's certificate
+  network = "string",      -- the network containers join (default with api_url: "host" when api_url
+                           -- names a loopback address, which no other network reaches; else the engine's)
 }
 
 local IMAGE_DROVER = "/opt/drover"   -- where drover lives inside the images
+local CA_PATH = "/run/drover/ca.pem"  -- where the CA file is mounted (read-only) inside containers
 local LABEL = "drover.deployment"
 --- A PENDING run the engine has no container or service for, this many
 -- seconds after it was created, never started (its submitter died).
@@ -65,6 +78,27 @@ local function one_line(s)
   return s
 end
 Docker.one_line = one_line
+
+--- The config's values checked once, where it is given (the types are
+-- Base's).  ca_file is checked where a run starts: a worker configured as
+-- deployed, inside a container, does not have it.
+function Docker:init(config)
+  Local.init(self, config)
+  local c = self.config
+  if c.api_url and c.api_url ~= "auto" and not c.api_url:match("^https?://[^/]") then
+    error("backend 'docker': bad api_url '" .. c.api_url ..
+      "' (the http:// or https:// URL of drover serve, or \"auto\" for the daemon serving this store)", 3)
+  end
+  if c.ca_file and not c.ca_file:match("^/") then
+    error("backend 'docker': bad ca_file '" .. c.ca_file .. "' (an absolute path: the engine mounts it)", 3)
+  end
+  if c.ca_file and not c.api_url then
+    error("backend 'docker': ca_file is set but api_url is not (the CA verifies api_url's certificate)", 3)
+  end
+  if c.network and not c.network:match("^[%w][%w_.%-]*$") then
+    error("backend 'docker': bad network '" .. c.network .. "' (a Docker network name, e.g. host or bridge)", 3)
+  end
+end
 
 -- ---- the Engine API ------------------------------------------------------------------
 
@@ -263,7 +297,9 @@ function Docker:package(class_name, module, entrypoint, opts)
   local img = self:api_ok("docker.package: image " .. tag, "GET", "/images/" .. tag .. "/json").json
   local manifest = bundle.manifest
   manifest.docker = { image = tag, image_id = img.Id, base = self:base_image(), bundle = bundle.id }
-  local p = { id = id, sha256 = id, backend = "docker", class = class_name, module = module,
+  -- id: the image's build context; sha256: the digest of the file at
+  -- `location` (the bundle), which a worker with --api downloads and checks
+  local p = { id = id, sha256 = bundle.sha256, backend = "docker", class = class_name, module = module,
     entrypoint = bundle.entrypoint, location = bundle.location, manifest = manifest,
     image = tag, image_id = img.Id }
   store:put_package(p)
@@ -350,37 +386,92 @@ end
 
 -- ---- run ---------------------------------------------------------------------------
 
---- Where to watch a run: the dashboard when a daemon serves the store (as
--- local's), else the engine's own record of the container or service.
-function Docker:run_url(id, mode)
-  local url = os.getenv("DROVER_DAEMON") ~= "0" and Local.run_url(self, id, (self:daemon_url())) or nil
+--- The server a run's container reports to: api_url, or with "auto" the
+-- daemon serving this store (started if none runs, as local's run does);
+-- nil in the shared-store fallback.  Raises one line when "auto" has none.
+function Docker:api_target()
+  local u = self.config.api_url
+  if not u then return nil end
+  local ca = self.config.ca_file
+  if ca then
+    local f = io.open(ca, "rb")
+    if not f then error("docker.run: ca_file '" .. ca .. "' cannot be read", 0) end
+    f:close()
+  end
+  if u ~= "auto" then return (u:gsub("/+$", "")) end
+  local url, why = self:daemon_url()
+  if not url then
+    error("docker.run: api_url is \"auto\" but no daemon serves the store: " .. tostring(why), 0)
+  end
+  return url
+end
+
+--- Where to watch a run: its page on the server it reports to, or on the
+-- daemon serving the store (as local's), else the engine's own record of
+-- the container or service.
+function Docker:run_url(id, mode, api)
+  local url = api and (api .. "/runs/" .. id)
+  if not url and os.getenv("DROVER_DAEMON") ~= "0" then url = Local.run_url(self, id, (self:daemon_url())) end
   if url and not url:match("^file:") then return url end
   return "http+unix://" .. urlencode(self:socket()) ..
     (mode == "swarm" and "/services/" or "/containers/") .. "drover-" .. id .. "/json"
 end
 
---- The container's environment: drover's, then the deployment's.
-local function container_env(home, id, env)
-  local out = { "DROVER_HOME=" .. home, "DROVER_RUN_ID=" .. id, "DROVER_DAEMON=0" }
+--- Does `url` name this host's loopback?  A container reaches that only
+-- on the host's network.
+local function loopback_url(url)
+  local host = url:match("^https?://%[([^%]]+)%]") or url:match("^https?://([^/:?#]+)")
+  return host == "localhost" or host == "::1" or (host and host:match("^127%.%d+%.%d+%.%d+$")) ~= nil
+end
+
+--- How run `id`'s container reaches the store or the server:
+-- { cmd, env (a list of NAME=value), mounts (list of { source, target,
+-- read_only }), network }.  With `api` (a URL): `drover worker --api`,
+-- the run's token in the environment only (argv shows in ps on the host
+-- and in `docker inspect`), the CA file the one mount.  Without: the
+-- shared store, DROVER_HOME bind-mounted at the same path.
+function Docker:worker_setup(store, id, cfg, api)
+  local env, mounts, cmd = { "DROVER_RUN_ID=" .. id, "DROVER_DAEMON=0" }, {}
+  local network = self.config.network
+  if api then
+    cmd = { IMAGE_DROVER .. "/bin/drover", "worker", id, "--api", api }
+    env[#env + 1] = "DROVER_RUN_TOKEN=" .. require("drover.run_token").issue(store, id)
+    local ca = self.config.ca_file -- api_target checked it
+    if ca then
+      mounts[1] = { source = ca, target = CA_PATH, read_only = true }
+      env[#env + 1] = "DROVER_CA_FILE=" .. CA_PATH
+    end
+    if not network and loopback_url(api) then network = "host" end
+  else
+    cmd = { IMAGE_DROVER .. "/bin/drover", "worker", id }
+    table.insert(env, 1, "DROVER_HOME=" .. store.home)
+    mounts[1] = { source = store.home, target = store.home }
+  end
   -- sanitizer builds: the worker in the container runs with the same options
   for _, k in ipairs { "ASAN_OPTIONS", "UBSAN_OPTIONS" } do
     local v = os.getenv(k)
-    if v and v ~= "" then out[#out + 1] = k .. "=" .. v end
+    if v and v ~= "" then env[#env + 1] = k .. "=" .. v end
   end
+  -- then the deployment's own
   local keys = {}
-  for k in pairs(env or {}) do keys[#keys + 1] = k end
+  for k in pairs(cfg.env or {}) do keys[#keys + 1] = k end
   table.sort(keys)
-  for _, k in ipairs(keys) do out[#out + 1] = k .. "=" .. tostring(env[k]) end
-  return out
+  for _, k in ipairs(keys) do env[#env + 1] = k .. "=" .. tostring(cfg.env[k]) end
+  return { cmd = cfg.command or cmd, env = env, mounts = mounts, network = network }
 end
 
-function Docker:start_container(id, name, cfg, cmd, env, labels, home)
-  local host = { Binds = { home .. ":" .. home }, Init = true }
+function Docker:start_container(id, cfg, w, labels)
+  local binds
+  for _, m in ipairs(w.mounts) do
+    binds = binds or {}
+    binds[#binds + 1] = m.source .. ":" .. m.target .. (m.read_only and ":ro" or "")
+  end
+  local host = { Binds = binds, Init = true, NetworkMode = w.network }
   if cfg.memory then host.Memory = cfg.memory end
   if cfg.cpus then host.NanoCpus = math.tointeger(math.floor(cfg.cpus * 1e9)) end
   local r = self:api_ok("docker.run: creating the container", "POST", "/containers/create", {
     query = { name = "drover-" .. id },
-    json = { Image = cfg.image, Cmd = cmd, Env = env, Labels = labels, HostConfig = host,
+    json = { Image = cfg.image, Cmd = w.cmd, Env = w.env, Labels = labels, HostConfig = host,
       AttachStdout = false, AttachStderr = false, Tty = false },
   })
   local cid = r.json.Id
@@ -393,16 +484,22 @@ function Docker:start_container(id, name, cfg, cmd, env, labels, home)
   return cid
 end
 
-function Docker:start_service(id, name, cfg, cmd, env, labels, home)
+function Docker:start_service(id, cfg, w, labels)
+  local mounts
+  for _, m in ipairs(w.mounts) do
+    mounts = mounts or {}
+    mounts[#mounts + 1] = { Type = "bind", Source = m.source, Target = m.target, ReadOnly = m.read_only or nil }
+  end
   local spec = {
     Name = "drover-" .. id, Labels = labels,
     TaskTemplate = {
-      ContainerSpec = { Image = cfg.image, Command = cmd, Env = env, Labels = labels, Init = true,
-        Mounts = { { Type = "bind", Source = home, Target = home } },
+      ContainerSpec = { Image = cfg.image, Command = w.cmd, Env = w.env, Labels = labels, Init = true,
+        Mounts = mounts,
         StopGracePeriod = math.tointeger(math.floor((self.config.stop_timeout or 10) * 1e9)) },
       RestartPolicy = { Condition = "none" },
       Resources = { Limits = { MemoryBytes = cfg.memory,
         NanoCPUs = cfg.cpus and math.tointeger(math.floor(cfg.cpus * 1e9)) or nil } },
+      Networks = w.network and { { Target = w.network } } or nil,
     },
     -- a job: one task that runs to completion, not a service kept running
     Mode = { ReplicatedJob = { MaxConcurrent = 1, TotalCompletions = 1 } },
@@ -433,7 +530,8 @@ function Docker:run(name, params, opts)
   local id = store_mod.new_id()
   local mode = cfg.mode or "container"
   local kind = mode == "swarm" and "service" or "container"
-  local url = self:run_url(id, mode)
+  local api = self:api_target()
+  local url = self:run_url(id, mode, api)
   store:create_flow_run { id = id, name = name, deployment = name, backend = "docker",
     state = states.PENDING, params = merged, source = opts.source or { kind = "deployment" },
     resumed_from = opts.resumed_from, url = url }
@@ -442,12 +540,10 @@ function Docker:run(name, params, opts)
   -- a submitter killed right here).
   local ext
   local ok, err = pcall(function()
-    local home = store.home
-    local cmd = cfg.command or { IMAGE_DROVER .. "/bin/drover", "worker", id }
-    local labels = { drover = "1", [LABEL] = name, ["drover.run"] = id, ["drover.home"] = home }
-    local env = container_env(home, id, cfg.env)
+    local labels = { drover = "1", [LABEL] = name, ["drover.run"] = id, ["drover.home"] = store.home }
+    local w = self:worker_setup(store, id, cfg, api)
     local starter = mode == "swarm" and self.start_service or self.start_container
-    ext = starter(self, id, name, cfg, cmd, env, labels, home)
+    ext = starter(self, id, cfg, w, labels)
     store:update_flow_run(id, { external_id = kind .. ":" .. ext })
   end)
   if not ok then
@@ -479,6 +575,33 @@ function Docker:service_task(sid)
   return resp.json[#resp.json]
 end
 
+--- Swarm task states from which a task never runs again.
+local FINAL_TASK = { complete = true, failed = true, shutdown = true, rejected = true, orphaned = true,
+  remove = true }
+
+--- The liveness hook (see orchestrator.lua): is the run's container, or
+-- its swarm job's task, still going?  true or false; nil when the engine
+-- cannot be asked, or has no container or task for the run yet.
+function Docker:is_alive(r)
+  local kind, eid = ext_id(r)
+  if not kind then return nil end
+  local ok, alive = pcall(function()
+    if kind == "container" then
+      local resp = self:api("GET", "/containers/" .. eid .. "/json")
+      if resp.status == 404 then return false end
+      if resp.status >= 400 or type(resp.json) ~= "table" then return nil end
+      local s = resp.json.State or {}
+      return (s.Running or s.Status == "created" or s.Status == "restarting") and true or false
+    end
+    local t, gone = self:service_task(eid)
+    if gone then return false end
+    if not t then return nil end
+    return not FINAL_TASK[(t.Status or {}).State]
+  end)
+  if ok then return alive end
+  return nil
+end
+
 --- What the engine says about a run: { ended = bool, code = n, killed = bool, message = s }
 -- or nil while it still runs.
 function Docker:engine_state(r)
@@ -495,8 +618,7 @@ function Docker:engine_state(r)
     if gone then return { gone = true, message = "service " .. eid:sub(1, 12) .. " is gone" } end
     if not t then return nil end
     local st = t.Status or {}
-    local final = { complete = true, failed = true, shutdown = true, rejected = true, orphaned = true, remove = true }
-    if not final[st.State] then return nil end
+    if not FINAL_TASK[st.State] then return nil end
     local cs = st.ContainerStatus or {}
     local code = cs.ExitCode or (st.State == "complete" and 0 or -1)
     return { code = code, message = (st.Err and st.Err ~= "") and (st.State .. ": " .. one_line(st.Err)) or nil,
@@ -730,8 +852,7 @@ function Docker:halt(what, label, containers, services)
   return first_err
 end
 
-function Docker:stop(name, opts)
-  opts = opts or {}
+function Docker:stop(name, _opts)
   local store = self:store()
   self:deployment_of(name)
   -- ask the engine first: if it cannot answer, nothing changes

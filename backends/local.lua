@@ -136,11 +136,12 @@ end
 
 --- The URL of the daemon serving this store (started here, detached, if
 -- none runs: `drover serve --port 0 --auto`), or nil and why there is none
--- (DROVER_DAEMON=0, or it did not start in time).
+-- (DROVER_DAEMON=0, or it did not start in time).  Third value: the CA
+-- file a worker verifies it with, when it serves HTTPS.
 function Local:daemon_url()
   local home = self:store().home
   if os.getenv("DROVER_DAEMON") == "0" then return nil, "DROVER_DAEMON=0" end
-  local ok, url = pcall(function()
+  local ok, url, ca_file = pcall(function()
     local daemon = require "drover.daemon"
     local info = daemon.running(home)
     if not info then
@@ -156,9 +157,10 @@ function Local:daemon_url()
       until info or drover.now() > deadline or not p:is_running()
       info = info or daemon.running(home)
     end
-    return info and type(info.url) == "string" and info.url or nil
+    if info and type(info.url) == "string" then return info.url, info.ca_file end
+    return nil
   end)
-  if ok and url then return url end
+  if ok and url then return url, nil, ca_file end
   return nil, "no daemon started for " .. home .. (ok and "" or (": " .. tostring(url)))
 end
 
@@ -222,7 +224,7 @@ function Local:run(name, params, opts)
   fs.mkdir(dir)
   -- a daemon serves the store: the worker reports to it over HTTP (the
   -- same path as a worker on another host), with a token of its own run
-  local api, why = self:daemon_url()
+  local api, why, ca_file = self:daemon_url()
   local url = self:run_url(id, api)
   store:create_flow_run { id = id, name = name, deployment = name, backend = "local",
     state = states.PENDING, params = merged, source = opts.source or { kind = "deployment" },
@@ -232,7 +234,7 @@ function Local:run(name, params, opts)
     argv[#argv + 1] = "--api"
     argv[#argv + 1] = api
     env = { DROVER_HOME = false, DROVER_RUN_TOKEN = require("drover.run_token").issue(store, id),
-      DROVER_SPOOL_DIR = dir .. "/spool" }
+      DROVER_SPOOL_DIR = dir .. "/spool", DROVER_CA_FILE = ca_file }
   elseif why ~= "DROVER_DAEMON=0" then -- (asked for: nothing to explain)
     store:log(id, nil, "info", "the worker writes the store directly: " .. why)
   end

@@ -5,8 +5,9 @@
 -- the list of runs are the local backend's.  What differs is how a run
 -- starts and ends:
 --
---   package  the local bundle, staged into `staging_dir` (a directory every
---            node can read)
+--   package  the local bundle (with api_url the nodes download it from the
+--            server; without, it is staged into `staging_dir`, which every
+--            node must then read)
 --   deploy   the deployment plus its Slurm job template (partition, nodes,
 --            cpus_per_task, mem, time, account, qos, sbatch options,
 --            environment); an unknown partition is refused
@@ -23,13 +24,25 @@
 -- rest_auth/local) or over TCP with a JWT (`url` + `token`/`token_file`/
 -- `token_command`); with neither, the sbatch/scontrol/scancel commands.
 --
--- The worker writes task runs and the final state into the store under
--- DROVER_HOME, so the store must be on a filesystem the nodes share (as
--- must `staging_dir`).  See docs/slurm.md.
+-- Where the worker reports:
+--
+--   api_url set   (multi-host) the batch script runs `drover worker RUN
+--                 --api URL`, with the run's own token in the job's
+--                 environment (never in argv or the script); the worker
+--                 fetches the run and the bundle from `drover serve` and
+--                 reports over HTTP.  Nothing on the node reads DROVER_HOME
+--                 or staging_dir; the batch script's own output stays on the
+--                 node (node_dir, default /tmp: drover-slurm-JOB.out).
+--   no api_url    (fallback) the worker opens the store under DROVER_HOME
+--                 itself, and the bundle, scripts and output live in
+--                 staging_dir: both must be on one host, or on a filesystem
+--                 with working POSIX locks (the store then runs without WAL).
+--
+-- See docs/slurm.md.
 local drover = require "drover"
 local fs = require "drover.fs"
-local json = require "drover.json"
 local states = require "drover.states"
+local run_token = require "drover.run_token"
 local store_mod = require "drover.store"
 
 local Local = require("drover.orchestrator").backend_class("local")
@@ -52,99 +65,25 @@ Slurm.config_keys = {
   jobcomp_file = "string",   -- JobCompLoc of jobcomp/filetxt (final states)
   http_timeout = "number",   -- seconds per REST request (default 30)
   slurm_conf = "string",     -- slurm.conf for the commands (default: $SLURM_CONF)
+  api_url = "string",        -- drover serve's URL as the nodes reach it, or "daemon" (this store's daemon)
+  ca_file = "string",        -- CA bundle on the nodes that verifies api_url's TLS certificate
+  node_dir = "string",       -- with api_url: the job's working dir on the node (default /tmp)
 }
 
 -- Environment the job inherits from the submitter when set: how the
--- worker finds drover's Lua library and backends.
+-- worker finds drover's Lua library and backends, and how it reports.
+-- Nothing else of the submitter's environment reaches the job (its
+-- DROVER_TOKEN, say).
 local PASS_ENV = { "DROVER_ROOT", "DROVER_PATH", "DROVER_BUILD", "LUA_PATH", "LUA_CPATH", "DROVER_DAEMON", "PATH",
-  "SLURM_CONF" }
+  "SLURM_CONF", "DROVER_HEARTBEAT", "DROVER_DELIVERY_TIMEOUT" }
 
--- ---- small helpers --------------------------------------------------------------------
-
-local function trim(s) return (s:gsub("^%s+", ""):gsub("%s+$", "")) end
-
-local function fail(fmt, ...) error("slurm: " .. string.format(fmt, ...), 0) end
-
---- Text from outside (a response body, a command's output) fit for a
--- one-line error: whitespace collapsed, cut to about 200 characters.
-local function oneline(s)
-  s = trim(tostring(s or ""):gsub("%s+", " "))
-  if #s > 200 then s = s:sub(1, 200) .. "..." end
-  return s
-end
-
---- Minutes from a time limit: integer minutes, or "MM", "HH:MM:SS", "D-HH[:MM[:SS]]".
-local function minutes(t)
-  if math.type(t) == "integer" then return t end
-  if type(t) ~= "string" then return nil end
-  local d, rest = t:match("^(%d+)%-(.+)$")
-  rest = rest or t
-  local p = {}
-  for n in rest:gmatch("[^:]+") do p[#p + 1] = tonumber(n) end
-  if #p == 0 or #p > 3 then return nil end
-  for _, n in ipairs(p) do if not n then return nil end end
-  local h, m, s
-  if d then h, m, s = p[1], p[2] or 0, p[3] or 0
-  elseif #p == 1 then h, m, s = 0, p[1], 0
-  elseif #p == 2 then h, m, s = 0, p[1], p[2]
-  else h, m, s = p[1], p[2], p[3] end
-  return math.tointeger((tonumber(d) or 0) * 1440 + h * 60 + m + math.ceil(s / 60))
-end
-
---- Megabytes from a memory size: integer MB, or "500M", "4G", "1T".
-local function megabytes(m)
-  if math.type(m) == "integer" then return m end
-  if type(m) ~= "string" then return nil end
-  local n, unit = m:match("^(%d+)([KMGTkmgt]?)$")
-  if not n then return nil end
-  local f = ({ k = 1 / 1024, m = 1, g = 1024, t = 1024 * 1024, [""] = 1 })[unit:lower()]
-  return math.tointeger(math.ceil(tonumber(n) * f))
-end
-
--- The job template's keys and how each is checked.
-local TEMPLATE = {
-  partition = "string", nodes = "integer", cpus_per_task = "integer", mem = "mem", time = "time",
-  account = "string", qos = "string", sbatch = "list", environment = "table", rest = "table",
-}
-
-local function check_template(t, where)
-  if t == nil then return {} end
-  if type(t) ~= "table" then fail("%s: job template must be a table, got %s", where, type(t)) end
-  for k, v in pairs(t) do
-    local want = TEMPLATE[k]
-    if not want then fail("%s: unknown job template key '%s'", where, tostring(k)) end
-    local ok = (want == "string" and type(v) == "string")
-      or (want == "integer" and math.type(v) == "integer" and v > 0)
-      or (want == "mem" and megabytes(v) ~= nil)
-      or (want == "time" and minutes(v) ~= nil)
-      or (want == "table" and type(v) == "table")
-      or (want == "list" and type(v) == "table")
-    if not ok then fail("%s: bad job template value for '%s': %s", where, k, tostring(v)) end
-  end
-  if t.partition and not t.partition:match("^[%w_%.%-]+$") then
-    fail("%s: bad partition name '%s'", where, t.partition)
-  end
-  for _, o in ipairs(t.sbatch or {}) do
-    if type(o) ~= "string" or not o:match("^%-") then fail("%s: bad sbatch option '%s' (e.g. '--exclusive')", where, tostring(o)) end
-  end
-  return t
-end
-
---- Merge job templates, later ones winning (environment merged key by key).
-local function merge_templates(...)
-  local out, env, sb, rest = {}, {}, {}, {}
-  for i = 1, select("#", ...) do
-    local t = select(i, ...)
-    for k, v in pairs(t or {}) do
-      if k == "environment" then for ek, ev in pairs(v) do env[ek] = ev end
-      elseif k == "sbatch" then for _, o in ipairs(v) do sb[#sb + 1] = o end
-      elseif k == "rest" then for rk, rv in pairs(v) do rest[rk] = rv end
-      else out[k] = v end
-    end
-  end
-  out.environment, out.sbatch, out.rest = env, sb, rest
-  return out
-end
+local here = debug.getinfo(1, "S").source:match("^@(.*)/[^/]*$") or "."
+local function part(name) return assert(loadfile(here .. "/slurm/" .. name .. ".lua"))() end
+local text = part("text")
+local template = part("template")
+local trim, fail, oneline, shell_quote = text.trim, text.fail, text.oneline, text.shell_quote
+local minutes, megabytes = template.minutes, template.megabytes
+local check_template, merge_templates = template.check, template.merge
 
 -- ---- transports -------------------------------------------------------------------------
 
@@ -167,7 +106,8 @@ end
 -- token_command token is picked up; never logged).
 function Slurm:token()
   if self._token then return self._token end
-  local c, t = self.config, nil
+  local c = self.config
+  local t
   if c.token then t = c.token
   elseif c.token_file then
     local s, err = fs.read(c.token_file)
@@ -194,8 +134,8 @@ local function auth_refused(r, first)
   if r.status == 401 or r.status == 403 then return true end
   if not first then return false end
   if first.error_code == 5005 or first.errno == 5005 then return true end
-  local text = tostring(first.error or "") .. " " .. tostring(first.description or "")
-  if text:lower():find("authentication", 1, true) then return true end
+  local msg = tostring(first.error or "") .. " " .. tostring(first.description or "")
+  if msg:lower():find("authentication", 1, true) then return true end
   return r.status == 500 and first.error == "Unspecified error"
 end
 
@@ -304,35 +244,40 @@ end
 
 --- The final record of a job that left slurmctld (MinJobAge), from the
 -- jobcomp/filetxt file.  jobid: the plain job id.
-function Slurm:jobcomp(jobid)
+function Slurm:jobcomp(jobid, task)
   local path = self.config.jobcomp_file
   if not path then
     local ok, out = pcall(self.cmd, self, { "scontrol", "show", "config" })
     path = ok and out:match("JobCompLoc%s*=%s*(%S+)")
     if path then self.config.jobcomp_file = path end
   end
-  local text = path and fs.read(path)
-  if not text then return nil end
+  local content = path and fs.read(path)
+  if not content then return nil end
+  -- an array element by its array's id and its index (22.05's filetxt
+  -- records both), a plain job by its own id
+  local want = task and (" ArrayJobId=" .. jobid .. " ArrayTaskId=" .. task .. " ")
   local found
-  for line in text:gmatch("[^\n]+") do
-    if line:find("JobId=" .. jobid .. " ", 1, true) == 1 then found = line end
+  for line in content:gmatch("[^\n]+") do
+    if want then
+      if line:find(want, 1, true) then found = line end
+    elseif line:find("JobId=" .. jobid .. " ", 1, true) == 1 then found = line end
   end
   if not found then return nil end
   local kv = keyvals(found)
   local code, sig = (kv.ExitCode or "0:0"):match("^(%d+):(%d+)$")
   return { state = kv.JobState, reason = nil, exit_code = tonumber(code) or 0, signal = tonumber(sig) or 0,
-    source = "jobcomp" }
+    node = kv.NodeList, source = "jobcomp" }
 end
 
 --- Is task number `n` in an array range expression ("0-5%2", "1,3-7:2")?
 local function in_ranges(expr, n)
   expr = tostring(expr or ""):gsub("%%.*$", "")
-  for part in expr:gmatch("[^,]+") do
-    local a, b, step = part:match("^(%d+)%-(%d+):?(%d*)$")
+  for piece in expr:gmatch("[^,]+") do
+    local a, b, step = piece:match("^(%d+)%-(%d+):?(%d*)$")
     if a then
       a, b, step = tonumber(a), tonumber(b), tonumber(step) or 1
       if n >= a and n <= b and (n - a) % step == 0 then return true end
-    elseif tonumber(part) == n then
+    elseif tonumber(piece) == n then
       return true
     end
   end
@@ -356,7 +301,7 @@ function Slurm:job_records(job)
       local t = kv.ArrayTaskId
       recs[#recs + 1] = { task = t and t:match("^%d+$") and t or nil, tasks = t and not t:match("^%d+$") and t or nil,
         state = kv.JobState, reason = kv.Reason, exit_code = tonumber(code) or 0, signal = tonumber(sig) or 0,
-        job_id = kv.JobId }
+        job_id = kv.JobId, node = kv.NodeList }
     end
   else
     local body = self:rest("GET", "/job/" .. job, nil, { ["Invalid job id specified"] = true })
@@ -368,15 +313,17 @@ function Slurm:job_records(job)
       -- exit_code is a wait status: the code in the high byte, the signal in the low
       recs[#recs + 1] = { task = t and tostring(t) or nil,
         tasks = type(ts) == "string" and ts ~= "" and ts or nil, state = j.job_state, reason = j.state_reason,
-        exit_code = ec >> 8, signal = ec & 0x7f, job_id = tostring(math.tointeger(j.job_id) or j.job_id) }
+        exit_code = ec >> 8, signal = ec & 0x7f, job_id = tostring(math.tointeger(j.job_id) or j.job_id),
+        node = type(j.nodes) == "string" and j.nodes or nil }
     end
   end
   return recs
 end
 
 --- Slurm's view of job `ext` ("123" or "123_4" for an array task):
--- { state, reason, exit_code, signal, job_id } or nil if Slurm has no record.
-function Slurm:job_info(ext, run_dir)
+-- { state, reason, exit_code, signal, job_id, node } or nil if Slurm has
+-- no record.
+function Slurm:job_info(ext)
   local job, task = tostring(ext):match("^(%d+)_(%d+)$")
   job = job or tostring(ext)
   local recs = self:job_records(job)
@@ -389,14 +336,8 @@ function Slurm:job_info(ext, run_dir)
     end
     if pending then return pending end
   end
-  -- gone from slurmctld: the jobcomp file has the end (array tasks: the
-  -- batch script wrote its own job id into the run's directory)
-  local raw = job
-  if task then
-    local s = run_dir and fs.read(run_dir .. "/jobid")
-    raw = s and trim(s) or nil
-  end
-  return raw and self:jobcomp(raw) or nil
+  -- gone from slurmctld: the jobcomp file has the end
+  return self:jobcomp(job, task)
 end
 
 -- Slurm's job states that still hold or wait for resources.
@@ -405,6 +346,7 @@ end
 local ACTIVE = { PENDING = true, RUNNING = true, CONFIGURING = true, COMPLETING = true, SUSPENDED = true,
   REQUEUED = true, RESIZING = true, SIGNALING = true, STAGE_OUT = true, STOPPED = true,
   REQUEUE_HOLD = true, REQUEUE_FED = true, RESV_DEL_HOLD = true, SPECIAL_EXIT = true }
+Slurm.ACTIVE = ACTIVE
 
 -- Slurm's final job states and the drover state a run left active ends in.
 local SLURM_FINAL = {
@@ -457,7 +399,7 @@ function Slurm:reconcile(r)
   end
   local recent = (r.state == "COMPLETED" or r.state == "FAILED") and r.ended and store_mod.time() - r.ended < RECHECK
   if not states.active[r.state] and not recent then return r end
-  local info = self:job_info(r.external_id, self:run_dir(r.id))
+  local info = self:job_info(r.external_id)
   local st = info and (info.state or ""):match("^(%u[%u_]*)")
   if recent then
     if st == "CANCELLED" and self:cancelled_after_all(r.id, "slurm job " .. r.external_id .. " CANCELLED") then
@@ -557,11 +499,33 @@ end
 
 -- ---- submitting -------------------------------------------------------------------------
 
-local function shell_quote(s) return "'" .. tostring(s):gsub("'", "'\\''") .. "'" end
+--- The server the workers report to (api_url, without a trailing slash),
+-- or nil in the shared-filesystem mode.  "daemon" is the daemon serving
+-- this store (started if none runs), at the URL it listens on: for nodes
+-- that share this host's network (one host, or the test cluster).
+function Slurm:api_url()
+  local u = self.config.api_url
+  if u == nil or u == "" then return nil end
+  if u == "daemon" then
+    local url, why = self:daemon_url()
+    if not url then fail("api_url is 'daemon', but no daemon serves %s: %s", self:store().home, tostring(why)) end
+    return url
+  end
+  if not u:match("^https?://[^/@]+") or u:match("^https?://[^/]*@") then
+    fail("bad api_url '%s' (http://HOST:PORT or https://HOST:PORT, as the nodes reach drover serve; no credentials)",
+      u:gsub("//[^/]*@", "//...@"))
+  end
+  return (u:gsub("/+$", ""))
+end
 
---- The job's environment: the template's, DROVER_HOME, and what the worker
--- needs to find drover (taken from the submitter).
-function Slurm:job_env(job)
+--- With api_url: the job's working directory on the node, where Slurm
+-- writes the batch script's output (drover-slurm-JOB.out).
+function Slurm:node_dir() return self.config.node_dir or "/tmp" end
+
+--- The job's environment: the template's, what the worker needs to find
+-- drover (taken from the submitter), and DROVER_HOME in the
+-- shared-filesystem mode only (`api`: the worker reports to a server).
+function Slurm:job_env(job, api)
   local env = {}
   for _, k in ipairs(PASS_ENV) do
     local v = os.getenv(k)
@@ -570,18 +534,22 @@ function Slurm:job_env(job)
   env.SLURM_CONF = self:slurm_conf()
   env.PATH = env.PATH or "/usr/local/bin:/usr/bin:/bin"
   for k, v in pairs(job.environment or {}) do env[k] = tostring(v) end
-  env.DROVER_HOME = self:store().home
+  if not api then env.DROVER_HOME = self:store().home end
   return env
 end
 
---- Submit a batch job.  spec: script, name, comment, output, job (template),
--- array ("0-9%2"), dependency ("afterok:1:2").  Returns the Slurm job id.
+--- Submit a batch job.  spec: script, name, comment, output, dir (its
+-- working directory), job (template), array ("0-9%2"), dependency
+-- ("afterok:1:2"), api (the worker reports to a server), secrets (more
+-- environment: run tokens).  The environment is all the job gets from
+-- here: sbatch runs with exactly it (and reads the script from stdin), a
+-- REST submission carries it in the body; secrets never reach an argv, a
+-- URL or a file.  Returns the Slurm job id.
 function Slurm:submit(spec)
   local job = spec.job
-  local env = self:job_env(job)
+  local env = self:job_env(job, spec.api)
+  for k, v in pairs(spec.secrets or {}) do env[k] = v end
   if self:mode() == "commands" then
-    local script_path = spec.dir .. "/job.sh"
-    assert(fs.write(script_path, spec.script, { mode = "755" }))
     local argv = { "sbatch", "--parsable", "--no-requeue", "--job-name=" .. spec.name, "--comment=" .. spec.comment,
       "--output=" .. spec.output, "--chdir=" .. spec.dir, "--export=ALL" }
     local function add(o) argv[#argv + 1] = o end
@@ -595,8 +563,8 @@ function Slurm:submit(spec)
     if spec.array then add("--array=" .. spec.array) end
     if spec.dependency then add("--dependency=" .. spec.dependency) end
     for _, o in ipairs(job.sbatch or {}) do add(o) end
-    add(script_path)
-    local out = self:cmd(argv, env)
+    local out, err = drover.proc.output(argv, { timeout = 60, env = env, clear_env = true, stdin = spec.script })
+    if not out then fail("%s", oneline(err)) end
     local id = out:match("^(%d+)")
     if not id then fail("sbatch printed no job id: %s", oneline(out)) end
     return id
@@ -615,17 +583,31 @@ function Slurm:submit(spec)
   return tostring(math.tointeger(body.job_id) or body.job_id)
 end
 
---- The batch script: `#SBATCH` lines for the extra options (sbatch reads
--- them), then the worker.  `run_expr` is shell code yielding the run id.
-function Slurm:script(name, job, run_expr, redirect)
+--- The batch script of deployment `name`: `#SBATCH` lines for the extra
+-- options (sbatch reads them), then the worker.  opts: run (shell code
+-- yielding the run id), pre (lines before it), api (the server's URL: the
+-- worker reports there), array_tokens (each array element takes the token
+-- of its own run from DROVER_RUN_TOKEN_<index> and drops the others'),
+-- redirect (shared filesystem: output into the run's directory).
+function Slurm:script(name, job, opts)
   local lines = { "#!/bin/sh", "# drover: deployment " .. name }
   for _, o in ipairs(job.sbatch or {}) do lines[#lines + 1] = "#SBATCH " .. o end
-  lines[#lines + 1] = "RUN=" .. run_expr
-  lines[#lines + 1] = "DIR=" .. shell_quote(self:staging() .. "/runs") .. "/$RUN"
-  if redirect then lines[#lines + 1] = 'exec >>"$DIR/slurm.out" 2>&1' end
-  -- the job's own id, for the jobcomp file once slurmctld forgets the job
-  lines[#lines + 1] = 'echo "$SLURM_JOB_ID" >"$DIR/jobid"'
-  lines[#lines + 1] = "exec " .. shell_quote(self:drover_bin()) .. ' worker "$RUN"'
+  for _, l in ipairs(opts.pre or {}) do lines[#lines + 1] = l end
+  lines[#lines + 1] = "RUN=" .. opts.run
+  local worker = "exec " .. shell_quote(self:drover_bin()) .. ' worker "$RUN"'
+  if opts.api then
+    if opts.array_tokens then
+      lines[#lines + 1] = 'eval "DROVER_RUN_TOKEN=\\${DROVER_RUN_TOKEN_$SLURM_ARRAY_TASK_ID}"'
+      lines[#lines + 1] = "export DROVER_RUN_TOKEN"
+      lines[#lines + 1] = "unset $(env | sed -n 's/^\\(DROVER_RUN_TOKEN_[0-9][0-9]*\\)=.*/\\1/p')"
+    end
+    worker = worker .. " --api " .. shell_quote(opts.api)
+    if self.config.ca_file then worker = worker .. " --ca-file " .. shell_quote(self.config.ca_file) end
+  else
+    lines[#lines + 1] = "DIR=" .. shell_quote(self:staging() .. "/runs") .. "/$RUN"
+    if opts.redirect then lines[#lines + 1] = 'exec >>"$DIR/slurm.out" 2>&1' end
+  end
+  lines[#lines + 1] = worker
   return table.concat(lines, "\n") .. "\n"
 end
 
@@ -685,22 +667,38 @@ function Slurm:run(name, params, opts)
   for k, v in pairs(params or {}) do merged[k] = v end
   -- everything that can fail before the run is recorded: a run is never
   -- left PENDING without a job
+  local api = self:api_url()
   local id = store_mod.new_id()
-  local dir = self:run_dir(id)
-  fs.mkdir(dir)
-  local out = dir .. "/slurm.out"
-  local spec = { script = self:script(name, job, shell_quote(id)), job = job,
+  local dir, out
+  if api then
+    dir = self:node_dir()
+    out = dir .. "/drover-slurm-%j.out"
+  else
+    dir = self:run_dir(id)
+    fs.mkdir(dir)
+    out = dir .. "/slurm.out"
+  end
+  local spec = { script = self:script(name, job, { run = shell_quote(id), api = api }), job = job,
     name = "drover:" .. name, comment = "drover run " .. id .. " of deployment " .. name, output = out, dir = dir,
-    dependency = self:dependency(opts.after) }
+    dependency = self:dependency(opts.after), api = api ~= nil }
   store:create_flow_run { id = id, name = name, deployment = name, backend = "slurm", state = states.PENDING,
     params = merged, source = opts.source or { kind = "deployment" }, resumed_from = opts.resumed_from }
+  if api then spec.secrets = { DROVER_RUN_TOKEN = run_token.issue(store, id) } end
   local ok, job_id = pcall(self.submit, self, spec)
   if not ok then
     store:end_flow_run(id, states.CRASHED, "submit failed: " .. tostring(job_id))
     error(job_id, 0)
   end
-  local url_ok, url = pcall(function() return self:run_url(id, self:job_url(job_id, out)) end)
-  if not url_ok then url = "file://" .. out end
+  local url
+  if api then
+    url = api .. "/runs/" .. id
+    store:log(id, nil, "info", "slurm job " .. job_id .. " runs `drover worker " .. id .. " --api " .. api ..
+      "`; the batch script's own output stays on its node, in " .. out:gsub("%%j", job_id))
+  else
+    local url_ok
+    url_ok, url = pcall(function() return self:run_url(id, self:job_url(job_id, out)) end)
+    if not url_ok then url = "file://" .. out end
+  end
   store:update_flow_run(id, { external_id = job_id, url = url })
   return id, url
 end
@@ -722,23 +720,36 @@ function Slurm:map(name, items, opts)
   local base = store_mod.decode(d.params) or {}
   for k, v in pairs(opts.params or {}) do base[k] = v end
   local key = opts.param or "item"
+  local api = self:api_url()
   -- the ids, their directories, the runs file and the job are all made
   -- before the runs are recorded: a run is never left PENDING without a job
   local ids = {}
-  for i = 1, #items do
-    ids[i] = store_mod.new_id()
-    fs.mkdir(self:run_dir(ids[i]))
+  for i = 1, #items do ids[i] = store_mod.new_id() end
+  local spec = { job = job, name = "drover:" .. name, comment = "drover map of " .. #ids .. " runs of deployment " .. name,
+    array = "0-" .. (#ids - 1) .. (conc and ("%" .. conc) or ""), dependency = self:dependency(opts.after),
+    api = api ~= nil }
+  local url_of
+  if api then
+    -- array task i (0-based) runs the (i+1)th id the script lists
+    local quoted = {}
+    for i, id in ipairs(ids) do quoted[i] = shell_quote(id) end
+    spec.script = self:script(name, job, { pre = { "set -- " .. table.concat(quoted, " "), 'shift "$SLURM_ARRAY_TASK_ID"' },
+      run = '"$1"', api = api, array_tokens = true })
+    spec.dir = self:node_dir()
+    spec.output = spec.dir .. "/drover-slurm-%A_%a.out"
+    function url_of(id) return api .. "/runs/" .. id end
+  else
+    for _, id in ipairs(ids) do fs.mkdir(self:run_dir(id)) end
+    local adir = self:staging() .. "/arrays/" .. store_mod.new_id()
+    fs.mkdir(adir)
+    local wrote, werr = fs.write(adir .. "/runs", table.concat(ids, "\n") .. "\n")
+    if not wrote then fail("map: cannot write %s/runs: %s", adir, tostring(werr)) end
+    -- array task i (0-based) runs line i+1 of the runs file
+    local expr = '$(sed -n "$((SLURM_ARRAY_TASK_ID + 1))p" ' .. shell_quote(adir .. "/runs") .. ")"
+    spec.script = self:script(name, job, { run = expr, redirect = true })
+    spec.dir, spec.output = adir, adir .. "/%a.out"
+    function url_of() return self:job_url(spec.job_id, adir) end
   end
-  local adir = self:staging() .. "/arrays/" .. store_mod.new_id()
-  fs.mkdir(adir)
-  local wrote, werr = fs.write(adir .. "/runs", table.concat(ids, "\n") .. "\n")
-  if not wrote then fail("map: cannot write %s/runs: %s", adir, tostring(werr)) end
-  -- array task i (0-based) runs line i+1 of the runs file
-  local expr = '$(sed -n "$((SLURM_ARRAY_TASK_ID + 1))p" ' .. shell_quote(adir .. "/runs") .. ")"
-  local spec = { script = self:script(name, job, expr, true), job = job,
-    name = "drover:" .. name, comment = "drover map of " .. #ids .. " runs of deployment " .. name,
-    output = adir .. "/%a.out", dir = adir, array = "0-" .. (#ids - 1) .. (conc and ("%" .. conc) or ""),
-    dependency = self:dependency(opts.after) }
   store:transaction(function()
     for i, item in ipairs(items) do
       local p = {}
@@ -748,14 +759,21 @@ function Slurm:map(name, items, opts)
         params = p, source = { kind = "deployment" } }
     end
   end)
+  if api then
+    spec.secrets = {}
+    store:transaction(function()
+      for i, id in ipairs(ids) do spec.secrets["DROVER_RUN_TOKEN_" .. (i - 1)] = run_token.issue(store, id) end
+    end)
+  end
   local ok, job_id = pcall(self.submit, self, spec)
   if not ok then
     for _, id in ipairs(ids) do store:end_flow_run(id, states.CRASHED, "submit failed: " .. tostring(job_id)) end
     error(job_id, 0)
   end
+  spec.job_id = job_id
   store:transaction(function()
     for i, id in ipairs(ids) do
-      store:update_flow_run(id, { external_id = job_id .. "_" .. (i - 1), url = self:job_url(job_id, adir) })
+      store:update_flow_run(id, { external_id = job_id .. "_" .. (i - 1), url = url_of(id) })
     end
   end)
   return { job_id = job_id, runs = ids }
@@ -777,11 +795,11 @@ end
 function Slurm:logs(run_id, opts)
   local lines = Local.logs(self, run_id, opts)
   local r = self:store():find_flow_run(run_id)
-  local text = fs.read(self:run_dir(r.id) .. "/slurm.out")
-  if text then
+  local out = fs.read(self:run_dir(r.id) .. "/slurm.out")
+  if out then
     local seen = {}
     for _, l in ipairs(lines) do seen[l] = true end
-    for line in text:gmatch("[^\n]+") do
+    for line in out:gmatch("[^\n]+") do
       if not seen[line] then lines[#lines + 1] = line end -- printed lines are in both
     end
   end
@@ -866,6 +884,20 @@ function Slurm:job_active(id)
   return false
 end
 
+--- The liveness hook (orchestrator.lua): does run `r`'s job still hold or
+-- wait for resources (PENDING, RUNNING...) as Slurm sees it?  nil when
+-- Slurm cannot be asked, or the run has no job id yet.  The server asks
+-- before it ends a run whose worker went silent: a job that waits in the
+-- queue, or runs while the server was unreachable, is not a crash.
+function Slurm:is_alive(r)
+  if r.backend ~= "slurm" then return Local.is_alive(self, r) end
+  if not r.external_id then return nil end
+  local ok, info = pcall(self.job_info, self, r.external_id)
+  if not ok then return nil end
+  if not info then return false end
+  return ACTIVE[(info.state or ""):match("^%u[%u_]*")] == true
+end
+
 --- The two phases of stop and cancel (Local:cancel_runs, with Slurm jobs
 -- instead of worker processes): `runs` (store rows) go CANCELLING
 -- (message `asked`); their Slurm `jobs` ({ id, state }) are cancelled --
@@ -907,7 +939,7 @@ end
 
 --- stop(name): pause the deployment and cancel all its runs: every active
 -- Slurm job named "drover:NAME" (runs, arrays, tasks with resources).
-function Slurm:stop(name, opts)
+function Slurm:stop(name, _opts)
   local store = self:store()
   self:deployment_of(name)
   store:set_paused(name, true)
@@ -922,7 +954,7 @@ end
 function Slurm:jobs_of_run(r)
   local jobs = {}
   if r.external_id then
-    local ok, info = pcall(self.job_info, self, r.external_id, self:run_dir(r.id))
+    local ok, info = pcall(self.job_info, self, r.external_id)
     local st = ok and info and (info.state or ""):match("^(%u[%u_]*)")
     -- an array element is cancelled (or signalled) as "ARRAY_TASK", by
     -- scancel and slurmrestd alike, never by the array's id: the last
@@ -950,188 +982,9 @@ function Slurm:cancel(run_id)
   return self:status(r.id)
 end
 
--- ---- tasks as jobs: resources -----------------------------------------------------------
---
--- A method whose task options carry `resources = { cpus =, mem =, time =,
--- partition = }` does not run in the flow's worker: each call (each
--- attempt) is a Slurm job of its own running `drover worker --call RUN
--- CALL`, which calls the method on a fresh object of the deployed class
--- and writes the result as JSON into the call's staging directory.  The
--- tracked call (state, retries, timeout, catch, cancel) stays in the flow.
 
-local RESOURCE_KEYS = { cpus = "cpus_per_task", mem = "mem", time = "time", partition = "partition" }
+-- ---- tasks as jobs: resources (backends/slurm/calls.lua) ---------------------------------
 
---- The `resources` task option of method `name` of cls (merged as
--- Base:decorator merges task options: backend, class "*", method), checked.
-function Slurm:resources_of(cls, name)
-  local res
-  local function take(src) if type(src) == "table" and src.resources ~= nil then res = src.resources end end
-  take(self.config.task_options)
-  local per_class = cls and cls.task_options
-  if type(per_class) == "table" then
-    take(per_class["*"])
-    if name then take(per_class[name]) end
-  end
-  if res == nil then return nil end
-  local where = "task " .. tostring(cls and cls.__name or "?") .. "." .. tostring(name)
-  if type(res) ~= "table" then fail("%s: task option 'resources' must be a table, got %s", where, type(res)) end
-  local short = {}
-  for k, v in pairs(res) do
-    local key = RESOURCE_KEYS[k]
-    if not key then fail("%s: unknown resource '%s' (cpus, mem, time, partition)", where, tostring(k)) end
-    short[key] = v
-  end
-  check_template(short, where)
-  return short
-end
-
-function Slurm:decorator(func, cls, name)
-  local job = (type(func) == "function" and name) and self:resources_of(cls, name)
-  if not job then return Local.decorator(self, func, cls, name) end
-  local backend = self
-  local function remote(_, ...) return backend:remote_call(cls, name, job, ...) end
-  return Local.decorator(self, remote, cls, name)
-end
-
-local function call_dir(self, run_id, call_id) return self:run_dir(run_id) .. "/calls/" .. call_id end
-
---- A JSON-able copy of an argument list (nil holes as null).
-local function encode_args(args, what)
-  local list = json.array()
-  for i = 1, args.n do if args[i] == nil then list[i] = json.null else list[i] = args[i] end end
-  local ok, text = pcall(json.encode, { n = args.n, args = list })
-  if not ok then fail("%s: arguments must be JSON-serialisable to run as a Slurm job: %s", what, oneline(text)) end
-  return text
-end
-
---- The body of a task with resources: one Slurm job per call, waited for.
-function Slurm:remote_call(cls, name, job, ...)
-  local tracker = require "drover.tracker"
-  local what = "task " .. tostring(cls and cls.__name or "?") .. "." .. tostring(name)
-  local cur = tracker.current()
-  local store = self:store()
-  local r = cur and store:flow_run(cur.flow_run_id)
-  if not r or r.backend ~= "slurm" or not r.deployment then
-    fail("%s has resources, so it runs as a Slurm job: call it inside a run of a slurm deployment", what)
-  end
-  local d = store:deployment(r.deployment)
-  local cfg = d and store_mod.decode(d.config) or {}
-  -- the deployment's template (account, qos, environment...), the task's resources on top;
-  -- the flow's own cpus/mem/time are not the task's
-  local base = {}
-  for k, v in pairs(cfg.job or {}) do if k ~= "cpus_per_task" and k ~= "mem" and k ~= "time" and k ~= "nodes" then base[k] = v end end
-  local tmpl = merge_templates(base, job)
-  local args_text = encode_args(table.pack(...), what)
-  local call_id = store_mod.new_id()
-  local dir = call_dir(self, r.id, call_id)
-  fs.mkdir(dir)
-  local wrote, werr = fs.write(dir .. "/call.json", json.encode({ method = name, class = cls and cls.__name,
-    task_run_id = cur.task_run_id, args = json.decode(args_text) }))
-  if not wrote then fail("%s: cannot write %s/call.json: %s", what, dir, tostring(werr)) end
-  local script = table.concat({ "#!/bin/sh", "# drover: " .. what .. " of run " .. r.id,
-    "exec " .. shell_quote(self:drover_bin()) .. " worker --call " .. shell_quote(r.id) .. " " .. shell_quote(call_id) }, "\n") .. "\n"
-  local out = dir .. "/slurm.out"
-  local job_id = self:submit({ script = script, job = tmpl, name = "drover:" .. r.deployment,
-    comment = "drover call " .. call_id .. " (" .. what .. ") of run " .. r.id, output = out, dir = dir })
-  tracker.log("info", "slurm job " .. job_id .. " runs " .. what .. " (call " .. call_id .. ")")
-  local result = self:await_call(job_id, dir, what)
-  if result.node then tracker.log("info", "slurm job " .. job_id .. " ran " .. what .. " on " .. tostring(result.node)) end
-  if not result.ok then error(tostring(result.error), 0) end
-  local res = result.result
-  if res == nil or res == json.null then return nil end
-  return res
-end
-
---- Wait for the job of a call to write its result (or to end without one);
--- polled, each wait longer (up to 3 s).  Cancelled while waiting: cancels
--- the job, then passes the cancel on.
-function Slurm:await_call(job_id, dir, what)
-  local delay = 0.2
-  local function result()
-    local text = fs.read(dir .. "/result.json")
-    return text and json.decode(text)
-  end
-  while true do
-    local ok, err = pcall(drover.sleep, delay)
-    if not ok then
-      pcall(self.cancel_job, self, job_id, false)
-      error(err, 0)
-    end
-    delay = math.min(delay * 1.5, 3)
-    local res = result()
-    if type(res) == "table" then return res end
-    local iok, info = pcall(self.job_info, self, job_id)
-    if not iok and info == "cancelled" then
-      pcall(self.cancel_job, self, job_id, false)
-      error(info, 0)
-    end
-    local st = iok and info and (info.state or ""):match("^(%u[%u_]*)")
-    if iok and (not info or not ACTIVE[st]) then
-      res = result() -- written just before the job ended
-      if type(res) == "table" then return res end
-      local tail = fs.read(dir .. "/slurm.out") or ""
-      fail("%s: slurm job %s ended %s without a result%s", what, job_id, tostring(st or "(unknown to Slurm)"),
-        tail ~= "" and (": " .. oneline(tail:sub(-400))) or "")
-    end
-  end
-end
-
---- Runs inside `drover worker --call RUN CALL` (a job of its own): the
--- call's method on a fresh object of the deployed class, its result (or
--- error) written to result.json.  Returns the exit code.
-function Slurm:work_call(run_id, call_id)
-  local store = self:store()
-  local dir = call_dir(self, run_id, call_id)
-  local function finish(t)
-    t.node = os.getenv("SLURMD_NODENAME")
-    t.job = os.getenv("SLURM_JOB_ID")
-    local ok, text = pcall(json.encode, t)
-    if not ok then
-      t = { ok = false, error = "result of the call is not JSON-serialisable: " .. oneline(text), node = t.node, job = t.job }
-      text = json.encode(t)
-    end
-    local tmp = dir .. "/result.json.tmp"
-    assert(fs.write(tmp, text))
-    assert(fs.rename(tmp, dir .. "/result.json"))
-    if not t.ok then io.stderr:write("drover worker --call: ", tostring(t.error), "\n") end
-    return t.ok and 0 or 1
-  end
-  local function body()
-    local spec = json.decode(assert(fs.read(dir .. "/call.json"), "no call.json in " .. dir))
-    local r = store:flow_run(run_id) or error("unknown run '" .. tostring(run_id) .. "'", 0)
-    local d = store:deployment(r.deployment)
-    local p = d and store:package(d.package_id)
-    if not p then error("package of deployment '" .. tostring(r.deployment) .. "' is missing", 0) end
-    local bdir = dir .. "/bundle"
-    fs.mkdir(bdir)
-    local uok, uerr = fs.untar(p.location, bdir)
-    if not uok then error("bad package: " .. tostring(uerr), 0) end
-    package.path = bdir .. "/src/?.lua;" .. bdir .. "/src/?/init.lua;" .. package.path
-    local mod = require(p.module)
-    local cls = mod
-    if p.class and type(mod) == "table" and type(mod[p.class]) == "table" then cls = mod[p.class] end
-    if type(cls) ~= "table" then error("module '" .. p.module .. "' did not return a class", 0) end
-    -- the class as written (not decorated): nested calls run plainly in this job
-    local obj = cls.new and cls:new(store_mod.decode(r.params) or {}) or cls
-    local m = obj[spec.method]
-    if type(m) ~= "function" then error("class has no method '" .. tostring(spec.method) .. "'", 0) end
-    local args = spec.args or {}
-    local list = args.args or {}
-    for i = 1, args.n or #list do if list[i] == json.null then list[i] = nil end end
-    return m(obj, table.unpack(list, 1, args.n or #list))
-  end
-  -- in a task of its own, so that SIGTERM (scancel, stop) cancels it and
-  -- what it waits on (processes included) instead of orphaning them
-  local core = require "drover.core"
-  local h = core.spawn(function() return table.pack(xpcall(body, function(e) return e end)) end)
-  local function on_term() h:cancel() end
-  local s1 = drover.on_signal("TERM", on_term)
-  local s2 = drover.on_signal("INT", on_term)
-  local ran, r = h:wait()
-  s1:stop(); s2:stop()
-  if not ran then r = { false, r } end
-  if r[1] then return finish({ ok = true, result = r[2] }) end
-  return finish({ ok = false, error = type(r[2]) == "string" and r[2] or tostring(r[2]) })
-end
+part("calls").install(Slurm, Local)
 
 return Slurm

@@ -6,6 +6,8 @@
 #      in container and swarm mode (median of REPS runs)
 #   2. RUNS (50) runs started at once (container mode): time until every
 #      run() returned, and until all are COMPLETED
+#   1 and 2 again with the containers reporting to `drover serve` over HTTP
+#      (api_url: no mount of the store), with the API/shared-store ratios
 #   3. the same Engine operations through drover's API calls (drover.http
 #      over the unix socket) and through the docker CLI, in this script:
 #      image inspect x20, run-a-container-to-exit x10 (create, start, wait,
@@ -77,34 +79,53 @@ local function wait_done(id)
   while states.active[o:status(id).state] do drover.sleep(0.02) end
   return o:status(id).state
 end
-for _, mode in ipairs { "container", "swarm" } do
-  t0 = t()
-  o:deploy("bench-" .. mode, { package = p.id, mode = mode })
-  out("deploy_" .. mode, t() - t0)
-  local xs = {}
-  for _ = 1, REPS do
+--- Sections 1 and 2 with orchestrator `orch`; `tag` ("" or "_api") names
+-- the outputs, `prefix` the deployments.
+local function runs_of(orch, prefix, tag)
+  for _, mode in ipairs { "container", "swarm" } do
     t0 = t()
-    local id = o:run("bench-" .. mode, { n = 1 })
-    local st = wait_done(id)
-    assert(st == "COMPLETED", mode .. " run ended " .. st)
-    xs[#xs + 1] = t() - t0
+    orch:deploy(prefix .. mode, { package = p.id, mode = mode })
+    out("deploy_" .. mode .. tag, t() - t0)
+    local xs = {}
+    for _ = 1, REPS do
+      t0 = t()
+      local id = orch:run(prefix .. mode, { n = 1 })
+      local st = wait_done(id)
+      assert(st == "COMPLETED", mode .. " run ended " .. st)
+      xs[#xs + 1] = t() - t0
+    end
+    out("run_to_completed_" .. mode .. tag, median(xs))
   end
-  out("run_to_completed_" .. mode, median(xs))
+  -- 2. RUNS runs at once
+  orch:deploy(prefix .. "many", { package = p.id, mode = "container" })
+  t0 = t()
+  local ids, hs = {}, {}
+  for i = 1, RUNS do hs[i] = drover.spawn(function() ids[i] = orch:run(prefix .. "many", { n = i }) end) end
+  for _, h in ipairs(hs) do assert(h:wait()) end
+  out("many_started" .. tag, t() - t0)
+  for _, id in ipairs(ids) do
+    local st = wait_done(id)
+    assert(st == "COMPLETED", "run " .. id .. " ended " .. st)
+  end
+  out("many_completed" .. tag, t() - t0)
+  for _, m in ipairs { "container", "swarm", "many" } do orch:stop(prefix .. m, {}) end
 end
+runs_of(o, "bench-", "")
 
--- 2. RUNS runs at once
-o:deploy("bench-many", { package = p.id, mode = "container" })
-t0 = t()
-local ids, hs = {}, {}
-for i = 1, RUNS do hs[i] = drover.spawn(function() ids[i] = o:run("bench-many", { n = i }) end) end
-for _, h in ipairs(hs) do assert(h:wait()) end
-out("many_started", t() - t0)
-for _, id in ipairs(ids) do
-  local st = wait_done(id)
-  assert(st == "COMPLETED", "run " .. id .. " ended " .. st)
+-- 1 and 2 again, reporting to `drover serve` on the same store (api_url)
+local home = o:store().home
+local serve = assert(drover.proc.spawn({ os.getenv("DROVER_BIN"), "serve", "--port", "0" },
+  { env = { DROVER_HOME = home }, stdout = home .. "/serve.log", stderr = home .. "/serve.log" }))
+local info
+while not info do
+  local d = drover.fs.read(home .. "/daemon.json")
+  d = d and drover.json.decode(d)
+  if type(d) == "table" and d.pid == serve.pid then info = d else drover.sleep(0.02) end
+  assert(serve:is_running(), "drover serve exited: see " .. home .. "/serve.log")
 end
-out("many_completed", t() - t0)
-for _, name in ipairs { "bench-container", "bench-swarm", "bench-many" } do o:stop(name, {}) end
+runs_of(drover.orchestrator("docker", { api_url = info.url }), "bench-api-", "_api")
+serve:kill("TERM")
+serve:wait()
 
 -- 3. raw Engine operations through drover's API calls
 local labels = { ["drover.bench"] = "1" }
@@ -125,7 +146,7 @@ t0 = t()
 for _ = 1, 10 do wait_remove(run_container { "true" }) end
 out("api_run10", t() - t0)
 t0 = t()
-hs = {}
+local hs = {}
 for i = 1, RUNS do hs[i] = drover.spawn(function() wait_remove(run_container { "true" }) end) end
 for _, h in ipairs(hs) do assert(h:wait()) end
 out("api_many", t() - t0)
@@ -175,6 +196,15 @@ awk -v runs="$RUNS" '
     printf "run -> COMPLETED, swarm mode       %8.3f s (median)\n", v["run_to_completed_swarm"]
     printf "%d runs at once: all started       %8.3f s\n", runs, v["many_started"]
     printf "%d runs at once: all COMPLETED     %8.3f s\n", runs, v["many_completed"]
+    printf "\nreporting to drover serve (api_url)    API    shared  API/shared\n"
+    split("run_to_completed_container run_to_completed_swarm many_completed", rk, " ")
+    rn["run_to_completed_container"] = "run -> COMPLETED, container"
+    rn["run_to_completed_swarm"] = "run -> COMPLETED, swarm"
+    rn["many_completed"] = runs " runs at once, all COMPLETED"
+    for (i = 1; i <= 3; i++) {
+      k = rk[i]; a = v[k "_api"]; b = v[k]
+      printf "%-34s %7.3fs %7.3fs %7.2fx\n", rn[k], a, b, (b > 0 ? a / b : 0)
+    }
     printf "\n%-34s %10s %10s %8s\n", "engine operation", "drover", "docker CLI", "CLI/drover"
     split("inspect20 run10 many job", ops, " ")
     names["inspect20"] = "image inspect x20"

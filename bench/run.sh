@@ -7,6 +7,8 @@
 #   memory.sh    resident memory of an idle engine vs lua5.4
 #   tracking.sh  per-task cost of tracking (100,000 no-op task runs)
 #   dag.sh       1,000-process DAG and a 200-process chain vs make / snakemake
+#   remote.sh    reporting over HTTP vs writing the store (10,000 tasks),
+#                50 workers at once, `drover run` -> first task (docs/protocol.md)
 #   proc.sh, http.sh, db.sh   when present (their owners' benchmarks),
 #   then any other bench/*.sh
 #
@@ -22,7 +24,7 @@ BUILD=${DROVER_BUILD:-build}
 export DROVER_BUILD=$BUILD
 [ -x "$BUILD/drover" ] || make -s BUILD="$BUILD" all || exit 1
 
-all=(startup memory tracking dag proc http db)
+all=(startup memory tracking dag remote proc http db)
 # ... and any other bench/NAME.sh that appears, after those
 for f in bench/*.sh; do
   n=$(basename "$f" .sh)

@@ -11,22 +11,33 @@
 #      recorded the end) vs sbatch of a script that touches a file (submit
 #      -> the file exists): the overhead drover adds (median of N)
 #
+# MODE=api (default): the workers report to a `drover serve` this script
+# starts (api_url), on the test cluster's hidden nodes (partition debug:
+# they cannot see this host's /tmp, where the store lives).  MODE=shared:
+# the shared-filesystem fallback, on the node that sees it (partition
+# shared, one node).  The sbatch baselines run on the same partition.
+#
 # Uses the cluster in SLURM_CONF/DROVER_SLURM_SOCKET if set (source the env
 # of tests/services/slurm.sh), else starts a private one and stops it.
-#   DROVER_BUILD=build-x bash bench/slurm.sh          (TASKS=500 N=10)
+#   DROVER_BUILD=build-x bash bench/slurm.sh          (TASKS=500 N=10 MODE=api)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 BUILD=${DROVER_BUILD:-build}
 TASKS=${TASKS:-500}
 N=${N:-10}
+MODE=${MODE:-api}
+case "$MODE" in api|shared) ;; *) echo "bench/slurm.sh: MODE must be api or shared" >&2; exit 2 ;; esac
 DROVER=$ROOT/$BUILD/drover
 [ -x "$DROVER" ] || make -s BUILD="$BUILD" "$BUILD/drover"
 work=$(mktemp -d /tmp/drover-bench-slurm.XXXXXX)
-own_cluster=
+# the baseline's marker files: where every node can write them
+marks=$(mktemp -d /var/tmp/drover-bench-slurm.XXXXXX)
+own_cluster='' serve_pid=''
 cleanup() {
+  [ -n "$serve_pid" ] && kill "$serve_pid" 2>/dev/null && wait "$serve_pid" 2>/dev/null
   [ -n "$own_cluster" ] && bash tests/services/slurm.sh stop "$work/cluster" >/dev/null 2>&1
-  rm -rf "$work"
+  rm -rf "$work" "$marks"
 }
 trap cleanup EXIT
 if [ -z "${DROVER_SLURM_SOCKET:-}" ]; then
@@ -35,8 +46,20 @@ if [ -z "${DROVER_SLURM_SOCKET:-}" ]; then
     { cat "$work/cluster.log"; exit 1; }
   . "$work/cluster/env"
 fi
-export SLURM_CONF DROVER_SLURM_SOCKET DROVER_SLURM_PARTITION
+export SLURM_CONF DROVER_SLURM_SOCKET
 export DROVER_HOME=$work/home DROVER_BIN=$DROVER DROVER_DAEMON=0 DROVER_ROOT=$ROOT
+if [ "$MODE" = api ]; then
+  export PART=${DROVER_SLURM_PARTITION:-debug}
+  mkdir -p "$DROVER_HOME"
+  "$DROVER" serve --port 0 >"$work/serve.log" 2>&1 &
+  serve_pid=$!
+  for _ in $(seq 1 600); do [ -s "$DROVER_HOME/daemon.json" ] && break; sleep 0.05; done
+  BENCH_API=$(sed -n 's/.*"url":"\([^"]*\)".*/\1/p' "$DROVER_HOME/daemon.json")
+  [ -n "$BENCH_API" ] || { echo "bench/slurm.sh: drover serve did not start: $(cat "$work/serve.log")" >&2; exit 1; }
+  export BENCH_API
+else
+  export PART=${DROVER_SLURM_SHARED_PARTITION:-shared}
+fi
 now() { date +%s.%N; }
 calc() { awk "BEGIN { print $* }"; }
 
@@ -47,7 +70,7 @@ true
 EOF
 t0=$(now)
 for i in $(seq 1 "$TASKS"); do
-  sbatch --parsable --job-name=bench-loop --output=/dev/null "$work/true.sh" >/dev/null
+  sbatch --parsable --partition="$PART" --job-name=bench-loop --output=/dev/null "$work/true.sh" >/dev/null
 done
 t1=$(now)
 while [ -n "$(squeue -h --name=bench-loop -o %i | head -1)" ]; do sleep 0.05; done
@@ -63,8 +86,8 @@ touch "$1"
 EOF
 sb_one=()
 for i in $(seq 1 "$N"); do
-  a=$(now); sbatch --parsable --output=/dev/null "$work/touch.sh" "$work/done.$i" >/dev/null
-  while [ ! -e "$work/done.$i" ]; do sleep 0.01; done; b=$(now)
+  a=$(now); sbatch --parsable --partition="$PART" --output=/dev/null "$work/touch.sh" "$marks/done.$i" >/dev/null
+  while [ ! -e "$marks/done.$i" ]; do sleep 0.01; done; b=$(now)
   sb_one+=("$(calc "$b - $a")")
 done
 sbatch_one=$(printf '%s\n' "${sb_one[@]}" | sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}')
@@ -74,7 +97,7 @@ local drover = require "drover"
 local store_mod = require "drover.store"
 local tasks, n = tonumber(os.getenv("TASKS")), tonumber(os.getenv("N"))
 local orch = drover.orchestrator("slurm", { socket = os.getenv("DROVER_SLURM_SOCKET"),
-  partition = os.getenv("DROVER_SLURM_PARTITION") })
+  partition = os.getenv("PART"), api_url = os.getenv("BENCH_API") })
 local store = orch:store()
 local pkg = orch:package("SlurmFlow", "slurm_flow", "main", { path = os.getenv("DROVER_ROOT") .. "/tests/fixtures/slurm" })
 orch:deploy("bench-item", { package = pkg.id, params = { mode = "item" } })
@@ -150,7 +173,7 @@ print(string.format("one_first=%.3f one_total=%.3f", median(firsts), median(tota
 LUA
 eval "$(TASKS=$TASKS N=$N "$DROVER" "$work/bench.lua" | tr ' ' '\n' | sed 's/^/r_/')"
 
-printf '\nslurm backend, %d-task fan-out on %s (3 nodes x 4 CPUs), REST over a unix socket\n' "$TASKS" "$(hostname)"
+printf '\nslurm backend, %d-task fan-out on %s (partition %s), REST over a unix socket, MODE=%s\n' "$TASKS" "$(hostname)" "$PART" "$MODE"
 printf '%-44s %10s %10s\n' "" "submit s" "all done s"
 printf '%-44s %10.3f %10.3f\n' "shell loop of sbatch (jobs run 'true')" "$sbatch_submit" "$sbatch_total"
 printf '%-44s %10.3f %10.3f\n' "drover map: one job array (tracked flows)" "$r_map_submit" "$r_map_total"

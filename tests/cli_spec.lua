@@ -258,7 +258,8 @@ describe("drover CLI", function()
   it("a locked store gives a clear error naming it", function()
     drv({ "ls" }) -- create it
     local holder = drover.proc.spawn({ "sqlite3", home .. "/drover.db" }, { stdin = true })
-    holder:write("BEGIN EXCLUSIVE;\nINSERT INTO meta VALUES('lock','x');\n")
+    -- (.timeout: a daemon an earlier test started may be writing at this moment)
+    holder:write(".timeout 30000\nBEGIN EXCLUSIVE;\nINSERT INTO meta VALUES('lock','x');\n")
     H.wait_until(function() -- until sqlite3 really holds the lock
       return drover.proc.run({ "sqlite3", "-cmd", ".timeout 10", home .. "/drover.db",
         "BEGIN IMMEDIATE; ROLLBACK;" }).code ~= 0

@@ -1,6 +1,11 @@
 -- The docker backend on a real Docker Engine (tests/services/docker.sh
 -- starts one and exports DROVER_DOCKER_SOCKET).  Without it this spec fails:
 -- it does not skip.
+--
+-- The spec starts `drover serve` on its store and deploys with api_url:
+-- containers get no mount of the store and report to the server over the
+-- host's network.  The shared-store fallback (no api_url, DROVER_HOME
+-- bind-mounted) keeps tests of its own.
 local drover = require "drover"
 local H = require "helper"
 
@@ -21,15 +26,36 @@ local function filters(label)
   return "filters=" .. q:gsub("[^%w%-%._~]", function(c) return string.format("%%%02X", c:byte()) end)
 end
 
+--- The value of NAME in an engine's Env list ("NAME=value" strings).
+local function env_value(list, name)
+  for _, e in ipairs(list or {}) do
+    local v = e:match("^" .. name .. "=(.*)$")
+    if v then return v end
+  end
+end
+
+--- Does any string in `list` (a JSON array, or null) contain `s`?
+local function in_any(list, s)
+  for _, a in ipairs(type(list) == "table" and list or {}) do if tostring(a):find(s, 1, true) then return true end end
+  return false
+end
+
 describe("docker backend", function()
-  local orch, pkg
+  local orch, shared, pkg, probe, home, server, server_proc
   local deployments = {}
 
-  local function deploy(name, opts)
+  --- Deploy with `o` (default: orch, reporting to the server).
+  local function deploy(name, opts, o)
     local full = name .. "-" .. suffix
-    orch:deploy(full, opts)
+    ;(o or orch):deploy(full, opts)
     deployments[#deployments + 1] = full
     return full
+  end
+
+  --- The probe workflow's package (tests/fixtures/docker), built once.
+  local function probe_package()
+    probe = probe or orch:package("Probe", "probe_flow", "main", { path = H.root .. "/tests/fixtures/docker" })
+    return probe
   end
 
   local function wait_state(id, want)
@@ -63,14 +89,18 @@ describe("docker backend", function()
       "(tests/services/docker.sh start) did not run, so there is no Docker Engine to test against")
     local ping = drover.http.get("http://docker/_ping", { unix_socket = SOCKET, timeout = 10 })
     assert(ping and ping.status == 200, "no Docker Engine answers on " .. SOCKET)
-    orch = drover.orchestrator("docker", { socket = SOCKET, stop_timeout = 5 })
+    shared = drover.orchestrator("docker", { socket = SOCKET, stop_timeout = 5 })
+    home = shared:store().home
+    server_proc, server = H.serve(home)
+    orch = drover.orchestrator("docker", { socket = SOCKET, stop_timeout = 5, api_url = server.url })
   end)
 
   teardown(function()
     if not orch then return end
     for _, name in ipairs(deployments) do pcall(orch.stop, orch, name, {}) end
-    -- run() starts a daemon for the store (the dashboard URL): stop it
-    H.stop_daemon(orch:store().home)
+    if server_proc then server_proc:kill("TERM"); server_proc:wait() end
+    -- run() in the fallback mode may start a daemon for the store: stop it
+    H.stop_daemon(home)
   end)
 
   it("package builds a labelled, tagged image; the same sources give the same image", function()
@@ -105,11 +135,12 @@ describe("docker backend", function()
   end)
 
   for _, mode in ipairs { "container", "swarm" } do
-    it("a run in " .. mode .. " mode COMPLETES with its task runs tracked in the host's store", function()
+    it("a run in " .. mode .. " mode COMPLETES, tracked through the server; the container has no mount " ..
+        "of the store and its token in no argv", function()
       local name = deploy("ok-" .. mode, { package = pkg.id, params = { mode = "ok" }, mode = mode,
         memory = "256m", cpus = 0.5, env = { FIXTURE_ENV = "yes" } })
       local id, url = orch:run(name, {})
-      assert.matches("^%a[%w+.-]*://", url)
+      assert.are.equal(server.url .. "/runs/" .. id, url)
       local st = wait_state(id, "COMPLETED")
       local names = {}
       for _, t in ipairs(st.task_runs) do names[#names + 1] = t.name .. "=" .. t.state end
@@ -122,10 +153,47 @@ describe("docker backend", function()
       assert.are.equal(256 * 1024 * 1024, c.HostConfig.Memory)
       assert.are.equal(id, c.Config.Labels["drover.run"])
       assert.are.equal(name, c.Config.Labels["drover.deployment"])
+      -- nothing mounted, the host's network (the server listens on loopback),
+      -- `drover worker ID --api URL`; the token in the environment only
+      assert.are.same({}, c.Mounts)
+      local binds = c.HostConfig.Binds
+      assert.is_true(binds == nil or binds == drover.json.null or next(binds) == nil)
+      assert.are.equal("host", c.HostConfig.NetworkMode)
+      -- (a swarm service's Command becomes its containers' Entrypoint)
+      assert.are.same({ "/opt/drover/bin/drover", "worker", id, "--api", server.url },
+        mode == "swarm" and c.Config.Entrypoint or c.Config.Cmd)
+      assert.is_nil(env_value(c.Config.Env, "DROVER_HOME"))
+      local token = env_value(c.Config.Env, "DROVER_RUN_TOKEN")
+      assert.matches("^%S+$", token)
+      assert.is_false(in_any(c.Config.Cmd, token) or in_any(c.Args, token) or in_any({ c.Path }, token)
+        or in_any(c.Config.Entrypoint, token))
+      assert.is_not_nil(orch:store():flow_run(id).token_hash)
+      if mode == "swarm" then
+        local _, sid = r.external_id:match("^(%a+):(.+)$")
+        local spec = engine("GET", "/services/" .. sid).json.Spec.TaskTemplate.ContainerSpec
+        assert.is_nil(spec.Mounts)
+        assert.is_false(in_any(spec.Command, token) or in_any(spec.Args, token))
+      end
       assert.matches("fixture says HELLO", table.concat(orch:logs(id), "\n"))
       local ok, err = pcall(orch.cancel, orch, id)
       assert.is_false(ok)
       assert.are.equal("run " .. id .. " is COMPLETED: only active runs can be cancelled", err)
+    end)
+
+    it("in " .. mode .. " mode a workflow in the container finds the store's directory absent and its " ..
+        "token in its environment, in no process's argv", function()
+      local name = deploy("probe-" .. mode, { package = probe_package().id, mode = mode, params = { path = home } })
+      local id = orch:run(name, {})
+      local st = wait_state(id, { "COMPLETED", "FAILED", "CRASHED" })
+      assert.are.equal("COMPLETED", st.state, st.message)
+      -- the lines the worker reported to the server, as the store holds them
+      local lines = {}
+      for _, l in ipairs(orch:store():logs(id, 0)) do lines[#lines + 1] = l.line end
+      local text = table.concat(lines, "\n")
+      assert.truthy(text:find("probe: " .. home .. " does not exist", 1, true), text)
+      assert.truthy(text:find("probe: DROVER_HOME is unset", 1, true), text)
+      assert.truthy(text:find("probe: the run token is in the environment", 1, true), text)
+      assert.truthy(text:find("probe: processes with the token in their argv: 0", 1, true), text)
     end)
 
     it("a container exiting non-zero makes the run FAILED with its exit code (" .. mode .. ")", function()
@@ -142,10 +210,18 @@ describe("docker backend", function()
       local id = orch:run(name, {})
       wait_state(id, "RUNNING")
       local cid = container_of(id)
+      -- the liveness hook sees it running; no process on this host (the
+      -- container's included) has the run's token in its command line
+      assert.is_true(orch:is_alive(orch:store():flow_run(id)))
+      local token = env_value(engine("GET", "/containers/" .. cid .. "/json").json.Config.Env, "DROVER_RUN_TOKEN")
+      assert.matches("^%S+$", token)
+      assert.are.same({}, H.pids_matching(token))
+      assert.is_true(#H.pids_matching("worker " .. id .. " --api") >= 1)
       assert.are.equal(204, engine("POST", "/containers/" .. cid .. "/kill").status)
       local st = wait_state(id, { "CRASHED", "FAILED", "COMPLETED", "CANCELLED" })
       assert.is_true(st.state == "CRASHED" or st.state == "FAILED", "state " .. st.state)
       assert.matches("killed by signal 9", st.message)
+      assert.is_false(orch:is_alive(orch:store():flow_run(id)))
     end)
 
     it("stop removes every container and service of the deployment, by label (" .. mode .. ")", function()
@@ -205,6 +281,97 @@ describe("docker backend", function()
     end)
   end
 
+  it("the shared-store fallback (no api_url): the container tracks into the store, bind-mounted", function()
+    local name = deploy("shared", { package = pkg.id, params = { mode = "ok" }, mode = "container" }, shared)
+    local id = shared:run(name, {})
+    local st = wait_state(id, { "COMPLETED", "FAILED", "CRASHED" })
+    assert.are.equal("COMPLETED", st.state, st.message)
+    assert.are.equal(2, #st.task_runs)
+    local c = engine("GET", "/containers/" .. container_of(id) .. "/json").json
+    assert.are.same({ home .. ":" .. home }, c.HostConfig.Binds)
+    assert.are.same({ "/opt/drover/bin/drover", "worker", id }, c.Config.Cmd)
+    assert.are.equal(home, env_value(c.Config.Env, "DROVER_HOME"))
+    assert.is_nil(env_value(c.Config.Env, "DROVER_RUN_TOKEN"))
+    assert.is_nil(shared:store():flow_run(id).token_hash)
+  end)
+
+  it("api_url \"auto\" reports to the daemon serving the store", function()
+    local o = drover.orchestrator("docker", { socket = SOCKET, stop_timeout = 5, api_url = "auto" })
+    local name = deploy("auto", { package = pkg.id, params = { mode = "ok" }, mode = "container" }, o)
+    local id, url = o:run(name, {})
+    assert.are.equal(server.url .. "/runs/" .. id, url)
+    local st = wait_state(id, { "COMPLETED", "FAILED", "CRASHED" })
+    assert.are.equal("COMPLETED", st.state, st.message)
+    local c = engine("GET", "/containers/" .. container_of(id) .. "/json").json
+    assert.are.same({}, c.Mounts)
+    assert.are.same({ "/opt/drover/bin/drover", "worker", id, "--api", server.url }, c.Config.Cmd)
+  end)
+
+  it("over TLS: the CA file is the container's one mount, read-only, named by DROVER_CA_FILE", function()
+    local dir = H.tempdir()
+    local function openssl(args)
+      local argv = { "openssl" }
+      for _, a in ipairs(args) do argv[#argv + 1] = a end
+      local r = assert(drover.proc.run(argv, { cwd = dir }))
+      assert(r.code == 0, "openssl " .. args[1] .. ": " .. tostring(r.stderr))
+    end
+    openssl { "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
+      "-days", "2", "-subj", "/CN=drover docker spec CA" }
+    openssl { "req", "-newkey", "rsa:2048", "-nodes", "-keyout", "srv.key", "-out", "srv.csr", "-subj", "/CN=127.0.0.1" }
+    assert(drover.fs.write(dir .. "/ext", "subjectAltName=IP:127.0.0.1,DNS:localhost\n"))
+    openssl { "x509", "-req", "-in", "srv.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+      "-out", "srv.pem", "-days", "2", "-extfile", "ext" }
+    -- a store and a server of its own, serving https
+    local home2 = dir .. "/home"
+    drover.fs.mkdir(home2)
+    local p2, info = H.serve(home2, { "--port", "0", "--tls-cert", dir .. "/srv.pem", "--tls-key", dir .. "/srv.key" })
+    local o = drover.orchestrator("docker", { home = home2, socket = SOCKET, stop_timeout = 5,
+      api_url = info.url, ca_file = dir .. "/ca.pem" })
+    local ok, err = pcall(function()
+      assert.matches("^https://", info.url)
+      local p = o:package("Fixture", "fixture_flow", "main", { path = fixture })
+      o:deploy("tls", { package = p.id, params = { mode = "ok" }, mode = "container" })
+      local id = o:run("tls", {})
+      local st
+      H.wait_until(function()
+        st = o:status(id)
+        return st.state == "COMPLETED" or st.state == "FAILED" or st.state == "CRASHED"
+      end, DEADLINE, "the TLS run to end")
+      assert.are.equal("COMPLETED", st.state, st.message)
+      local c = engine("GET", "/containers/" .. o:store():flow_run(id).external_id:match(":(.+)$") .. "/json").json
+      assert.are.equal(1, #c.Mounts)
+      assert.are.equal(dir .. "/ca.pem", c.Mounts[1].Source)
+      assert.are.equal("/run/drover/ca.pem", c.Mounts[1].Destination)
+      assert.is_false(c.Mounts[1].RW)
+      assert.are.equal("/run/drover/ca.pem", env_value(c.Config.Env, "DROVER_CA_FILE"))
+    end)
+    pcall(o.stop, o, "tls", {})
+    p2:kill("TERM"); p2:wait()
+    drover.fs.remove(dir, { recursive = true })
+    assert(ok, err)
+  end)
+
+  it("bad api_url, ca_file and network values are refused in one line each", function()
+    local function refused(cfg)
+      cfg.socket = SOCKET
+      local ok, err = pcall(drover.orchestrator, "docker", cfg)
+      assert.is_false(ok)
+      assert.is_nil(tostring(err):find("\n", 1, true))
+      return tostring(err)
+    end
+    assert.matches("bad api_url 'ftp://x' %(the http:// or https:// URL of drover serve", refused { api_url = "ftp://x" })
+    assert.matches("bad ca_file 'ca.pem' %(an absolute path", refused { api_url = "http://h:1", ca_file = "ca.pem" })
+    assert.matches("ca_file is set but api_url is not", refused { ca_file = "/etc/ca.pem" })
+    assert.matches("bad network 'a b'", refused { api_url = "http://h:1", network = "a b" })
+    -- a CA file that is not there: the run is refused before anything is recorded
+    local o = drover.orchestrator("docker", { socket = SOCKET, api_url = server.url, ca_file = "/nonexistent/ca.pem" })
+    local name = deploy("noca", { package = pkg.id, mode = "container" }, o)
+    local ok, err = pcall(o.run, o, name, {})
+    assert.is_false(ok)
+    assert.matches("ca_file '/nonexistent/ca.pem' cannot be read", tostring(err))
+    assert.are.same({}, o:store():flow_runs { deployment = name, limit = 100 })
+  end)
+
   it("cancel of an unknown run is one line naming it", function()
     local ok, err = pcall(orch.cancel, orch, "ffffffffffff")
     assert.is_false(ok)
@@ -242,9 +409,25 @@ describe("docker backend", function()
     assert.are.equal("CANCELLED", drover.json.decode(out).state)
     assert.are.equal(404, engine("GET", "/containers/" .. cid .. "/json").status)
     assert.are.equal(0, store:deployment(name).paused)
-    code, out, err = H.drover({ "cancel", id }, { env = env })
-    assert.are_not.equal(0, code)
-    assert.matches("run " .. id .. " is CANCELLED: only active runs can be cancelled", err)
+    local code2, _, err2 = H.drover({ "cancel", id }, { env = env })
+    assert.are_not.equal(0, code2)
+    assert.matches("run " .. id .. " is CANCELLED: only active runs can be cancelled", err2)
+  end)
+
+  it("the CLI: drover deploy --set api_url=URL; drover run's container reports through the server", function()
+    local env = { DROVER_HOME = home }
+    local name = "cli-api-" .. suffix
+    local code, _, err = H.drover({ "deploy", "--backend", "docker", "--set", "api_url=" .. server.url,
+      "--package", pkg.id, name, "mode=ok" }, { env = env })
+    assert.are.equal(0, code, err)
+    deployments[#deployments + 1] = name
+    local id, url = H.run(env, name)
+    assert.are.equal(server.url .. "/runs/" .. id, url)
+    local st = wait_state(id, { "COMPLETED", "FAILED", "CRASHED" })
+    assert.are.equal("COMPLETED", st.state, st.message)
+    local c = engine("GET", "/containers/" .. container_of(id) .. "/json").json
+    assert.are.same({}, c.Mounts)
+    assert.are.same({ "/opt/drover/bin/drover", "worker", id, "--api", server.url }, c.Config.Cmd)
   end)
 
   it("a deployment keeps the socket taken from DROVER_DOCKER_SOCKET; status elsewhere asks that engine", function()
@@ -282,6 +465,8 @@ describe("docker backend", function()
     assert.are.equal("docker: the Docker Engine is not running: no socket at " .. dir ..
       "/docker.sock (start dockerd, or set the 'socket' config key or DROVER_DOCKER_SOCKET)", tostring(err))
     assert.are.equal("RUNNING", store:flow_run(id).state)
+    -- the liveness hook cannot say
+    assert.is_nil(o:is_alive(store:flow_run(id)))
     -- cancel too: one line, the run untouched, its container still running
     ok, err = pcall(o.cancel, o, id)
     assert.is_false(ok)
@@ -296,8 +481,6 @@ describe("docker backend", function()
   it("a run the engine refuses to create ends CRASHED at once, with one line of the engine's error", function()
     -- the engine refuses a memory limit under 6 MB when creating the container
     local name = deploy("refused", { package = pkg.id, mode = "container", memory = 1024 * 1024 })
-    local before = {}
-    for _, r in ipairs(orch:store():flow_runs { deployment = name, limit = 100 }) do before[r.id] = true end
     local ok, err = pcall(orch.run, orch, name, {})
     assert.is_false(ok)
     assert.matches("docker.run: creating the container: .*memory", tostring(err))

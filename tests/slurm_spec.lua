@@ -1,6 +1,12 @@
--- The slurm backend on a real three-node Slurm cluster, started by
+-- The slurm backend on a real Slurm cluster, started by
 -- tests/services/slurm.sh (tests/run.sh sources its env: SLURM_CONF,
 -- DROVER_SLURM_*).  Without that cluster every test fails, saying so.
+--
+-- Nodes n1..n3 (partition debug) each run in a mount namespace of their
+-- own where /tmp -- and so this spec's DROVER_HOME and staging directory --
+-- is an empty tmpfs: the workers there reach the store only through the
+-- `drover serve` this spec starts (api_url).  Node n4 (partition shared)
+-- sees this host's files: the shared-filesystem fallback runs there.
 local drover = require "drover"
 local H = require "helper"
 
@@ -16,14 +22,28 @@ local function need(name)
   return v
 end
 
---- The backend config for each transport.
+-- The URL of the `drover serve` the spec starts on its store (setup).
+local API
+
+--- The backend config for each transport: the workers report to API,
+-- unless extra.shared (the shared-filesystem fallback, on node n4).
 local function config(transport, extra)
-  local c = { partition = need("DROVER_SLURM_PARTITION"), jobcomp_file = need("DROVER_SLURM_JOBCOMP") }
+  local c = { partition = need("DROVER_SLURM_PARTITION"), jobcomp_file = need("DROVER_SLURM_JOBCOMP"), api_url = API }
   if transport == "socket" then c.socket = need("DROVER_SLURM_SOCKET")
   elseif transport == "jwt" then c.url = need("DROVER_SLURM_URL"); c.token_file = need("DROVER_SLURM_TOKEN_FILE"); c.user = "root"
   else c.commands = true end
   for k, v in pairs(extra or {}) do c[k] = v end
+  if c.shared then
+    c.shared, c.api_url, c.partition = nil, nil, need("DROVER_SLURM_SHARED_PARTITION")
+  end
   return c
+end
+
+--- A JSON config file for the CLI's -c (in the store's directory).
+local function config_file(c)
+  local path = require("drover.tracker").default_store().home .. "/slurm-" .. math.random(100000, 999999) .. ".json"
+  assert(drover.fs.write(path, drover.json.encode(c)))
+  return path
 end
 
 --- Run a Slurm command of the test cluster; its stdout.
@@ -70,20 +90,28 @@ local function deployed(transport, params, job, extra)
 end
 
 describe("slurm backend", function()
+  local server
+
   teardown(function()
-    -- run() starts a dashboard daemon for the store (no DROVER_DAEMON=0): stop it
+    -- the server this spec started (a fallback run may also have started
+    -- a dashboard daemon: the same daemon.json names whichever runs)
+    if server then server:kill("TERM"); server:wait() end
     H.stop_daemon(require("drover.tracker").default_store().home)
   end)
 
   setup(function()
     for _, k in ipairs { "SLURM_CONF", "DROVER_SLURM_SOCKET", "DROVER_SLURM_URL", "DROVER_SLURM_TOKEN_FILE",
-      "DROVER_SLURM_JOBCOMP", "DROVER_SLURM_DIR" } do need(k) end
+      "DROVER_SLURM_JOBCOMP", "DROVER_SLURM_DIR", "DROVER_SLURM_SHARED_PARTITION" } do need(k) end
     -- every node must be up before the tests start
     H.wait_until(function()
       local idle = 0
       for _ in slurm({ "sinfo", "-h", "-N", "-o", "%N %t" }):gmatch("idle") do idle = idle + 1 end
-      return idle >= 3
-    end, DEADLINE, "3 idle Slurm nodes")
+      return idle >= 4
+    end, DEADLINE, "4 idle Slurm nodes")
+    local home = require("drover.tracker").default_store().home
+    local info
+    server, info = H.serve(home)
+    API = info.url
   end)
 
   for _, transport in ipairs { "socket", "jwt", "commands" } do
@@ -195,6 +223,59 @@ describe("slurm backend", function()
     end)
   end)
 
+  it("api_url: a job on a node finds the store and staging directories empty; it reports over the API", function()
+    local orch = drover.orchestrator("slurm", config("commands"))
+    local store = orch:store()
+    local pkg = orch:package("SlurmFlow", "slurm_flow", "main", { path = fixture })
+    local dirs = { store.home, orch:staging() }
+    local name = fresh("sl-look")
+    orch:deploy(name, { package = pkg.id, params = { mode = "look", dirs = dirs } })
+    -- here, both hold the store and the staged bundle
+    for _, d in ipairs(dirs) do assert.is_true(#(drover.fs.list(d) or {}) > 0, d .. " is empty here") end
+    local id, url = orch:run(name, {})
+    assert.are.equal(API .. "/runs/" .. id, url)
+    local st = wait_state(orch, id, { "COMPLETED", "FAILED", "CRASHED", "CANCELLED" })
+    assert.are.equal("COMPLETED", st.state, tostring(st.message))
+    local res = drover.json.decode(st.result)
+    assert.matches("^n[123]$", res.node)
+    for i, d in ipairs(dirs) do
+      assert.is_nil(next(res.seen[i]), "node " .. res.node .. " sees " .. d .. ": " .. drover.json.encode(res.seen[i]))
+    end
+    assert.are.equal("", res.home, "no DROVER_HOME in the job's environment")
+    -- the run has a token (only its hash is kept) and its task runs came over HTTP
+    assert.matches("^%x+$", store:flow_run(id).token_hash)
+    assert.are.equal(1, #st.task_runs)
+  end)
+
+  it("shared filesystem (no api_url): on a node that sees the store, the worker and the task jobs use it", function()
+    local orch = drover.orchestrator("slurm", config("socket", { shared = true }))
+    local store = orch:store()
+    local pkg = orch:package("SlurmFlow", "slurm_flow", "main", { path = fixture })
+    local look = fresh("sl-shared")
+    orch:deploy(look, { package = pkg.id, params = { mode = "look", dirs = { store.home } } })
+    local id, url = orch:run(look, {})
+    assert.matches("^%a[%w+.-]*://", url)
+    local st = wait_state(orch, id, { "COMPLETED", "FAILED", "CRASHED", "CANCELLED" })
+    assert.are.equal("COMPLETED", st.state, tostring(st.message))
+    local res = drover.json.decode(st.result)
+    assert.are.equal("n4", res.node)
+    assert.are.equal(store.home, res.home)
+    assert.is_not_nil(next(res.seen[1]), "the node sees the store")
+    assert.is_nil(store:flow_run(id).token_hash, "no run token in the fallback")
+    -- tasks with resources: jobs of their own, their results through the store
+    local fan = fresh("sl-shared")
+    orch:deploy(fan, { package = pkg.id, params = { mode = "fanout", items = { 1, 2, 3 } } })
+    local fid = orch:run(fan, {})
+    st = wait_state(orch, fid, { "COMPLETED", "FAILED", "CRASHED", "CANCELLED" })
+    assert.are.equal("COMPLETED", st.state, tostring(st.message))
+    res = drover.json.decode(st.result)
+    for i, r in ipairs(res.squares) do
+      assert.are.equal(i * i, r.square)
+      assert.are.equal("n4", r.node)
+      assert.are_not.equal(res.job, r.job)
+    end
+  end)
+
   it("a run that cannot be submitted is not recorded; one never submitted ends CRASHED", function()
     local orch, name = deployed("socket", { mode = "ok" })
     local store = orch:store()
@@ -209,6 +290,7 @@ describe("slurm backend", function()
     store:create_flow_run { id = id, name = name, deployment = name, backend = "slurm", state = "PENDING",
       params = {}, source = { kind = "deployment" } }
     assert.are.equal("PENDING", orch:status(id).state, "a fresh run may still be submitting")
+    assert.is_nil(orch:is_alive(store:flow_run(id)), "no job yet: Slurm cannot be asked")
     store:write("UPDATE flow_runs SET created = created - 700 WHERE id = ?", id)
     local st = orch:status(id)
     assert.are.equal("CRASHED", st.state)
@@ -239,7 +321,7 @@ describe("slurm backend", function()
     local orch, name = deployed("socket", { mode = "ok" })
     local a = orch:run(name, {}, { cpus = 3, mem = "200M", time = 5 })
     local b = orch:run(name, {}, { after = { a }, cpus = 1 })
-    local ja, jb = orch:status(a).external_id, orch:status(b).external_id
+    local ja = orch:status(a).external_id
     local sa = wait_state(orch, a, "COMPLETED")
     local sb = wait_state(orch, b, "COMPLETED")
     assert.are.equal("3", job_field(ja, "CPUs/Task"))
@@ -279,6 +361,11 @@ describe("slurm backend", function()
         nodes[node] = true
       end
       assert.is_true(next(nodes) ~= nil)
+      -- once slurmctld forgets the array, the jobcomp file still has each
+      -- element, found by the array's id and its index
+      local last = H.wait_until(function() return orch:jobcomp(m.job_id, "23") end, DEADLINE,
+        "element 23 of array " .. m.job_id .. " in the jobcomp file")
+      assert.are.equal("COMPLETED", last.state)
     end)
   end
 
@@ -328,7 +415,7 @@ describe("slurm backend", function()
   end
 
   it("the CLI: a deployment keeps its transport; drover status reconciles with Slurm", function()
-    local cfg_file = need("DROVER_SLURM_DIR") .. "/conformance-socket.json"
+    local cfg_file = config_file(config("socket"))
     local home = require("drover.tracker").default_store().home
     local env = { SLURM_CONF = need("SLURM_CONF"), DROVER_HOME = home, DROVER_DAEMON = "0" }
     local function drv(args)
@@ -340,6 +427,7 @@ describe("slurm backend", function()
     assert.are.equal(0, code, err)
     local name = fresh("sl-cli")
     local marker = tostring(6000 + math.random(1, 3000)) .. ".25"
+    local _
     code, _, err = drv({ "deploy", name, "-b", "slurm", "-c", cfg_file, "--package", drover.json.decode(out).id,
       "mode=sleep", "marker=" .. marker })
     assert.are.equal(0, code, err)
@@ -375,11 +463,12 @@ describe("slurm backend", function()
     local with = { SLURM_CONF = need("SLURM_CONF"), DROVER_HOME = home, DROVER_DAEMON = "0" }
     -- false removes the variable from the child's environment
     local without = { SLURM_CONF = false, DROVER_HOME = home, DROVER_DAEMON = "0" }
-    local cfg_file = need("DROVER_SLURM_DIR") .. "/conformance-commands.json"
+    local cfg_file = config_file(config("commands"))
     local code, out, err = H.drover({ "package", "-b", "slurm", "-c", cfg_file, "--module", "slurm_flow",
       "--class", "SlurmFlow", "--entrypoint", "main", "--path", fixture, "--json" }, { env = with })
     assert.are.equal(0, code, err)
     local name = fresh("sl-conf")
+    local _
     code, _, err = H.drover({ "deploy", name, "-b", "slurm", "-c", cfg_file, "--package", drover.json.decode(out).id,
       "mode=exit", "code=3" }, { env = with })
     assert.are.equal(0, code, err)
@@ -422,11 +511,11 @@ describe("slurm backend", function()
       assert.is_true(st.state == "CRASHED" or st.state == "FAILED", st.state .. ": " .. tostring(st.message))
       assert.matches("NODE_FAIL", st.message)
     end)
-    -- bring the node back for whatever runs next, and its pid to the service
-    local p = assert(drover.proc.spawn({ "slurmd", "-D", "-N", node, "-f", need("SLURM_CONF") }, {
-      detach = true, stdin = "", stdout = dir .. "/log/slurmd-" .. node .. ".out",
-      stderr = dir .. "/log/slurmd-" .. node .. ".out", env = { SLURM_CONF = need("SLURM_CONF") } }))
-    assert(drover.fs.write(pidfile, tostring(p.pid) .. "\n"))
+    -- bring the node back (in a namespace of its own again) for whatever
+    -- runs next; the service records its new pid
+    local r = assert(drover.proc.run({ "bash", H.root .. "/tests/services/slurm.sh", "start-node", dir, node },
+      { stdout = "capture", stderr = "capture", timeout = 60 }))
+    assert(r.code == 0, "slurm.sh start-node " .. node .. ": " .. tostring(r.stderr))
     H.wait_until(function()
       return slurm({ "sinfo", "-h", "-n", node, "-o", "%t" }):match("^idle")
     end, DEADLINE, "node " .. node .. " back to idle")
@@ -451,12 +540,15 @@ describe("slurm backend", function()
         wait_state(orch, a, "RUNNING")
         wait_state(orch, b, "RUNNING")
         local job_a, job_b = orch:status(a).external_id, orch:status(b).external_id
+        -- the liveness hook asks Slurm
+        assert.is_true(orch:is_alive(orch:status(a)))
         local rec = orch:cancel(a)
         assert.are.equal(a, rec.id)
         assert.are.equal("CANCELLED", rec.state)
         assert.matches("^CANCELLED", orch:status(a).state)
         assert.matches("CANCELLING CANCELLED$", history(orch, a))
         H.wait_until(function() return not orch:job_active(job_a) end, DEADLINE, "job " .. job_a .. " to end")
+        assert.is_false(orch:is_alive(orch:status(a)))
         -- the deployment is not paused, the other run and its job go on
         assert.are_not.equal(1, orch:store():deployment(name).paused)
         assert.are.equal("RUNNING", orch:status(b).state)

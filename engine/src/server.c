@@ -36,6 +36,13 @@
  * its request aborted: a handler waiting in res:write gets nil, "closed",
  * one waiting for anything else has its task cancelled.
  *
+ * TLS (opts.tls) is H2O's too: h2o_accept runs the handshake with our
+ * SSL_CTX before the connection becomes HTTP/1.  One thing is ours: a
+ * client that speaks plain HTTP to the TLS port would only see the
+ * connection drop (OpenSSL gives up on "GET /"), so the first bytes of each
+ * connection are looked at before H2O gets it, and plain HTTP is answered
+ * with a 400 saying to use https:// (drv__tls_sniff).
+ *
  * Closing the engine closes every listener and connection at once, through
  * H2O's own callbacks so that H2O frees what it holds (drv__conn_force_close)
  * -- the engine then closes whatever handles are left, and an H2O socket
@@ -44,6 +51,7 @@
 #include "drover_int.h"
 
 #include <errno.h>
+#include <limits.h>
 #include <poll.h>
 #include <signal.h>
 #include <stdio.h>
@@ -57,6 +65,9 @@
 
 #include "h2o.h"
 #include "h2o/http1.h"
+
+#include <openssl/err.h>
+#include <openssl/ssl.h>
 
 #define DRV_SERVER_MT "drover.server"
 #define DRV_RES_MT "drover.server.response"
@@ -108,6 +119,7 @@ struct drv_conn {
   char addr[INET6_ADDRSTRLEN + 8];
   int port;
   int addr_known;
+  h2o_timeout_entry_t sniff; /* TLS servers: waiting for the first bytes */
 };
 
 typedef struct {
@@ -134,6 +146,7 @@ struct drv_server {
   drv_sreq **preqs;
   size_t pcap;
   char *unix_path;
+  SSL_CTX *ssl_ctx;     /* TLS servers only; freed with the server */
   int is_unix;
   int closing, finalized;
 };
@@ -524,10 +537,141 @@ static void drv__conn_sock_closed(void *data) {
   drv_conn *c = (drv_conn *)data;
   drv_server *srv = c->srv;
   c->sock = NULL;
+  h2o_timeout_unlink(&c->sniff);
   if (c->prev) c->prev->next = c->next; else srv->conns = c->next;
   if (c->next) c->next->prev = c->prev;
   c->prev = c->next = NULL;
   srv->nconns--;
+}
+
+/* ---- TLS ---------------------------------------------------------------------- */
+
+/* What a plain-HTTP client of a TLS port reads instead of a dropped
+ * connection.  Static: H2O writes from it after we return. */
+#define DRV_TLS_PLAIN_BODY "this server speaks HTTPS only: use an https:// URL to reach it\n"
+static const char drv__tls_plain_answer[] =
+    "HTTP/1.1 400 Bad Request\r\n"
+    "Content-Type: text/plain; charset=utf-8\r\n"
+    "Content-Length: 63\r\n"
+    "Connection: close\r\n"
+    "\r\n" DRV_TLS_PLAIN_BODY;
+typedef char drv__tls_plain_length_is_63[sizeof DRV_TLS_PLAIN_BODY - 1 == 63 ? 1 : -1];
+
+static void drv__tls_plain_answered(h2o_socket_t *sock, const char *err) {
+  (void)err;
+  h2o_socket_close(sock);
+}
+
+/* A TLS connection sent nothing within the handshake timeout. */
+static void drv__tls_sniff_timeout(h2o_timeout_entry_t *e) {
+  drv_conn *c = (drv_conn *)((char *)e - offsetof(drv_conn, sniff));
+  if (c->sock) h2o_socket_close(c->sock);
+}
+
+/* The first bytes of a connection to a TLS server.  A TLS connection opens
+ * with a handshake record (0x16); a letter is an HTTP method: that client
+ * meant http:// and gets a 400 that says so.  Anything else goes to H2O,
+ * whose handshake fails it. */
+static void drv__tls_sniff(h2o_socket_t *sock, const char *err) {
+  drv_conn *c = (drv_conn *)sock->on_close.data;
+  unsigned char first;
+  if (err != NULL) {
+    h2o_socket_close(sock);
+    return;
+  }
+  if (sock->input->size == 0) return;
+  h2o_timeout_unlink(&c->sniff);
+  h2o_socket_read_stop(sock);
+  first = (unsigned char)sock->input->bytes[0];
+  if (first >= 'A' && first <= 'Z') {
+    h2o_iovec_t v = h2o_iovec_init(drv__tls_plain_answer, sizeof drv__tls_plain_answer - 1);
+    h2o_socket_write(sock, &v, 1, drv__tls_plain_answered);
+    return;
+  }
+  h2o_accept(&c->srv->accept_ctx, sock); /* H2O takes the bytes read so far as the handshake's */
+}
+
+/* The key of a TLS server may not ask for a passphrase: OpenSSL's default
+ * would prompt on the terminal, which a daemon does not have. */
+static int drv__tls_no_passphrase(char *buf, int size, int rwflag, void *u) {
+  (void)buf; (void)size; (void)rwflag;
+  *(int *)u = 1;
+  return -1;
+}
+
+/* OpenSSL's reason for the last failure, for a message. */
+static const char *drv__tls_reason(void) {
+  const char *why = ERR_reason_error_string(ERR_peek_error()); /* the first: the cause */
+  return why ? why : "unknown error";
+}
+
+/* A file can be read (the message OpenSSL gives for a missing file is
+ * "system lib"); 0 or -1 with errno. */
+static int drv__readable(const char *path) {
+  FILE *f = fopen(path, "r");
+  int ok;
+  if (f == NULL) return -1;
+  ok = getc(f) != EOF || !ferror(f);
+  fclose(f);
+  return ok ? 0 : -1;
+}
+
+/* An SSL_CTX serving `cert` (PEM: the certificate, then any intermediate
+ * ones) with `key` (PEM, unencrypted).  NULL with a message in msg on
+ * failure. */
+static SSL_CTX *drv__tls_ctx(const char *cert, const char *key, char *msg, size_t msglen) {
+  const char *F = "drover.server.listen";
+  SSL_CTX *ctx;
+  int asked = 0;
+  if (drv__readable(cert) != 0) {
+    snprintf(msg, msglen, "%s: tls.cert: cannot read %s: %s", F, cert, strerror(errno));
+    return NULL;
+  }
+  if (drv__readable(key) != 0) {
+    snprintf(msg, msglen, "%s: tls.key: cannot read %s: %s", F, key, strerror(errno));
+    return NULL;
+  }
+  ERR_clear_error();
+  ctx = SSL_CTX_new(TLS_server_method());
+  if (ctx == NULL) {
+    snprintf(msg, msglen, "%s: tls: cannot create a TLS context: %s", F, drv__tls_reason());
+    return NULL;
+  }
+  /* TLS 1.3 only, and no session tickets: then the handshake's last write
+   * is the server's first flight, sent while the handshake is still in
+   * progress.  H2O 2.2 cannot close a socket whose write completes a
+   * handshake (TLS 1.2's last flight, 1.3's tickets) before libuv finished
+   * it: its close would write again with the one write request in use.
+   * drv__conn_force_close relies on this.  Every client drover talks to
+   * (libcurl, browsers, Go, Python) speaks 1.3. */
+  SSL_CTX_set_min_proto_version(ctx, TLS1_3_VERSION);
+  SSL_CTX_set_num_tickets(ctx, 0);
+  SSL_CTX_set_options(ctx, SSL_OP_NO_COMPRESSION | SSL_OP_NO_RENEGOTIATION);
+  SSL_CTX_set_default_passwd_cb(ctx, drv__tls_no_passphrase);
+  SSL_CTX_set_default_passwd_cb_userdata(ctx, &asked);
+  /* The key first: a certificate loaded next that does not match it
+   * unloads it, and the check below says so plainly. */
+  if (SSL_CTX_use_PrivateKey_file(ctx, key, SSL_FILETYPE_PEM) != 1) {
+    if (asked)
+      snprintf(msg, msglen, "%s: tls.key: %s is protected by a passphrase (not supported: "
+               "decrypt it with openssl pkey)", F, key);
+    else
+      snprintf(msg, msglen, "%s: tls.key: %s holds no usable PEM private key (OpenSSL: %s)", F, key,
+               drv__tls_reason());
+  } else if (SSL_CTX_use_certificate_chain_file(ctx, cert) != 1) {
+    snprintf(msg, msglen, "%s: tls.cert: %s holds no usable PEM certificate (OpenSSL: %s)", F, cert,
+             drv__tls_reason());
+  } else if (SSL_CTX_check_private_key(ctx) != 1) {
+    snprintf(msg, msglen, "%s: tls.key: %s is not the key of the certificate in %s", F, key, cert);
+  } else {
+    SSL_CTX_set_default_passwd_cb(ctx, NULL);
+    SSL_CTX_set_default_passwd_cb_userdata(ctx, NULL);
+    ERR_clear_error();
+    return ctx;
+  }
+  ERR_clear_error();
+  SSL_CTX_free(ctx);
+  return NULL;
 }
 
 static void drv__srv_on_accept(uv_stream_t *l, int status) {
@@ -558,7 +702,31 @@ static void drv__srv_on_accept(uv_stream_t *l, int status) {
   if (srv->conns) srv->conns->prev = c;
   srv->conns = c;
   srv->nconns++;
-  h2o_accept(&srv->accept_ctx, c->sock);
+  if (srv->ssl_ctx) {
+    c->sniff.cb = drv__tls_sniff_timeout;
+    h2o_timeout_link(srv->ctx.loop, &srv->ctx.handshake_timeout, &c->sniff);
+    h2o_socket_read_start(c->sock, drv__tls_sniff);
+  } else {
+    h2o_accept(&srv->accept_ctx, c->sock);
+  }
+}
+
+static void drv__write_ignored(h2o_socket_t *sock, const char *err) { (void)sock; (void)err; }
+
+/* Neither reading nor writing, a request may still wait for H2O: a send
+ * with nothing to write (a chunk in flight is one) puts its next step off
+ * to the loop's next pass, on the context's zero timeout.  Take the steps
+ * waiting there now -- only those: one may put off another. */
+static void drv__run_deferred(h2o_context_t *ctx) {
+  h2o_linklist_t now;
+  h2o_linklist_init_anchor(&now);
+  h2o_linklist_insert_list(&now, &ctx->zero_timeout._entries);
+  while (!h2o_linklist_is_empty(&now)) {
+    h2o_timeout_entry_t *e = H2O_STRUCT_FROM_MEMBER(h2o_timeout_entry_t, _link, now.next);
+    h2o_linklist_unlink(&e->_link);
+    e->registered_at = 0;
+    e->cb(e);
+  }
 }
 
 /* Close one connection now, whatever H2O is doing with it, through H2O's
@@ -567,24 +735,35 @@ static void drv__srv_on_accept(uv_stream_t *l, int status) {
  * or a write reports an error, so that is what we report. */
 static void drv__conn_force_close(drv_conn *c) {
   int guard;
-  for (guard = 0; guard < 4 && c->sock != NULL; guard++) {
+  for (guard = 0; guard < 8 && c->sock != NULL; guard++) {
     h2o_socket_t *sock = c->sock;
     drv_sreq *r = c->req;
     if (r && r->req) {
       r->req->http1_is_persistent = 0;
       r->answered = 1;
-      if (r->state == S_NEW || (r->state == S_STREAM && !r->inflight)) {
-        drv__sreq_abort(r, 0); /* queues a write, or closes at once */
+      if (r->state != S_DONE) {
+        /* a 503, or the end of a streamed response: written now (or the
+         * connection closes at once), or queued behind the chunk in flight */
+        drv__sreq_abort(r, 0);
         continue;
       }
-      r->state = S_DONE;
     }
-    if (sock->_cb.write != NULL) {
+    if (sock->_cb.write != NULL && sock->ssl != NULL) {
+      /* TLS: the write is still libuv's.  With a callback still set,
+       * H2O's TLS close skips its close_notify (a second write on a socket
+       * that has one write request) and frees the socket at once; the
+       * callback is one that does nothing, in case the write finishes. */
+      h2o_socket_cb cb = sock->_cb.write;
+      sock->_cb.write = drv__write_ignored;
+      cb(sock, h2o_socket_error_closed);
+    } else if (sock->_cb.write != NULL) {
       h2o_socket_cb cb = sock->_cb.write;
       sock->_cb.write = NULL;
       cb(sock, h2o_socket_error_closed);
     } else if (sock->_cb.read != NULL) {
       sock->_cb.read(sock, h2o_socket_error_closed);
+    } else if (!h2o_linklist_is_empty(&c->srv->ctx.zero_timeout._entries)) {
+      drv__run_deferred(&c->srv->ctx);
     } else {
       break;
     }
@@ -597,6 +776,7 @@ static void drv__srv_reaped(uv_handle_t *h) {
   drv_server *srv = (drv_server *)h->data;
   if (srv->owner) *srv->owner = NULL;
   free(srv->unix_path);
+  if (srv->ssl_ctx) SSL_CTX_free(srv->ssl_ctx);
   free(srv->pfds);
   free(srv->preqs);
   free(srv);
@@ -619,6 +799,7 @@ static void drv__srv_listener_closed(uv_handle_t *h) { (void)h; }
 static void drv__srv_listener_freed(uv_handle_t *h) {
   drv_server *srv = (drv_server *)h->data;
   free(srv->unix_path);
+  if (srv->ssl_ctx) SSL_CTX_free(srv->ssl_ctx);
   free(srv);
 }
 
@@ -1265,6 +1446,7 @@ static int drv__listen_error(lua_State *L, drv_server *srv, const char *where, i
     uv_close(&srv->listener.handle, drv__srv_listener_freed);
   else {
     free(srv->unix_path);
+    if (srv->ssl_ctx) SSL_CTX_free(srv->ssl_ctx);
     free(srv);
   }
   lua_pushnil(L);
@@ -1280,11 +1462,15 @@ static int drv__listen_error(lua_State *L, drv_server *srv, const char *where, i
  *   opts.unix      path of a unix socket to listen on instead
  *   opts.backlog   listen backlog (default 511)
  *   opts.max_body  largest request body in bytes (default 64 MiB; 413 beyond)
- *   opts.keepalive_timeout  seconds an idle connection is kept (default 10) */
+ *   opts.keepalive_timeout  seconds an idle connection is kept (default 10)
+ *   opts.tls       { cert = PEM file, key = PEM file }: serve HTTPS
+ * A certificate or key that cannot be read or used returns nil, message
+ * (before anything is bound), like a failed bind. */
 static int drv__l_listen(lua_State *L) {
   const char *F = "drover.server.listen";
   drv_engine *E = drv__engine(L);
-  const char *host, *unixp;
+  const char *host, *unixp, *cert = NULL, *key = NULL;
+  SSL_CTX *ssl_ctx = NULL;
   lua_Integer port = 0;
   double backlog, max_body, keepalive;
   drv_server *srv, **pp;
@@ -1321,6 +1507,29 @@ static int drv__l_listen(lua_State *L) {
   if (unixp && strlen(unixp) >= sizeof(((struct sockaddr_un *)0)->sun_path))
     return luaL_error(L, "%s: bad option 'unix' (path longer than %d bytes)", F,
                       (int)sizeof(((struct sockaddr_un *)0)->sun_path) - 1);
+  lua_getfield(L, 1, "tls");
+  if (!lua_isnil(L, -1)) {
+    if (!lua_istable(L, -1))
+      return luaL_error(L, "%s: bad option 'tls' (table expected, got %s)", F, luaL_typename(L, -1));
+    /* the strings stay anchored in opts.tls, itself in opts */
+    if (lua_getfield(L, -1, "cert") != LUA_TSTRING)
+      return luaL_error(L, "%s: bad option 'tls.cert' (string expected, got %s)", F, luaL_typename(L, -1));
+    cert = lua_tostring(L, -1);
+    if (lua_getfield(L, -2, "key") != LUA_TSTRING)
+      return luaL_error(L, "%s: bad option 'tls.key' (string expected, got %s)", F, luaL_typename(L, -1));
+    key = lua_tostring(L, -1);
+    lua_pop(L, 2);
+  }
+  lua_pop(L, 1);
+  if (cert) {
+    char msg[PATH_MAX * 2 + 200];
+    ssl_ctx = drv__tls_ctx(cert, key, msg, sizeof msg);
+    if (ssl_ctx == NULL) {
+      lua_pushnil(L);
+      lua_pushstring(L, msg);
+      return 2;
+    }
+  }
 
   {
     /* A client that disconnects while we write must give EPIPE, not a
@@ -1330,7 +1539,11 @@ static int drv__l_listen(lua_State *L) {
   }
 
   srv = (drv_server *)calloc(1, sizeof *srv);
-  if (srv == NULL) return luaL_error(L, "%s: out of memory", F);
+  if (srv == NULL) {
+    if (ssl_ctx) SSL_CTX_free(ssl_ctx);
+    return luaL_error(L, "%s: out of memory", F);
+  }
+  srv->ssl_ctx = ssl_ctx;
   srv->E = E;
   srv->env_ref = LUA_NOREF;
   srv->listener.handle.type = UV_UNKNOWN_HANDLE;
@@ -1354,6 +1567,7 @@ static int drv__l_listen(lua_State *L) {
     r = is6 ? uv_ip6_addr(host, (int)port, (struct sockaddr_in6 *)&ss)
             : uv_ip4_addr(host, (int)port, (struct sockaddr_in *)&ss);
     if (r != 0) {
+      if (srv->ssl_ctx) SSL_CTX_free(srv->ssl_ctx);
       free(srv);
       return luaL_error(L, "%s: bad option 'host' ('%s' is not a numeric IPv4 or IPv6 address)", F, host);
     }
@@ -1391,6 +1605,7 @@ static int drv__l_listen(lua_State *L) {
     h2o_context_init(&srv->ctx, E->loop, &srv->config);
     srv->accept_ctx.ctx = &srv->ctx;
     srv->accept_ctx.hosts = srv->config.hosts;
+    srv->accept_ctx.ssl_ctx = srv->ssl_ctx;
   }
   uv_timer_init(E->loop, &srv->watch);
   srv->watch.data = srv;
@@ -1415,20 +1630,23 @@ static int drv__l_listen(lua_State *L) {
   *pp = srv;
   srv->owner = pp;
   luaL_setmetatable(L, DRV_SERVER_MT);
-  lua_createtable(L, 0, 4);
+  lua_createtable(L, 0, 5);
+  lua_pushboolean(L, srv->ssl_ctx != NULL);
+  lua_setfield(L, -2, "tls");
   if (srv->is_unix) {
     lua_pushstring(L, unixp);
     lua_setfield(L, -2, "unix");
-    lua_pushliteral(L, "http://localhost");
+    lua_pushstring(L, srv->ssl_ctx ? "https://localhost" : "http://localhost");
     lua_setfield(L, -2, "url");
   } else {
+    const char *scheme = srv->ssl_ctx ? "https" : "http";
     const char *uhost = strcmp(host, "0.0.0.0") == 0 ? "127.0.0.1" : strcmp(host, "::") == 0 ? "::1" : host;
     lua_pushstring(L, host);
     lua_setfield(L, -2, "host");
     lua_pushinteger(L, port);
     lua_setfield(L, -2, "port");
-    if (strchr(uhost, ':')) lua_pushfstring(L, "http://[%s]:%d", uhost, (int)port);
-    else lua_pushfstring(L, "http://%s:%d", uhost, (int)port);
+    if (strchr(uhost, ':')) lua_pushfstring(L, "%s://[%s]:%d", scheme, uhost, (int)port);
+    else lua_pushfstring(L, "%s://%s:%d", scheme, uhost, (int)port);
     lua_setfield(L, -2, "url");
   }
   lua_setiuservalue(L, -2, 1);

@@ -139,6 +139,30 @@ local function open_store(opts)
   return s
 end
 
+--- The remote server the client commands work against (--api URL or
+-- DROVER_API; its token from DROVER_TOKEN or DROVER_TOKEN_FILE), or nil:
+-- then they open the store under DROVER_HOME.  See lua/drover/remote.lua.
+local function remote_of(opts)
+  if opts.token then
+    usage_error("--token is not taken on the command line (ps shows it to every user): " ..
+      "set DROVER_TOKEN or DROVER_TOKEN_FILE")
+  end
+  local url = opts.api or os.getenv("DROVER_API")
+  if url == nil or url == "" then return nil end
+  local api_client = require "drover.api_client"
+  local ok, r = pcall(function()
+    return require("drover.remote").new { url = url, token = api_client.token_from_env("DROVER_TOKEN"),
+      ca_file = opts["ca-file"] or os.getenv("DROVER_CA_FILE") }
+  end)
+  if not ok then usage_error((tostring(r):gsub("^drover: ", ""))) end
+  return r
+end
+
+--- The remote server, or the local store: what the client commands read.
+local function open_source(opts)
+  return remote_of(opts) or open_store()
+end
+
 local function find_run(store, id)
   local r = store:find_flow_run(id)
   if not r then error("unknown run '" .. tostring(id) .. "'", 0) end
@@ -179,12 +203,15 @@ local function load_backend(fn, ...)
 end
 
 local function orchestrator_for(opts, backend)
+  local remote = remote_of(opts)
+  if remote then return remote:backend(backend or opts.backend or "local", load_config(opts)) end
   return load_backend(require("drover").orchestrator, backend or opts.backend or "local", load_config(opts))
 end
 
 --- Deployment NAME's backend, configured as it was deployed (the config the
 -- deployment kept) with the command's -c/--set on top.
 local function deployment_orchestrator(opts, store, name)
+  if store.remote then return store:deployment_backend(name, load_config(opts)) end
   local d = store:deployment(name)
   if not d then error("unknown deployment '" .. tostring(name) .. "'", 0) end
   return load_backend(require("drover.orchestrator").for_deployment, d, load_config(opts), store.home)
@@ -192,6 +219,7 @@ end
 
 --- The backend of a flow run (its deployment's, configured as deployed).
 local function run_orchestrator(opts, store, run)
+  if store.remote then return store:run_backend(run, load_config(opts)) end
   return load_backend(require("drover.orchestrator").for_run, store, run, load_config(opts))
 end
 
@@ -205,6 +233,14 @@ local function command(name, summary, spec, fn)
 end
 
 local json_flag = { help = "print JSON instead of a table" }
+--- The client commands' flags for a remote server, added to `flags`.
+local function with_remote(flags)
+  flags.api = { arg = true, help = "work against the drover server at URL (default: $DROVER_API); "
+    .. "its token comes from $DROVER_TOKEN or the file $DROVER_TOKEN_FILE names" }
+  flags["ca-file"] = { arg = true, help = "CA bundle to verify the server's TLS certificate (default: $DROVER_CA_FILE)" }
+  flags.token = { arg = true, help = "refused: use $DROVER_TOKEN or $DROVER_TOKEN_FILE (ps shows the command line)" }
+  return flags
+end
 local backend_flags = {
   backend = { short = "b", arg = true, help = "backend name (default: local)" },
   config = { short = "c", arg = true, help = "backend config file (JSON, or Lua returning a table)" },
@@ -314,7 +350,7 @@ end)
 
 command("package", "build something the backend can run", {
   args = "--class C --module M --entrypoint E",
-  flags = { backend = backend_flags.backend, config = backend_flags.config, set = backend_flags.set,
+  flags = with_remote { backend = backend_flags.backend, config = backend_flags.config, set = backend_flags.set,
     json = json_flag, class = { arg = true, help = "workflow class name" },
     module = { arg = true, help = "Lua module (as for require) holding the class" },
     entrypoint = { arg = true, help = "method to call" },
@@ -329,7 +365,7 @@ end)
 
 command("deploy", "register a deployment so the backend can run it", {
   args = "NAME --package ID [key=value default params ...]",
-  flags = { backend = backend_flags.backend, config = backend_flags.config, set = backend_flags.set,
+  flags = with_remote { backend = backend_flags.backend, config = backend_flags.config, set = backend_flags.set,
     json = json_flag, package = { arg = true, help = "package id (from drover package)" },
     schedule = { arg = true, help = "cron ('*/5 * * * *') or interval ('@every 30s', '@hourly'); fired by drover serve" },
     ["max-active"] = { arg = true, help = "at most N active runs" },
@@ -348,32 +384,32 @@ end)
 
 command("run", "start a run of a deployment; prints its id and URL", {
   args = "DEPLOYMENT [key=value ...]",
-  flags = { json = json_flag, params = { arg = true, help = "parameters as a JSON object" },
+  flags = with_remote { json = json_flag, params = { arg = true, help = "parameters as a JSON object" },
     config = backend_flags.config, set = backend_flags.set },
 }, function(opts, pos)
   local name = table.remove(pos, 1) or usage_error("drover run: missing DEPLOYMENT")
   local params = params_from(opts, pos)
-  local o = deployment_orchestrator(opts, open_store(), name)
+  local o = deployment_orchestrator(opts, open_source(opts), name)
   local id, url = o:run(name, params)
   if opts.json then out_json { id = id, url = url } else print(id, url) end
   return EXIT_OK
 end)
 
 command("stop", "stop a deployment: cancel its active runs, pause it", {
-  args = "DEPLOYMENT", flags = { json = json_flag, config = backend_flags.config, set = backend_flags.set },
+  args = "DEPLOYMENT", flags = with_remote { json = json_flag, config = backend_flags.config, set = backend_flags.set },
 }, function(opts, pos)
   local name = pos[1] or usage_error("drover stop: missing DEPLOYMENT")
-  local o = deployment_orchestrator(opts, open_store(), name)
+  local o = deployment_orchestrator(opts, open_source(opts), name)
   local r = o:stop(name, {})
   if opts.json then out_json(r or { name = name }) else print("stopped " .. name) end
   return EXIT_OK
 end)
 
 command("cancel", "cancel one run (two-phase); its deployment stays active", {
-  args = "RUN_ID", flags = { json = json_flag, config = backend_flags.config, set = backend_flags.set },
+  args = "RUN_ID", flags = with_remote { json = json_flag, config = backend_flags.config, set = backend_flags.set },
 }, function(opts, pos)
   local id = pos[1] or usage_error("drover cancel: missing RUN_ID")
-  local store = open_store()
+  local store = open_source(opts)
   local run = find_run(store, id)
   local r = run_orchestrator(opts, store, run):cancel(run.id)
   if opts.json then out_json(r) else print("cancelled " .. run.id .. " (" .. tostring(r and r.state) .. ")") end
@@ -381,10 +417,10 @@ command("cancel", "cancel one run (two-phase); its deployment stays active", {
 end)
 
 command("status", "show a run and its task runs", {
-  args = "RUN_ID", flags = { json = json_flag, config = backend_flags.config, set = backend_flags.set },
+  args = "RUN_ID", flags = with_remote { json = json_flag, config = backend_flags.config, set = backend_flags.set },
 }, function(opts, pos)
   local id = pos[1] or usage_error("drover status: missing RUN_ID")
-  local store = open_store()
+  local store = open_source(opts)
   local run = find_run(store, id)
   -- Ask the run's backend: it reconciles the store with what really runs
   -- (a dead worker, a job Slurm ended, a container killed from outside).
@@ -429,10 +465,11 @@ command("status", "show a run and its task runs", {
 end)
 
 command("logs", "print a run's log lines", {
-  args = "RUN_ID", flags = { json = json_flag, follow = { short = "f", help = "keep printing new lines until the run ends" } },
+  args = "RUN_ID", flags = with_remote { json = json_flag,
+    follow = { short = "f", help = "keep printing new lines until the run ends" } },
 }, function(opts, pos)
   local id = pos[1] or usage_error("drover logs: missing RUN_ID")
-  local store = open_store()
+  local store = open_source(opts)
   local run = find_run(store, id)
   local states = require "drover.states"
   local drover = require "drover"
@@ -453,12 +490,13 @@ command("logs", "print a run's log lines", {
 end)
 
 command("ls", "list runs (or deployments with --deployments)", {
-  args = "", flags = { json = json_flag, deployment = { short = "d", arg = true, help = "only runs of this deployment" },
+  args = "", flags = with_remote { json = json_flag,
+    deployment = { short = "d", arg = true, help = "only runs of this deployment" },
     state = { short = "s", arg = true, help = "only runs in this state" },
     limit = { short = "n", arg = true, help = "at most N runs (default 50)" },
     deployments = { help = "list deployments instead of runs" } },
 }, function(opts)
-  local store = open_store()
+  local store = open_source(opts)
   if opts.deployments then
     local ds = store:deployments()
     if opts.json then out_json(ds) return EXIT_OK end
@@ -578,7 +616,7 @@ command("replay", "send the events a worker kept in its spool to the server", {
   local file = pos[1] or usage_error("drover replay: missing SPOOL_FILE")
   local token = require("drover.api_client").token_from_env("DROVER_TOKEN")
     or require("drover.api_client").token_from_env("DROVER_RUN_TOKEN")
-  local n, msg = require("drover.replay").file(file, { api = opts.api or os.getenv("DROVER_API"), token = token,
+  local n, msg = require("drover.replay").file(file, { api = opts.api, token = token,
     ca_file = opts["ca-file"] or os.getenv("DROVER_CA_FILE") })
   if not n then error(msg, 0) end
   print(string.format("replayed %d event(s) of run %s", n, msg))

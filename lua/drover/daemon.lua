@@ -143,6 +143,7 @@ function M.new(opts)
     port = opts.port or M.DEFAULT_PORT, auto = opts.auto, stopping = false,
     stop_event = drover.event(), tasks = {}, check_errors = {},
     heartbeat = opts.heartbeat or M.HEARTBEAT, max_body = opts.max_body or M.MAX_BODY, tls = opts.tls,
+    public_url = opts.public_url and opts.public_url:gsub("/+$", "") or nil,
     guard = request_guard.new { bind = bind, public_url = opts.public_url, token = token } }, Daemon)
   self.orch = drover.orchestrator("local", { home = store.home })
   return self
@@ -156,8 +157,11 @@ function Daemon:start()
   }
   if not srv then return nil, lerr end
   self.srv = srv
-  local host = self.bind == "::1" and "[::1]" or (self.bind == "localhost" and "127.0.0.1" or self.bind)
-  self.url = (self.tls and "https://" or "http://") .. host .. ":" .. srv.port
+  -- the URL handed out (run pages, workers): --public-url when given;
+  -- otherwise this host, by loopback when bound to every address
+  local wildcard = { ["0.0.0.0"] = "127.0.0.1", ["::"] = "[::1]", ["::1"] = "[::1]", localhost = "127.0.0.1" }
+  local host = wildcard[self.bind] or self.bind
+  self.url = self.public_url or ((self.tls and "https://" or "http://") .. host .. ":" .. srv.port)
   -- ca_file: what a worker started on this host verifies the server with.
   -- The server's own certificate does (curl trusts a certificate listed in
   -- its CA file even when it is not a root), so a self-signed one works.

@@ -31,11 +31,22 @@
 --             close)
 --   backlog, max_body (bytes, default 64 MiB: larger bodies get 413),
 --   keepalive_timeout (seconds, default 10)
---   A bind that fails (address in use, permission) returns nil and a
---   message naming the address and the reason; bad arguments raise.
+--   tls       { cert = FILE, key = FILE }: serve HTTPS (TLS 1.3 only).
+--             cert: PEM, the server's certificate first, then any
+--             intermediate ones; key: its PEM private key, unencrypted.
+--             Clients check the certificate against the name in their
+--             URL: give it the addresses they use (subjectAltName, e.g.
+--             IP:127.0.0.1, DNS:localhost).  A plain http:// request to
+--             the port gets a 400 saying to use https://.
+--   A bind that fails (address in use, permission), or a certificate or
+--   key that cannot be read or used, returns nil and a message naming the
+--   address or file and the reason ("drover.server.listen: tls.cert:
+--   cannot read /x: No such file or directory"); bad arguments (an
+--   unknown option included) raise.
 --
--- server object: server.port, server.host, server.url ("http://127.0.0.1:PORT";
---   "http://localhost" for unix sockets), server.unix, server.closed,
+-- server object: server.port, server.host, server.url ("http://127.0.0.1:PORT",
+--   "https://..." with tls; "http://localhost" for unix sockets),
+--   server.tls (boolean), server.unix, server.closed,
 --   server:close() stops accepting and closes idle connections (requests
 --   in progress finish, with Connection: close), server:stats() ->
 --   { connections =, active = requests in progress, requests = served }.
@@ -126,9 +137,41 @@ local function callable(f)
   return type(mt) == "table" and mt.__call ~= nil
 end
 
+local OPTIONS = { handler = true, on_error = true, host = true, port = true, unix = true, backlog = true,
+  max_body = true, keepalive_timeout = true, tls = true }
+local TLS_OPTIONS = { cert = true, key = true }
+
+-- An option name nobody reads is a typo that would go unnoticed (a `tsl`
+-- table serving plain HTTP): refuse it.
+local function check_keys(t, known, prefix)
+  for k in pairs(t) do
+    if not known[k] then
+      local names = {}
+      for n in pairs(known) do names[#names + 1] = n end
+      table.sort(names)
+      error("drover.server.listen: unknown option '" .. prefix .. tostring(k) .. "' (known: "
+        .. table.concat(names, ", ") .. ")", 3)
+    end
+  end
+end
+
 function M.listen(opts)
   if type(opts) ~= "table" then
     error("drover.server.listen: bad argument 'opts' (table expected, got " .. type(opts) .. ")", 2)
+  end
+  check_keys(opts, OPTIONS, "")
+  local tls = opts.tls
+  if tls ~= nil then
+    if type(tls) ~= "table" then
+      error("drover.server.listen: bad option 'tls' (table expected, got " .. type(tls) .. ")", 2)
+    end
+    check_keys(tls, TLS_OPTIONS, "tls.")
+    for _, k in ipairs { "cert", "key" } do
+      if type(tls[k]) ~= "string" or tls[k] == "" then
+        error("drover.server.listen: bad option 'tls." .. k .. "' (a file name expected, got "
+          .. (tls[k] == "" and "an empty string" or type(tls[k])) .. ")", 2)
+      end
+    end
   end
   local handler, on_error = opts.handler, opts.on_error
   if not callable(handler) then

@@ -7,7 +7,9 @@
 #                         dockerd (no systemd: setsid, pid in DIR/dockerd.pid);
 #                         make it a swarm manager; build the base image
 #                         drover images start from; write DIR/env and
-#                         DIR/conformance (container and swarm mode)
+#                         DIR/conformance (container and swarm mode
+#                         reporting to the store's daemon, and container
+#                         mode on the shared store)
 #   docker.sh stop DIR    leave the swarm and stop dockerd, if start did so
 #
 # No registry is reachable, so the base image is made here: FROM scratch
@@ -95,9 +97,16 @@ start() {
 export DROVER_DOCKER_SOCKET=$SOCK
 export DROVER_DOCKER_BASE_IMAGE=$BASE_IMAGE
 EOF
-  printf '{"socket": "%s", "base_image": "%s", "mode": "container"}\n' "$SOCK" "$BASE_IMAGE" >"$dir/container.json"
-  printf '{"socket": "%s", "base_image": "%s", "mode": "swarm"}\n' "$SOCK" "$BASE_IMAGE" >"$dir/swarm.json"
-  printf 'docker %s\ndocker %s\n' "$dir/container.json" "$dir/swarm.json" >"$dir/conformance"
+  # The kit's store is made per run, so its server is the daemon `run`
+  # starts for it (api_url "auto"): containers report over HTTP with no
+  # mount of the store.  shared.json is the shared-store fallback.
+  printf '{"socket": "%s", "base_image": "%s", "mode": "container", "api_url": "auto"}\n' \
+    "$SOCK" "$BASE_IMAGE" >"$dir/container.json"
+  printf '{"socket": "%s", "base_image": "%s", "mode": "swarm", "api_url": "auto"}\n' \
+    "$SOCK" "$BASE_IMAGE" >"$dir/swarm.json"
+  printf '{"socket": "%s", "base_image": "%s", "mode": "container"}\n' "$SOCK" "$BASE_IMAGE" >"$dir/shared.json"
+  printf 'docker %s\ndocker %s\ndocker %s\n' "$dir/container.json" "$dir/swarm.json" "$dir/shared.json" \
+    >"$dir/conformance"
   echo "Docker Engine ready on $SOCK, base image $BASE_IMAGE"
 }
 
