@@ -6,11 +6,13 @@ CC       ?= cc
 PKGS      = lua5.4 libuv libcurl libcrypto sqlite3 libh2o
 OPT      ?= -O2
 CFLAGS   ?= $(OPT) -g
-DRV_CFLAGS = -std=c99 -D_GNU_SOURCE -fPIC -Wall -Wextra -Wno-unused-parameter \
-             -Iengine/include -Iengine/src $(shell pkg-config --cflags $(PKGS)) \
+# -fvisibility=hidden: the libraries export the drover_* API (DROVER_API in
+# drover.h) and what DRV_EXPORT marks in drover_int.h, nothing else.
+DRV_CFLAGS = -std=c99 -D_GNU_SOURCE -fPIC -fvisibility=hidden -Wall -Wextra -Wno-unused-parameter \
+             -Iengine/include -Iengine/src $(shell pkg-config --cflags $(PKGS) libpq) \
              -DDRV_PREFIX='"$(PREFIX)"'
-# libcurl and libcrypto are dlopen()ed on first use (engine/src/lazylib.h):
-# only their headers are needed at build time.  The HTTP server is the
+# libcurl, libcrypto and libpq are dlopen()ed on first use (engine/src/lazylib.h,
+# engine/src/pg.c): only their headers are needed at build time.  The HTTP server is the
 # exception: its TLS (server.c) calls OpenSSL, which H2O loads anyway.
 H2O_LIBS  = $(shell pkg-config --libs libh2o libssl libcrypto)
 LIBS      = -Wl,--as-needed $(shell pkg-config --libs lua5.4 libuv sqlite3) $(H2O_LIBS) -lm -ldl -lpthread
@@ -22,6 +24,14 @@ ifeq ($(BUILD),build-asan)
 OPT      = -O1 -fsanitize=address,undefined -fno-omit-frame-pointer
 LDFLAGS += -fsanitize=address,undefined
 endif
+# The fuzzing build (`make fuzz`): clang, the engine instrumented for
+# libFuzzer's coverage, ASan and UBSan (any undefined behaviour aborts).
+ifeq ($(BUILD),build-fuzz)
+CC       = clang
+OPT      = -O1 -g -fsanitize=fuzzer-no-link,address,undefined -fno-sanitize-recover=undefined \
+           -fno-omit-frame-pointer
+LDFLAGS += -fsanitize=address,undefined
+endif
 
 ENGINE_SRC = $(sort $(wildcard engine/src/*.c))
 ENGINE_OBJ = $(ENGINE_SRC:engine/src/%.c=$(BUILD)/obj/%.o)
@@ -29,7 +39,7 @@ HEADERS    = $(wildcard engine/src/*.h) engine/include/drover.h
 
 SOVERSION = 0
 
-.PHONY: all deps test test-c test-lua test-asan bench clean install uninstall FORCE
+.PHONY: all deps test test-c test-lua test-asan bench clean install uninstall fuzz FORCE
 all: $(BUILD)/drover $(BUILD)/plugins/server.so $(BUILD)/libdrover.a $(BUILD)/libdrover.so $(BUILD)/lua/drover/core.so
 
 deps:
@@ -53,8 +63,9 @@ $(BUILD)/obj $(BUILD)/lua/drover:
 $(BUILD)/libdrover.a: $(ENGINE_OBJ)
 	rm -f $@ && ar rcs $@ $^
 
-$(BUILD)/libdrover.so: $(ENGINE_OBJ)
-	$(CC) $(CFLAGS) -shared -Wl,-soname,libdrover.so.$(SOVERSION) -o $@ $^ $(LIBS) $(LDFLAGS)
+$(BUILD)/libdrover.so: $(ENGINE_OBJ) engine/libdrover.map
+	$(CC) $(CFLAGS) -shared -Wl,-soname,libdrover.so.$(SOVERSION) -Wl,--version-script=engine/libdrover.map \
+	  -o $@ $(ENGINE_OBJ) $(LIBS) $(LDFLAGS)
 
 # The binary: the engine linked in statically; Lua and engine symbols
 # exported so that C modules loaded with require(), and the server plugin,
@@ -71,8 +82,8 @@ $(BUILD)/plugins/server.so: $(BUILD)/obj/server.o
 	$(CC) $(CFLAGS) -shared -Wl,-Bsymbolic -o $@ $< $(H2O_LIBS) $(LDFLAGS)
 
 # drover.core for stock lua5.4: the interpreter provides the Lua symbols.
-$(BUILD)/lua/drover/core.so: $(ENGINE_OBJ) | $(BUILD)/lua/drover
-	$(CC) $(CFLAGS) -shared -o $@ $(filter-out $(BUILD)/obj/api.o,$(ENGINE_OBJ)) \
+$(BUILD)/lua/drover/core.so: $(ENGINE_OBJ) engine/libdrover.map | $(BUILD)/lua/drover
+	$(CC) $(CFLAGS) -shared -Wl,--version-script=engine/libdrover.map -o $@ $(filter-out $(BUILD)/obj/api.o,$(ENGINE_OBJ)) \
 	  $(shell pkg-config --libs libuv sqlite3) $(H2O_LIBS) -lm -ldl -lpthread $(LDFLAGS)
 
 test: all
@@ -86,7 +97,23 @@ bench: all
 	@bash bench/run.sh
 
 clean:
-	rm -rf build build-asan
+	rm -rf build build-asan build-fuzz
+
+# ---- fuzzing (tests/fuzz) ----------------------------------------------------------
+# One libFuzzer binary per harness tests/fuzz/NAME.lua: tests/fuzz/driver.c
+# with the harness's name compiled in, linked against the instrumented
+# engine.  The engine's *at() calls go through the driver's wrappers
+# (confinement checks for fs.untar).  Run them with tests/fuzz/run.sh.
+FUZZ_TARGETS = $(patsubst tests/fuzz/%.lua,%,$(wildcard tests/fuzz/*.lua))
+FUZZ_WRAP    = -Wl,--wrap=openat,--wrap=mkdirat,--wrap=symlinkat,--wrap=linkat,--wrap=unlinkat
+fuzz:
+	$(MAKE) BUILD=build-fuzz $(FUZZ_TARGETS:%=build-fuzz/fuzz/%)
+
+build-fuzz/fuzz/%: tests/fuzz/driver.c tests/fuzz/%.lua build-fuzz/libdrover.a $(HEADERS)
+	@mkdir -p build-fuzz/fuzz
+	clang -O1 -g -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
+	  $(DRV_CFLAGS) -DDRV_FUZZ_TARGET='"$*"' -DDRV_FUZZ_ROOT='"$(CURDIR)"' -o $@ $< \
+	  build-fuzz/libdrover.a $(LIBS) $(FUZZ_WRAP)
 
 # ---- install -----------------------------------------------------------------
 LIBDIR     = $(PREFIX)/lib
@@ -99,7 +126,8 @@ INST       = $(DESTDIR)
 # the server plugin in PREFIX/lib/drover (see api.c and server_loader.c).
 install: all
 	install -d $(INST)$(PREFIX)/bin $(INST)$(LIBDIR)/pkgconfig $(INST)$(LIBDIR)/drover \
-	  $(INST)$(INCLUDEDIR) $(INST)$(SHAREDIR)/lua/drover/dashboard $(INST)$(SHAREDIR)/backends \
+	  $(INST)$(INCLUDEDIR) $(INST)$(SHAREDIR)/lua/drover/dashboard $(INST)$(SHAREDIR)/lua/drover/orchestrator \
+	  $(INST)$(SHAREDIR)/backends \
 	  $(INST)$(PREFIX)/share/man/man1
 	install -m 755 $(BUILD)/drover $(INST)$(PREFIX)/bin/drover
 	install -m 644 $(BUILD)/libdrover.a $(INST)$(LIBDIR)/libdrover.a
@@ -109,6 +137,7 @@ install: all
 	install -m 755 $(BUILD)/plugins/server.so $(INST)$(LIBDIR)/drover/server.so
 	install -m 644 engine/include/drover.h $(INST)$(INCLUDEDIR)/drover.h
 	install -m 644 lua/drover/*.lua $(INST)$(SHAREDIR)/lua/drover/
+	install -m 644 lua/drover/orchestrator/*.lua $(INST)$(SHAREDIR)/lua/drover/orchestrator/
 	install -m 644 lua/drover/dashboard/* $(INST)$(SHAREDIR)/lua/drover/dashboard/
 	install -m 644 backends/*.lua $(INST)$(SHAREDIR)/backends/
 	install -m 644 docs/man/drover.1 $(INST)$(PREFIX)/share/man/man1/drover.1

@@ -50,10 +50,10 @@ local Docker = Local:extend("docker")
 Docker.backend_name = "docker"
 Docker.config_keys = {
   drover_bin = "string",   -- the drover binary copied into images (default: as local finds it)
-  stop_timeout = "number", -- seconds a container gets between SIGTERM and SIGKILL on stop
+  stop_timeout = { "number", min = 0 }, -- seconds a container gets between SIGTERM and SIGKILL on stop
   socket = "string",       -- the engine's unix socket (default: DROVER_DOCKER_SOCKET, /var/run/docker.sock)
   base_image = "string",   -- the image packages start FROM (default: DROVER_DOCKER_BASE_IMAGE, drover-base:latest)
-  mode = "string",         -- default mode of deployments: "container" or "swarm"
+  mode = { "string", enum = { "container", "swarm" } }, -- default mode of deployments
   api_timeout = "number",  -- seconds for one non-streaming API call (default 120)
   api_url = "string",      -- drover serve's URL the containers report to ("auto": the daemon serving
                            -- this store); unset: the shared-store fallback (DROVER_HOME bind-mounted)
@@ -387,7 +387,7 @@ end
 -- ---- run ---------------------------------------------------------------------------
 
 --- The server a run's container reports to: api_url, or with "auto" the
--- daemon serving this store (started if none runs, as local's run does);
+-- daemon serving this store (`drover run` starts one; a backend only looks);
 -- nil in the shared-store fallback.  Raises one line when "auto" has none.
 function Docker:api_target()
   local u = self.config.api_url
@@ -401,7 +401,7 @@ function Docker:api_target()
   if u ~= "auto" then return (u:gsub("/+$", "")) end
   local url, why = self:daemon_url()
   if not url then
-    error("docker.run: api_url is \"auto\" but no daemon serves the store: " .. tostring(why), 0)
+    error("docker.run: api_url is \"auto\": " .. tostring(why), 0)
   end
   return url
 end
@@ -657,7 +657,7 @@ end
 -- was killed (signal, OOM) or vanished; a CANCELLING run becomes CANCELLED.
 -- An engine that cannot be reached raises (Docker:api): nothing changes.
 function Docker:reconcile(r)
-  if not (r and r.backend == "docker" and states.active[r.state]) then return r end
+  if not (r and states.active[r.state]) then return r end
   if not r.external_id then
     r = self:adopt(r)
     if not (states.active[r.state] and r.external_id) then return r end
@@ -669,7 +669,7 @@ function Docker:reconcile(r)
   if not states.active[fresh.state] then return fresh end -- the worker's own end came first
   local state, msg
   if fresh.state == states.CANCELLING then
-    state, msg = states.CANCELLED, "stopped"
+    state, msg = states.CANCELLED, fresh.message or "cancelled" -- what the canceller asked
   elseif e.gone then
     state, msg = states.CRASHED, e.message
   elseif e.oom then

@@ -50,12 +50,12 @@ local Slurm = Local:extend("slurm")
 Slurm.backend_name = "slurm"
 Slurm.config_keys = {
   drover_bin = "string",     -- the drover binary on the nodes (default: this one)
-  stop_timeout = "number",   -- seconds stop waits for the jobs to end
+  stop_timeout = { "number", min = 0 }, -- seconds stop waits for the jobs to end
   url = "string",            -- slurmrestd over TCP, e.g. http://host:6820
   socket = "string",         -- slurmrestd over a unix socket (rest_auth/local)
   token = "string",          -- JWT for url (never logged)
   token_file = "string",     -- ... or a file holding it (SLURM_JWT=... accepted)
-  token_command = "table",   -- ... or argv printing it (e.g. scontrol token)
+  token_command = "strings", -- ... or argv printing it (e.g. scontrol token)
   user = "string",           -- X-SLURM-USER-NAME (default: $USER or root)
   api = "string",            -- OpenAPI version (default v0.0.38)
   commands = "boolean",      -- force the sbatch/scontrol/scancel commands
@@ -387,7 +387,6 @@ local UNSUBMITTED = 600
 -- job was being cancelled (scancel from outside) becomes CANCELLED.
 -- Returns the fresh row.
 function Slurm:reconcile(r)
-  if r.backend ~= "slurm" then return r end
   local store = self:store()
   if not r.external_id then
     if states.active[r.state] and r.created and store_mod.time() - r.created > UNSUBMITTED then
@@ -501,14 +500,14 @@ end
 
 --- The server the workers report to (api_url, without a trailing slash),
 -- or nil in the shared-filesystem mode.  "daemon" is the daemon serving
--- this store (started if none runs), at the URL it listens on: for nodes
+-- this store (`drover run` starts one), at the URL it listens on: for nodes
 -- that share this host's network (one host, or the test cluster).
 function Slurm:api_url()
   local u = self.config.api_url
   if u == nil or u == "" then return nil end
   if u == "daemon" then
     local url, why = self:daemon_url()
-    if not url then fail("api_url is 'daemon', but no daemon serves %s: %s", self:store().home, tostring(why)) end
+    if not url then fail("api_url is 'daemon': %s", tostring(why)) end
     return url
   end
   if not u:match("^https?://[^/@]+") or u:match("^https?://[^/]*@") then
@@ -784,7 +783,6 @@ end
 function Slurm:status(run_id)
   local store = self:store()
   local r = self:find_run(run_id)
-  if r.backend ~= "slurm" then return Local.status(self, run_id) end
   r = self:reconcile(r)
   r.task_runs = store:task_runs(r.id)
   return r
@@ -890,7 +888,6 @@ end
 -- before it ends a run whose worker went silent: a job that waits in the
 -- queue, or runs while the server was unreachable, is not a crash.
 function Slurm:is_alive(r)
-  if r.backend ~= "slurm" then return Local.is_alive(self, r) end
   if not r.external_id then return nil end
   local ok, info = pcall(self.job_info, self, r.external_id)
   if not ok then return nil end
@@ -940,10 +937,7 @@ end
 --- stop(name): pause the deployment and cancel all its runs: every active
 -- Slurm job named "drover:NAME" (runs, arrays, tasks with resources).
 function Slurm:stop(name, _opts)
-  local store = self:store()
-  self:deployment_of(name)
-  store:set_paused(name, true)
-  local runs = store:flow_runs { deployment = name, active = true, limit = 100000 }
+  local runs = self:pause_deployment(name)
   local stopped, ids = self:cancel_with_jobs(runs, self:jobs_of(name), "stop requested", "stopped")
   return { name = name, cancelled = stopped, jobs = ids }
 end
@@ -975,9 +969,7 @@ end
 -- once its jobs have stopped), leaving its deployment active.  Returns the
 -- run's record.
 function Slurm:cancel(run_id)
-  local r = self:find_run(run_id)
-  if r.backend ~= "slurm" and Local.cancel then return Local.cancel(self, run_id) end
-  r = self:cancellable_run(r.id) -- a job that already ended ends its run first
+  local r = self:cancellable_run(run_id) -- a job that already ended ends its run first
   self:cancel_with_jobs({ r }, self:jobs_of_run(r), "cancel requested", "cancelled")
   return self:status(r.id)
 end

@@ -6,7 +6,8 @@
 --
 -- (add --deps-mode=none when no LuaRocks server is reachable).  C libraries:
 -- Debian's libuv1-dev, libsqlite3-dev and libh2o-dev, plus the headers of
--- libcurl and OpenSSL (drover loads those two with dlopen on first use).
+-- libcurl, OpenSSL and libpq (libpq-dev; drover loads those three with
+-- dlopen on first use).
 rockspec_format = "3.0"
 package = "drover"
 version = "scm-1"
@@ -30,6 +31,8 @@ external_dependencies = {
   LIBUV = { header = "uv.h", library = "uv" },
   SQLITE = { header = "sqlite3.h", library = "sqlite3" },
   H2O = { header = "h2o.h", library = "h2o" },
+  -- libpq is dlopen()ed by drover.pg on first use: only its header is needed
+  PQ = { header = "postgresql/libpq-fe.h" },
 }
 build = {
   type = "builtin",
@@ -39,16 +42,18 @@ build = {
     ["drover.core"] = {
       sources = {
         "engine/src/db.c", "engine/src/engine.c", "engine/src/event.c", "engine/src/fs.c",
-        "engine/src/http.c", "engine/src/json.c", "engine/src/lazylib.c", "engine/src/proc.c",
+        "engine/src/http.c", "engine/src/json.c", "engine/src/lazylib.c", "engine/src/pg.c", "engine/src/proc.c",
         "engine/src/sched.c", "engine/src/server.c", "engine/src/sha256.c", "engine/src/signal.c",
         "engine/src/tar.c", "engine/src/timer.c",
       },
       defines = { "_GNU_SOURCE" },
-      incdirs = { "engine/include", "engine/src", "$(LIBUV_INCDIR)", "$(SQLITE_INCDIR)", "$(H2O_INCDIR)" },
+      incdirs = { "engine/include", "engine/src", "$(LIBUV_INCDIR)", "$(SQLITE_INCDIR)", "$(H2O_INCDIR)",
+                  "$(PQ_INCDIR)/postgresql" },
       libdirs = { "$(LIBUV_LIBDIR)", "$(SQLITE_LIBDIR)", "$(H2O_LIBDIR)" },
       libraries = { "uv", "sqlite3", "h2o", "m", "dl", "pthread" },
     },
     ["drover"] = "lua/drover/init.lua",
+    ["drover.api"] = "lua/drover/api.lua",
     ["drover.api_client"] = "lua/drover/api_client.lua",
     ["drover.class"] = "lua/drover/class.lua",
     ["drover.cli"] = "lua/drover/cli.lua",
@@ -56,17 +61,25 @@ build = {
     ["drover.context"] = "lua/drover/context.lua",
     ["drover.cron"] = "lua/drover/cron.lua",
     ["drover.daemon"] = "lua/drover/daemon.lua",
+    ["drover.daemon_events"] = "lua/drover/daemon_events.lua",
     ["drover.db"] = "lua/drover/db.lua",
+    ["drover.pg"] = "lua/drover/pg.lua",
+    ["drover.event_batch"] = "lua/drover/event_batch.lua",
     ["drover.events"] = "lua/drover/events.lua",
     ["drover.fs"] = "lua/drover/fs.lua",
     ["drover.http"] = "lua/drover/http.lua",
     ["drover.json"] = "lua/drover/json.lua",
     ["drover.orchestrator"] = "lua/drover/orchestrator.lua",
+    ["drover.orchestrator.bundle"] = "lua/drover/orchestrator/bundle.lua",
+    ["drover.orchestrator.config"] = "lua/drover/orchestrator/config.lua",
+    ["drover.orchestrator.runs"] = "lua/drover/orchestrator/runs.lua",
     ["drover.proc"] = "lua/drover/proc.lua",
+    ["drover.process_identity"] = "lua/drover/process_identity.lua",
     ["drover.remote"] = "lua/drover/remote.lua",
     ["drover.replay"] = "lua/drover/replay.lua",
     ["drover.reporter"] = "lua/drover/reporter.lua",
     ["drover.request_guard"] = "lua/drover/request_guard.lua",
+    ["drover.retention"] = "lua/drover/retention.lua",
     ["drover.run_token"] = "lua/drover/run_token.lua",
     ["drover.server"] = "lua/drover/server.lua",
     ["drover.states"] = "lua/drover/states.lua",

@@ -1,6 +1,7 @@
 -- The drover command line, run as a real process against a real store.
 local drover = require "drover"
 local H = require "helper"
+local _ -- the values a test ignores
 
 local root = os.getenv("DROVER_ROOT") or "."
 
@@ -75,7 +76,7 @@ describe("drover CLI", function()
   it("a syntax error in a workflow file is one line with file:line, nothing stored", function()
     write(work .. "/syntax.lua", "local x = \n")
     local before = count_runs()
-    local code, out, err = drv({ "exec", "syntax.lua" })
+    local code, _, err = drv({ "exec", "syntax.lua" })
     assert.are_not.equal(0, code)
     assert.matches("syntax.lua:%d+:", err)
     assert.are.equal(1, select(2, err:gsub("\n", "")))
@@ -138,6 +139,77 @@ describe("drover CLI", function()
     code, _, err = drv({ "run", "cli-demo" })
     assert.are.equal(2, code)
     assert.matches("stopped", err)
+  end)
+
+  it("a worker does not load modules from where drover run was typed", function()
+    -- the package has sidecar_flow; the module it requires at run time is
+    -- not in the project, only in the directory `drover run` is typed in
+    local project = work .. "/project"
+    assert(drover.fs.mkdir(project))
+    write(project .. "/sidecar_flow.lua", [[
+      local F = { integration_type = "pipeline" }
+      function F.main() local name = "sidecar_mod"; return require(name).value end
+      return F
+    ]])
+    write(work .. "/sidecar_mod.lua", 'return { value = "loaded from the working directory" }')
+    local code, out, err = drv({ "package", "--module", "sidecar_flow", "--entrypoint", "main",
+      "--path", project, "--json" })
+    assert.are.equal(0, code, err)
+    local deployed
+    code, deployed, err = drv({ "deploy", "sidecar", "--package", drover.json.decode(out).id })
+    assert.are.equal(0, code, err .. deployed)
+    code, out, err = drv({ "run", "sidecar" }) -- in `work`, next to sidecar_mod.lua
+    assert.are.equal(0, code, err)
+    local id = out:match("^(%x+)")
+    local run = H.wait_until(function()
+      local _, s = drv({ "status", id, "--json" })
+      local r = drover.json.decode(s)
+      return (r.state == "FAILED" or r.state == "COMPLETED") and r
+    end, 60, "the run to end")
+    assert.are.equal("FAILED", run.state, run.message)
+    assert.matches("module 'sidecar_mod' not found", run.message)
+  end)
+
+  it("a read-only DROVER_HOME is named as such, not called 'not a drover store'", function()
+    drv({ "ls" }) -- create the store
+    -- as another user: the store is root's (the suite runs as root, whom
+    -- permission bits do not stop)
+    os.execute("chmod 755 " .. home .. " " .. work .. " && chmod 644 " .. home .. "/drover.db*")
+    local as_nobody = { "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", H.drover_bin, "ls" }
+    local r = drover.proc.run(as_nobody, { env = env(), cwd = "/" })
+    assert.are_not.equal(0, r.code)
+    assert.are.equal("drover: cannot open the drover store " .. home .. "/drover.db: Permission denied " ..
+      "(the store must be writable)\n", r.stderr)
+    local empty = work .. "/empty"
+    assert(drover.fs.mkdir(empty))
+    r = drover.proc.run(as_nobody, { env = { DROVER_HOME = empty }, cwd = "/" })
+    assert.are_not.equal(0, r.code)
+    assert.are.equal("drover: cannot write in the drover home " .. empty .. ": Permission denied " ..
+      "(the store needs a writable directory)\n", r.stderr)
+    -- a read-only mount: the same, with the system's reason
+    r = drover.proc.run({ "unshare", "-m", "sh", "-c", 'mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" && ' ..
+      'DROVER_HOME="$1" exec "$2" ls', "sh", home, H.drover_bin })
+    assert.are_not.equal(0, r.code)
+    assert.are.equal("drover: cannot open the drover store " .. home .. "/drover.db: Read-only file system " ..
+      "(the store must be writable)\n", r.stderr)
+  end)
+
+  it("drover serve names a repeated query argument instead of showing a Lua table", function()
+    local serve, info = H.serve(home)
+    local cases = {
+      { "/api/runs?limit=1&limit=2", "query argument 'limit' given 2 times: give it once" },
+      { "/api/runs?state=RUNNING&state=FAILED", "query argument 'state' given 2 times: give it once" },
+      { "/api/runs?limit", "query argument 'limit' has no value (a non-negative integer expected)" },
+      { "/api/runs?limit=x", "bad limit 'x' (a non-negative integer expected)" },
+      { "/api/events?after=1&after=2&after=3", "query argument 'after' given 3 times: give it once" },
+    }
+    for _, c in ipairs(cases) do
+      local r = assert(drover.http.get(info.url .. c[1]))
+      assert.are.equal(400, r.status, c[1])
+      assert.are.equal(c[2], r.json.error, c[1])
+    end
+    serve:kill("TERM")
+    serve:wait(30)
   end)
 
   it("a deployment keeps its backend config, so run and stop need not repeat it", function()
@@ -270,7 +342,7 @@ describe("drover CLI", function()
     holder:write("ROLLBACK;\n")
     holder:close()
     holder:wait(10)
-    assert.are.equal(2, code)
+    assert.are.equal(1, code) -- a failure at run time, not the caller's mistake
     assert.matches("database is locked", err)
     assert.are.equal(1, select(2, err:gsub("\n", "")))
     assert.are.equal(0, (drv({ "exec", root .. "/examples/hello.lua" })))
@@ -295,5 +367,108 @@ describe("drover CLI", function()
     local found = false
     for _, b in ipairs(drover.json.decode(out)) do if b.name == "local" then found = true end end
     assert.is_true(found)
+  end)
+end)
+
+describe("drover exit codes and command names", function()
+  local home, work
+  local function drv(args, env)
+    local e = { DROVER_HOME = home, DROVER_DAEMON = "0" }
+    for k, v in pairs(env or {}) do e[k] = v end
+    return H.drover(args, { env = e, cwd = work })
+  end
+  -- exits `code` with one line "drover: ..." on stderr matching `pattern`
+  local function exits(code, args, pattern, env)
+    local got, out, err = drv(args, env)
+    assert.are.equal(code, got, table.concat(args, " ") .. ": stdout: " .. out .. " stderr: " .. err)
+    assert.matches("^drover: ", err)
+    if pattern then assert.matches(pattern, err) end
+    return err
+  end
+
+  before_each(function()
+    home = H.tempdir()
+    work = H.tempdir()
+  end)
+  after_each(function() os.execute("rm -rf " .. home .. " " .. work) end)
+
+  it("2 for usage and configuration errors, each in one line", function()
+    write(work .. "/ok.lua", "return 1\n")
+    local function usage(args, pattern)
+      local err = exits(2, args, pattern)
+      assert.are.equal(1, select(2, err:gsub("\n", "")), err)
+    end
+    usage({ "exec", "--frobnicate", "ok.lua" }, "unknown option '%-%-frobnicate'")
+    usage({ "status" }, "missing RUN_ID")
+    usage({ "frobnicate" }, "unknown command 'frobnicate'")
+    usage({ "exec", "missing.lua" }, "cannot open missing.lua")
+    usage({ "status", "0f0f0f0f" }, "unknown run '0f0f0f0f'")
+    usage({ "logs", "0f0f0f0f" }, "unknown run '0f0f0f0f'")
+    usage({ "run", "nosuch" }, "unknown deployment 'nosuch'")
+    usage({ "ls", "-b", "no_such_backend", "--deployments" }, nil)
+    usage({ "stop", "nosuch" }, "unknown deployment 'nosuch'")
+    usage({ "package", "-b", "no_such_backend", "--module", "m" }, "unknown backend 'no_such_backend'")
+    usage({ "package", "-c", work .. "/nope.json", "--module", "m" }, "cannot read config file")
+    usage({ "package", "--set", "colour=red", "--module", "m" }, "unknown config key 'colour'")
+    -- what the store's state does not allow: the backend refuses it
+    local code, _, err = drv({ "exec", "ok.lua" })
+    assert.are.equal(0, code, err)
+    local id = err:match("flow run (%x+) started")
+    usage({ "cancel", id }, "is COMPLETED: only active runs can be cancelled")
+    local out
+    code, out, err = drv({ "package", "--module", "fixture_flow", "--class", "Fixture", "--entrypoint", "main",
+      "--path", root .. "/tests/conformance/fixture", "--json" })
+    assert.are.equal(0, code, err)
+    local pkg = drover.json.decode(out).id
+    usage({ "deploy", "d", "--package", pkg, "--schedule", "61 * * * *" }, "bad schedule '61 %* %* %* %*'")
+    usage({ "deploy", "d", "--package", "0f0f0f" }, "unknown package '0f0f0f'")
+    code, _, err = drv({ "deploy", "d", "--package", pkg })
+    assert.are.equal(0, code, err)
+    usage({ "deploy", "d", "--package", pkg }, "deployment 'd' already exists")
+  end)
+
+  it("1 when the workflow fails or the operation fails at run time", function()
+    write(work .. "/fail.lua", "error('broke on purpose')\n")
+    write(work .. "/syntax.lua", "local x =\n")
+    write(work .. "/ok.lua", "return 1\n")
+    exits(1, { "exec", "fail.lua" }, "FAILED")
+    exits(1, { "exec", "syntax.lua" }, "syntax.lua:2:")
+    local code, _, err = drv({ "exec", "ok.lua" })
+    assert.are.equal(0, code, err)
+    local id = err:match("flow run (%x+) started")
+    -- a backend whose operation fails while it runs
+    assert(drover.fs.mkdir(work .. "/backends"))
+    write(work .. "/backends/failing.lua", "local B = require('drover').BaseOrchestrator:extend('failing')\n" ..
+      "B.backend_name = 'failing'\n" ..
+      "function B:package() error('the cluster is unreachable', 0) end\n" ..
+      "return B\n")
+    exits(1, { "package", "-b", "failing", "--module", "m" }, "^drover: the cluster is unreachable\n$")
+    -- a server that is not there any more
+    local gone = assert(drover.server.listen { handler = function() return 200, "" end })
+    local url = gone.url
+    gone:close()
+    exits(1, { "ls" }, "cannot reach the drover server", { DROVER_API = url })
+    exits(1, { "status", id }, "cannot reach the drover server", { DROVER_API = url })
+  end)
+
+  it("a word is a command even when a file of that name is here; a script needs ./ or .lua", function()
+    write(work .. "/status", "print('the file ran')\n")
+    write(work .. "/mytool", "print('mytool ran')\n")
+    local code, out, err = drv({ "status" })
+    assert.are.equal(2, code, out .. err)
+    assert.are.equal("", out)
+    assert.matches("missing RUN_ID", err)
+    code, out = drv({ "./status" })
+    assert.are.equal(0, code)
+    assert.are.equal("the file ran\n", out)
+    write(work .. "/status.lua", "print('status.lua ran')\n")
+    code, out = drv({ "status.lua" })
+    assert.are.equal(0, code)
+    assert.are.equal("status.lua ran\n", out)
+    -- not a command: say how to run the file
+    code, out, err = drv({ "mytool" })
+    assert.are.equal(2, code)
+    assert.are.equal("", out)
+    assert.matches("unknown command 'mytool' %(drover help lists them; to run the file mytool, write %./mytool%)", err)
   end)
 end)

@@ -2,6 +2,8 @@
 -- local time: every expectation is built with os.time, so the table holds in
 -- any time zone; the dates avoid daylight-saving changes).
 local cron = require "drover.cron"
+local proc = require "drover.proc"
+local H = require "helper"
 
 local function at(y, mo, d, h, mi, s)
   return os.time { year = y, month = mo, day = d, hour = h or 0, min = mi or 0, sec = s or 0 }
@@ -126,5 +128,43 @@ describe("drover.cron", function()
     local s, err = cron.parse(nil)
     assert.is_nil(s)
     assert.matches("string expected, got nil", err)
+  end)
+
+  -- issue 12, item 7: trimming was quadratic in a run of spaces (40,000
+  -- took 10 s, and the daemon re-parses deployed schedules every second).
+  -- A 1 MiB schedule would take hours that way; in a child process with a
+  -- generous deadline it must be refused by its length at once.
+  it("refuses a schedule longer than 1 KiB by its length, without parsing it", function()
+    local r = assert(proc.run({ H.lua, "-e", [[
+      local cron = require "drover.cron"
+      local s, err = cron.parse("*" .. (" "):rep(1024 * 1024) .. "x")
+      io.write(tostring(s), "|", err)
+    ]] }, { timeout = 120 }))
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal("nil|bad schedule: 1048578 bytes long, at most 1024", r.stdout)
+    assert.are.equal("bad schedule: 1025 bytes long, at most 1024", select(2, cron.parse((" "):rep(1025))))
+  end)
+
+  it("parses a schedule padded to 900 bytes", function()
+    local s = (" "):rep(300) .. "*/5" .. (" "):rep(150) .. "* * * *" .. (" "):rep(440)
+    assert.are.equal(900, #s)
+    local sch = assert(cron.parse(s))
+    assert.are.equal(at(2026, 1, 2, 10, 20), sch:next(T0))
+    assert.are.equal(s, tostring(sch))
+    assert.are.equal(at(2026, 1, 2, 10, 20), assert(cron.parse("*/5" .. (" "):rep(1014) .. "* * * *")):next(T0))
+  end)
+
+  -- issue 12, item 7: 307445734561825861m * 60 wrapped around to 44 s.
+  it("refuses an @every interval that overflows or exceeds ten years", function()
+    for _, text in ipairs { "@every 307445734561825861m", "@every 3650d1s", "@every 99999999999999999999999s",
+      "@every 1d" .. ("9"):rep(30) .. "s", "@every 87600h1m" } do
+      local sch, err = cron.parse(text)
+      assert.is_nil(sch, text)
+      assert.are.equal("bad schedule '" .. text .. "': interval '" .. text:sub(8) .. "' is too long (at most 3650d)",
+        err)
+    end
+    assert.are.equal(3650 * 86400, assert(cron.parse("@every 3650d")).interval)
+    assert.are.equal(3650 * 86400, assert(cron.parse("@every 87600h")).interval)
+    assert.are.equal(400, assert(cron.parse("@every " .. ("1s"):rep(400))).interval)
   end)
 end)

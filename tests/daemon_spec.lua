@@ -5,6 +5,7 @@ local drover = require "drover"
 local http = require "drover.http"
 local json = require "drover.json"
 local H = require "helper"
+local _ -- the values a test ignores
 
 local root = os.getenv("DROVER_ROOT") or "."
 local fixture = root .. "/tests/conformance/fixture"
@@ -463,6 +464,9 @@ describe("drover serve", function()
       assert.are.equal(0, (drv({ "deploy", "tick", "--package", pkg, "--schedule", "@every 1s", "tag=tick" }, env)))
       assert.are.equal(0, (drv({ "deploy", "tock", "--package", pkg, "--schedule", "@every 1s", "tag=tock" }, env)))
       assert.are.equal(0, (drv({ "deploy", "manual", "--package", pkg }, env)))
+      -- a deployment of another backend (the nohup example, kept by its path)
+      assert.are.equal(0, (drv({ "deploy", "nick", "-b", root .. "/examples/backends/nohup.lua", "--package", pkg,
+        "--schedule", "@every 1s", "tag=nick" }, env)))
       d1, i1 = serve(nil, dir)
     end)
 
@@ -470,6 +474,7 @@ describe("drover serve", function()
       if dir then
         drv({ "stop", "tick" }, env)
         drv({ "stop", "tock" }, env)
+        drv({ "stop", "nick" }, env)
         local d = read_info(dir)
         if d and d.pid then drover.kill(d.pid, "KILL") end
         os.execute("rm -rf " .. dir)
@@ -493,6 +498,12 @@ describe("drover serve", function()
       assert.are.equal(0, #runs_of(i1, "manual"))
       assert.is_nil(drover.fs.read(dir .. "/serve.err"):find("bad minute", 1, true)) -- never deployed
       assert.matches("schedule of 'tick': fire at [%d%- :+]+ started run %x+", drover.fs.read(dir .. "/serve.err"))
+    end)
+
+    it("schedules fire for every backend, through the deployment's own backend", function()
+      H.wait_until(function() return completed(i1, "nick") >= 2 end, 90, "2 completed scheduled runs of nick")
+      assert.is_true(#fire_times(i1, "nick") >= 2)
+      assert.are.equal("nohup", runs_of(i1, "nick")[1].backend)
     end)
 
     it("drover stop pauses a scheduled deployment: no new runs after", function()

@@ -8,6 +8,7 @@ local H = require "helper"
 
 local root = os.getenv("DROVER_ROOT") or "."
 local dir = root .. "/tests/dashboard"
+local dir_of_tests = dir
 local child_env = { LD_PRELOAD = "" }
 
 local function sh(argv, timeout)
@@ -67,5 +68,40 @@ describe("dashboard in a browser", function()
     local st = assert(drover.fs.stat(shot))
     assert.is_true(st.mtime >= math.floor(started) and st.size > 1000)
     assert.are.equal("\137PNG", drover.fs.read(shot):sub(1, 4))
+  end)
+  -- issue 12, item 1 (and 4 in the page): a page of another site may not
+  -- cancel a run, nor read the API by rebinding its name to 127.0.0.1.
+  it("refuses a cross-site POST and a DNS-rebinding read; shows bytes that are not UTF-8", function()
+    local sdir = H.tempdir()
+    local env = { DROVER_HOME = sdir }
+    local p, info = H.serve(sdir, { "--port", "0" }, env)
+    local ok, err = pcall(function()
+      local store = assert(require("drover.store").open(sdir))
+      local victim = store:create_flow_run { name = "victim", backend = "local", state = "RUNNING",
+        pid = drover.pid() } -- a live pid: the reaper leaves it running
+      store:close()
+      local flow = sdir .. "/binary_flow.lua"
+      assert(drover.fs.write(flow, [[
+local drover = require "drover"
+print("bad \255\254 line")
+drover.task("t", function(x) return #x end)("\255\254")
+return "\0\255binary"
+]]))
+      local code, _, xerr = H.drover({ "exec", flow, "y=\255\254" }, { env = env })
+      assert.are.equal(0, code, xerr)
+      store = assert(require("drover.store").open(sdir))
+      local binary = store:flow_runs { limit = 1 }[1].id
+      store:close()
+      local r = assert(drover.proc.run({ "node", dir_of_tests .. "/hardening.test.js" }, {
+        env = { LD_PRELOAD = "", DAEMON = info.url, VICTIM = victim, BINARY = binary }, timeout = 300 }))
+      local report = r.stdout .. r.stderr
+      assert.are.equal(0, r.code, report)
+      assert.matches("ok 3 %- the run page shows bytes", report)
+      assert.is_nil(report:find("not ok", 1, true), report)
+    end)
+    drover.kill(p.pid, "TERM")
+    p:wait(60)
+    os.execute("rm -rf " .. sdir)
+    assert(ok, err)
   end)
 end)

@@ -734,4 +734,38 @@ describe("drover.db", function()
       assert.equal("ok", db:value("PRAGMA integrity_check"))
     end)
   end)
+
+  describe("the store's write queue", function()
+    it("keeps a batch that fails until a later flush commits it", function()
+      local store_mod = require "drover.store"
+      local home = H.tempdir()
+      local s = assert(store_mod.open(home, { busy_timeout = 100 }))
+      local id = s:create_flow_run { name = "q", state = "RUNNING" }
+      -- another process holds the write lock, longer than the busy timeout
+      local holder = assert(drover.proc.spawn({ "sqlite3", home .. "/drover.db" }, { stdin = true }))
+      holder:write(".timeout 30000\nBEGIN IMMEDIATE;\n")
+      H.wait_until(function()
+        return drover.proc.run({ "sqlite3", "-cmd", ".timeout 10", home .. "/drover.db",
+          "BEGIN IMMEDIATE; ROLLBACK;" }).code ~= 0
+      end, 30, "the lock")
+      for i = 1, 10 do s:log(id, nil, "stdout", "line " .. i) end
+      local ok, err = pcall(s.flush, s)
+      assert.is_false(ok)
+      assert.matches("locked", err)
+      assert.are.equal(10, s.npending) -- still queued, not dropped
+      assert.matches("locked", s.write_error)
+      holder:write("ROLLBACK;\n")
+      holder:close()
+      holder:wait(10)
+      -- tried again by itself, and written once
+      H.wait_until(function() return s.npending == 0 end, 30, "the queue to be written")
+      assert.is_nil(s.write_error)
+      local lines = {}
+      for _, l in ipairs(s:logs(id)) do lines[#lines + 1] = l.line end
+      assert.are.same({ "line 1", "line 2", "line 3", "line 4", "line 5", "line 6", "line 7", "line 8",
+        "line 9", "line 10" }, lines)
+      s:close()
+      os.execute("rm -rf " .. home)
+    end)
+  end)
 end)

@@ -167,7 +167,8 @@ describe("docker backend", function()
       assert.matches("^%S+$", token)
       assert.is_false(in_any(c.Config.Cmd, token) or in_any(c.Args, token) or in_any({ c.Path }, token)
         or in_any(c.Config.Entrypoint, token))
-      assert.is_not_nil(orch:store():flow_run(id).token_hash)
+      assert.is_true(orch:store():has_run_token(id))
+      assert.is_nil(orch:store():flow_run(id).token_hash) -- rows handed out leave the digest out
       if mode == "swarm" then
         local _, sid = r.external_id:match("^(%a+):(.+)$")
         local spec = engine("GET", "/services/" .. sid).json.Spec.TaskTemplate.ContainerSpec
@@ -292,7 +293,7 @@ describe("docker backend", function()
     assert.are.same({ "/opt/drover/bin/drover", "worker", id }, c.Config.Cmd)
     assert.are.equal(home, env_value(c.Config.Env, "DROVER_HOME"))
     assert.is_nil(env_value(c.Config.Env, "DROVER_RUN_TOKEN"))
-    assert.is_nil(shared:store():flow_run(id).token_hash)
+    assert.is_false(shared:store():has_run_token(id))
   end)
 
   it("api_url \"auto\" reports to the daemon serving the store", function()

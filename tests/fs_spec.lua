@@ -814,6 +814,27 @@ tar.addfile(info("x", type=tarfile.DIRTYPE))
       assert.matches("entry '/%?%[31mred'", msg)
     end)
 
+    it("a failed extraction removes what it wrote, and keeps what was there", function()
+      -- "b" exists in the destination as a directory: the entry "b" fails
+      -- after "a/", "a/x" and "c" were written
+      assert(fs.mkdir(dir .. "/out/b"))
+      assert(fs.write(dir .. "/out/keep", "mine"))
+      pytar(dir .. "/p.tar", [[
+tar.addfile(info("a", type=tarfile.DIRTYPE, mode=0o755))
+add("a/x", b"partial")
+add("c/d/e", b"deep")
+tar.addfile(info("l", type=tarfile.SYMTYPE, linkname="a/x"))
+add("b", b"cannot")
+]])
+      local v, msg = fs.untar(dir .. "/p.tar", dir .. "/out")
+      assert.is_nil(v)
+      assert.matches("entry 'b': a directory of that name exists in the destination", msg)
+      local left = fs.list(dir .. "/out")
+      table.sort(left)
+      assert.are.same({ "b", "keep" }, left)
+      assert.are.equal("mine", fs.read(dir .. "/out/keep"))
+    end)
+
     it("round-trips fs.tar output", function()
       local entries = {}
       for i = 1, 30 do

@@ -179,6 +179,34 @@ describe("drover.http", function()
     assert.matches("^drover%.http%.get: GET http://127%.0%.0%.1:1/x failed: Couldn't connect", err)
   end)
 
+  -- issue 12, item 11: out of descriptors, curl's socket() fails and curl
+  -- said "Couldn't connect to server".
+  it("says 'too many open files' when the process is out of descriptors", function()
+    local f = server.dir .. "/fds.lua"
+    local fh = assert(io.open(f, "w"))
+    fh:write([[
+local http = require "drover.http"
+http.get("http://127.0.0.1:1/") -- loads libcurl, leaves no connection to reuse
+local held = {}
+while true do
+  local fd = io.open("/dev/null")
+  if not fd then break end
+  held[#held + 1] = fd
+end
+local r, err = http.get(arg[1])
+io.write(#held, "|", tostring(r), "|", tostring(err))
+]])
+    fh:close()
+    local r = assert(proc.run({ "bash", "-c", 'ulimit -n 64 && exec "$0" "$@"', H.lua, f, url("/") },
+      { timeout = 60 }))
+    os.remove(f)
+    assert.are.equal(0, r.code, r.stderr)
+    local held, res, err = r.stdout:match("^(%d+)|(.-)|(.*)$")
+    assert.is_true(tonumber(held) > 10, r.stdout) -- it did run out
+    assert.are.equal("nil", res)
+    assert.are.equal("drover.http.get: GET " .. url("/") .. " failed: cannot open a socket: too many open files", err)
+  end)
+
   it("returns nil, message on DNS failure", function()
     local r, err = http.request { url = "http://nonexistent.invalid/" }
     assert.is_nil(r)

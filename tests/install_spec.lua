@@ -45,6 +45,25 @@ describe("make install", function()
     assert.are.equal("up\t" .. prefix .. "/share/drover/backends/local.lua\n", r.stdout)
   end)
 
+  it("libdrover.so exports the drover_* API and luaopen_drover_core, nothing else", function()
+    local r = assert(drover.proc.run({ "nm", "-D", "--defined-only", prefix .. "/lib/libdrover.so" }))
+    assert.are.equal(0, r.code, r.stderr)
+    local api, others = {}, {}
+    for name in r.stdout:gmatch("%S+ %a ([%w_@.]+)\n") do
+      if name:match("^drover_") then api[#api + 1] = name
+      elseif name ~= "luaopen_drover_core" then others[#others + 1] = name end
+    end
+    assert.are.same({}, others)
+    -- every function drover.h declares, and only those
+    local header = assert(drover.fs.read(prefix .. "/include/drover.h"))
+    local declared = {}
+    for name in header:gmatch("\nDROVER_API [^\n(]-(drover_[%w_]+)%(") do declared[#declared + 1] = name end
+    table.sort(api)
+    table.sort(declared)
+    assert.is_true(#declared >= 16)
+    assert.are.same(declared, api)
+  end)
+
   it("a C program embeds drover with pkg-config --cflags --libs drover alone", function()
     local src = home .. "/embed.c"
     assert(drover.fs.write(src, [[
@@ -122,7 +141,7 @@ int main(void) {
     assert.are.equal(0, r.code, r.stdout .. r.stderr)
     assert.are.equal("HELLO FROM C\n" ..
       "workflow COMPLETED, host function called 3 times\n", r.stdout:match("^(.-\n.-\n)"))
-    assert.matches("\npackaged %x+\ndeployed hello%-embed\nrun COMPLETED\n" ..
+    assert.matches("\nresult: %[\"HELLO\",\"FROM\",\"C\"%]\npackaged %x+\ndeployed hello%-embed\nrun COMPLETED\n" ..
       "logs: %[%[\"hello from a local worker, embedder\"%]%]\n$", r.stdout)
     -- drover.log() went through the program's log callback
     assert.matches("embed %[info%] workflow shouted 3 words", r.stderr)

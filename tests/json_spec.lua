@@ -346,7 +346,7 @@ describe("drover.json", function()
     end)
 
     it("turns integral numbers into integers and the rest into floats", function()
-      local v = assert(json.decode("[1e2,-0,1.0e1,9223372036854775808,-9223372036854775809,1e400,-1.5e-3,0.5]"))
+      local v = assert(json.decode("[1e2,-0,1.0e1,9223372036854775808,-9223372036854775809,1e300,-1.5e-3,0.5]"))
       assert.are.equal("integer", math.type(v[1]))
       assert.are.equal(100, v[1])
       assert.are.equal("integer", math.type(v[2]))
@@ -354,9 +354,39 @@ describe("drover.json", function()
       assert.are.equal("float", math.type(v[4])) -- beyond int64
       assert.are.equal(2.0 ^ 63, v[4])
       assert.are.equal("float", math.type(v[5]))
-      assert.are.equal(math.huge, v[6])
+      assert.are.equal(1e300, v[6])
       assert.are.equal(-1.5e-3, v[7])
       assert.are.equal(0.5, v[8])
+    end)
+
+    -- issue 12, item 8: -9223372036854775809 became a float that encoded
+    -- as "-9.223372036854776e+18", which decoded as the integer -2^63.
+    it("keeps a float just below int64 a float through decode, encode, decode", function()
+      for _, text in ipairs { "-9223372036854775809", "-9.223372036854776e+18", "-9223372036854775808.0",
+        "9223372036854775808", "9.223372036854776e+18" } do
+        local v = assert(json.decode(text))
+        assert.are.equal("float", math.type(v), text)
+        local again = json.encode(v)
+        local back = assert(json.decode(again))
+        assert.are.equal("float", math.type(back), text .. " -> " .. again)
+        assert.are.equal(v, back)
+        assert.are.equal(again, json.encode(back))
+      end
+      -- the integer token stays exact
+      assert.are.equal(math.mininteger, json.decode("-9223372036854775808"))
+      assert.are.equal("integer", math.type(json.decode("-9223372036854775808")))
+    end)
+
+    -- issue 12, item 8: 1e400 decoded to inf, which encode then refused.
+    it("refuses numbers beyond a double's range, naming where", function()
+      assert.are.same({ nil, "drover.json.decode: number out of range at byte 1 (line 1, column 1)" },
+        { json.decode("1e400") })
+      assert.are.same({ nil, "drover.json.decode: number out of range at byte 6 (line 2, column 2)" },
+        { json.decode("[1,\n -1e400]") })
+      assert.are.same({ nil, "drover.json.decode: number out of range at byte 6 (line 1, column 6)" },
+        { json.decode('{"a":' .. ("9"):rep(400) .. "}") })
+      -- underflow is not out of range: it reads as zero, as strtod rounds it
+      assert.are.equal(0, json.decode("1e-400"))
     end)
 
     it("refuses every malformed number", function()

@@ -74,8 +74,8 @@ describe("the LuaRocks rockspec", function()
     local spec = {}
     assert(loadfile(H.root .. "/rockspec/drover-scm-1.rockspec", "t", spec))()
     local listed = {}
-    for mod, src in pairs(spec.build.modules) do
-      local name = type(src) == "string" and src:match("^lua/drover/([%w_]+)%.lua$")
+    for mod, path in pairs(spec.build.modules) do
+      local name = type(path) == "string" and path:match("^lua/drover/([%w_]+)%.lua$")
       if name then
         assert.are.equal(name == "init" and "drover" or "drover." .. name, mod)
         listed[#listed + 1] = name

@@ -87,6 +87,14 @@ for spec in tests/*_spec.lua; do
   [ $rc -ne 0 ] && [ "$f" -eq 0 ] && f=1   # crashed before reporting
   passed=$((passed+p)); failed=$((failed+f))
 done
+# luacheck over the whole tree (.luacheckrc): clean, or the warnings shown.
+echo "# luacheck"
+if luacheck --no-color --quiet . >"$log" 2>&1; then
+  echo "ok - luacheck finds nothing in the tree"; passed=$((passed+1))
+else
+  cat "$log"; echo "not ok - luacheck finds nothing in the tree"; failed=$((failed+1))
+fi
+
 # valgrind over the engine: every primitive, work left pending at close.
 if [[ $BUILD != build-asan ]] && command -v valgrind >/dev/null; then
   echo "# valgrind: tests/valgrind/engine.lua"
@@ -96,6 +104,19 @@ if [[ $BUILD != build-asan ]] && command -v valgrind >/dev/null; then
   else
     cat "$log"; echo "not ok - valgrind finds no leak or memory error in the engine"; failed=$((failed+1))
   fi
+fi
+
+# libFuzzer over the parsers (tests/fuzz: JSON, fs.untar, cron, the
+# daemon's request routing), each harness 30 s from its seed corpus, two
+# at a time; one TAP line per harness.  Long campaigns: bench/fuzz.sh.
+# The fuzz build is instrumented already: the sanitizer run skips it.
+if [[ $BUILD != build-asan ]]; then
+  echo "# fuzz: tests/fuzz/run.sh 30"
+  bash tests/fuzz/run.sh -j 2 30 >"$log" 2>&1; rc=$?
+  cat "$log"
+  p=$(grep -c '^ok ' "$log"); f=$(grep -c '^not ok ' "$log")
+  [ $rc -ne 0 ] && [ "$f" -eq 0 ] && f=1
+  passed=$((passed+p)); failed=$((failed+f))
 fi
 
 # The conformance kit, once per backend the suite can start here.

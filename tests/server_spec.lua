@@ -472,6 +472,120 @@ describe("drover.server", function()
     end)
   end)
 
+  -- issue 12, item 5: H2O reads a whole body before the handler runs, so a
+  -- server could refuse a body only after buffering it.  check_head
+  -- decides from the head: a refused body is never read into memory.
+  it("check_head refuses a request from its head, before its body is read", function()
+    run(function()
+      local calls, heads = 0, {}
+      local srv = listen(function(req) calls = calls + 1; return "took " .. #req.body end, {
+        check_head = function(head)
+          heads[#heads + 1] = head
+          if head.headers["x-key"] ~= "k" then
+            return 401, { ["content-type"] = "text/plain", ["www-authenticate"] = "Key" }, "no key\n"
+          end
+        end })
+      -- 8 MiB that the client offers without waiting for 100-continue
+      local f = tmp .. "/big-body"
+      local fh = assert(io.open(f, "wb")); fh:write(("y"):rep(8 * 1024 * 1024)); fh:close()
+      local code, out, err = curl({ "-H", "Expect:", "-H", "Content-Type: text/plain", "--data-binary", "@" .. f,
+        "-o", "/dev/null", "-w", "%{http_code} %{size_upload}", srv.url .. "/up?x=1" })
+      local status, sent = out:match("^(%d+) (%d+)")
+      assert.are.equal("401", status, tostring(code) .. " " .. out .. " " .. err)
+      assert.is_true(tonumber(sent) < 8 * 1024 * 1024, "curl sent the whole body: " .. out)
+      assert.are.equal(0, calls)
+      local h = heads[1]
+      assert.are.equal("POST", h.method)
+      assert.are.equal("/up", h.path)
+      assert.are.equal("x=1", h.query)
+      assert.are.equal("1", h.args.x)
+      assert.are.equal("8388608", h.headers["content-length"])
+      assert.are.equal("127.0.0.1:" .. srv.port, h.headers.host)
+      assert.is_nil(h.body)
+      -- the answer as check_head gave it
+      code, out = curl({ "-i", "-H", "Content-Type: text/plain", "--data-binary", "abc", srv.url .. "/up" })
+      assert.are.equal(0, code)
+      assert.matches("^HTTP/1.1 401 Unauthorized\r\n", out)
+      assert.matches("\r\nwww%-authenticate: Key\r\n", out)
+      assert.matches("\r\n\r\nno key\n$", out)
+      -- let through: the handler gets the whole body; requests without a
+      -- body are the handler's to judge and are not asked about
+      local n = #heads
+      code, out = curl({ "-H", "X-Key: k", "--data-binary", "@" .. f, srv.url .. "/up" })
+      assert.are.equal("took 8388608", out, code)
+      code, out = curl({ srv.url .. "/plain" })
+      assert.are.equal("took 0", out, code)
+      assert.are.equal(n + 1, #heads)
+      -- keep-alive: the second request on a connection is asked about too
+      code, out = curl({ "-H", "X-Key: k", "--data-binary", "a", srv.url .. "/one", "--next",
+        "--data-binary", "b", "-o", "/dev/null", "-w", "%{http_code}", srv.url .. "/two" })
+      assert.are.equal("took 1401", out, code)
+      -- a head after an empty line, sent a few bytes at a time, is asked about too
+      local r = assert(proc.run({ "python3", "-c", [[
+import socket, sys, time
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+head = b"\r\nPOST /slow HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\nContent-Length: 9000000\r\n\r\n"
+for i in range(0, len(head), 7):
+    s.sendall(head[i:i + 7]); time.sleep(0.005)
+print(s.recv(100).split(b"\r\n")[0].decode())
+]], tostring(srv.port) }, { env = child_env, timeout = 60 }))
+      assert.are.equal("HTTP/1.1 401 Unauthorized\n", r.stdout, r.stderr)
+      assert.are.equal("/slow", heads[#heads].path)
+      assert.are.equal(3, calls) -- the big body, /plain, /one; not /two
+      srv:close()
+    end)
+  end)
+
+  it("check_head: an error refuses with a 500; a bad return value is an error", function()
+    run(function()
+      local mode = "raise"
+      local calls = 0
+      local srv = listen(function() calls = calls + 1; return "ok" end, {
+        check_head = function()
+          if mode == "raise" then error("boom") end
+          return "yes"
+        end })
+      for _, m in ipairs { "raise", "bad" } do
+        mode = m
+        local _, out = curl({ "-o", "/dev/null", "-w", "%{http_code}", "-H", "Content-Type: text/plain",
+          "--data-binary", "abc", srv.url .. "/" })
+        assert.are.equal("500", out, m)
+      end
+      assert.are.equal(0, calls)
+      srv:close()
+    end)
+  end)
+
+  it("caps its connections: one more gets a 503", function()
+    run(function(on_fail)
+      local srv = listen(function() return "ok" end, { max_connections = 2 })
+      -- two idle keep-alive connections hold both places
+      local held, said = {}, {}
+      for i = 1, 2 do
+        said[i] = ""
+        held[i] = assert(proc.spawn({ "python3", "-c", [[
+import socket, sys, time
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+s.recv(1000)
+sys.stdout.write("held\n"); sys.stdout.flush()
+time.sleep(60)
+]], tostring(srv.port) }, { env = child_env, stdout = function(chunk) said[i] = said[i] .. chunk end }))
+        on_fail(function() drover.kill(held[i].pid, "KILL") end)
+      end
+      H.wait_until(function() return said[1] == "held\n" and said[2] == "held\n" end, 30, "two answered clients")
+      H.wait_until(function() return srv:stats().connections == 2 end, 30, "two connections")
+      local _, out = curl({ "-o", "-", "-w", " %{http_code}", srv.url .. "/" })
+      assert.are.equal("too many connections: try again later\n 503", out)
+      assert.are.equal(1, srv:stats().turned_away)
+      for i = 1, 2 do drover.kill(held[i].pid, "KILL"); held[i]:wait(30) end
+      H.wait_until(function() return srv:stats().connections == 0 end, 30, "the connections to close")
+      _, out = curl({ srv.url .. "/" })
+      assert.are.equal("ok", out)
+      srv:close()
+    end)
+  end)
+
   it("listens on a unix socket", function()
     run(function(on_fail)
       local path = tmp .. "/srv.sock"

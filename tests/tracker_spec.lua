@@ -173,7 +173,7 @@ describe("tracked calls", function()
     local seen = {}
     local opts = {
       on_completion = function(info, result) seen[#seen + 1] = "done:" .. info.name .. ":" .. result end,
-      on_failure = function(info, err) seen[#seen + 1] = "failed:" .. info.name end,
+      on_failure = function(info) seen[#seen + 1] = "failed:" .. info.name end,
       catch = true,
     }
     local good = drover.task("good", function() return "r" end, opts)

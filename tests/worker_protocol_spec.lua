@@ -26,21 +26,24 @@ function Many:main(params)
   local n, pause = tonumber(params.n or 10), tonumber(params.pause or 0)
   if params.bytes then print("bytes \255\254 end") end
   local sum = 0
-  for i = 1, n do sum = sum + echo(i, pause) end
+  for i = 1, n do
+    sum = sum + echo(i, pause)
+    if params.big then print(i .. string.rep("b", tonumber(params.big))) end
+  end
   return sum
 end
 return Many
 ]]
 
 describe("worker protocol", function()
-  local home, store, info, url
+  local home, store, url
   local procs = {} -- every process a test started, killed in teardown
 
   local function serve(args)
     local env = { DROVER_HOME = home, DROVER_TOKEN = SERVER_TOKEN }
     local p, i = H.serve(home, args, env)
     procs[#procs + 1] = p
-    info, url = i, i.url
+    url = i.url
     return p
   end
 
@@ -88,6 +91,22 @@ describe("worker protocol", function()
       return r and r.state == want
     end, timeout or 120, "run " .. id .. " to be " .. want .. " (is " .. tostring(r and r.state) .. ")")
     return r
+  end
+
+  -- A worker started by hand for run `id` (as a backend would), reporting
+  -- to `url`; env adds to (or, false, removes from) its environment.
+  local function start_worker(id, token, env)
+    local e = { DROVER_HOME = home .. "/not-here", DROVER_RUN_TOKEN = token }
+    for k, v in pairs(env or {}) do e[k] = v end
+    local w = assert(drover.proc.spawn({ H.drover_bin, "worker", id, "--api", url }, { env = e }))
+    procs[#procs + 1] = w
+    return w
+  end
+
+  local function spool_lines(file)
+    local lines = {}
+    for l in io.lines(file) do lines[#lines + 1] = l end
+    return lines
   end
 
   local function count(t, pred)
@@ -204,6 +223,16 @@ describe("worker protocol", function()
       res = post(path, { first_seq = 1, events = { { t = "state", state = "SIDEWAYS" } } }, { token = token })
       assert.are.equal(400, res.status)
       assert.matches("SIDEWAYS", message_of(res))
+      -- names drover.states holds that are no state (its sets and functions)
+      for _, name in ipairs { "final", "active", "is_final" } do
+        res = post(path, { first_seq = 1, events = { { t = "state", state = name } } }, { token = token })
+        assert.are.equal(400, res.status, name)
+        assert.matches("unknown state '" .. name .. "'", message_of(res))
+      end
+      res = post(path, { first_seq = 1, events = { { t = "state", state = "RUNNING", ts = "yesterday" } } },
+        { token = token })
+      assert.are.equal(400, res.status)
+      assert.matches("field 'ts' must be a number", message_of(res))
       res = post(path, { first_seq = 5, events = { { t = "state", state = "RUNNING" } } }, { token = token })
       assert.are.equal(409, res.status)
       assert.are.equal("gap", res.json.reason)
@@ -222,6 +251,7 @@ describe("worker protocol", function()
       assert.matches("cross%-site", message_of(res))
       res = post(path, json.encode(good), { token = token, ctype = "text/plain" })
       assert.are.equal(415, res.status)
+      assert.matches("application/json or application/x%-tar %(got text/plain%)", message_of(res))
       -- (Expect: the server answers before the body is sent, as curl does for large bodies)
       res = post(path, string.rep("x", 70000), { token = token, headers = { expect = "100-continue" } })
       assert.are.equal(413, res.status)
@@ -251,7 +281,12 @@ describe("worker protocol", function()
       local server = serve({ "--port", "0", "--heartbeat", "2" })
       local port = url:match(":(%d+)$")
       local id = H.run({ DROVER_HOME = home }, "many", { "n=200", "pause=0.05", "bytes=1" })
-      H.wait_until(function() return #store:task_runs(id) >= 30 end, 120, "30 task runs recorded")
+      local ok, why = pcall(H.wait_until, function() return #store:task_runs(id) >= 30 end, 120,
+        "30 task runs recorded")
+      if not ok then
+        error(tostring(why) .. "; run " .. json.encode(store:flow_run(id)) .. "; its worker's log: "
+          .. tostring(drover.fs.read(home .. "/runs/" .. id .. "/worker.log")), 0)
+      end
       kill_server(server)
       local killed_at = #store:task_runs(id)
       drover.sleep(10) -- the outage the issue asks for, not a wait for a condition
@@ -262,7 +297,8 @@ describe("worker protocol", function()
       -- a line that is not UTF-8 arrives byte for byte
       local logs = store:logs(id, 0, 100000)
       assert.are.equal(1, count(logs, function(l) return l.line == "bytes \255\254 end" end))
-      assert.is_truthy(store:flow_run(id).token_hash)
+      assert.is_true(store:has_run_token(id))
+      assert.is_nil(store:flow_run(id).token_hash) -- rows handed out (API, CLI) leave the digest out
       kill_server(server)
     end)
 
@@ -270,7 +306,10 @@ describe("worker protocol", function()
       local server = serve({ "--port", "0", "--heartbeat", "2" })
       local port = url:match(":(%d+)$")
       local ids = {}
-      for i = 1, 4 do ids[i] = H.run({ DROVER_HOME = home }, "many", { "n=60", "pause=0.1" }) end
+      -- (each also prints a line that is not UTF-8, sent as line@b64: how
+      -- its event table is laid out depends on the hash seed of the
+      -- worker's process, so several workers try several layouts)
+      for i = 1, 4 do ids[i] = H.run({ DROVER_HOME = home }, "many", { "n=60", "pause=0.1", "bytes=1" }) end
       H.wait_until(function()
         for _, id in ipairs(ids) do if #store:task_runs(id) < 5 then return false end end
         return true
@@ -281,6 +320,8 @@ describe("worker protocol", function()
       for _, id in ipairs(ids) do
         wait_state(id, "COMPLETED", 300)
         check_complete(id, 60)
+        local logs = store:logs(id, 0, 100000)
+        assert.are.equal(1, count(logs, function(l) return l.line == "bytes \255\254 end" end))
       end
       kill_server(server)
     end)
@@ -319,6 +360,28 @@ describe("worker protocol", function()
   end)
 
   describe("a server gone for good", function()
+    it("a local worker that gave up delivering: the restarted server recovers its spool, the run ends as it ran", function()
+      local server = serve({ "--port", "0", "--heartbeat", "30" })
+      local port = url:match(":(%d+)$")
+      local id = H.run({ DROVER_HOME = home, DROVER_DELIVERY_TIMEOUT = "2" }, "many", { "n=20", "pause=0.1" })
+      H.wait_until(function() return #store:task_runs(id) >= 3 end, 120, "3 task runs recorded")
+      kill_server(server)
+      local pid = store:flow_run(id).pid
+      H.wait_until(function() return not drover.kill(-math.tointeger(pid), 0) end, 120, "the worker to give up and exit")
+      local spool = home .. "/runs/" .. id .. "/spool"
+      local files = drover.fs.list(spool) or {}
+      assert.are.equal(1, #files, "one spool file in " .. spool)
+      assert.are.equal("RUNNING", store:flow_run(id).state)
+      server = serve({ "--port", port, "--heartbeat", "30" })
+      local r = wait_state(id, "COMPLETED", 60)
+      assert.are.equal("210", r.result)
+      check_complete(id, 20)
+      assert.are.equal(0, #(drover.fs.list(spool) or {}))
+      local logs = store:logs(id, 0, 100000)
+      assert.are.equal(1, count(logs, function(l) return l.line:find("^recovered %d+ event") ~= nil end))
+      kill_server(server)
+    end)
+
     it("the worker finishes the flow, keeps its spool, and drover replay delivers it", function()
       local server = serve({ "--port", "0", "--heartbeat", "30" })
       local port = url:match(":(%d+)$")
@@ -336,20 +399,170 @@ describe("worker protocol", function()
       assert.matches("drover replay " .. spool:gsub("%p", "%%%0"), r.stderr)
       assert.is_nil(r.stderr:find(token, 1, true))
       assert.is_false(drover.fs.exists(home .. "/not-here"), "the worker never opened a store")
+      -- this spool is in a place of our choosing, not the local backend's
+      -- (which the reaper recovers by itself): keep the reaper off the run
+      store:write("UPDATE flow_runs SET pid = NULL WHERE id = ?", id)
       local file = spool .. "/" .. id .. ".events"
       assert.is_true(drover.fs.exists(file))
       server = serve({ "--port", port, "--heartbeat", "30" })
-      local code, out, err = drv({ "replay", file }, { DROVER_TOKEN = SERVER_TOKEN })
+      local before_replay = store_mod.time()
+      -- the URL the spool names beats $DROVER_API (here nothing listens)
+      local code, out, err = drv({ "replay", file }, { DROVER_TOKEN = SERVER_TOKEN, DROVER_API = "http://127.0.0.1:1" })
       assert.are.equal(0, code, err)
       assert.matches("replayed %d+ event%(s%) of run " .. id, out)
       local done = wait_state(id, "COMPLETED", 60)
       assert.are.equal("210", done.result)
+      -- the run ended when its worker said so, not when the replay arrived
+      assert.is_true(done.ended < before_replay, "ended " .. done.ended .. ", replayed at " .. before_replay)
+      assert.is_true(done.ended - done.started >= 20 * 0.2, "ran " .. (done.ended - done.started) .. " s")
+      local hist = store:flow_run_states(id)
+      assert.are.equal("COMPLETED", hist[#hist].state)
+      assert.are.equal(done.ended, hist[#hist].ts)
       check_complete(id, 20)
       assert.is_false(drover.fs.exists(file))
       -- replaying again is harmless: the file is gone, one clear line
-      code, _, err = drv({ "replay", file }, { DROVER_TOKEN = SERVER_TOKEN })
-      assert.are.equal(2, code)
+      code, out, err = drv({ "replay", file }, { DROVER_TOKEN = SERVER_TOKEN })
+      assert.are_not.equal(0, code)
+      assert.are.equal("", out)
       assert.matches("drover replay: .*No such file", err)
+      kill_server(server)
+    end)
+  end)
+  describe("a server that answers in unusual ways", function()
+    it("a sequence gap (the server lost acknowledged events): the run completes and its log says so", function()
+      local server = serve({ "--port", "0", "--heartbeat", "30" })
+      local id, token = new_run(nil, { n = 30, pause = 0.1 })
+      local worker = start_worker(id, token, { DROVER_SPOOL_DIR = home .. "/spool-gap-" .. id })
+      H.wait_until(function()
+        local r = store:flow_run(id)
+        return r.state == "RUNNING" and r.event_seq >= 6
+      end, 120, "the worker to report some events")
+      -- as a server restored from an older copy of its store would: it
+      -- forgets that it applied events 2 and up
+      store:write("UPDATE flow_runs SET event_seq = 1 WHERE id = ?", id)
+      local r = worker:wait(120)
+      assert.are.equal(0, r.code, r.stderr)
+      assert.matches("the server lost %d+ event%(s%) of this run", r.stderr)
+      local done = wait_state(id, "COMPLETED", 60)
+      assert.are.equal("465", done.result)
+      check_complete(id, 30)
+      local logs = store:logs(id, 0, 100000)
+      local lost = 0
+      for _, l in ipairs(logs) do
+        local n = l.line:match("^drover worker: the server lost (%d+) event%(s%) of this run %(seq 2%-")
+        if n then
+          assert.are.equal("error", l.stream)
+          lost = lost + 1
+        end
+      end
+      assert.are.equal(1, lost, "one log line saying events were lost")
+      kill_server(server)
+    end)
+
+    it("a batch larger than the server's --max-body (413) is split, not dropped", function()
+      local server = serve({ "--port", "0", "--heartbeat", "30", "--max-body", "65536" })
+      -- 40 lines of 4 KB with no pause: one batch of about 160 KB
+      local id, token = new_run(nil, { n = 40, big = 4000 })
+      local r = start_worker(id, token, { DROVER_SPOOL_DIR = home .. "/spool-big-" .. id }):wait(120)
+      assert.are.equal(0, r.code, r.stderr)
+      wait_state(id, "COMPLETED", 60)
+      check_complete(id, 40)
+      local logs = store:logs(id, 0, 100000)
+      for i = 1, 40 do
+        local line = i .. string.rep("b", 4000)
+        assert.are.equal(1, count(logs, function(l) return l.line == line end), "big line " .. i)
+      end
+      assert.are.equal(0, count(logs, function(l) return l.line:find("refused", 1, true) ~= nil end))
+      kill_server(server)
+    end)
+
+    it("a bundle the server no longer has (410): the run ends CRASHED, bad package", function()
+      local server = serve({ "--port", "0", "--heartbeat", "30" })
+      -- a package of its own, whose bundle file then disappears
+      local src = home .. "/src-gone"
+      assert(drover.fs.mkdir(src))
+      assert(drover.fs.write(src .. "/gone_flow.lua", (FLOW:gsub("Many", "Gone"))))
+      local code, out, err = drv({ "package", "--module", "gone_flow", "--class", "Gone", "--entrypoint", "main",
+        "--path", src, "--json" }, { DROVER_TOKEN = SERVER_TOKEN })
+      assert.are.equal(0, code, err)
+      local pkg = store:package(json.decode(out).id)
+      assert.are.equal(0, (drv({ "deploy", "gone", "--package", pkg.id }, { DROVER_TOKEN = SERVER_TOKEN })))
+      assert(os.remove(pkg.location))
+      local id = store:create_flow_run { name = "hand", deployment = "gone", backend = "local", state = "PENDING",
+        params = { n = 1 } }
+      local token = run_token.issue(store, id)
+      local r = start_worker(id, token, { DROVER_SPOOL_DIR = home .. "/spool-gone-" .. id }):wait(120)
+      assert.are.equal(1, r.code, r.stderr)
+      local run = wait_state(id, "CRASHED", 60)
+      assert.matches("^bad package: .*410.*gone", run.message)
+      assert.is_nil(run.message:find("\n"))
+      kill_server(server)
+    end)
+
+    it("a token refused mid-run (401): the events are spooled, in a file of their own when the run has one, "
+      .. "and replay with the server's token", function()
+      local server = serve({ "--port", "0", "--heartbeat", "30" })
+      local port = url:match(":(%d+)$")
+      local id, token = new_run(nil, { n = 15, pause = 0.2 })
+      local spool = home .. "/spool-401-" .. id
+      local first = spool .. "/" .. id .. ".events"
+      -- an earlier worker of this run: the server goes away under it, so
+      -- it leaves its events in the run's spool file
+      local a = start_worker(id, token, { DROVER_SPOOL_DIR = spool, DROVER_DELIVERY_TIMEOUT = "2" })
+      H.wait_until(function() return store:flow_run(id).state == "RUNNING" end, 120, "worker A to report")
+      kill_server(server)
+      local ra = a:wait(120)
+      assert.are.equal(0, ra.code, ra.stderr)
+      assert.is_true(drover.fs.exists(first))
+      local a_lines = spool_lines(first)
+      -- a second worker of the same run (as a backend that starts the run
+      -- again would; the local reaper must not take A's dead pid for the
+      -- run's), whose token the server stops taking once it has reported
+      store:write("UPDATE flow_runs SET pid = NULL WHERE id = ?", id)
+      server = serve({ "--port", port, "--heartbeat", "30" })
+      local b = start_worker(id, token, { DROVER_SPOOL_DIR = spool })
+      local ok, why = pcall(H.wait_until, function() return store:flow_run(id).pid == b.pid end, 120,
+        "worker B to report its pid")
+      if not ok then
+        drover.kill(b.pid, "TERM")
+        local r = b:wait(30)
+        error(tostring(why) .. "; run " .. json.encode(store:flow_run(id)) .. "; worker B's stderr: "
+          .. tostring(r and r.stderr), 0)
+      end
+      store:set_run_token(id, run_token.digest(run_token.new()))
+      local rb = b:wait(120)
+      assert.are.equal(0, rb.code, rb.stderr)
+      local second = spool .. "/" .. id .. ".2.events"
+      assert.matches("the server refused the run's reports %(.*401.*%); its events are kept in "
+        .. second:gsub("%p", "%%%0"), rb.stderr)
+      assert.is_nil(rb.stderr:find(token, 1, true))
+      -- A's file is as A left it: one header, then its events
+      assert.are.same(a_lines, spool_lines(first))
+      for _, f in ipairs { first, second } do
+        local lines = spool_lines(f)
+        assert.are.equal(id, json.decode(lines[1]).run, f)
+        for i = 2, #lines do assert.matches("^%d+\t{", lines[i], f .. ":" .. i) end
+      end
+      local code, out, err = drv({ "replay", second }, { DROVER_TOKEN = SERVER_TOKEN })
+      assert.are.equal(0, code, err)
+      assert.matches("replayed %d+ event%(s%) of run " .. id, out)
+      local done = wait_state(id, "COMPLETED", 60)
+      assert.are.equal("120", done.result)
+      local echoes = count(store:task_runs(id), function(t) return t.name == "echo" and t.state == "COMPLETED" end)
+      assert.is_true(echoes >= 15, echoes .. " echo task runs COMPLETED")
+      assert.is_false(drover.fs.exists(second))
+      -- A's file still replays on its own: B numbered its events from where
+      -- the server was, so A's are duplicates (skipped) or, beyond B's last
+      -- number, a late report for a run that has ended (refused, kept)
+      code, out, err = drv({ "replay", first }, { DROVER_TOKEN = SERVER_TOKEN })
+      if code == 0 then
+        assert.matches("replayed %d+ event%(s%) of run " .. id, out)
+        assert.is_false(drover.fs.exists(first))
+      else
+        assert.matches("late report refused", err)
+        assert.is_true(drover.fs.exists(first))
+      end
+      assert.are.equal("COMPLETED", store:flow_run(id).state)
       kill_server(server)
     end)
   end)

@@ -37,6 +37,14 @@ extern "C" {
 #define DROVER_ENOMEM (-4)  /* out of memory */
 #define DROVER_ENOTIMPL (-5) /* the backend does not implement the operation */
 
+/* The library is built with -fvisibility=hidden: these functions are all
+ * it exports. */
+#if defined(__GNUC__) || defined(__clang__)
+#define DROVER_API __attribute__((visibility("default")))
+#else
+#define DROVER_API
+#endif
+
 typedef struct drover drover;
 
 /* Log callback: level is "debug", "info", "warn" or "error"; message has no
@@ -80,41 +88,49 @@ typedef struct drover_options {
  * drover_backend_call, drover_exec, drover_start) returns DROVER_ELOAD with
  * that same message.  So check *drover_errmsg(D) after drover_open.
  */
-drover *drover_open(const drover_options *opts);
+DROVER_API drover *drover_open(const drover_options *opts);
 
-/* drover_close -- close the engine, its Lua state and (if owned) its loop.
- * NULL is ignored. */
-void drover_close(drover *D);
+/* drover_close -- close the engine, its Lua state and (if owned) its loop,
+ * and free it.  Ownership: the caller owns D from drover_open to
+ * drover_close; after drover_close, D must not be passed to any other
+ * drover_* function.  drover_close(NULL), and drover_close of an engine
+ * already closed, do nothing (drover_close checks D against the engines
+ * drover_open returned and has not closed, under a lock).  Set the pointer
+ * to NULL after closing all the same: a later drover_open may return the
+ * same address, and closing the stale pointer would then close that
+ * engine. */
+DROVER_API void drover_close(drover *D);
 
 /* drover_errmsg -- the message of the last failed call on D ("" if none).
  * Valid until the next call on D.  drover_errmsg(NULL) returns a message
  * saying that the engine is NULL. */
-const char *drover_errmsg(const drover *D);
+DROVER_API const char *drover_errmsg(const drover *D);
 
 /*
  * drover_dofile -- run a Lua script as a task on the engine's loop, with the
  * global `arg` set from argv (argv[0] is the script name), until it and every
- * task it spawned finish.  On failure the message holds file:line and a
- * traceback.
+ * task it spawned finish (transitively, and tasks callbacks start
+ * meanwhile; not tasks it did not start, such as drover_start's).  On
+ * failure the message holds file:line and a traceback.
  */
-int drover_dofile(drover *D, const char *path, int argc, const char *const *argv);
+DROVER_API int drover_dofile(drover *D, const char *path, int argc, const char *const *argv);
 
 /* drover_dostring -- as drover_dofile, for a chunk of code. */
-int drover_dostring(drover *D, const char *code, const char *chunkname);
+DROVER_API int drover_dostring(drover *D, const char *code, const char *chunkname);
 
 /* drover_call -- call the function on the engine's Lua stack (pushed
  * before its nargs arguments) as a task, like drover_dofile does with a
  * script, until it and every task it spawned finish.  The function and its
  * arguments are popped; results are discarded. */
-int drover_call(drover *D, int nargs);
+DROVER_API int drover_call(drover *D, int nargs);
 
 /* drover_lua -- the engine's lua_State, for advanced use (push your own
  * modules, inspect results).  Do not lua_close it. */
-lua_State *drover_lua(drover *D);
+DROVER_API lua_State *drover_lua(drover *D);
 
 /* drover_loop -- the engine's libuv loop (NULL only if D is NULL or its
  * Lua state could not even be set up). */
-uv_loop_t *drover_loop(drover *D);
+DROVER_API uv_loop_t *drover_loop(drover *D);
 
 /*
  * drover_register -- make a C function callable from Lua as
@@ -124,15 +140,17 @@ uv_loop_t *drover_loop(drover *D);
  * it pushed; to fail, it raises with luaL_error (the task sees a Lua
  * error).  ud is handed back by drover_host_ud(L).  fn must not call
  * drover_* functions on the same engine.  Registering a NAME again
- * replaces it.  NAME must be a Lua identifier.  Host functions exist only
+ * replaces it.  NAME must be a Lua identifier (letters, digits and _, not
+ * starting with a digit, not a reserved word such as "end"): DROVER_EARG
+ * otherwise.  Host functions exist only
  * in this process: runs a backend starts elsewhere (the local backend's
  * worker processes) do not have them.
  */
-int drover_register(drover *D, const char *name, lua_CFunction fn, void *ud);
+DROVER_API int drover_register(drover *D, const char *name, lua_CFunction fn, void *ud);
 
 /* drover_host_ud -- inside a function registered with drover_register,
  * the ud it was registered with. */
-void *drover_host_ud(lua_State *L);
+DROVER_API void *drover_host_ud(lua_State *L);
 
 /*
  * drover_backend_load -- load the backend NAME (the first NAME.lua in
@@ -144,11 +162,11 @@ void *drover_host_ud(lua_State *L);
  * drover.BaseOrchestrator.  drover_backend_call loads backends itself;
  * this only checks early.
  */
-int drover_backend_load(drover *D, const char *backend);
+DROVER_API int drover_backend_load(drover *D, const char *backend);
 
 /*
  * drover_backend_call -- call contract operation OP ("package", "deploy",
- * "run", "stop", "status", "logs" or "list") of backend BACKEND (a name or
+ * "run", "stop", "cancel", "status", "logs" or "list") of backend BACKEND (a name or
  * a path, as for drover_backend_load), configured with config_json (a JSON
  * object, NULL for {}).  args_json is a JSON array of the operation's
  * arguments (NULL for none), for example for the local backend:
@@ -158,19 +176,19 @@ int drover_backend_load(drover *D, const char *backend);
  *   run      ["name", {...params}]           status  ["<run id>"]
  *
  * On success *out_json (if out_json is not NULL) is a JSON array of what
- * the operation returned (run: ["<id>", "<url>"]); free it with
- * drover_free.  On failure *out_json is NULL and the code says what went
+ * the operation returned (run: ["<id>", "<url>"]; list and logs: a list,
+ * [] when empty, so [[]]); free it with drover_free.  On failure *out_json is NULL and the code says what went
  * wrong: DROVER_EARG (NULL arguments, an unknown operation, JSON that does
  * not parse or has the wrong shape, a config the backend refuses),
  * DROVER_ELOAD (the backend could not be loaded), DROVER_ENOTIMPL
- * ("backend 'NAME' does not implement OP"), DROVER_ERUN (the operation
+ * ("backend 'NAME' does not implement OP", or a hook OP needs), DROVER_ERUN (the operation
  * raised; the message is its error).  One backend instance is kept per
  * (backend, config_json) pair for the engine's life.  "{}" is not an empty
  * args_json ("args_json must be a JSON array"), nor "[]" a config.  Runs the loop until
- * the operation and the tasks it spawned finish.
+ * the operation and the tasks it spawned finish (as drover_dofile).
  */
-int drover_backend_call(drover *D, const char *backend, const char *config_json, const char *op,
-                        const char *args_json, char **out_json);
+DROVER_API int drover_backend_call(drover *D, const char *backend, const char *config_json, const char *op,
+                                   const char *args_json, char **out_json);
 
 /*
  * drover_exec -- run the workflow file PATH as one tracked flow run, as
@@ -179,13 +197,14 @@ int drover_backend_call(drover *D, const char *backend, const char *config_json,
  * calls inside are recorded under the flow run in the store
  * (drover_options.home); print() output goes to stdout and to the run's
  * logs.  *out_json (if out_json is not NULL) receives
- * {"id": ..., "name": ..., "state": ..., "message": ...} (message null
- * when the run has none); free it with drover_free.  Returns DROVER_OK when the run COMPLETED, DROVER_ERUN when it
+ * {"id": ..., "name": ..., "state": ..., "message": ..., "result": ...}
+ * (message null when the run has none; result what the chunk returned,
+ * null when nothing or when it failed); free it with drover_free.  Returns DROVER_OK when the run COMPLETED, DROVER_ERUN when it
  * FAILED (or was cancelled; *out_json is still set and the message names
  * the run and its error), DROVER_ELOAD when the file does not compile
  * (file:line in the message), DROVER_EARG for bad arguments or JSON.
  */
-int drover_exec(drover *D, const char *path, const char *params_json, char **out_json);
+DROVER_API int drover_exec(drover *D, const char *path, const char *params_json, char **out_json);
 
 /*
  * drover_start -- start a chunk of Lua code as a task and return at once,
@@ -195,7 +214,7 @@ int drover_exec(drover *D, const char *path, const char *params_json, char **out
  * "error", with a traceback).  Returns DROVER_ELOAD if the code does not
  * compile.
  */
-int drover_start(drover *D, const char *code, const char *chunkname);
+DROVER_API int drover_start(drover *D, const char *code, const char *chunkname);
 
 /*
  * drover_step -- run the engine's loop once without blocking
@@ -206,11 +225,11 @@ int drover_start(drover *D, const char *code, const char *chunkname);
  * before the loop existed).  A host that runs the shared loop
  * with uv_run does not need it: drover's handles live on that loop.
  */
-int drover_step(drover *D);
+DROVER_API int drover_step(drover *D);
 
 /* drover_free -- free a string drover returned (the *out_json results).
  * NULL is ignored. */
-void drover_free(void *p);
+DROVER_API void drover_free(void *p);
 
 #ifdef __cplusplus
 }

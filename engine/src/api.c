@@ -7,15 +7,18 @@
  * its directories.
  *
  * The calls that take JSON (backend operations, workflow files) are thin C
- * over a small Lua glue module (drv__glue_src below) run as a task: it
- * reports the caller's mistakes in a "box" table instead of raising, so
- * each maps to its own error code.
+ * over lua/drover/api.lua, run as a task: it reports the caller's mistakes
+ * in a "box" table instead of raising, so each maps to its own error code.
+ *
+ * Each blocking call waits for the task it starts and the tasks that task
+ * spawns, not for every task on the engine (drover.run's groups, sched.c).
  */
 #include "drover_int.h"
 #include "drover.h"
 
 #include <dlfcn.h>
 #include <limits.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -25,7 +28,6 @@
 #define DRV_PREFIX "/usr/local"
 #endif
 
-int luaopen_drover_core(lua_State *L);
 
 struct drover {
   lua_State *L;
@@ -35,7 +37,42 @@ struct drover {
   char errmsg[8192];
   char lua_dir[PATH_MAX + 64];
   char backends_dir[PATH_MAX + 128];
+  drover *next_open;   /* the list of open engines (drv__open_engines) */
 };
+
+/* Every engine drover_open returned and drover_close has not closed yet.
+ * drover_close looks its argument up here before touching it, so that
+ * closing an engine a second time does nothing instead of freeing it
+ * twice.  Engines live on several threads at once: hence the mutex. */
+static drover *drv__open_engines;
+static pthread_mutex_t drv__open_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static void drv__remember(drover *D) {
+  pthread_mutex_lock(&drv__open_lock);
+  D->next_open = drv__open_engines;
+  drv__open_engines = D;
+  pthread_mutex_unlock(&drv__open_lock);
+}
+
+/* Take D off the list; 0 when it was not on it (closed, or never opened). */
+static int drv__forget(drover *D) {
+  drover **pp;
+  int found = 0;
+  pthread_mutex_lock(&drv__open_lock);
+  for (pp = &drv__open_engines; *pp; pp = &(*pp)->next_open) {
+    if (*pp == D) {
+      *pp = D->next_open;
+      found = 1;
+      break;
+    }
+  }
+  pthread_mutex_unlock(&drv__open_lock);
+  return found;
+}
+
+/* Registry keys: the stock require (saved by drv__setup) and drover.api. */
+static const char drv__require_key = 'R';
+static const char drv__glue_key = 'G';
 
 static void drv__seterr(drover *D, const char *msg) {
   snprintf(D->errmsg, sizeof D->errmsg, "%s", msg ? msg : "unknown error");
@@ -193,6 +230,8 @@ static int drv__setup(lua_State *L) {
   drover *D = (drover *)lua_touserdata(L, 1);
   const drover_options *o = (const drover_options *)lua_touserdata(L, 2);
   luaL_openlibs(L);
+  lua_getglobal(L, "require");
+  lua_rawsetp(L, LUA_REGISTRYINDEX, &drv__require_key);
   drv__engine_attach(L, o ? o->loop : NULL);
   luaL_getsubtable(L, LUA_REGISTRYINDEX, LUA_PRELOAD_TABLE);
   lua_pushcfunction(L, luaopen_drover_core);
@@ -260,11 +299,12 @@ drover *drover_open(const drover_options *opts) {
     D->broken = 1;
   }
   if (D->broken) drv__seterr(D, D->openerr);
+  drv__remember(D);
   return D;
 }
 
 void drover_close(drover *D) {
-  if (D == NULL) return;
+  if (D == NULL || !drv__forget(D)) return;
   lua_close(D->L);
   free(D);
 }
@@ -354,21 +394,35 @@ int drover_dostring(drover *D, const char *code, const char *chunkname) {
 
 /* ---- host functions ---------------------------------------------------- */
 
+/* A Lua identifier: letters, digits and _, not starting with a digit, and
+ * not a reserved word (drover.host.end would not even parse). */
 static int drv__valid_name(const char *name) {
+  static const char *const reserved[] = {
+      "and",  "break", "do",  "else", "elseif", "end",    "false", "for",  "function", "goto", "if",
+      "in",   "local", "nil", "not",  "or",     "repeat", "return", "then", "true",     "until", "while"};
   const char *p;
+  size_t i;
   if (name == NULL || !*name || (*name >= '0' && *name <= '9')) return 0;
   for (p = name; *p; p++)
     if (!((*p >= 'a' && *p <= 'z') || (*p >= 'A' && *p <= 'Z') || (*p >= '0' && *p <= '9') || *p == '_'))
       return 0;
+  for (i = 0; i < sizeof reserved / sizeof reserved[0]; i++)
+    if (strcmp(name, reserved[i]) == 0) return 0;
   return 1;
 }
 
 int drover_register(drover *D, const char *name, lua_CFunction fn, void *ud) {
   lua_State *L;
   if (D == NULL) return DROVER_EARG;
-  if (!drv__valid_name(name) || fn == NULL) {
-    drv__seterr(D, fn == NULL ? "drover_register: fn is NULL"
-                              : "drover_register: name must be a Lua identifier (letters, digits, _)");
+  if (fn == NULL) {
+    drv__seterr(D, "drover_register: fn is NULL");
+    return DROVER_EARG;
+  }
+  if (!drv__valid_name(name)) {
+    snprintf(D->errmsg, sizeof D->errmsg,
+             "drover_register: bad argument 'name' ('%.200s' is not a Lua identifier: letters, digits "
+             "and _, not starting with a digit, not a reserved word)",
+             name ? name : "(null)");
     return DROVER_EARG;
   }
   if (drv__broken(D)) return DROVER_ELOAD;
@@ -394,120 +448,29 @@ void *drover_host_ud(lua_State *L) {
 
 void drover_free(void *p) { free(p); }
 
-/* ---- backends, workflow files, started tasks: Lua glue ------------------ */
+/* ---- backends, workflow files, started tasks: lua/drover/api.lua -------- */
 
-/* Each glue function runs as a task (drover.run) and never raises for the
- * caller's mistakes: it fills box.code ("arg", "load", "notimpl", "run"),
- * box.err and box.out instead, so the C side can map them to codes. */
-static const char drv__glue_src[] =
-    "local G = {}\n"
-    "local ops = { package = true, deploy = true, run = true, stop = true, status = true,\n"
-    "  logs = true, list = true }\n"
-    "local instances = {}\n"
-    /* errors raised for the caller (level 2 or 3) by code this chunk calls
-     * can point into it: "drover.api:39: unknown backend ..."; that
-     * position means nothing to the embedder */
-    "local function fail(box, code, msg)\n"
-    "  box.code = code\n"
-    "  box.err = (tostring(msg):gsub('^drover%.api:%d+: ', ''))\n"
-    "end\n"
-    /* drover.json.decode marks [] as an array and leaves {} unmarked;
-     * a non-empty array has keys 1..n, an object string keys */
-    "local function is_array(json, v)\n"
-    "  if json.kind(v) == 'array' then return true end\n"
-    "  local n = 0\n"
-    "  for _ in pairs(v) do n = n + 1 end\n"
-    "  return n > 0 and n == #v\n"
-    "end\n"
-    "local function decode(box, what, text, want)\n"
-    "  if text == nil then return want == 'object' and {} or { n = 0 } end\n"
-    "  local json = require 'drover.json'\n"
-    "  local v, err = json.decode(text)\n"
-    "  if v == nil and err then fail(box, 'arg', what .. ' is not valid JSON: ' .. err); return nil end\n"
-    "  if type(v) ~= 'table' or (want == 'array') ~= is_array(json, v) then\n"
-    "    fail(box, 'arg', what .. ' must be a JSON ' .. want); return nil\n"
-    "  end\n"
-    "  if want == 'array' then v.n = #v end\n"
-    "  return v\n"
-    "end\n"
-    "function G.load(box, name)\n"
-    "  local ok, cls = pcall(require('drover.orchestrator').backend_class, name)\n"
-    "  if not ok then return fail(box, 'load', cls) end\n"
-    "  box.out = cls.backend_path\n"
-    "end\n"
-    "function G.call(box, name, config_json, op, args_json)\n"
-    "  local orch = require 'drover.orchestrator'\n"
-    "  if not ops[op] then\n"
-    "    return fail(box, 'arg', \"drover_backend_call: unknown operation '\" .. op ..\n"
-    "      \"' (package, deploy, run, stop, status, logs, list)\")\n"
-    "  end\n"
-    "  local config = decode(box, 'drover_backend_call: config_json', config_json, 'object')\n"
-    "  if not config then return end\n"
-    "  local args = decode(box, 'drover_backend_call: args_json', args_json, 'array')\n"
-    "  if not args then return end\n"
-    "  local ok, cls = pcall(orch.backend_class, name)\n"
-    "  if not ok then return fail(box, 'load', cls) end\n"
-    "  local key = name .. '\\0' .. (config_json or '')\n"
-    "  local o = instances[key]\n"
-    "  if not o then\n"
-    "    local ok2, inst = pcall(orch.orchestrator, name, config)\n"
-    "    if not ok2 then return fail(box, 'arg', inst) end\n"
-    "    o = inst\n"
-    "    instances[key] = o\n"
-    "  end\n"
-    "  if o[op] == orch.BaseOrchestrator[op] then\n"
-    "    return fail(box, 'notimpl', \"backend '\" .. tostring(o.name) .. \"' does not implement \" .. op)\n"
-    "  end\n"
-    "  local r = table.pack(pcall(o[op], o, table.unpack(args, 1, args.n)))\n"
-    "  if not r[1] then return fail(box, 'run', r[2]) end\n"
-    "  local json = require 'drover.json'\n"
-    "  local ok3, text = pcall(json.encode, json.array({ table.unpack(r, 2, r.n) }))\n"
-    "  if not ok3 then return fail(box, 'run', op .. ' returned what JSON cannot hold: ' .. tostring(text)) end\n"
-    "  box.out = text\n"
-    "end\n"
-    "function G.exec(box, path, params_json, name)\n"
-    "  local drover = require 'drover'\n"
-    "  local tracker = require 'drover.tracker'\n"
-    "  local json = require 'drover.json'\n"
-    "  local params = decode(box, 'drover_exec: params_json', params_json, 'object')\n"
-    "  if not params then return end\n"
-    "  local chunk, err = loadfile(path)\n"
-    "  if not chunk then return fail(box, 'load', err) end\n"
-    "  local abs = path:sub(1, 1) == '/' and path or (drover.cwd() .. '/' .. path)\n"
-    "  local flow = tracker.begin_flow { name = name or path:match('([^/]+)%.lua$') or path,\n"
-    "    params = params, backend = 'local', source = { kind = 'exec', file = abs, params = params } }\n"
-    "  local restore = tracker.capture_print()\n"
-    "  local ok, value = flow:run(chunk, params)\n"
-    "  restore()\n"
-    "  flow.store:flush()\n"
-    "  local row = flow.store:flow_run(flow.id)\n"
-    "  box.out = json.encode { id = row.id, name = row.name, state = row.state,\n"
-    "    message = row.message == nil and json.null or row.message }\n"
-    "  if row.state ~= 'COMPLETED' then\n"
-    "    fail(box, 'run', 'flow run ' .. row.id .. ' ' .. row.state ..\n"
-    "      (row.message and (': ' .. row.message) or (not ok and (': ' .. tostring(value)) or '')))\n"
-    "  end\n"
-    "end\n"
-    "function G.start(chunk)\n"
-    "  local core = require 'drover.core'\n"
-    "  return require('drover').spawn(function()\n"
-    "    local ok, err = xpcall(chunk, debug.traceback)\n"
-    "    if not ok then core.log('error', tostring(err)) end\n"
-    "  end)\n"
-    "end\n"
-    "return G\n";
-
-static const char drv__glue_key = 'G';
-
-/* Push glue function FN; 0 on failure (message set). */
+/* The Lua side of these calls is the module drover.api: its box functions
+ * run as tasks and never raise for the caller's mistakes; they fill
+ * box.code ("arg", "load", "notimpl", "run"), box.err and box.out, which
+ * drv__glue_run maps to return codes.  The module is required through the
+ * require drv__setup saved, so a script that replaces the global cannot
+ * break the API, and kept in the registry. */
+/* Push drover.api's function FN; 0 on failure (message set). */
 static int drv__push_glue(drover *D, const char *fn) {
   lua_State *L = D->L;
   lua_rawgetp(L, LUA_REGISTRYINDEX, &drv__glue_key);
   if (lua_isnil(L, -1)) {
     lua_pop(L, 1);
-    if (luaL_loadbuffer(L, drv__glue_src, sizeof drv__glue_src - 1, "=drover.api") != LUA_OK ||
-        lua_pcall(L, 0, 1, 0) != LUA_OK) {
+    lua_rawgetp(L, LUA_REGISTRYINDEX, &drv__require_key);
+    lua_pushliteral(L, "drover.api");
+    if (lua_pcall(L, 1, 1, 0) != LUA_OK) {
       drv__seterr_top(D);
+      return 0;
+    }
+    if (!lua_istable(L, -1)) {
+      lua_pop(L, 1);
+      drv__seterr(D, "drover.api did not return a table");
       return 0;
     }
     lua_pushvalue(L, -1);

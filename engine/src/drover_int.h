@@ -37,8 +37,18 @@
 
 #define DRV_VERSION "0.1.0"
 
+/* The engine is compiled with -fvisibility=hidden.  DRV_EXPORT marks what
+ * must stay visible: luaopen_drover_core (stock lua5.4 loads core.so), the
+ * server plugin's entry point, and the engine functions that plugin
+ * resolves from the drover binary (engine/cli/server_loader.c).
+ * libdrover.so exports none of the drv__ ones (engine/libdrover.map). */
+#define DRV_EXPORT __attribute__((visibility("default")))
+int luaopen_drover_core(lua_State *L) DRV_EXPORT;
+int drv__server_plugin_open(lua_State *L) DRV_EXPORT;
+
 typedef struct drv_engine drv_engine;
 typedef struct drv_task drv_task;
+typedef struct drv_group drv_group; /* the tasks one blocking drover.run waits for */
 typedef struct drv_wait drv_wait;
 
 /* Called when the waiting task is cancelled: stop the operation early (close
@@ -79,6 +89,7 @@ struct drv_engine {
   uv_idle_t runq_idle;  /* keeps the loop spinning while the run queue has work */
   drv_task *runq_head, *runq_tail;
   int live_tasks;       /* tasks not yet finished */
+  drv_group *run_group; /* the blocking drover.run looping now (sched.c) */
   int blocking_done;    /* a wait outside any task was woken (see drv__await) */
   int blocking_nres;
   int closing;
@@ -91,25 +102,25 @@ struct drv_engine {
 };
 
 /* ---- engine.c ---------------------------------------------------------- */
-drv_engine *drv__engine(lua_State *L);              /* the engine this state belongs to */
+DRV_EXPORT drv_engine *drv__engine(lua_State *L);  /* the engine this state belongs to */
 void drv__engine_attach(lua_State *L, uv_loop_t *loop); /* creates the engine for L (idempotent) */
-void drv__res_link(drv_engine *E, drv_res *r, void (*close)(drv_res *r));
-void drv__res_unlink(drv_res *r);               /* idempotent */
+DRV_EXPORT void drv__res_link(drv_engine *E, drv_res *r, void (*close)(drv_res *r));
+DRV_EXPORT void drv__res_unlink(drv_res *r);  /* idempotent */
 /* Run the loop once (blocking); used by drv__await outside tasks and by drover.run. */
 int drv__run_once(drv_engine *E);
 /* A message from the engine itself (level "debug", "info", "warn", "error"):
  * to the host's log callback if it set one, else a line on stderr. */
-void drv__log(drv_engine *E, const char *level, const char *fmt, ...);
+DRV_EXPORT void drv__log(drv_engine *E, const char *level, const char *fmt, ...);
 
 /* ---- sched.c ----------------------------------------------------------- */
 drv_task *drv__current_task(lua_State *L);          /* NULL when L is not a task */
-void drv__wait_init(drv_wait *w, lua_State *L);     /* bind w to the calling thread */
-lua_State *drv__wait_stack(drv_wait *w);            /* where the waker pushes results */
-int drv__await(lua_State *L, drv_wait *w);          /* use as: return drv__await(L, w); */
+DRV_EXPORT void drv__wait_init(drv_wait *w, lua_State *L);  /* bind w to the calling thread */
+DRV_EXPORT lua_State *drv__wait_stack(drv_wait *w);  /* where the waker pushes results */
+DRV_EXPORT int drv__await(lua_State *L, drv_wait *w);  /* use as: return drv__await(L, w); */
 /* Like drv__await, but k(L, LUA_YIELD, kctx) produces the results after the wake. */
 int drv__awaitk(lua_State *L, drv_wait *w, lua_KFunction k, lua_KContext kctx);
-int drv__task_cancel(drv_task *t);                  /* request cancellation */
-void drv__wake(drv_wait *w, int nres);
+DRV_EXPORT int drv__task_cancel(drv_task *t);  /* request cancellation */
+DRV_EXPORT void drv__wake(drv_wait *w, int nres);
 int drv__open_sched(lua_State *L);                  /* pushes nothing; adds fields to table at -1 */
 void drv__sched_init(lua_State *L);                 /* metatables, registry (idempotent) */
 int drv__run(lua_State *L);                         /* drover.run(fn, ...) */
@@ -125,6 +136,7 @@ int drv__open_http(lua_State *L);
 int drv__open_fs(lua_State *L);
 int drv__open_json(lua_State *L);                   /* json.c: encode, decode, null */
 int drv__open_db(lua_State *L);
+int drv__open_pg(lua_State *L);                     /* pg.c: PostgreSQL (libpq, loaded lazily) */
 int drv__open_signal(lua_State *L);
 int drv__open_event(lua_State *L);
 int drv__open_server(lua_State *L);
@@ -133,13 +145,13 @@ int drv__signum(lua_State *L, int idx);
 
 /* ---- util -------------------------------------------------------------- */
 /* Raise "drover.MOD.FN: bad argument NAME (expected T, got U)". */
-int drv__argerror(lua_State *L, const char *fname, const char *argname,
-                  const char *expected, int idx);
+DRV_EXPORT int drv__argerror(lua_State *L, const char *fname, const char *argname,
+                             const char *expected, int idx);
 /* Optional field of an options table at idx, checked for type. */
-const char *drv__opt_string(lua_State *L, int idx, const char *fname, const char *key,
-                            const char *dflt);
-double drv__opt_number(lua_State *L, int idx, const char *fname, const char *key,
-                       double dflt);
+DRV_EXPORT const char *drv__opt_string(lua_State *L, int idx, const char *fname, const char *key,
+                                       const char *dflt);
+DRV_EXPORT double drv__opt_number(lua_State *L, int idx, const char *fname, const char *key,
+                                  double dflt);
 int drv__opt_bool(lua_State *L, int idx, const char *fname, const char *key, int dflt);
 
 #endif

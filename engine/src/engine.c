@@ -255,6 +255,7 @@ int luaopen_drover_core(lua_State *L) {
   drv__submodule(L, "fs", drv__open_fs);
   drv__submodule(L, "json", drv__open_json);
   drv__submodule(L, "db", drv__open_db);
+  drv__submodule(L, "pg", drv__open_pg);
   drv__submodule(L, "server", drv__open_server);
   lua_pushcfunction(L, drv__l_pid);
   lua_setfield(L, -2, "pid");

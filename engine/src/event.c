@@ -82,9 +82,19 @@ static int drv__l_event_is_set(lua_State *L) {
 }
 
 static int drv__l_event_gc(lua_State *L) {
-  /* Waiters hold no reference to the event (a waiting task keeps it alive
-   * through its own stack), so this only runs with no waiters left. */
-  (void)L;
+  /* A waiting task keeps the event alive through its own stack, so while
+   * the engine runs this only happens with no waiters left.  When the Lua
+   * state closes with tasks still waiting, their waiters are freed here
+   * without waking anyone: nothing will resume them, and the task's gc
+   * does not touch its wait. */
+  drv_event *ev = (drv_event *)lua_touserdata(L, 1);
+  drv_evwait *e = ev->waiters;
+  ev->waiters = NULL;
+  while (e) {
+    drv_evwait *next = e->next;
+    free(e);
+    e = next;
+  }
   return 0;
 }
 

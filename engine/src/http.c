@@ -36,6 +36,7 @@
 
 #include "lazylib.h"
 #include <ctype.h>
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -76,6 +77,7 @@ struct drv_req {
   char *hdrs;                 /* response headers: "name\0value\0"... */
   size_t hdrs_len, hdrs_cap;
   char errbuf[CURL_ERROR_SIZE];
+  int socket_errno;           /* why the last socket could not be opened, or 0 */
 };
 
 struct drv_sock {
@@ -467,6 +469,18 @@ static int drv__chunk_call(lua_State *L) {
   return 0;
 }
 
+/* curl opens its sockets through this only to keep the errno of a failed
+ * socket(): curl reports that as "Couldn't connect to server", which hides
+ * the real cause (EMFILE when the process is out of descriptors). */
+static curl_socket_t drv__curl_open_socket(void *ud, curlsocktype purpose,
+                                           struct curl_sockaddr *a) {
+  drv_req *r = (drv_req *)ud;
+  curl_socket_t fd = socket(a->family, a->socktype, a->protocol);
+  (void)purpose;
+  r->socket_errno = fd == CURL_SOCKET_BAD ? errno : 0;
+  return fd;
+}
+
 static size_t drv__curl_write_cb(char *p, size_t size, size_t n, void *ud) {
   drv_req *r = (drv_req *)ud;
   size_t len = size * n;
@@ -698,6 +712,8 @@ static int drv__l_request(lua_State *L) {
   curl_easy_setopt(e, CURLOPT_PROTOCOLS_STR, "http,https");
   curl_easy_setopt(e, CURLOPT_ERRORBUFFER, r->errbuf);
   curl_easy_setopt(e, CURLOPT_USERAGENT, "drover/" DRV_VERSION);
+  curl_easy_setopt(e, CURLOPT_OPENSOCKETFUNCTION, drv__curl_open_socket);
+  curl_easy_setopt(e, CURLOPT_OPENSOCKETDATA, r);
   curl_easy_setopt(e, CURLOPT_WRITEFUNCTION, drv__curl_write_cb);
   curl_easy_setopt(e, CURLOPT_WRITEDATA, r);
   curl_easy_setopt(e, CURLOPT_HEADERFUNCTION, drv__curl_header_cb);
@@ -783,6 +799,9 @@ static int drv__req_k(lua_State *L, int status, lua_KContext ctx) {
       lua_pushfstring(L, "%s: %s %s failed: out of memory", FN, r->method, r->url);
     else if (r->cb_err)
       lua_pushfstring(L, "%s: %s %s failed: on_chunk: %s", FN, r->method, r->url, r->cb_err);
+    else if (r->code == CURLE_COULDNT_CONNECT && r->socket_errno)
+      lua_pushfstring(L, "%s: %s %s failed: cannot open a socket: %s", FN, r->method, r->url,
+                      uv_strerror(uv_translate_sys_error(r->socket_errno)));
     else if (r->errbuf[0] && strcmp(r->errbuf, curl_easy_strerror(r->code)) != 0)
       lua_pushfstring(L, "%s: %s %s failed: %s (%s)", FN, r->method, r->url,
                       curl_easy_strerror(r->code), r->errbuf);

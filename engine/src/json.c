@@ -820,6 +820,7 @@ typedef struct {
   const char *err; /* the failure: "Expected X but found Y" or a token error */
   const char *expected;
   size_t errpos; /* 0-based byte offset */
+  int standalone; /* err is the whole message: no "Expected X but found" around it */
 } drv__jdec;
 
 /* Bytes that may continue a number token: digits, letters, '.', '+', '-'.
@@ -1005,7 +1006,8 @@ static int drv__jd_string(lua_State *L, drv__jdec *D) {
   return 1;
 }
 
-/* Integers exact across int64; anything else through strtod, and an
+/* Integers exact across int64; anything else through strtod (a number
+ * beyond the range of a double is refused, not read as an infinity), and an
  * integral float that fits becomes an integer (math.tointeger's rule, as
  * the old decoder's fix-up walk did). */
 static int drv__jd_number(lua_State *L, drv__jdec *D) {
@@ -1028,13 +1030,23 @@ static int drv__jd_number(lua_State *L, drv__jdec *D) {
       v = v * 10 + d;
     }
     /* unsigned negation: -2^63 has no positive counterpart */
-    if (fits) lua_pushinteger(L, neg ? (lua_Integer)(0ULL - v) : (lua_Integer)v);
-    else lua_pushnumber(L, strtod(p, NULL)); /* beyond int64: a float, even if it rounds into range */
-    return 1;
+    if (fits) {
+      lua_pushinteger(L, neg ? (lua_Integer)(0ULL - v) : (lua_Integer)v);
+      return 1;
+    }
   }
   /* the token ends at a byte strtod cannot take, so it reads exactly it */
   double d = strtod(p, NULL);
-  if (d >= -9223372036854775808.0 && d < 9223372036854775808.0 && d == floor(d))
+  if (isinf(d)) { /* encode refuses infinities: so does decode, rather than change the value */
+    D->standalone = 1;
+    return drv__jd_error(D, p, "number out of range");
+  }
+  /* An integer token beyond int64 stays a float, even if it rounds into
+   * range.  So does a float that rounds to -2^63: the range is open at
+   * both ends, so that text re-encoding a decoded float (the shortest
+   * digits that read back, "-9.223372036854776e+18") decodes to a float
+   * again instead of becoming the integer -2^63. */
+  if (!isint && d > -9223372036854775808.0 && d < 9223372036854775808.0 && d == floor(d))
     lua_pushinteger(L, (lua_Integer)d);
   else
     lua_pushnumber(L, d);
@@ -1151,7 +1163,7 @@ static int drv__jd_value(lua_State *L, drv__jdec *D) {
   default:
     if (*D->p == '-' || (*D->p >= '0' && *D->p <= '9')) {
       if (!drv__jd_number(L, D)) {
-        D->expected = "value";
+        if (!D->standalone) D->expected = "value";
         return 0;
       }
       return 1;
@@ -1212,7 +1224,10 @@ static int drv__l_json_decode(lua_State *L) {
     }
   }
   lua_pushnil(L);
-  if (D.expected) {
+  if (D.standalone) {
+    lua_pushfstring(L, "drover.json.decode: %s at byte %I (line %I, column %I)", D.err,
+                    (LUAI_UACINT)(D.errpos + 1), (LUAI_UACINT)line, (LUAI_UACINT)col);
+  } else if (D.expected) {
     lua_pushfstring(L, "drover.json.decode: Expected %s but found %s at character %I (line %I, column %I)",
                     D.expected, D.err, (LUAI_UACINT)(D.errpos + 1), (LUAI_UACINT)line,
                     (LUAI_UACINT)col);

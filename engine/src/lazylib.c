@@ -16,17 +16,12 @@
 drv_curl_api drv__curl;
 drv_crypto_api drv__crypto;
 
-typedef struct {
-  const char *name;
-  void **slot;
-} drv_sym;
-
 static pthread_mutex_t drv__dl_lock = PTHREAD_MUTEX_INITIALIZER;
 
 /* Open `soname` and fill every slot; NULL on success.  `err` is static per
  * library: the message stays valid for the caller. */
-static const char *drv__dl_load(const char *soname, const drv_sym *syms, int *loaded,
-                                char *err, size_t errlen) {
+const char *drv__dl_load(const char *soname, const drv_sym *syms, int *loaded,
+                         char *err, size_t errlen) {
   void *h;
   int i;
   pthread_mutex_lock(&drv__dl_lock);

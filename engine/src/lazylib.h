@@ -57,6 +57,16 @@ extern drv_crypto_api drv__crypto;
 const char *drv__curl_load(void);
 const char *drv__crypto_load(void);
 
+/* The loader itself, for other lazily loaded libraries (pg.c: libpq):
+ * opens soname once (*loaded: 0 not yet, 1 done, -1 failed) and fills each
+ * slot from a table ending in {NULL, NULL}. */
+typedef struct {
+  const char *name;
+  void **slot;
+} drv_sym;
+const char *drv__dl_load(const char *soname, const drv_sym *syms, int *loaded, char *err,
+                         size_t errlen);
+
 #ifndef DROVER_LAZYLIB_IMPL
 #define curl_global_init drv__curl.global_init
 #define curl_global_cleanup drv__curl.global_cleanup

@@ -37,6 +37,17 @@ enum { UV_THREAD = 1, UV_RESULT = 2, UV_TRACE = 3, UV_COUNT = 3 };
 
 typedef struct drv_join drv_join;
 
+/* The tasks one blocking drover.run waits for: its own task and every task
+ * spawned from inside them (a task spawned outside any task, by a callback,
+ * joins the run the loop is in).  Not every task on the engine: a host may
+ * keep tasks of its own alive (drover_start), and a call must not wait for
+ * those.  Tasks and the run each hold a reference, since either may end
+ * first (the run raises on deadlock; the engine may close with tasks alive). */
+struct drv_group {
+  int live; /* tasks of the group not yet finished */
+  int refs;
+};
+
 struct drv_task {
   drv_engine *E;
   lua_State *co;
@@ -48,6 +59,7 @@ struct drv_task {
   lua_KFunction k;           /* the awaiting primitive's own continuation */
   lua_KContext kctx;
   drv_join *joiners;         /* waits to wake when this task finishes */
+  drv_group *group;          /* the blocking run waiting for it, if any */
   unsigned long id;
   int started;
   int cancel_requested;
@@ -66,6 +78,18 @@ static const char drv__sched_key = 'S'; /* registry: the scheduler's scratch thr
 static unsigned long drv__next_id = 1;
 
 /* ---- bookkeeping ---------------------------------------------------------- */
+
+static void drv__group_unref(drv_group *g) {
+  if (--g->refs == 0) free(g);
+}
+
+/* t finished (or is being collected unfinished): it no longer counts. */
+static void drv__group_leave(drv_task *t) {
+  if (t->group == NULL) return;
+  t->group->live--;
+  drv__group_unref(t->group);
+  t->group = NULL;
+}
 
 static lua_State *drv__scratch(lua_State *L) {
   lua_State *S;
@@ -238,6 +262,7 @@ static void drv__finish(lua_State *S, drv_task *t, int status, int nres) {
   lua_setiuservalue(S, ud, UV_THREAD);
   t->co = NULL;
   t->E->live_tasks--;
+  drv__group_leave(t);
   drv__wake_joiners(t);
 }
 
@@ -336,6 +361,14 @@ static int drv__spawn_impl(lua_State *L, int fidx, const char *fname) {
   lua_rawset(L, -3);
   lua_pop(L, 1);
   E->live_tasks++;
+  {
+    drv_task *parent = drv__current_task(L);
+    t->group = parent ? parent->group : E->run_group;
+    if (t->group) {
+      t->group->live++;
+      t->group->refs++;
+    }
+  }
   drv__enqueue(t);
   return 1;
 }
@@ -451,6 +484,7 @@ static int drv__l_tostring(lua_State *L) {
 
 static int drv__l_gc(lua_State *L) {
   drv_task *t = (drv_task *)lua_touserdata(L, 1);
+  drv__group_leave(t); /* still alive: the engine is closing */
   if (t->state == T_FAILED && !t->error_observed && !t->E->closing) {
     lua_getiuservalue(L, 1, UV_TRACE);
     drv__log(t->E, "error", "drover: task %lu failed and nobody joined it: %s", t->id,
@@ -472,31 +506,52 @@ static int drv__l_yield(lua_State *L) {
   return lua_yield(L, 0);
 }
 
-/* drover.run(fn, ...): run fn as a task until it and every task finish.
- * Inside a task it is spawn + join.  drover.run() with no function drains. */
+/* drover.run(fn, ...): run fn as a task until it and the tasks it spawned
+ * (its group, above) finish.  Inside a task it is spawn + join.
+ * drover.run() with no function drains: it waits for every task. */
 int drv__run(lua_State *L) {
   drv_engine *E = drv__engine(L);
-  drv_task *t = NULL;
-  int hidx = 0;
-  if (!lua_isnoneornil(L, 1)) {
+  drv_task *t;
+  drv_group *g, *outer;
+  int n;
+  if (!lua_isnoneornil(L, 1) && drv__current_task(L) != NULL) {
     drv__spawn_impl(L, 1, "drover.run");
-    hidx = lua_gettop(L);
-    t = (drv_task *)lua_touserdata(L, hidx);
-    if (drv__current_task(L) != NULL) {
-      lua_replace(L, 1);
-      lua_settop(L, 1);
-      return drv__join_impl(L, 1, "drover.run");
-    }
+    lua_replace(L, 1);
+    lua_settop(L, 1);
+    return drv__join_impl(L, 1, "drover.run");
   }
   if (E->loop_depth > 0)
     return luaL_error(L, "drover.run: called from inside a callback or a coroutine drover "
                          "does not manage");
-  while (E->live_tasks > 0 || (t && t->state < T_DONE)) {
-    if (drv__run_once(E) == 0 && E->runq_head == NULL && E->live_tasks > 0)
-      return luaL_error(L, "drover.run: deadlock: %d task(s) wait for something that can "
-                           "never happen", E->live_tasks);
+  if (lua_isnoneornil(L, 1)) {
+    while (E->live_tasks > 0) {
+      if (drv__run_once(E) == 0 && E->runq_head == NULL && E->live_tasks > 0)
+        return luaL_error(L, "drover.run: deadlock: %d task(s) wait for something that can "
+                             "never happen", E->live_tasks);
+    }
+    return 0;
   }
-  if (t == NULL) return 0;
+  drv__spawn_impl(L, 1, "drover.run"); /* may raise: nothing to undo yet */
+  t = (drv_task *)lua_touserdata(L, -1);
+  g = (drv_group *)calloc(1, sizeof *g);
+  if (g == NULL) return luaL_error(L, "drover.run: out of memory");
+  drv__group_leave(t); /* (none: spawned outside any task and any run) */
+  t->group = g;
+  g->live = 1;
+  g->refs = 2; /* the task's and this run's */
+  outer = E->run_group;
+  E->run_group = g;
+  while (g->live > 0) {
+    if (drv__run_once(E) == 0 && E->runq_head == NULL && g->live > 0) {
+      n = g->live;
+      E->run_group = outer;
+      drv__group_unref(g);
+      return luaL_error(L, "drover.run: deadlock: %d task(s) wait for something that can "
+                           "never happen", n);
+    }
+  }
+  E->run_group = outer;
+  drv__group_unref(g);
   lua_replace(L, 1);
   lua_settop(L, 1);
   return drv__push_outcome(L, t, 1, 1);

@@ -73,6 +73,9 @@
 #define DRV_RES_MT "drover.server.response"
 #define DRV_WATCH_MS 250       /* how often unanswered requests' clients are checked */
 #define DRV_DEFAULT_MAX_BODY (64.0 * 1024 * 1024)
+#define DRV_DEFAULT_MAX_CONNS 1024
+#define DRV_HEAD_MAX (H2O_MAX_REQLEN + 16) /* a head not complete by then H2O refuses too */
+#define DRV_DISCARD_MAX (1024 * 1024) /* body bytes read and dropped after a refusal */
 
 typedef struct drv_server drv_server;
 typedef struct drv_conn drv_conn;
@@ -120,6 +123,15 @@ struct drv_conn {
   int port;
   int addr_known;
   h2o_timeout_entry_t sniff; /* TLS servers: waiting for the first bytes */
+  /* check_head (see drv__conn_on_read): H2O's read callback, wrapped */
+  h2o_socket_cb h2o_read;
+  char *refusal;        /* the answer to a refused head, while it is written */
+  size_t discarded;     /* body bytes dropped since */
+  size_t scan;          /* how far the current head was searched */
+  unsigned head_checked : 1; /* the current request's head was looked at */
+  unsigned in_head : 1;      /* past the empty lines before it */
+  unsigned refused : 1;
+  unsigned close_after_write : 1; /* the refused client is done before its answer is */
 };
 
 typedef struct {
@@ -135,6 +147,7 @@ struct drv_server {
   h2o_accept_ctx_t accept_ctx;
   drv_stream_u listener;
   uv_timer_t watch;     /* client-gone checks; also the first close stage */
+  uv_prepare_t wrap;    /* check_head: wraps H2O's read callbacks before each poll */
   uv_idle_t reaper;     /* second close stage, initialised only then */
   drv_conn *conns;      /* connections H2O still serves */
   drv_sreq *live;       /* requests H2O has not disposed of */
@@ -149,6 +162,9 @@ struct drv_server {
   SSL_CTX *ssl_ctx;     /* TLS servers only; freed with the server */
   int is_unix;
   int closing, finalized;
+  int has_check;        /* env has check_head */
+  int max_conns;
+  uint64_t turned_away; /* connections refused over max_conns */
 };
 
 /* ---- reason phrases --------------------------------------------------- */
@@ -290,7 +306,12 @@ static void drv__sreq_disposed(void *p) {
   drv_sreq *r = *(drv_sreq **)p;
   drv_server *srv = r->srv;
   r->req = NULL;
-  if (r->conn && r->conn->req == r) r->conn->req = NULL;
+  if (r->conn && r->conn->req == r) {
+    r->conn->req = NULL;
+    /* the connection's next request has a head of its own */
+    r->conn->head_checked = r->conn->in_head = 0;
+    r->conn->scan = 0;
+  }
   r->conn = NULL;
   if (r->prev) r->prev->next = r->next; else srv->live = r->next;
   if (r->next) r->next->prev = r->prev;
@@ -528,6 +549,7 @@ static void drv__srv_watch_cb(uv_timer_t *t) {
 static void drv__conn_freed(uv_handle_t *h) {
   drv_conn *c = (drv_conn *)h;
   drv_server *srv = c->srv;
+  free(c->refusal);
   free(c);
   if (srv && srv->closing && !srv->finalized && srv->nconns == 0) drv__srv_finalize(srv);
 }
@@ -674,6 +696,295 @@ static SSL_CTX *drv__tls_ctx(const char *cert, const char *key, char *msg, size_
   return NULL;
 }
 
+/* ---- the header phase: check_head ---------------------------------------------- */
+
+/* H2O 2.2's HTTP/1 reads a request's whole body before it hands the
+ * request over: a server that wants to refuse a body (no token, too
+ * large for its path) would have buffered it first, and a few clients
+ * sending large bodies at once take the memory.  opts.check_head is asked
+ * as soon as a request's head is in, before H2O has seen it, and may
+ * refuse it.  H2O has no hook there, so each connection's read callback
+ * is wrapped (drv__conn_on_read): H2O sets it again whenever it starts
+ * reading, and a prepare handle wraps it again before every poll, the
+ * only phase in which libuv reads.  Until the request is disposed of,
+ * the input buffer starts with its head (H2O consumes a request's bytes
+ * when it is done), so the head is looked at there.  The check is a
+ * pre-filter for memory: the handler still sees (and checks) the request
+ * as before.  A refused request gets the answer, its connection is shut
+ * for writing, and what the client still sends is dropped as it comes
+ * (up to DRV_DISCARD_MAX bytes, then no longer read) until it closes or
+ * H2O's request timeout ends the connection. */
+
+static void drv__conn_on_read(h2o_socket_t *sock, const char *err);
+static int drv__tchar(int c);
+
+static void drv__conn_wrap(drv_conn *c) {
+  h2o_socket_t *sock = c->sock;
+  if (sock == NULL || sock->_cb.read == NULL || sock->_cb.read == drv__conn_on_read ||
+      sock->_cb.read == drv__tls_sniff)
+    return;
+  c->h2o_read = sock->_cb.read;
+  sock->_cb.read = drv__conn_on_read;
+}
+
+static void drv__srv_wrap_cb(uv_prepare_t *p) {
+  drv_server *srv = (drv_server *)p->data;
+  drv_conn *c;
+  for (c = srv->conns; c; c = c->next) drv__conn_wrap(c);
+}
+
+/* The end of the head at the start of c's input (after any empty lines):
+ * its length, 0 if it is not complete (yet), -1 if it is not complete
+ * within DRV_HEAD_MAX.  The search resumes where the last one stopped
+ * (c->scan), so a head that comes a byte at a time costs its length, not
+ * its length squared. */
+static long drv__head_end(drv_conn *c, const char *buf, size_t len) {
+  size_t i = c->scan, n = len < DRV_HEAD_MAX ? len : DRV_HEAD_MAX;
+  if (!c->in_head) {
+    while (i < n && (buf[i] == '\r' || buf[i] == '\n')) i++;
+    c->in_head = i < n;
+  }
+  for (; i < n; i++) {
+    if (buf[i] != '\n') continue;
+    if (i + 1 == n || (buf[i + 1] == '\r' && i + 2 == n)) break; /* not known yet */
+    if (buf[i + 1] == '\n') return (long)(i + 2);
+    if (buf[i + 1] == '\r' && buf[i + 2] == '\n') return (long)(i + 3);
+  }
+  c->scan = i;
+  return len >= DRV_HEAD_MAX ? -1 : 0;
+}
+
+/* The next line of [*p, end): its start and length without CR LF. */
+static const char *drv__head_line(const char **p, const char *end, size_t *n) {
+  const char *s = *p, *nl = (const char *)memchr(s, '\n', (size_t)(end - s));
+  if (nl == NULL) nl = end;
+  *p = nl < end ? nl + 1 : end;
+  *n = (size_t)(nl - s);
+  if (*n && s[*n - 1] == '\r') (*n)--;
+  return s;
+}
+
+/* Protected: parse the head (arg 2: light userdata of the bytes, arg 3:
+ * its length), ask check_head (env at arg 1).  Returns nothing when the
+ * request goes on, or the whole answer (status line to body) to send. */
+static int drv__srv_head_lua(lua_State *L) {
+  const char *p = (const char *)lua_touserdata(L, 2), *end = p + lua_tointeger(L, 3), *line, *sp;
+  drv_conn *c = (drv_conn *)lua_touserdata(L, 4);
+  size_t n, i, qat = SIZE_MAX;
+  int has_body = 0, status;
+  h2o_mem_pool_t pool;
+  h2o_iovec_t norm;
+  size_t *norm_index = NULL;
+  luaL_Buffer b;
+  while (p < end && (*p == '\r' || *p == '\n')) p++; /* H2O skips empty lines before a request */
+  line = drv__head_line(&p, end, &n);
+  lua_getfield(L, 1, "check_head"); /* 5 */
+  lua_createtable(L, 0, 8);         /* 6: head */
+  sp = (const char *)memchr(line, ' ', n);
+  if (sp == NULL) return 0; /* malformed: H2O answers it */
+  lua_pushlstring(L, line, (size_t)(sp - line));
+  lua_setfield(L, 6, "method");
+  n -= (size_t)(sp - line) + 1;
+  line = sp + 1;
+  {
+    const char *tend = (const char *)memchr(line, ' ', n);
+    size_t tlen = tend ? (size_t)(tend - line) : n;
+    lua_pushlstring(L, line, tlen);
+    lua_setfield(L, 6, "target");
+    h2o_mem_init_pool(&pool);
+    norm = h2o_url_normalize_path(&pool, line, tlen, &qat, &norm_index);
+    lua_pushlstring(L, norm.base, norm.len);
+    lua_setfield(L, 6, "path");
+    if (qat != SIZE_MAX) lua_pushlstring(L, line + qat + 1, tlen - qat - 1);
+    else lua_pushliteral(L, "");
+    lua_setfield(L, 6, "query");
+    h2o_mem_clear_pool(&pool);
+  }
+  drv__conn_addr(c);
+  if (c->addr[0]) {
+    lua_pushstring(L, c->addr);
+    lua_setfield(L, 6, "remote_addr");
+  }
+  lua_newtable(L); /* 7: headers, as req.headers */
+  while (p < end) {
+    const char *colon, *v, *ve;
+    char name[128];
+    line = drv__head_line(&p, end, &n);
+    if (n == 0) break;
+    colon = (const char *)memchr(line, ':', n);
+    if (colon == NULL || colon == line || (size_t)(colon - line) >= sizeof name) continue;
+    for (i = 0; line + i < colon; i++) name[i] = (char)(line[i] >= 'A' && line[i] <= 'Z' ? line[i] + 32 : line[i]);
+    v = colon + 1;
+    ve = line + n;
+    while (v < ve && (*v == ' ' || *v == '\t')) v++;
+    while (ve > v && (ve[-1] == ' ' || ve[-1] == '\t')) ve--;
+    if ((i == 14 && memcmp(name, "content-length", 14) == 0 && !(ve - v == 1 && *v == '0')) ||
+        (i == 17 && memcmp(name, "transfer-encoding", 17) == 0))
+      has_body = 1;
+    lua_pushlstring(L, name, i);
+    lua_pushvalue(L, -1);
+    if (lua_rawget(L, 7) == LUA_TSTRING) {
+      lua_pushstring(L, i == 6 && memcmp(name, "cookie", 6) == 0 ? "; " : ", ");
+      lua_pushlstring(L, v, (size_t)(ve - v));
+      lua_concat(L, 3);
+    } else {
+      lua_pop(L, 1);
+      lua_pushlstring(L, v, (size_t)(ve - v));
+    }
+    lua_rawset(L, 7);
+  }
+  lua_setfield(L, 6, "headers");
+  if (!has_body) return 0; /* nothing to buffer: the handler decides */
+  lua_call(L, 1, 3);       /* check_head(head) -> status, headers, body */
+  if (lua_isnil(L, 5)) return 0;
+  if (!lua_isinteger(L, 5) || (status = (int)lua_tointeger(L, 5)) < 400 || status > 599)
+    return luaL_error(L, "drover.server: check_head returned %s (nil or an error status, 400-599, expected)",
+                      luaL_typename(L, 5));
+  if (!lua_isnil(L, 6) && !lua_istable(L, 6))
+    return luaL_error(L, "drover.server: check_head returned headers of type %s (table expected)",
+                      luaL_typename(L, 6));
+  if (!lua_isnil(L, 7) && !lua_isstring(L, 7))
+    return luaL_error(L, "drover.server: check_head returned a body of type %s (string expected)",
+                      luaL_typename(L, 7));
+  luaL_buffinit(L, &b);
+  lua_pushfstring(L, "HTTP/1.1 %d %s\r\nconnection: close\r\ncontent-length: %d\r\n", status,
+                  drv__reason(status), (int)(lua_isnil(L, 7) ? 0 : luaL_len(L, 7)));
+  luaL_addvalue(&b);
+  if (lua_istable(L, 6)) {
+    lua_pushnil(L);
+    while (lua_next(L, 6)) {
+      size_t kl, vl;
+      const char *k = lua_type(L, -2) == LUA_TSTRING ? lua_tolstring(L, -2, &kl) : NULL;
+      const char *hv = lua_type(L, -1) == LUA_TSTRING ? lua_tolstring(L, -1, &vl) : NULL;
+      int ok = k && hv && kl > 0;
+      for (i = 0; ok && i < kl; i++) ok = drv__tchar((unsigned char)k[i]);
+      for (i = 0; ok && i < vl; i++) ok = hv[i] != '\r' && hv[i] != '\n' && hv[i] != '\0';
+      if (!ok) return luaL_error(L, "drover.server: check_head returned a bad header");
+      if (!(kl == 14 && strncasecmp(k, "content-length", 14) == 0) &&
+          !(kl == 10 && strncasecmp(k, "connection", 10) == 0)) {
+        luaL_addlstring(&b, k, kl);
+        luaL_addstring(&b, ": ");
+        luaL_addlstring(&b, hv, vl);
+        luaL_addstring(&b, "\r\n");
+      }
+      lua_pop(L, 1);
+    }
+  }
+  luaL_addstring(&b, "\r\n");
+  if (!lua_isnil(L, 7)) {
+    lua_pushvalue(L, 7);
+    luaL_addvalue(&b);
+  }
+  luaL_pushresult(&b);
+  return 1;
+}
+
+/* End a refused connection: H2O closes it (and frees its side) on a read
+ * error.  Never while our answer is being written. */
+static void drv__refused_close(drv_conn *c, h2o_socket_t *sock, const char *err) {
+  h2o_socket_cb next = c->h2o_read;
+  sock->_cb.read = next;
+  next(sock, err);
+}
+
+static void drv__refusal_written(h2o_socket_t *sock, const char *err) {
+  drv_conn *c = (drv_conn *)sock->on_close.data;
+  int fd;
+  if (err != NULL || c->close_after_write) {
+    drv__refused_close(c, sock, err ? err : h2o_socket_error_closed);
+    return;
+  }
+  /* the answer is out: say so with a FIN (plain TCP; TLS clients take the
+   * length), and keep reading, dropping, so the client reads the answer
+   * instead of a reset */
+  fd = sock->ssl == NULL ? h2o_socket_get_fd(sock) : -1;
+  if (fd >= 0) shutdown(fd, SHUT_WR);
+}
+
+/* The head of a request on c is in: ask check_head.  1 if it refused
+ * (the answer is on its way), 0 to go on. */
+static int drv__conn_check_head(drv_conn *c) {
+  drv_server *srv = c->srv;
+  h2o_socket_t *sock = c->sock;
+  lua_State *L = srv->E->L;
+  long len = drv__head_end(c, sock->input->bytes, sock->input->size);
+  int top, st;
+  size_t n;
+  const char *answer;
+  h2o_iovec_t v;
+  if (len == 0) return 0;
+  c->head_checked = 1;
+  if (len < 0 || srv->E->closing || srv->finalized || !lua_checkstack(L, 12)) return 0;
+  top = lua_gettop(L);
+  lua_pushcfunction(L, drv__srv_head_lua);
+  lua_rawgeti(L, LUA_REGISTRYINDEX, srv->env_ref);
+  lua_pushlightuserdata(L, sock->input->bytes);
+  lua_pushinteger(L, len);
+  lua_pushlightuserdata(L, c);
+  st = lua_pcall(L, 4, 1, 0);
+  if (st != LUA_OK) {
+    /* a check that fails refuses: a server error, never a way past it */
+    const char *m = lua_tostring(L, -1);
+    drv__log(srv->E, "error", "drover.server: check_head failed: %s", m ? m : "?");
+    lua_settop(L, top);
+    lua_pushliteral(L, "HTTP/1.1 500 Internal Server Error\r\nconnection: close\r\ncontent-length: 22\r\n"
+                       "content-type: text/plain; charset=utf-8\r\n\r\ninternal server error\n");
+  }
+  if (lua_type(L, -1) != LUA_TSTRING) {
+    lua_settop(L, top);
+    return 0;
+  }
+  answer = lua_tolstring(L, -1, &n);
+  free(c->refusal);
+  c->refusal = (char *)malloc(n);
+  if (c->refusal) memcpy(c->refusal, answer, n);
+  lua_settop(L, top);
+  c->refused = 1;
+  h2o_buffer_consume(&sock->input, sock->input->size);
+  if (c->refusal == NULL) return 1; /* out of memory: dropped without a word */
+  v = h2o_iovec_init(c->refusal, n);
+  h2o_socket_write(sock, &v, 1, drv__refusal_written);
+  return 1;
+}
+
+/* Every read of a connection once H2O has it (see the section's top). */
+static void drv__conn_on_read(h2o_socket_t *sock, const char *err) {
+  drv_conn *c = (drv_conn *)sock->on_close.data;
+  h2o_socket_cb next = c->h2o_read;
+  if (c->refused) {
+    if (err == NULL) {
+      c->discarded += sock->input->size;
+      h2o_buffer_consume(&sock->input, sock->input->size);
+      /* Enough: stop reading.  The client's sending stalls on full
+       * buffers, so it reads the answer (a reset would lose it); H2O's
+       * request timeout, still running since H2O saw no head, ends the
+       * connection if the client does not. */
+      if (c->discarded > DRV_DISCARD_MAX) h2o_socket_read_stop(sock);
+      return;
+    }
+    if (sock->_cb.write != NULL) { /* the answer is still going out */
+      c->close_after_write = 1;
+      h2o_socket_read_stop(sock);
+      return;
+    }
+    drv__refused_close(c, sock, err ? err : h2o_socket_error_closed);
+    return;
+  }
+  if (err == NULL && c->req == NULL && !c->head_checked && drv__conn_check_head(c)) return;
+  next(sock, err);
+  if (c->sock == sock) drv__conn_wrap(c); /* H2O may have started reading afresh */
+}
+
+#define DRV_BUSY_BODY "too many connections: try again later\n"
+static const char drv__busy_answer[] =
+    "HTTP/1.1 503 Service Unavailable\r\n"
+    "Content-Type: text/plain; charset=utf-8\r\n"
+    "Content-Length: 38\r\n"
+    "Retry-After: 1\r\n"
+    "Connection: close\r\n"
+    "\r\n" DRV_BUSY_BODY;
+typedef char drv__busy_length_is_38[sizeof DRV_BUSY_BODY - 1 == 38 ? 1 : -1];
+
 static void drv__srv_on_accept(uv_stream_t *l, int status) {
   drv_server *srv = (drv_server *)l->data;
   drv_conn *c;
@@ -688,6 +999,19 @@ static void drv__srv_on_accept(uv_stream_t *l, int status) {
     return;
   }
   if (uv_accept(l, &c->h.stream) != 0) {
+    uv_close(&c->h.handle, drv__conn_freed);
+    return;
+  }
+  if (srv->nconns >= srv->max_conns) {
+    /* Over the cap: a plain-HTTP client reads a 503 (written straight to
+     * the socket: a few bytes into an empty buffer), a TLS one a close. */
+    uv_os_fd_t fd;
+    srv->turned_away++;
+    if (!srv->ssl_ctx && uv_fileno(&c->h.handle, &fd) == 0) {
+      ssize_t w = send(fd, drv__busy_answer, sizeof drv__busy_answer - 1, MSG_DONTWAIT | MSG_NOSIGNAL);
+      (void)w;
+      shutdown(fd, SHUT_WR);
+    }
     uv_close(&c->h.handle, drv__conn_freed);
     return;
   }
@@ -762,6 +1086,8 @@ static void drv__conn_force_close(drv_conn *c) {
       cb(sock, h2o_socket_error_closed);
     } else if (sock->_cb.read != NULL) {
       sock->_cb.read(sock, h2o_socket_error_closed);
+    } else if (c->refused) { /* refused, no longer read (drv__conn_on_read) */
+      drv__refused_close(c, sock, h2o_socket_error_closed);
     } else if (!h2o_linklist_is_empty(&c->srv->ctx.zero_timeout._entries)) {
       drv__run_deferred(&c->srv->ctx);
     } else {
@@ -846,6 +1172,7 @@ static void drv__srv_finalize(drv_server *srv) {
   drv__res_unlink(&srv->res);
   if (!uv_is_closing(&srv->listener.handle)) uv_close(&srv->listener.handle, drv__srv_listener_closed);
   uv_timer_stop(&srv->watch);
+  uv_close((uv_handle_t *)&srv->wrap, NULL); /* finished with the watch, in the same pass */
   uv_close((uv_handle_t *)&srv->watch, drv__srv_watch_closed);
   drv__ctx_dispose(&srv->ctx);
   h2o_config_dispose(&srv->config);
@@ -872,6 +1199,8 @@ static void drv__srv_shutdown(drv_server *srv) {
     } else if (sock && sock->_cb.read != NULL && sock->input->size == 0) {
       /* idle keep-alive connection: H2O closes it on a read error */
       sock->_cb.read(sock, h2o_socket_error_closed);
+    } else if (sock && c->refused && sock->_cb.read == NULL && sock->_cb.write == NULL) {
+      drv__refused_close(c, sock, h2o_socket_error_closed); /* refused, no longer read */
     }
   }
   if (srv->nconns == 0) drv__srv_finalize(srv);
@@ -1371,12 +1700,14 @@ static int drv__l_server_close(lua_State *L) {
   return 1;
 }
 
-/* server:stats() -> { connections =, active =, requests = } */
+/* server:stats() -> { connections =, active =, requests =, turned_away = } */
 static int drv__l_server_stats(lua_State *L) {
   drv_server *srv = drv__check_server(L, "server:stats");
-  lua_createtable(L, 0, 3);
+  lua_createtable(L, 0, 4);
   lua_pushinteger(L, srv ? srv->nconns : 0);
   lua_setfield(L, -2, "connections");
+  lua_pushinteger(L, srv ? (lua_Integer)srv->turned_away : 0);
+  lua_setfield(L, -2, "turned_away");
   lua_pushinteger(L, srv ? srv->nlive : 0);
   lua_setfield(L, -2, "active");
   lua_pushinteger(L, srv ? (lua_Integer)srv->served : 0);
@@ -1462,6 +1793,11 @@ static int drv__listen_error(lua_State *L, drv_server *srv, const char *where, i
  *   opts.unix      path of a unix socket to listen on instead
  *   opts.backlog   listen backlog (default 511)
  *   opts.max_body  largest request body in bytes (default 64 MiB; 413 beyond)
+ *   opts.max_connections  connections served at once (default 1024); one
+ *                  more is answered 503 and closed
+ *   opts.check_head  function(head) called, without waiting, once the head
+ *                  of a request with a body is in, before the body is read:
+ *                  nil lets it go on; status [, headers] [, body] refuses it
  *   opts.keepalive_timeout  seconds an idle connection is kept (default 10)
  *   opts.tls       { cert = PEM file, key = PEM file }: serve HTTPS
  * A certificate or key that cannot be read or used returns nil, message
@@ -1472,7 +1808,8 @@ static int drv__l_listen(lua_State *L) {
   const char *host, *unixp, *cert = NULL, *key = NULL;
   SSL_CTX *ssl_ctx = NULL;
   lua_Integer port = 0;
-  double backlog, max_body, keepalive;
+  double backlog, max_body, keepalive, max_conns;
+  int has_check;
   drv_server *srv, **pp;
   char where[300];
   int r;
@@ -1501,6 +1838,14 @@ static int drv__l_listen(lua_State *L) {
   if (!(backlog >= 1 && backlog <= 65535)) return luaL_error(L, "%s: bad option 'backlog' (must be 1-65535)", F);
   max_body = drv__opt_number(L, 1, F, "max_body", DRV_DEFAULT_MAX_BODY);
   if (!(max_body >= 0 && max_body < 1e15)) return luaL_error(L, "%s: bad option 'max_body' (must be >= 0)", F);
+  max_conns = drv__opt_number(L, 1, F, "max_connections", DRV_DEFAULT_MAX_CONNS);
+  if (!(max_conns >= 1 && max_conns <= 1e6))
+    return luaL_error(L, "%s: bad option 'max_connections' (must be 1-1000000)", F);
+  lua_getfield(L, 1, "check_head");
+  if (!lua_isnil(L, -1) && !lua_isfunction(L, -1))
+    return luaL_error(L, "%s: bad option 'check_head' (function expected, got %s)", F, luaL_typename(L, -1));
+  has_check = lua_isfunction(L, -1);
+  lua_pop(L, 1);
   keepalive = drv__opt_number(L, 1, F, "keepalive_timeout", 10);
   if (!(keepalive > 0 && keepalive < 1e7))
     return luaL_error(L, "%s: bad option 'keepalive_timeout' (must be > 0)", F);
@@ -1609,6 +1954,14 @@ static int drv__l_listen(lua_State *L) {
   }
   uv_timer_init(E->loop, &srv->watch);
   srv->watch.data = srv;
+  srv->max_conns = (int)max_conns;
+  srv->has_check = has_check;
+  uv_prepare_init(E->loop, &srv->wrap);
+  srv->wrap.data = srv;
+  if (has_check) {
+    uv_prepare_start(&srv->wrap, drv__srv_wrap_cb);
+    uv_unref((uv_handle_t *)&srv->wrap);
+  }
 
   /* env: what each request needs from Lua */
   lua_createtable(L, 0, 3);
@@ -1619,6 +1972,8 @@ static int drv__l_listen(lua_State *L) {
   lua_pushvalue(L, lua_upvalueindex(1));
   lua_pushcclosure(L, drv__srv_dispatch, 3);
   lua_setfield(L, -2, "dispatch");
+  lua_getfield(L, 1, "check_head");
+  lua_setfield(L, -2, "check_head");
   luaL_getmetatable(L, DRV_RES_MT);
   lua_setfield(L, -2, "res_mt");
   srv->env_ref = luaL_ref(L, LUA_REGISTRYINDEX);

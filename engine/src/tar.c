@@ -484,6 +484,10 @@ typedef struct {
   char pname[TAR_NAME_MAX + 1], plink[TAR_NAME_MAX + 1];
   int has_pname, has_plink, has_psize;
   uint64_t psize;
+  /* pass 2: what it made, as a list at stack index `created` of `L`
+   * (directories with a trailing '/'), so that a failure can remove it */
+  lua_State *L;
+  int created;
   char err[1024];
   char ext[TAR_EXT_MAX + 1];   /* extension payloads; file data buffer when extracting */
 } drv_untar;
@@ -677,6 +681,17 @@ static int drv__ut_next(drv_untar *u) {
   }
 }
 
+/* Pass 2 made NAME[0..len) (a directory if dir): note it for drv__ut_undo. */
+static void drv__ut_made(drv_untar *u, const char *name, size_t len, int dir) {
+  if (u->L == NULL) return;
+  lua_pushlstring(u->L, name, len);
+  if (dir) {
+    lua_pushliteral(u->L, "/");
+    lua_concat(u->L, 2);
+  }
+  lua_rawseti(u->L, u->created, (lua_Integer)lua_rawlen(u->L, u->created) + 1);
+}
+
 /* Open the directory that will hold NAME (creating missing directories),
  * never following a symbolic link.  Returns a descriptor or -1 with a
  * message in u->err; *base points at NAME's last component. */
@@ -692,7 +707,9 @@ static int drv__ut_parent(drv_untar *u, int destfd, const char *name, const char
     comp[slash - p] = '\0';
     fd = openat(cur, comp, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
     if (fd < 0 && errno == ENOENT && create) {
-      if (mkdirat(cur, comp, 0755) != 0 && errno != EEXIST) {
+      if (mkdirat(cur, comp, 0755) == 0) {
+        drv__ut_made(u, name, (size_t)(slash - name), 1);
+      } else if (errno != EEXIST) {
         int e = errno;
         close(cur);
         return drv__ut_error(u, name, "cannot create directory '%.*s': %s", (int)(slash - name),
@@ -740,7 +757,9 @@ static int drv__ut_extract(drv_untar *u, int destfd) {
     case '5': {
       struct stat st;
       int fd;
-      if (mkdirat(pfd, base, 0700) != 0 && errno != EEXIST) {
+      if (mkdirat(pfd, base, 0700) == 0) {
+        drv__ut_made(u, u->name, strlen(u->name), 1);
+      } else if (errno != EEXIST) {
         rc = drv__ut_error(u, u->name, "cannot create directory: %s", strerror(errno));
         break;
       }
@@ -766,6 +785,7 @@ static int drv__ut_extract(drv_untar *u, int destfd) {
         rc = drv__ut_error(u, u->name, "cannot create: %s", strerror(errno));
         break;
       }
+      drv__ut_made(u, u->name, strlen(u->name), 0);
       while (left > 0) {
         size_t k = left < TAR_EXT_MAX ? (size_t)left : TAR_EXT_MAX;
         if ((err = drv__pread_all(u->fd, u->ext, k, off)) != 0 ||
@@ -787,6 +807,8 @@ static int drv__ut_extract(drv_untar *u, int destfd) {
       if ((rc = drv__ut_clear(u, pfd, base)) != 0) break;
       if (symlinkat(u->link, pfd, base) != 0)
         rc = drv__ut_error(u, u->name, "cannot create symbolic link: %s", strerror(errno));
+      else
+        drv__ut_made(u, u->name, strlen(u->name), 0);
       break;
     case '1': {
       const char *tbase;
@@ -800,6 +822,8 @@ static int drv__ut_extract(drv_untar *u, int destfd) {
         rc = drv__ut_error(u, u->name, "hard link target is not a regular file in the destination");
       } else if ((rc = drv__ut_clear(u, pfd, base)) == 0 && linkat(tfd, tbase, pfd, base, 0) != 0) {
         rc = drv__ut_error(u, u->name, "cannot create hard link: %s", strerror(errno));
+      } else if (rc == 0) {
+        drv__ut_made(u, u->name, strlen(u->name), 0);
       }
       close(tfd);
       break;
@@ -864,6 +888,32 @@ static int drv__ut_check_tree(lua_State *L, drv_untar *u, int types) {
   return prev ? 0 : 1; /* 1: a new name */
 }
 
+/* Pass 2 failed: remove what it made, newest first, so that a failed
+ * untar leaves no partial tree behind (a file it replaced stays gone:
+ * ustar entries overwrite).  Best effort, never following a link; the
+ * error that stopped the extraction stays in u->err. */
+static void drv__ut_undo(drv_untar *u, int destfd) {
+  char saved[sizeof u->err], name[TAR_NAME_MAX + 2];
+  lua_Integer i;
+  memcpy(saved, u->err, sizeof saved);
+  for (i = (lua_Integer)lua_rawlen(u->L, u->created); i > 0; i--) {
+    const char *s, *base;
+    size_t len;
+    int pfd, dir;
+    lua_rawgeti(u->L, u->created, i);
+    s = lua_tolstring(u->L, -1, &len);
+    dir = len > 0 && s[len - 1] == '/';
+    if (dir) len--;
+    memcpy(name, s, len);
+    name[len] = '\0';
+    lua_pop(u->L, 1);
+    if ((pfd = drv__ut_parent(u, destfd, name, &base, 0)) < 0) continue;
+    unlinkat(pfd, base, dir ? AT_REMOVEDIR : 0);
+    close(pfd);
+  }
+  memcpy(u->err, saved, sizeof saved);
+}
+
 /* fs.untar(archive_path, dest_dir) -> list of entry names | nil, msg */
 static int drv__l_untar(lua_State *L) {
   static const char *F = "drover.fs.untar";
@@ -872,7 +922,7 @@ static int drv__l_untar(lua_State *L) {
   drv_untar *u;
   drv_fsguard *g;
   struct stat st;
-  int types, names, rc, err;
+  int types, names, rc, err, dest_made;
   lua_Integer count = 0;
   lua_settop(L, 2);
   lua_newtable(L);
@@ -905,17 +955,24 @@ static int drv__l_untar(lua_State *L) {
   }
   if (rc < 0) return drv__fs_failmsg(L, F, archive, u->err);
 
-  /* pass 2: extract */
+  /* pass 2: extract (on failure, remove what it made, dest included) */
+  dest_made = lstat(dest, &st) != 0;
   if ((err = drv__mkdir_p(dest, 0777)) != 0) return drv__fs_fail(L, F, dest, err);
   g->fd2 = open(dest, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
   if (g->fd2 < 0) return drv__fs_fail(L, F, dest, errno);
+  lua_newtable(L);
+  u->L = L;
+  u->created = lua_gettop(L);
   u->off = 0;
   while ((rc = drv__ut_next(u)) == 1) {
     /* the archive could have changed since pass 1: check again */
-    if (drv__ut_check_links(u) != 0 || drv__ut_extract(u, g->fd2) != 0)
-      return drv__fs_failmsg(L, F, archive, u->err);
+    if (drv__ut_check_links(u) != 0 || drv__ut_extract(u, g->fd2) != 0) break;
   }
-  if (rc < 0) return drv__fs_failmsg(L, F, archive, u->err);
+  if (rc != 0) {
+    drv__ut_undo(u, g->fd2);
+    if (dest_made) rmdir(dest); /* only if nothing else appeared in it */
+    return drv__fs_failmsg(L, F, archive, u->err);
+  }
   lua_pushvalue(L, names);
   return 1;
 }

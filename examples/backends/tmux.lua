@@ -3,39 +3,41 @@
 -- the deployment and the run, in which `drover worker RUN_ID` runs the
 -- workflow; `tmux -L drover attach -t SESSION` shows it live.
 --
--- It extends the local backend, so it inherits what does not depend on
--- where the worker runs:
---   package        local's bundle (a deterministic tar + manifest: the
---                  format `drover worker` unpacks)
+-- It extends BaseOrchestrator, so it inherits what does not depend on
+-- where the worker runs (drover/orchestrator/bundle.lua and runs.lua):
+--   package        the bundle `drover worker` unpacks (a deterministic tar
+--                  + manifest)
 --   deploy         a deployment row with backend "tmux" (self.backend_name)
 --                  that keeps the config (socket, tmpdir) for later
 --                  commands and the daemon
---   status, logs, list, find_run, resume, runnable_deployment, drover_bin
+--   status, logs, list, resume
 --                  the store's records; status and list call self:reap,
 --                  which is this file's
+--   stop, cancel   two phases over the three hooks below
+--   create_run, drover_bin, find_run, runnable_deployment
+--                  helpers for run
 -- and implements:
---   run      a flow run row, then `tmux new-session -d` running the worker
+--   run      a flow run row (create_run), then `tmux new-session -d`
+--            running the worker
 --   reap     a run still active whose session is gone becomes CRASHED
 --   interrupt, is_alive, kill_run
---            how local's stop and cancel reach a run: TERM to the worker
---            (it cancels its flow run and ends its children), "is its
---            session there?", kill-session
+--            how stop and cancel reach a run: TERM to the worker (it
+--            cancels its flow run and ends its children), "is its session
+--            there?", kill-session
 --
 -- Load it with DROVER_PATH=/path/to/examples/backends; check it with
 --   DROVER_PATH=$PWD/examples/backends tests/conformance/run.sh tmux
 local drover = require "drover"
 local fs = require "drover.fs"
 local states = require "drover.states"
-local store_mod = require "drover.store"
 
-local Local = require("drover.orchestrator").backend_class("local")
-local Tmux = Local:extend("tmux")
+local Tmux = drover.BaseOrchestrator:extend("tmux")
 Tmux.backend_name = "tmux"
 Tmux.config_keys = {
   socket = "string",       -- tmux server socket name (tmux -L); default "drover"
   tmpdir = "string",       -- where tmux keeps its sockets (TMUX_TMPDIR); default: TMUX_TMPDIR, else /tmp
   drover_bin = "string",   -- the drover binary the sessions run (default: found as local does)
-  stop_timeout = "number", -- seconds stop waits for a worker before killing its session
+  stop_timeout = { "number", min = 0 }, -- seconds stop waits for a worker before killing its session
 }
 
 function Tmux:socket() return self.config.socket or "drover" end
@@ -49,7 +51,7 @@ end
 -- here, so that a daemon or a `drover status` with another TMUX_TMPDIR
 -- still finds this server (and does not take its sessions for gone).
 function Tmux:saved_config()
-  local out = Local.saved_config(self) or {}
+  local out = drover.BaseOrchestrator.saved_config(self) or {}
   out.tmpdir = self:tmpdir()
   return out
 end
@@ -112,22 +114,14 @@ local function session_name(deployment, run_id)
   return ("drover-" .. deployment .. "-" .. run_id):gsub("[.:]", "_")
 end
 
--- local's deploy records backend "local": this one records "tmux".
 function Tmux:run(name, params, opts)
-  opts = opts or {}
-  if params ~= nil and type(params) ~= "table" then
-    error("tmux.run: bad argument 'params' (table expected, got " .. type(params) .. ")", 2)
-  end
+  -- the run's row first (PENDING), so that status works from the first moment
+  local session
+  local id, url = self:create_run(name, params, opts, function(id)
+    session = session_name(name, id)
+    return "tmux://" .. self:socket() .. "/" .. session
+  end)
   local store = self:store()
-  local d = self:runnable_deployment(name) -- local's: unknown, stopped, max_active
-  local merged = store_mod.decode(d.params) or {}
-  for k, v in pairs(params or {}) do merged[k] = v end
-  local id = store_mod.new_id()
-  local session = session_name(name, id)
-  local url = "tmux://" .. self:socket() .. "/" .. session
-  store:create_flow_run { id = id, name = name, deployment = name, backend = "tmux",
-    state = states.PENDING, params = merged, source = opts.source or { kind = "deployment" },
-    resumed_from = opts.resumed_from, url = url }
   -- argv after the session options is run as is (no shell); -P -F prints the worker's pid.
   -- The worker loads this backend to run the flow's calls: it needs DROVER_PATH too
   -- (a session gets the tmux server's environment, not ours).
@@ -143,10 +137,9 @@ function Tmux:run(name, params, opts)
 end
 
 --- A run still marked active whose session is gone died without
--- recording its end: CRASHED.  (Local's status and list call this.)
+-- recording its end: CRASHED.  (The inherited status and list call this.)
 function Tmux:reap(run)
-  if run and states.active[run.state] and run.backend == "tmux"
-      and not self:has_session(session_name(run.deployment, run.id)) then
+  if run and states.active[run.state] and not self:has_session(session_name(run.deployment, run.id)) then
     local store = self:store()
     store:end_flow_run(run.id, states.CRASHED, "tmux session ended") -- keeps an end already recorded
     return store:flow_run(run.id)
@@ -154,7 +147,7 @@ function Tmux:reap(run)
   return run
 end
 
--- stop and cancel are local's (two-phase, over these three): TERM to the
+-- stop and cancel are inherited (two-phase, over these three): TERM to the
 -- pane's process, which leads its own process group, lets the worker cancel
 -- its flow run and end the groups it started; the run's work is alive while
 -- its session is; kill-session when it will not end.

@@ -81,6 +81,12 @@ int main(int argc, char **argv) {
   if (rc != DROVER_OK) return fail(D, "drover_exec", rc);
   json_field(out, "state", state, sizeof state);
   printf("workflow %s, host function called %d times\n", state, calls);
+  {
+    /* what the workflow returned: {"id":...,"result":VALUE,"state":...} */
+    const char *r = strstr(out, "\"result\":");
+    const char *end = r ? strstr(r, ",\"state\":") : NULL;
+    if (r && end) printf("result: %.*s\n", (int)(end - r - 9), r + 9);
+  }
   drover_free(out);
 
   /* 2. the local backend through the contract: package, deploy, run, status, logs */
@@ -121,5 +127,6 @@ int main(int argc, char **argv) {
   drover_free(out);
 
   drover_close(D);
+  D = NULL; /* closing twice is harmless, but the address may be reused */
   return strcmp(state, "COMPLETED") == 0 ? 0 : 1;
 }

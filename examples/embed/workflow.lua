@@ -12,3 +12,4 @@ end)
 local words = drover.map(shout, params.words or { "hello", "embedded", "drover" })
 drover.log("workflow shouted " .. #words .. " words")
 print(table.concat(words, " "))
+return words -- drover_exec hands it back as "result"

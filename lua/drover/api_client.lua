@@ -65,7 +65,20 @@ function Client:call(method, path, body, ctype, o)
     req.body = body
     headers["content-type"] = ctype or "application/json"
   end
-  return http.request(req)
+  local res, err = http.request(req)
+  if res and type(res.json) == "table" and res.body:find('"$bytes"', 1, true) then
+    -- strings that are not UTF-8 come as {"$bytes": BASE64}: the bytes again
+    res.json = require("drover.json").decode(res.body, { bytes = true })
+  end
+  return res, err
+end
+
+--- Is `err` (a failed request's message) one that retrying cannot mend:
+-- the server's certificate is not trusted (a missing or wrong CA file)?
+-- An outage heals by itself; a trust failure does not.
+function M.untrusted(err)
+  local e = tostring(err):lower()
+  return e:find("certificate", 1, true) ~= nil or e:find("ssl peer", 1, true) ~= nil
 end
 
 --- The server's message for a response that is not 2xx.

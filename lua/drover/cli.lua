@@ -2,13 +2,43 @@
 --
 -- Each command is a function taking parsed options and returning an exit
 -- code: 0 success, 1 the workflow failed, 2 usage or configuration error.
--- Errors are raised as {usage = true, message = ...} tables or plain
--- strings and printed as one line "drover: message".
+-- An error a command raises is printed as one line "drover: message" and
+-- exits 2 when it is the caller's mistake (usage_error: bad arguments;
+-- config_error: an unknown run, deployment or backend, a bad config), 1
+-- otherwise (the operation failed at run time: a backend or a server
+-- answered with an error).
 local M = {}
 
 local EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 local function usage_error(msg) error({ usage = true, message = msg }, 0) end
+local function config_error(msg) error({ config = true, message = msg }, 0) end
+
+-- What backends and the server refuse, in their own words (they raise
+-- plain strings): a bad argument ("FUNC: bad WHAT ..."), an unknown name,
+-- a request the store's state does not allow.  The caller's mistake, exit
+-- 2, as a usage error; any other error is a failure at run time, exit 1.
+-- A server's 4xx answer ends "(METHOD URL: 4NN)"; 401 is a token it
+-- does not take.
+local refusals = {
+  "^[%w_]+%.[%w_]+: bad ",                -- local.deploy: bad schedule '61 * * * *': ...
+  "^unknown %a+ '", "^[%w_]+%.[%w_]+: unknown %a+ '", -- unknown run 'x'; local.deploy: unknown package 'x'
+  "^deployment '.-' already exists",
+  "^deployment '.-' is stopped",
+  ": only active runs can be cancelled$",
+  "%(%u+ %S+: 4%d%d%)$",                  -- the server's 4xx
+  "%(401[ )]",                            -- the server refused the token, or wants one
+}
+
+--- The exit code for the error a command raised.
+local function exit_code_of(err)
+  if type(err) == "table" then return (err.usage or err.config) and EXIT_USAGE or EXIT_FAILED end
+  local msg = tostring(err):gsub("^[^\n]-%.lua:%d+: ", "") -- where it was raised: not the point
+  for _, p in ipairs(refusals) do
+    if msg:find(p) then return EXIT_USAGE end
+  end
+  return EXIT_FAILED
+end
 
 -- ---- argument parsing --------------------------------------------------------------
 
@@ -89,7 +119,7 @@ end
 
 local function out_json(v)
   local json = require "drover.json"
-  io.stdout:write(json.encode(v), "\n")
+  io.stdout:write(json.encode(v, { bytes = true }), "\n") -- bytes that are not UTF-8: {"$bytes": BASE64}
 end
 
 local function fmt_time(t)
@@ -135,7 +165,7 @@ end
 local function open_store(opts)
   local store_mod = require "drover.store"
   local s, err = store_mod.open(opts and opts.home)
-  if not s then error(err, 0) end
+  if not s then config_error(err) end -- DROVER_HOME names no usable store
   return s
 end
 
@@ -165,7 +195,7 @@ end
 
 local function find_run(store, id)
   local r = store:find_flow_run(id)
-  if not r then error("unknown run '" .. tostring(id) .. "'", 0) end
+  if not r then config_error("unknown run '" .. tostring(id) .. "'") end
   return r
 end
 
@@ -195,10 +225,14 @@ end
 
 --- Load a backend through `fn(...)`.  The loader raises with a position
 -- (for Lua callers); the CLI shows one plain line (usage errors, tables,
--- pass through as they are).
+-- pass through as they are).  Not found, not compiling, a config it
+-- refuses: configuration errors.
 local function load_backend(fn, ...)
   local ok, o = pcall(fn, ...)
-  if not ok then error(type(o) == "table" and o or tostring(o), 0) end
+  if not ok then
+    if type(o) == "table" then error(o, 0) end
+    config_error(tostring(o))
+  end
   return o
 end
 
@@ -213,7 +247,7 @@ end
 local function deployment_orchestrator(opts, store, name)
   if store.remote then return store:deployment_backend(name, load_config(opts)) end
   local d = store:deployment(name)
-  if not d then error("unknown deployment '" .. tostring(name) .. "'", 0) end
+  if not d then config_error("unknown deployment '" .. tostring(name) .. "'") end
   return load_backend(require("drover.orchestrator").for_deployment, d, load_config(opts), store.home)
 end
 
@@ -259,70 +293,131 @@ command("exec", "run a workflow script now as one tracked flow run", {
   return M.exec_file(file, params, { json = opts.json, name = opts.name })
 end)
 
---- Run a workflow file as a tracked flow run: shared by exec and resume.
+local real_exit = os.exit
+
+--- The exec process runs flow run `flow` itself: record its pid and start
+-- time, so that the reaper ends the run CRASHED if the process dies
+-- unrecorded (SIGKILL) and a cancel from elsewhere (drover cancel, the
+-- dashboard: Local:interrupt) reaches it as SIGTERM; and record the run's
+-- end before an os.exit in the workflow ends the process.  `report(run)`
+-- prints the end.
+local function exec_process_started(flow, o, report)
+  local drover = require "drover"
+  o.flow = flow
+  flow.store:update_flow_run(flow.id, { pid = drover.pid(),
+    external_id = require("drover.process_identity").tag(drover.pid()) })
+  os.exit = function(code, close) -- luacheck: ignore 122 (the workflow's os.exit, for this run)
+    os.exit = real_exit -- luacheck: ignore 122
+    flow:exiting(code)
+    report { id = flow.id, state = flow.final_state, message = flow.final_message }
+    io.stdout:flush()
+    return real_exit(code, close)
+  end
+end
+
+--- Run a workflow file as a tracked flow run: shared by exec and resume,
+-- and with drover_exec (drover.api.exec_file is the one path).
 function M.exec_file(file, params, o)
   local drover = require "drover"
   local tracker = require "drover.tracker"
-  local chunk, err = loadfile(file)
-  if not chunk then error(err, 0) end -- file:line: message
-  local abs = file:sub(1, 1) == "/" and file or (drover.cwd() .. "/" .. file)
-  local flow = tracker.begin_flow {
-    name = o.name or file:match("([^/]+)%.lua$") or file, params = params, backend = "local",
-    source = { kind = "exec", file = abs, params = params }, resumed_from = o.resumed_from,
-    pid = nil,
-  }
-  if not o.json then io.stderr:write("drover: flow run ", flow.id, " started (", flow.name, ")\n") end
-  -- print() inside the workflow goes to stdout and to the run's logs.
-  local restore_print = tracker.capture_print()
-  -- Live progress on a terminal: a line per task run as it starts and ends.
-  if not o.json and drover.isatty(2) then
-    local store_mod = require "drover.store"
-    local marks = { start = "\27[36m>\27[0m", done = "\27[32mv\27[0m", failed = "\27[31mx\27[0m",
-      retry = "\27[33m~\27[0m", cancelled = "\27[33m-\27[0m", reused = "\27[32m=\27[0m" }
-    tracker.observer = function(event, run, detail)
-      local line = string.format("  %s %s", marks[event] or event, run.name)
-      if event == "done" or event == "failed" then
-        line = line .. string.format(" (%s)", fmt_duration(run.started, store_mod.time()))
+  local sigint, sigterm, report
+  local function started(flow)
+    if not o.json then io.stderr:write("drover: flow run ", flow.id, " started (", flow.name, ")\n") end
+    -- Live progress on a terminal: a line per task run as it starts and ends.
+    if not o.json and drover.isatty(2) then
+      local store_mod = require "drover.store"
+      local marks = { start = "\27[36m>\27[0m", done = "\27[32mv\27[0m", failed = "\27[31mx\27[0m",
+        retry = "\27[33m~\27[0m", cancelled = "\27[33m-\27[0m", reused = "\27[32m=\27[0m" }
+      tracker.observer = function(event, run, detail)
+        local line = string.format("  %s %s", marks[event] or event, run.name)
+        if event == "done" or event == "failed" then
+          line = line .. string.format(" (%s)", fmt_duration(run.started, store_mod.time()))
+        end
+        if event == "retry" then
+          line = line .. string.format(" attempt %d failed, retry %d/%d in %.3gs: %s", detail.attempt,
+            detail.attempt, detail.retries, detail.delay, detail.error)
+        elseif event == "failed" then
+          line = line .. ": " .. detail.error
+        elseif event == "reused" then
+          line = line .. " (" .. detail.message .. ")"
+        end
+        io.stderr:write(line, "\n")
       end
-      if event == "retry" then
-        line = line .. string.format(" attempt %d failed, retry %d/%d in %.3gs: %s", detail.attempt,
-          detail.attempt, detail.retries, detail.delay, detail.error)
-      elseif event == "failed" then
-        line = line .. ": " .. detail.error
-      elseif event == "reused" then
-        line = line .. " (" .. detail.message .. ")"
+    end
+    local interrupts = 0
+    local function on_interrupt(sig)
+      interrupts = interrupts + 1
+      if interrupts > 1 then
+        io.stderr:write("drover: interrupted again, exiting now\n")
+        real_exit(130, false)
       end
-      io.stderr:write(line, "\n")
+      io.stderr:write("drover: cancelling flow run ", flow.id, " (interrupt again to exit now)\n")
+      local why = sig == 15 and "terminated" or "interrupted"
+      -- a cancel from elsewhere (drover cancel, the dashboard) marks the
+      -- run CANCELLING before its TERM
+      local read, row = pcall(flow.store.flow_run, flow.store, flow.id)
+      if sig == 15 and read and row and row.state == "CANCELLING" then why = "cancelled" end
+      flow:cancel(why)
     end
+    sigint = drover.on_signal("INT", on_interrupt)
+    sigterm = drover.on_signal("TERM", on_interrupt)
+    exec_process_started(flow, o, report)
   end
-  local interrupts = 0
-  local function on_interrupt(sig)
-    interrupts = interrupts + 1
-    if interrupts > 1 then
-      io.stderr:write("drover: interrupted again, exiting now\n")
-      os.exit(130, false)
-    end
-    io.stderr:write("drover: cancelling flow run ", flow.id, " (interrupt again to exit now)\n")
-    flow:cancel(sig == 15 and "terminated" or "interrupted")
-  end
-  local sigint = drover.on_signal("INT", on_interrupt)
-  local sigterm = drover.on_signal("TERM", on_interrupt)
   local t0 = drover.now()
-  local ok, value = flow:run(chunk, params)
-  sigint:stop()
-  sigterm:stop()
-  tracker.observer = nil
-  restore_print()
-  flow.store:flush()
-  local row = flow.store:flow_run(flow.id)
-  if o.json then
-    out_json { id = row.id, state = row.state, message = row.message, duration = drover.now() - t0 }
-  else
-    io.stderr:write(string.format("drover: flow run %s %s in %s%s\n", row.id, row.state,
-      fmt_duration(0, drover.now() - t0), row.message and (": " .. row.message) or ""))
-    if not ok and row.state == "FAILED" then io.stderr:write(tostring(value), "\n") end
+  function report(run, value)
+    if o.json then
+      out_json { id = run.id, state = run.state, message = run.message, result = run.result,
+        duration = drover.now() - t0 }
+    else
+      io.stderr:write(string.format("drover: flow run %s %s in %s%s\n", run.id, run.state,
+        fmt_duration(0, drover.now() - t0), run.message and (": " .. run.message) or ""))
+      if value ~= nil then io.stderr:write(tostring(value), "\n") end
+    end
   end
-  return row.state == "COMPLETED" and EXIT_OK or EXIT_FAILED
+  local done, run, ok, value = pcall(require("drover.api").exec_file, file, params,
+    { name = o.name, resumed_from = o.resumed_from, started = started })
+  os.exit = real_exit -- luacheck: ignore 122 (restored: the workflow's os.exit is over)
+  if sigint then sigint:stop() end
+  if sigterm then sigterm:stop() end
+  tracker.observer = nil
+  local flow = o.flow
+  if flow and flow.store_failed then
+    -- the store would not take the run's writes (disk full): one line, from
+    -- what this process knows, whatever the store now says
+    report { id = flow.id, state = flow.final_state, message = flow.final_message ..
+      (flow.end_recorded and "" or "; its end could not be recorded either (drover status shows it CRASHED)") }
+    return EXIT_FAILED
+  end
+  if not done then error(run, 0) end
+  if not run then
+    if value then usage_error(ok) end -- the file is not there: "cannot open FILE"
+    error(ok, 0) -- FILE:LINE: message, a workflow that does not compile
+  end
+  report(run, not ok and run.state == "FAILED" and value or nil)
+  return run.state == "COMPLETED" and EXIT_OK or EXIT_FAILED
+end
+
+--- Before `drover run` and `drover resume` start a worker: a daemon
+-- serves the store (started here, detached, if none runs: `drover serve
+-- --port 0 --auto`), so that the worker reports to it and the run's URL is
+-- its dashboard.  Not with DROVER_DAEMON=0, nor against a remote server.
+-- A daemon that does not start in time leaves the backend's direct mode
+-- (the worker writes the store; the run's log says why).  Backends only
+-- look for the daemon (BaseOrchestrator:daemon_url): starting one is the
+-- CLI's part.
+local function ensure_daemon(store)
+  if store.remote or os.getenv("DROVER_DAEMON") == "0" then return end
+  local drover = require "drover"
+  local runs = require "drover.orchestrator.runs"
+  local home = store.home
+  if runs.daemon_serving(home) then return end
+  local p = drover.proc.spawn({ runs.drover_bin(), "serve", "--port", "0", "--auto" }, {
+    detach = true, stdin = "", stdout = home .. "/daemon.log", stderr = home .. "/daemon.log",
+    env = { DROVER_HOME = home },
+  })
+  if not p then return end
+  local deadline = drover.now() + (tonumber(os.getenv("DROVER_DAEMON_TIMEOUT") or "") or 10)
+  while not runs.daemon_serving(home) and drover.now() < deadline and p:is_running() do drover.sleep(0.02) end
 end
 
 command("resume", "rerun a FAILED or CRASHED flow run, reusing its COMPLETED task runs", {
@@ -342,6 +437,7 @@ command("resume", "rerun a FAILED or CRASHED flow run, reusing its COMPLETED tas
   if not run.deployment then error("run " .. run.id .. " has no deployment and no source to rerun", 0) end
   local o = run_orchestrator({}, store, run)
   if type(o.resume) ~= "function" then error("backend '" .. run.backend .. "' does not implement resume", 0) end
+  ensure_daemon(store)
   local new_id, url = o:resume(run.id)
   if opts.json then out_json { id = new_id, url = url, resumed_from = run.id }
   else print(new_id, url) end
@@ -389,7 +485,9 @@ command("run", "start a run of a deployment; prints its id and URL", {
 }, function(opts, pos)
   local name = table.remove(pos, 1) or usage_error("drover run: missing DEPLOYMENT")
   local params = params_from(opts, pos)
-  local o = deployment_orchestrator(opts, open_source(opts), name)
+  local store = open_source(opts)
+  local o = deployment_orchestrator(opts, store, name)
+  ensure_daemon(store)
   local id, url = o:run(name, params)
   if opts.json then out_json { id = id, url = url } else print(id, url) end
   return EXIT_OK
@@ -512,6 +610,15 @@ command("ls", "list runs (or deployments with --deployments)", {
   if opts.state and not states[opts.state:upper()] then usage_error("drover ls: unknown state '" .. opts.state .. "'") end
   local runs = store:flow_runs { deployment = opts.deployment, state = opts.state and opts.state:upper(),
     limit = tonumber(opts.limit) or 50 }
+  -- a local run whose process died unrecorded (a killed drover exec) is
+  -- shown, and stored, as CRASHED
+  local reaper
+  for i, r in ipairs(store.remote and {} or runs) do
+    if r.backend == "local" and r.pid and states.active[r.state] then
+      reaper = reaper or load_backend(require("drover").orchestrator, "local", { home = store.home })
+      runs[i] = reaper:reap(r)
+    end
+  end
   if opts.json then out_json(runs) return EXIT_OK end
   print_table(runs, {
     { "run", function(r) return r.id end }, { "name", function(r) return r.name end },
@@ -519,6 +626,67 @@ command("ls", "list runs (or deployments with --deployments)", {
     { "started", function(r) return fmt_time(r.started or r.created) end },
     { "duration", function(r) return fmt_duration(r.started, r.ended) end },
   })
+  return EXIT_OK
+end)
+
+command("prune", "delete ended runs older than a cutoff, with their task runs and logs", {
+  args = "--older-than AGE [--state S ...] [--deployment D] [--dry-run]",
+  flags = { ["older-than"] = { arg = true, help = "runs created and ended more than AGE ago (30d, 12h, 90m, 45s, 2w)" },
+    state = { short = "s", arg = true, multi = true, help = "only runs in this final state (repeatable)" },
+    deployment = { short = "d", arg = true, help = "only runs of this deployment" },
+    ["dry-run"] = { help = "count what would be deleted; delete nothing" },
+    ["full-vacuum"] = { help = "rewrite a store made before incremental vacuum once (VACUUM: holds the write lock)" },
+    json = json_flag },
+}, function(opts)
+  local retention = require "drover.retention"
+  local states = require "drover.states"
+  if not opts["older-than"] then usage_error("drover prune: missing --older-than AGE (for example 30d)") end
+  local age, aerr = retention.parse_duration(opts["older-than"])
+  if not age then usage_error("drover prune: --older-than " .. aerr) end
+  local wanted
+  for _, s in ipairs(opts.state or {}) do
+    local st = s:upper()
+    if not states[st] then usage_error("drover prune: unknown state '" .. s .. "'") end
+    if not states.is_final(st) then
+      usage_error("drover prune: --state " .. st .. " is an active state; only ended runs are pruned")
+    end
+    wanted = wanted or {}
+    wanted[#wanted + 1] = st
+  end
+  if wanted then table.sort(wanted) end
+  local store = open_store()
+  local store_mod = require "drover.store"
+  local filter = { before = store_mod.time() - age, states = wanted, deployment = opts.deployment }
+  local size_before = store:disk_size()
+  local r
+  if opts["dry-run"] then
+    r = store:prune_count(filter)
+  else
+    r = retention.pass(store, filter, { checkpoint = "TRUNCATE" })
+    if opts["full-vacuum"] then r.full_vacuum = store:use_incremental_vacuum() end
+    store:checkpoint("TRUNCATE")
+  end
+  r.dry_run = opts["dry-run"] == true
+  r.older_than, r.before = age, filter.before
+  r.size_before, r.size_after = size_before, store:disk_size()
+  r.incremental_vacuum = store:incremental_vacuum()
+  store:close()
+  if opts.json then out_json(r) return EXIT_OK end
+  local mb = function(b) return string.format("%.1f MB", b / 1e6) end
+  print(string.format("%s %d run(s): %d task run(s), %d log line(s), %d state(s), %d call(s)",
+    r.dry_run and "would prune" or "pruned", r.runs, r.task_runs, r.logs, r.states, r.calls))
+  if not r.dry_run then
+    print(string.format("  %d batch(es) in %.2f s (median %.0f ms, longest %.0f ms); store %s -> %s", r.batches,
+      r.seconds, r.median_batch_seconds * 1000, r.max_batch_seconds * 1000, mb(r.size_before), mb(r.size_after)))
+    if r.vacuumed > 0 then
+      print(string.format("  %d free page(s) given back in %.2f s (median step %.0f ms, longest %.0f ms)", r.vacuumed,
+        r.vacuum_seconds, r.median_vacuum_step_seconds * 1000, r.max_vacuum_step_seconds * 1000))
+    end
+    if not r.incremental_vacuum then
+      print("  this store predates incremental vacuum: the space is reused, not given back; "
+        .. "drover prune --full-vacuum rewrites it once")
+    end
+  end
   return EXIT_OK
 end)
 
@@ -532,15 +700,18 @@ command("backends", "list the backends drover can load, and where from", {
 end)
 
 command("serve", "run the daemon: dashboard, JSON API, worker protocol, events, metrics, reaper", {
-  args = "[--port N] [--bind ADDR] [--token T]",
+  args = "[--port N] [--bind ADDR]",
   flags = { port = { short = "p", arg = true, help = "TCP port (default 8765; 0 picks a free one)" },
     bind = { arg = true, help = "address to listen on (default 127.0.0.1; others need a token)" },
-    token = { arg = true, help = "require this bearer token (default: $DROVER_TOKEN)" },
+    token = { arg = true, help = "require this bearer token (shows in ps: prefer $DROVER_TOKEN or the file "
+      .. "$DROVER_TOKEN_FILE names)" },
     ["public-url"] = { arg = true, help = "the URL workers and browsers reach this server by (its host is accepted)" },
     heartbeat = { arg = true, help = "seconds between workers' heartbeats (default 10); 3 missed end a run CRASHED" },
-    ["max-body"] = { arg = true, help = "largest request body in bytes (default 16 MiB)" },
+    ["max-body"] = { arg = true, help = "largest package upload in bytes (default 16 MiB; other requests: 1 MiB)" },
+    ["max-connections"] = { arg = true, help = "connections served at once (default 256; more get a 503)" },
     ["tls-cert"] = { arg = true, help = "serve HTTPS with this certificate (PEM; needs --tls-key)" },
     ["tls-key"] = { arg = true, help = "the certificate's private key (PEM)" },
+    retention = { arg = true, help = "prune ended runs older than AGE (30d, 12h, ...) every hour, in small batches" },
     auto = { help = "(internal) started by drover run: exit if a daemon already runs" } },
 }, function(opts)
   local port = opts.port and math.tointeger(tonumber(opts.port))
@@ -555,6 +726,10 @@ command("serve", "run the daemon: dashboard, JSON API, worker protocol, events, 
   if opts["max-body"] and (not max_body or max_body < 1024) then
     usage_error("drover serve: --max-body must be a number of bytes (at least 1024)")
   end
+  local max_conns = opts["max-connections"] and math.tointeger(tonumber(opts["max-connections"]))
+  if opts["max-connections"] and (not max_conns or max_conns < 1 or max_conns > 1000000) then
+    usage_error("drover serve: --max-connections must be a number (1-1000000)")
+  end
   if opts["public-url"] and not opts["public-url"]:match("^https?://[^/]") then
     usage_error("drover serve: --public-url must be an http:// or https:// URL")
   end
@@ -562,9 +737,21 @@ command("serve", "run the daemon: dashboard, JSON API, worker protocol, events, 
     usage_error("drover serve: --tls-cert and --tls-key go together")
   end
   local tls = opts["tls-cert"] and { cert = opts["tls-cert"], key = opts["tls-key"] } or nil
+  local retention
+  if opts.retention then
+    local rerr
+    retention, rerr = require("drover.retention").parse_duration(opts.retention)
+    if not retention then usage_error("drover serve: --retention " .. rerr) end
+  end
+  if opts.token then
+    -- still accepted (scripts use it), but every user of the machine reads argv
+    io.stderr:write("drover serve: warning: --token shows in ps to every user of this machine; "
+      .. "use DROVER_TOKEN or DROVER_TOKEN_FILE\n")
+  end
   local token = opts.token or require("drover.api_client").token_from_env("DROVER_TOKEN")
   return require("drover.daemon").serve { port = port, bind = opts.bind, token = token, auto = opts.auto,
-    public_url = opts["public-url"], heartbeat = heartbeat, max_body = max_body, tls = tls }
+    public_url = opts["public-url"], heartbeat = heartbeat, max_body = max_body, tls = tls, retention = retention,
+    max_connections = max_conns }
 end)
 
 command("worker", "(internal) run one flow run (or, with --call, one task call of it)", {
@@ -630,7 +817,7 @@ local function help_all()
   print("commands:")
   for _, name in ipairs(order) do if name ~= "worker" then print(string.format("  %-10s %s", name, commands[name].summary)) end end
   print("\nEvery command takes --help; most take --json.  Exit codes: 0 success,")
-  print("1 the workflow failed, 2 usage or configuration error.")
+  print("1 the workflow or the operation failed, 2 usage or configuration error.")
 end
 
 local function help_cmd(name)
@@ -656,7 +843,10 @@ function M.main(argv)
   end
   local c = commands[name]
   if not c then
-    io.stderr:write("drover: unknown command '", name, "' (drover help lists them)\n")
+    -- The C main runs a script only when its name looks like one.
+    local file = require("drover.fs").exists(name) and
+      string.format("; to run the file %s, write ./%s", name, name) or ""
+    io.stderr:write("drover: unknown command '", name, "' (drover help lists them", file, ")\n")
     return EXIT_USAGE
   end
   local rest = { table.unpack(argv, 2) }
@@ -667,13 +857,9 @@ function M.main(argv)
   end)
   if ok then return code or EXIT_OK end
   local err = code
-  if type(err) == "table" and err.usage then
-    io.stderr:write("drover: ", err.message, "\n")
-    return EXIT_USAGE
-  end
   local msg = type(err) == "table" and (err.message or tostring(err)) or tostring(err)
   io.stderr:write("drover: ", msg, "\n")
-  return EXIT_USAGE
+  return exit_code_of(err)
 end
 
 return M

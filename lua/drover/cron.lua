@@ -16,6 +16,8 @@
 -- Fire times are computed in local time (os.date / os.time).
 --
 --   cron.parse(s)            -> schedule, or nil, message naming the bad field
+--                               (at most MAX_LENGTH bytes; @every at most
+--                               MAX_INTERVAL seconds)
 --   schedule:next(after)     -> the first fire time strictly after `after`
 --                               (seconds since the epoch), or nil if none
 --                               within the next 8 years (e.g. "0 0 30 2 *")
@@ -42,6 +44,13 @@ local ALIASES = {
 }
 
 local UNITS = { s = 1, m = 60, h = 3600, d = 86400 }
+
+-- The daemon parses every deployed schedule once a second: a schedule is
+-- short text, and a longer one is refused before any pattern sees it.
+M.MAX_LENGTH = 1024
+-- Ten years: longer intervals are mistakes, and any count of units
+-- below it stays far from integer overflow.
+M.MAX_INTERVAL = 3650 * 86400
 
 local function value(f, text)
   local n = tonumber(text:match("^%d+$") or "")
@@ -91,28 +100,42 @@ local function parse_field(f, text)
   return set
 end
 
---- A duration such as "30s", "5m", "1h30m", "2d" -> seconds, or nil.
+--- A duration such as "30s", "5m", "1h30m", "2d" -> seconds, or nil and
+-- "too long" when it exceeds MAX_INTERVAL.  Each count is checked before
+-- it is multiplied, so no sum can overflow.
 local function duration(s)
   if s == "" then return nil end
-  local total, rest = 0, s
-  while rest ~= "" do
-    local n, u, tail = rest:match("^(%d+)([smhd])(.*)$")
+  local total, pos = 0, 1
+  while pos <= #s do
+    local n, u, nxt = s:match("^(%d+)([smhd])()", pos)
     if not n then return nil end
-    total = total + tonumber(n) * UNITS[u]
-    rest = tail
+    n = #n <= 12 and math.tointeger(tonumber(n))
+    if not n or n > M.MAX_INTERVAL then return nil, "too long" end
+    total = total + n * UNITS[u]
+    if total > M.MAX_INTERVAL then return nil, "too long" end
+    pos = nxt
   end
-  return math.tointeger(total)
+  return total
 end
 
 function M.parse(s)
   if type(s) ~= "string" then
     return nil, "bad schedule: string expected, got " .. type(s)
   end
-  local text = s:match("^%s*(.-)%s*$")
+  if #s > M.MAX_LENGTH then
+    return nil, "bad schedule: " .. #s .. " bytes long, at most " .. M.MAX_LENGTH
+  end
+  -- trimmed without backtracking: "^%s*(.-)%s*$" is quadratic in a run of
+  -- inner spaces
+  local first = s:find("%S")
+  local text = first and s:sub(first, #s - #s:reverse():match("^%s*")) or ""
   local function bad(why) return nil, "bad schedule '" .. s .. "': " .. why end
   local every = text:match("^@every%s+(.*)$")
   if every or text == "@every" then
-    local secs = duration(every or "")
+    local secs, why = duration(every or "")
+    if why then
+      return bad("interval '" .. every .. "' is too long (at most " .. M.MAX_INTERVAL // 86400 .. "d)")
+    end
     if not secs or secs <= 0 then
       return bad("interval '" .. (every or "") .. "' must be a positive duration like 30s, 5m, 1h30m")
     end

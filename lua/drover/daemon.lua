@@ -15,6 +15,7 @@
 --   GET  /api/runs/ID                          the run, task_runs, states
 --   GET  /api/runs/ID/logs?after=N             log lines with id > N
 --   POST /api/runs/ID/cancel                   two-phase cancel, through the run's backend
+--                                              (the full run id: no prefix)
 --   GET  /api/deployments, /api/deployments/NAME (with recent runs)
 --   GET  /api/events?run=ID&after=N            text/event-stream: `run`
 --        events on state changes, `log` events for new lines of run ID
@@ -36,6 +37,7 @@ local server = require "drover.server"
 local states = require "drover.states"
 local store_mod = require "drover.store"
 local client_api = require "drover.client_api"
+local daemon_events = require "drover.daemon_events"
 local worker_api = require "drover.worker_api"
 
 local M = {}
@@ -50,9 +52,15 @@ M.SCHEDULE_INTERVAL = 1
 -- about, then ended CRASHED.
 M.HEARTBEAT = 10
 M.HEARTBEAT_MISSES = 3
---- Largest request body, in bytes (a package bundle is the largest thing
--- a client sends).
+--- Largest request body, in bytes, on the endpoints that take large ones
+-- (LARGE_BODY: a package bundle, a worker's batches and task results).
 M.MAX_BODY = 16 * 1024 * 1024
+--- Largest request body anywhere else.  Both are enforced from the
+-- request's head, with who is asking, before a byte of the body is read
+-- (Daemon:check_head).
+M.MAX_REQUEST_BODY = 1024 * 1024
+--- Connections served at once; one more gets a 503.
+M.MAX_CONNECTIONS = 256
 --- A fire time later than this (seconds) is skipped, not caught up: after
 -- downtime a deployment resumes with its next fire time, not a backlog.
 M.MISFIRE_GRACE = 10
@@ -79,6 +87,11 @@ end
 -- ---- helpers -------------------------------------------------------------------------
 
 local function err(status, message) return server.json(status, { error = message }) end
+
+local LARGE_BODY = { "^/api/v1/packages$", "^/api/v1/runs/%x+/events$", "^/api/v1/runs/%x+/calls$",
+  "^/api/v1/runs/%x+/calls/%x+/result$" }
+
+local BYTES = { bytes = true } -- JSON encoding: bytes that are not UTF-8 as {"$bytes": BASE64}
 
 -- Store rows hold JSON text in some columns: the API gives values.
 local function decode_fields(row, fields)
@@ -110,6 +123,18 @@ local function list(rows, fn)
   return out
 end
 
+--- A 400 for query argument `name` whose value `v` is not `want`.  A
+-- repeated argument (server.decode_args makes it a list) or one without
+-- a value (true) is said so, not shown as a Lua value.
+local function bad_arg(name, v, want)
+  if type(v) == "table" then
+    return err(400, "query argument '" .. name .. "' given " .. #v .. " times: give it once")
+  elseif type(v) ~= "string" then
+    return err(400, "query argument '" .. name .. "' has no value (" .. want .. " expected)")
+  end
+  return err(400, "bad " .. name .. " '" .. v .. "' (" .. want .. " expected)")
+end
+
 local function positive_int(v, default, max)
   if v == nil then return default end
   local n = math.tointeger(tonumber(v))
@@ -126,8 +151,10 @@ Daemon.__index = Daemon
 --- opts: port (default 8765, 0 = any free one), bind (default 127.0.0.1),
 -- token, home, auto (started by `drover run`: yield to another live daemon),
 -- public_url (the URL others reach this server by: its host is accepted
--- in Host headers), heartbeat (seconds), max_body (bytes), tls ({cert =
--- PEM file, key = PEM file}: serve HTTPS).
+-- in Host headers), heartbeat (seconds), max_body (bytes, LARGE_BODY
+-- endpoints), max_request_body (bytes, the others), max_connections, tls
+-- ({cert = PEM file, key = PEM file}: serve HTTPS), retention (seconds:
+-- ended runs older than this are pruned hourly).
 -- Returns a daemon or nil, message.
 function M.new(opts)
   opts = opts or {}
@@ -143,19 +170,31 @@ function M.new(opts)
     port = opts.port or M.DEFAULT_PORT, auto = opts.auto, stopping = false,
     stop_event = drover.event(), tasks = {}, check_errors = {},
     heartbeat = opts.heartbeat or M.HEARTBEAT, max_body = opts.max_body or M.MAX_BODY, tls = opts.tls,
+    max_request_body = math.min(opts.max_request_body or M.MAX_REQUEST_BODY, opts.max_body or M.MAX_BODY),
+    max_connections = opts.max_connections or M.MAX_CONNECTIONS,
     public_url = opts.public_url and opts.public_url:gsub("/+$", "") or nil,
+    retention = opts.retention,
     guard = request_guard.new { bind = bind, public_url = opts.public_url, token = token } }, Daemon)
   self.orch = drover.orchestrator("local", { home = store.home })
+  self.feed = daemon_events.new(store, { interval = M.POLL_INTERVAL, run_view = run_view })
   return self
 end
 
 function Daemon:start()
+  -- the head check's own connection: a query there never waits for this
+  -- connection's transactions, which it could not do (it runs outside
+  -- any task, and must not block the loop on a task that holds one)
+  local hdb, herr = require("drover.core").db.open(self.store.path, { busy_timeout = 2000 })
+  if not hdb then return nil, "cannot open the store for request checks: " .. tostring(herr) end
+  self.head_db = hdb
   local srv, lerr = server.listen {
     host = self.bind, port = self.port, max_body = self.max_body, tls = self.tls,
+    max_connections = self.max_connections,
+    check_head = function(head) return self:check_head(head) end,
     handler = function(req, res) return self:handle(req, res) end,
     on_error = function(e) io.stderr:write("drover serve: handler error: ", tostring(e):match("[^\n]*"), "\n") end,
   }
-  if not srv then return nil, lerr end
+  if not srv then hdb:close(); self.head_db = nil; return nil, lerr end
   self.srv = srv
   -- the URL handed out (run pages, workers): --public-url when given;
   -- otherwise this host, by loopback when bound to every address
@@ -174,6 +213,9 @@ function Daemon:start()
   self.tasks[#self.tasks + 1] = drover.spawn(function() self:reaper() end)
   self.tasks[#self.tasks + 1] = drover.spawn(function() self:remote_checker() end)
   self.tasks[#self.tasks + 1] = drover.spawn(function() self:scheduler() end)
+  if self.retention then -- ended runs older than this many seconds go, hourly, in small batches
+    self.tasks[#self.tasks + 1] = drover.spawn(function() require("drover.retention").run(self.store, self.retention) end)
+  end
   return self
 end
 
@@ -183,6 +225,7 @@ function Daemon:wait() self.stop_event:wait() end
 function Daemon:stop()
   if self.stopping then return end
   self.stopping = true
+  self.feed:close()
   if self.srv then self.srv:close() end
   for _, t in ipairs(self.tasks) do
     local s = t:status()
@@ -196,7 +239,9 @@ function Daemon:stop()
 end
 
 -- Every REAP_INTERVAL seconds, local runs in an active state whose worker
--- is gone become CRASHED (Local:reap: a kill(pid, 0) each, cheap).  A
+-- (or `drover exec` process: its pid and start time, so a reused pid does
+-- not count) is gone become CRASHED with their task runs (Local:reap: a
+-- kill(pid, 0) or a read of /proc/PID/stat each, cheap).  A
 -- daemon started automatically by `drover run` also steps aside when
 -- another live daemon owns daemon.json (two runs started at once may each
 -- have started one).
@@ -301,8 +346,7 @@ function Daemon:scheduler()
 end
 
 function Daemon:schedule_tick(now)
-  local ds = self.store:rows([[SELECT * FROM deployments WHERE schedule IS NOT NULL AND schedule != ''
-      AND paused = 0 AND backend = 'local' ORDER BY name]])
+  local ds = self.store:scheduled_deployments()
   for _, d in ipairs(ds) do
     if self.stopping then return end
     local ok, e = pcall(self.schedule_one, self, d, now)
@@ -328,21 +372,17 @@ function Daemon:schedule_one(d, now, st)
     return
   end
   local store = self.store
-  st = st or store:first("SELECT * FROM daemon_schedule WHERE deployment = ?", d.name)
+  st = st or store:fire_state(d.name)
   if not st or st.schedule ~= d.schedule or st.dep_updated ~= d.updated then
     -- first sight (or redeployed, resumed): fire times from now on
-    store:write([[INSERT INTO daemon_schedule(deployment, schedule, dep_updated, last_fire)
-        VALUES(?,?,?,?) ON CONFLICT(deployment) DO UPDATE SET schedule = excluded.schedule,
-        dep_updated = excluded.dep_updated, last_fire = excluded.last_fire]],
-      d.name, d.schedule, d.updated, math.floor(now))
+    store:rebase_fires(d.name, d.schedule, d.updated, math.floor(now))
     return
   end
   local last = st.last_fire
   local first = sch:next(last)
   if first and first < now - M.MISFIRE_GRACE then
     local skip_to = math.floor(now - M.MISFIRE_GRACE)
-    if store:write("UPDATE daemon_schedule SET last_fire = ? WHERE deployment = ? AND last_fire = ?",
-        skip_to, d.name, last) ~= 1 then return end
+    if not store:claim_fire(d.name, last, skip_to) then return end
     log("schedule of '", d.name, "': skipped the fire times from ", stamp(first), " to ", stamp(skip_to),
       " (more than ", M.MISFIRE_GRACE, "s late)")
     last = skip_to
@@ -350,8 +390,7 @@ function Daemon:schedule_one(d, now, st)
   for _ = 1, 1000 do
     local t = sch:next(last)
     if not t or t > now or self.stopping then return end
-    if store:write("UPDATE daemon_schedule SET last_fire = ? WHERE deployment = ? AND last_fire = ?",
-        t, d.name, last) ~= 1 then return end -- another daemon took it
+    if not store:claim_fire(d.name, last, t) then return end -- another daemon took it
     last = t
     self:fire(d, t)
   end
@@ -398,20 +437,55 @@ function Daemon:deployment_view(d, fires)
 end
 
 function Daemon:fire_times()
-  local fires = {}
-  local ok, rows = pcall(self.store.rows, self.store, "SELECT * FROM daemon_schedule")
-  for _, r in ipairs(ok and rows or {}) do fires[r.deployment] = r end
-  return fires
+  local ok, fires = pcall(self.store.fire_state, self.store)
+  return ok and fires or {}
 end
 
 -- ---- routes --------------------------------------------------------------------------------
+
+--- The largest body `path` takes.
+function Daemon:body_limit(path)
+  for _, p in ipairs(LARGE_BODY) do
+    if path:match(p) then return self.max_body end
+  end
+  return self.max_request_body
+end
+
+--- A request with a body, from its head, before the body is read (H2O
+-- would buffer all of it before handle() runs): the request checks as
+-- handle() does them, and the body's size against the endpoint's limit.
+-- So a client without a token, or on a page of another site, never gets
+-- a byte of its body into memory.  handle() checks the request again.
+function Daemon:check_head(head)
+  head.body = "(unread)" -- the guard checks a body's content type
+  local who, refusal = request_guard.check(self.guard, head, function(d)
+    return self.head_db:first("SELECT id, state FROM flow_runs WHERE token_hash = ?", d)
+  end)
+  local function answer(status, message, headers)
+    local h = headers or {}
+    h["content-type"] = "application/json"
+    return status, h, json.encode { error = message }
+  end
+  if not who then return answer(refusal.status, refusal.message, refusal.headers) end
+  local limit = self:body_limit(head.path)
+  local len = head.headers["content-length"]
+  local n = len and math.tointeger(tonumber(len))
+  if len and not n then return answer(400, "bad Content-Length '" .. len .. "'") end
+  if n and n > limit then
+    return answer(413, string.format("request body of %d bytes is larger than %s takes (%d bytes)", n,
+      head.path, limit))
+  end
+  if not n and limit < self.max_body then
+    return answer(411, "a request body needs a Content-Length here")
+  end
+end
 
 function Daemon:handle(req, res)
   local who, refusal = request_guard.check(self.guard, req, function(d) return self.store:run_by_token(d) end)
   if not who then
     local h = refusal.headers or {}
     h["content-type"] = "application/json"
-    return refusal.status, h, json.encode { error = refusal.message }
+    return refusal.status, h, json.encode({ error = refusal.message }, BYTES) -- a refused Host may be any bytes
   end
   if req.path:sub(1, 8) == "/api/v1/" then
     local st, h, body = worker_api.route(self, req, who)
@@ -470,11 +544,15 @@ end
 function Daemon:get_runs(req, method)
   if method ~= "GET" then return err(405, "method not allowed: use GET") end
   local a = req.args
-  local state = type(a.state) == "string" and a.state ~= "" and a.state:upper() or nil
+  if a.state ~= nil and type(a.state) ~= "string" then return bad_arg("state", a.state, "a state") end
+  local state = a.state ~= "" and a.state and a.state:upper() or nil
   if state and not states[state] then return err(400, "unknown state '" .. a.state .. "'") end
   local limit = positive_int(a.limit, 100, 10000)
-  if not limit then return err(400, "bad limit '" .. tostring(a.limit) .. "' (a non-negative integer expected)") end
-  local dep = type(a.deployment) == "string" and a.deployment ~= "" and a.deployment or nil
+  if not limit then return bad_arg("limit", a.limit, "a non-negative integer") end
+  if a.deployment ~= nil and type(a.deployment) ~= "string" then
+    return bad_arg("deployment", a.deployment, "a deployment name")
+  end
+  local dep = a.deployment ~= "" and a.deployment or nil
   return server.json(200, list(self.store:flow_runs { state = state, deployment = dep, limit = limit }, run_view))
 end
 
@@ -498,7 +576,7 @@ function Daemon:get_logs(id, req, method)
   local r = self:find(id)
   if not r then return err(404, "unknown run '" .. id .. "'") end
   local after = positive_int(req.args.after, 0)
-  if not after then return err(400, "bad after '" .. tostring(req.args.after) .. "' (a log id expected)") end
+  if not after then return bad_arg("after", req.args.after, "a log id") end
   return server.json(200, list(self.store:logs(r.id, after, 10000)))
 end
 
@@ -507,8 +585,10 @@ end
 -- so the request returns at once with the run as it is then.
 function Daemon:cancel(id, method)
   if method ~= "POST" then return err(405, "method not allowed: use POST") end
-  local r = self:find(id)
-  if not r then return err(404, "unknown run '" .. id .. "'") end
+  -- state-changing: the full id, never a prefix (a prefix is a CLI
+  -- convenience; here one hex digit would pick somebody's run)
+  local r = id:match("^%x+$") and self.store:flow_run(id)
+  if not r then return err(404, "unknown run '" .. id .. "' (a full run id is required)") end
   if not states.active[r.state] then
     return err(400, "run " .. r.id .. " is " .. r.state .. ": only active runs can be cancelled")
   end
@@ -575,63 +655,65 @@ function Daemon:metrics(method)
   return 200, { ["content-type"] = "text/plain; version=0.0.4; charset=utf-8" }, table.concat(out, "\n") .. "\n"
 end
 
--- A signature of a run's task runs: changes when one starts, moves or ends.
-function Daemon:task_signature(id)
-  local s = self.store:first([[SELECT count(*) AS n, count(ended) AS e, coalesce(sum(attempts), 0) AS a,
-      coalesce(group_concat(state), '') AS st FROM task_runs WHERE flow_run_id = ?]], id)
-  return s.n .. "/" .. s.e .. "/" .. s.a .. "/" .. s.st
-end
-
 --- Server-sent events.  `run` (data: the run's row) whenever a recent run's
 -- state changes (for the run named by ?run=, also when its task runs
--- change); `log` (id: the log id, data: the log row) for each new line of
--- that run, starting after ?after= (or Last-Event-ID).
+-- change, and once at the start: the run as it is then); `log` (id: the log id, data: the log row) for each new line of
+-- that run, starting after ?after= (or Last-Event-ID).  The changes are
+-- computed once per poll for every client (drover.daemon_events); this
+-- task sends the run's earlier lines, then what the feed queues for it.
 function Daemon:events(req, res, method)
   if method ~= "GET" then return err(405, "method not allowed: use GET") end
   local watch = req.args.run
   local watched
   if watch ~= nil then
-    watched = type(watch) == "string" and self:find(watch)
-    if not watched then return err(404, "unknown run '" .. tostring(watch) .. "'") end
+    if type(watch) ~= "string" then return bad_arg("run", watch, "a run id") end
+    watched = self:find(watch)
+    if not watched then return err(404, "unknown run '" .. watch .. "'") end
   end
   local last_log = positive_int(req.args.after or req.headers["last-event-id"], 0)
-  if not last_log then return err(400, "bad after '" .. tostring(req.args.after) .. "'") end
-  local store = self.store
-  local seen = {}
-  for _, r in ipairs(store:flow_runs { limit = 200 }) do seen[r.id] = r.state end
-  local sig = watched and self:task_signature(watched.id)
-  if not res:start(200, { ["content-type"] = "text/event-stream", ["cache-control"] = "no-cache" }) then return end
-  if not res:write(server.sse { retry = 2000, data = "" } ) then return end
-  local idle = 0
-  while not self.stopping do
-    local chunks = {}
-    local changed = {}
-    for _, r in ipairs(store:flow_runs { limit = 200 }) do
-      if seen[r.id] ~= r.state then
-        seen[r.id] = r.state
-        changed[r.id] = r
-      end
-    end
+  if not last_log then return bad_arg("after", req.args.after or req.headers["last-event-id"], "a log id") end
+  local feed = self.feed
+  -- join first: what the feed queues from now on overlaps the lines read
+  -- below, never misses one (log ids only grow); the overlap is skipped
+  local client = feed:join(watched and watched.id)
+  local ok, e = pcall(function()
+    if not res:start(200, { ["content-type"] = "text/event-stream", ["cache-control"] = "no-cache" }) then return end
+    if not res:write(server.sse { retry = 2000, data = "" }) then return end
     if watched then
-      local r = store:flow_run(watched.id)
-      local s = self:task_signature(watched.id)
-      if r and (s ~= sig or seen[r.id] ~= r.state) then changed[r.id] = r end
-      if r then seen[r.id] = r.state end
-      sig = s
-      for _, l in ipairs(store:logs(watched.id, last_log, 1000)) do
-        last_log = l.id
-        chunks[#chunks + 1] = server.sse { event = "log", id = l.id, data = json.encode(l) }
+      -- the run as it is now, after joining: a change between the
+      -- client's last read and joining is not lost
+      local now = self.store:flow_run(watched.id)
+      if now and not res:write(server.sse { event = "run", data = json.encode(run_view(now), BYTES) }) then
+        return
       end
     end
-    for _, r in pairs(changed) do
-      chunks[#chunks + 1] = server.sse { event = "run", data = json.encode(run_view(r)) }
+    while watched do
+      local lines = self.store:logs(watched.id, last_log, 1000)
+      if #lines == 0 then break end
+      local chunks = {}
+      for i, l in ipairs(lines) do
+        chunks[i] = server.sse { event = "log", id = l.id, data = json.encode(l, BYTES) }
+        last_log = l.id
+      end
+      if not res:write(table.concat(chunks)) then return end
     end
-    idle = #chunks == 0 and idle + 1 or 0
-    if idle >= 30 then chunks[1] = server.sse {}; idle = 0 end -- keep-alive comment
-    if #chunks > 0 and not res:write(table.concat(chunks)) then return end
-    drover.sleep(M.POLL_INTERVAL)
-  end
-  res:finish()
+    while true do
+      client.ev:wait()
+      local items = feed:take(client)
+      if not items then break end
+      local chunks = {}
+      for _, it in ipairs(items) do
+        if not it.log_id or it.log_id > last_log then
+          chunks[#chunks + 1] = it.chunk
+          last_log = it.log_id or last_log
+        end
+      end
+      if #chunks > 0 and not res:write(table.concat(chunks)) then return end
+    end
+    if client.dropped then res:abort() else res:finish() end
+  end)
+  feed:leave(client)
+  if not ok then error(e, 0) end
 end
 
 -- ---- the command ------------------------------------------------------------------------
@@ -652,6 +734,7 @@ function M.serve(opts)
   io.stderr:flush()
   d:wait()
   s1:stop(); s2:stop()
+  if d.head_db then d.head_db:close() end
   d.store:close()
   io.stderr:write("drover serve: stopped\n")
   return 0

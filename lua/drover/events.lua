@@ -54,11 +54,17 @@ end
 
 --- `e` ready for JSON: every string that is not UTF-8 moved to FIELD@b64.
 function M.pack(e)
+  local bytes
   for k, v in pairs(e) do
     if type(v) == "string" and not utf8.len(v) then
-      e[k] = nil
-      e[k .. "@b64"] = M.b64encode(v)
+      bytes = bytes or {}
+      bytes[k] = v
     end
+  end
+  -- (moved after the traversal: a new key during it is undefined)
+  for k, v in pairs(bytes or {}) do
+    e[k] = nil
+    e[k .. "@b64"] = M.b64encode(v)
   end
   return e
 end
@@ -67,7 +73,7 @@ end
 function M.unpack(e)
   local moved
   for k, v in pairs(e) do
-    if type(k) == "string" and k:sub(-4) == "@b64" then
+    if type(k) == "string" and k:find("@b64", -4, true) then
       if type(v) ~= "string" then return nil, "field '" .. k .. "' must be a string" end
       local bytes, err = M.b64decode(v)
       if not bytes then return nil, "field '" .. k .. "': " .. err end
@@ -85,27 +91,26 @@ end
 -- Each type: its fields with their Lua types ("?" suffix: optional), and
 -- how the server applies it to run `run_id` through the store.
 local types = {
-  state = { fields = { state = "string", message = "string?", result = "string?" },
+  -- `ts`: when the worker made the change (its clock), so a run's start,
+  -- end and state history do not depend on when its batch arrived
+  state = { fields = { state = "string", message = "string?", result = "string?", ts = "number?" },
     apply = function(store, run_id, e)
-      store:set_flow_state(run_id, e.state, e.message, e.result ~= nil and { result = e.result } or nil)
+      local extra
+      if e.result ~= nil or e.ts ~= nil then extra = { result = e.result, ts = e.ts } end
+      store:set_flow_state(run_id, e.state, e.message, extra)
     end },
   pid = { fields = { pid = "number" },
     apply = function(store, run_id, e) store:update_flow_run(run_id, { pid = math.tointeger(e.pid) }) end },
   -- a task run's start; while unsent, a worker folds its later changes in
-  -- (message ... reused_from), which the server applies as a finish
+  -- (message ... reused_from): the server inserts the row finished
   task_started = { fields = { id = "string", parent_id = "string?", name = "string", kind = "string",
       call_key = "string", state = "string", params = "string?", params_hash = "string?",
       attempts = "number", cache_key = "string?", tags = "string?", started = "number",
       message = "string?", result = "string?", result_ok = "boolean?", ended = "number?",
       cache_expires = "number?", reused_from = "string?" },
     apply = function(store, run_id, e)
-      e.flow_run_id = run_id
       e.attempts = math.tointeger(e.attempts)
-      store:task_run_started(e)
-      if e.message ~= nil or e.result ~= nil or e.ended ~= nil or e.reused_from ~= nil then
-        store:task_run_finished(e.id, e.state, e.message, e.result, e.result_ok ~= false, e.attempts,
-          e.ended, e.cache_expires, e.reused_from, run_id)
-      end
+      store:insert_task_run(e, run_id)
     end },
   task_state = { fields = { id = "string", state = "string", message = "string?", attempts = "number" },
     apply = function(store, run_id, e)
@@ -122,23 +127,42 @@ local types = {
     apply = function(store, run_id, e) store:log(run_id, e.task_run_id, e.stream, e.line, e.ts) end },
 }
 
+-- Each type's fields split once, at load: `want` maps a field to its Lua
+-- type, `required` lists the fields that must be present (check() runs
+-- for every event a server receives, so nothing is parsed there).
+for _, spec in pairs(types) do
+  spec.want, spec.required = { t = "string" }, {}
+  for k, w in pairs(spec.fields) do
+    local base, optional = w:match("^(%a+)(%??)$")
+    spec.want[k] = base
+    if optional == "" then spec.required[#spec.required + 1] = k end
+  end
+  table.sort(spec.required) -- a stable message for an event missing several
+end
+
+--- Whether `s` is one of the run states (the values of drover.states that
+-- are their own names: that module also holds sets and functions).
+local function is_state(s) return type(s) == "string" and states[s] == s end
+
 --- Check event `e` (decoded from JSON, unpacked); nil and a message naming
 -- the field when it is malformed.
 function M.check(e)
   if type(e) ~= "table" then return nil, "an event must be an object" end
-  local spec = types[e.t]
-  if not spec then return nil, "unknown event type '" .. tostring(e.t) .. "'" end
+  local t = e.t
+  local spec = types[t]
+  if not spec then return nil, "unknown event type '" .. tostring(t) .. "'" end
+  local want = spec.want
   for k, v in pairs(e) do
-    local want = k ~= "t" and spec.fields[k]
-    if k ~= "t" and not want then return nil, e.t .. " event: unknown field '" .. tostring(k) .. "'" end
-    if want and type(v) ~= want:gsub("%?$", "") then
-      return nil, e.t .. " event: field '" .. k .. "' must be a " .. want:gsub("%?$", "") .. ", got " .. type(v)
+    local w = want[k]
+    if type(v) ~= w then
+      if not w then return nil, t .. " event: unknown field '" .. tostring(k) .. "'" end
+      return nil, t .. " event: field '" .. k .. "' must be a " .. w .. ", got " .. type(v)
     end
   end
-  for k, want in pairs(spec.fields) do
-    if want:sub(-1) ~= "?" and e[k] == nil then return nil, e.t .. " event: field '" .. k .. "' is missing" end
+  for _, k in ipairs(spec.required) do
+    if e[k] == nil then return nil, t .. " event: field '" .. k .. "' is missing" end
   end
-  if e.state and not states[e.state] then return nil, e.t .. " event: unknown state '" .. e.state .. "'" end
+  if e.state ~= nil and not is_state(e.state) then return nil, t .. " event: unknown state '" .. e.state .. "'" end
   return e
 end
 

@@ -151,7 +151,7 @@ function M.tracked(kind, name, fn, opts)
   return function(...) return tracker.call(spec, fn, ...) end
 end
 
-local lazy = { proc = true, http = true, fs = true, json = true, db = true, server = true }
+local lazy = { proc = true, http = true, fs = true, json = true, db = true, pg = true, server = true }
 
 return setmetatable(M, {
   __index = function(t, k)

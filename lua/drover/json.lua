@@ -13,7 +13,12 @@
 --       opts.indent: number of spaces or a string, pretty-prints;
 --       opts.sort_keys: default true, so the same table always gives the
 --       same text (Lua's table order varies from run to run).
---   json.decode(text) -> value | nil, message
+--       opts.bytes: a string that is not UTF-8 (a binary result, a log
+--       line with stray bytes) encodes as {"$bytes": "BASE64"} instead of
+--       raising; a key that is not UTF-8 has its stray bytes written \xNN.
+--   json.decode(text [, opts]) -> value | nil, message
+--       opts.bytes: an object whose only key is "$bytes" (a string of
+--       base64) decodes as those bytes: the inverse of encode's bytes.
 --       Never raises on malformed text.  Numbers with an integral value
 --       come back as Lua integers, exactly even beyond 2^53 (up to the
 --       int64 range; beyond it, floats); [] comes back marked as an array,
@@ -74,8 +79,51 @@ function M.object(t) return mark("object", "object", t) end
 --- "array", "object" or nil: how t was marked (decode marks empty arrays).
 function M.kind(t) return kinds[t] end
 
+-- ---- bytes that are not UTF-8 -----------------------------------------------------------
+
+local BYTES_KEY = "$bytes"
+
+local function b64() return require "drover.events" end
+
+--- A copy of `v` with every string that is not UTF-8 replaced by
+-- {"$bytes": BASE64} (keys: stray bytes written \xNN).  Tables are copied
+-- once each, keeping their array/object marks.
+local function mark_bytes(v, seen)
+  if type(v) == "string" then
+    if utf8.len(v) then return v end
+    return { [BYTES_KEY] = b64().b64encode(v) }
+  end
+  if type(v) ~= "table" then return v end
+  if seen[v] then return seen[v] end
+  local copy = {}
+  seen[v] = copy
+  kinds[copy] = kinds[v]
+  for k, x in next, v do
+    if type(k) == "string" and not utf8.len(k) then
+      k = k:gsub("[\128-\255]", function(c) return format("\\x%02X", c:byte()) end)
+      -- (a valid multi-byte character next to a stray byte is escaped too:
+      -- a key is a name for people, not data to restore)
+    end
+    copy[k] = mark_bytes(x, seen)
+  end
+  return copy
+end
+
+local function unmark_bytes(v)
+  if type(v) ~= "table" then return v end
+  local s = v[BYTES_KEY]
+  if type(s) == "string" and next(v, next(v)) == nil then
+    local bytes = b64().b64decode(s)
+    if bytes then return bytes end
+  end
+  for k, x in next, v do
+    if type(x) == "table" then v[k] = unmark_bytes(x) end
+  end
+  return v
+end
+
 function M.encode(value, opts)
-  local indent, sort_keys = nil, true
+  local indent, sort_keys, bytes = nil, true, false
   if opts ~= nil then
     if type(opts) ~= "table" then
       error("drover.json.encode: bad argument 'opts' (table or nil expected, got " .. type(opts) .. ")", 2)
@@ -86,18 +134,28 @@ function M.encode(value, opts)
       error("drover.json.encode: bad option 'indent' (number or string expected, got " .. type(indent) .. ")", 2)
     end
     sort_keys = opts.sort_keys ~= false
+    bytes = opts.bytes == true
   end
   -- the C encoder raises without a position; re-raise at the caller's line
   local ok, s = pcall(c_encode, value, kinds, indent, sort_keys, M.null)
+  if not ok and bytes and s:find("invalid UTF-8", 1, true) then
+    -- the rare case pays for the copy, not every call
+    ok, s = pcall(c_encode, mark_bytes(value, {}), kinds, indent, sort_keys, M.null)
+  end
   if not ok then error(s, 2) end
   return s
 end
 
-function M.decode(text)
+function M.decode(text, opts)
   if type(text) ~= "string" then
     error("drover.json.decode: bad argument 'text' (string expected, got " .. type(text) .. ")", 2)
   end
-  return c_decode(text, kinds, M.null)
+  if opts ~= nil and type(opts) ~= "table" then
+    error("drover.json.decode: bad argument 'opts' (table or nil expected, got " .. type(opts) .. ")", 2)
+  end
+  local v, err = c_decode(text, kinds, M.null)
+  if opts and opts.bytes and type(v) == "table" and text:find('"$bytes"', 1, true) then v = unmark_bytes(v) end
+  return v, err
 end
 
 return M

@@ -5,6 +5,7 @@
 --
 --   local drover = require "drover"
 --   local B = drover.BaseOrchestrator:extend("mybackend")
+--   B.backend_name = "mybackend"
 --   B.config_keys = { queue = "string" }      -- the config it accepts
 --   function B:run(deployment_name, params) ... return id, url end
 --   return B
@@ -14,11 +15,15 @@
 -- deploy(deployment_name, opts), run(deployment_name, params) -> id, url,
 -- stop(deployment_name, opts).  drover adds cancel(run_id) (one run,
 -- two-phase; the deployment stays active), status(run_id), logs(run_id,
--- opts) and list().  An operation a backend leaves out raises
+-- opts) and list().  Everything but `run` is inherited, over the store
+-- (drover/orchestrator/runs.lua, drover/orchestrator/bundle.lua): a backend
+-- adds `run`, `reap` and the cancel hooks `interrupt`, `is_alive` and
+-- `kill_run`.  An operation or hook a backend leaves out raises
 -- "backend 'NAME' does not implement OP".
 local class = require "drover.class"
 local tracker = require "drover.tracker"
 local store_mod = require "drover.store"
+local config_check = require "drover.orchestrator.config"
 
 local M = {}
 
@@ -43,16 +48,8 @@ function Base:init(config)
   if type(config) ~= "table" then
     error("drover.orchestrator: config for backend '" .. self.name .. "' must be a table, got " .. type(config), 3)
   end
-  for k, v in pairs(config) do
-    local want = self.config_keys[k] or Base.common_config_keys[k]
-    if not want then
-      error("backend '" .. self.name .. "': unknown config key '" .. tostring(k) .. "'", 3)
-    end
-    if type(v) ~= want then
-      error("backend '" .. self.name .. "': config key '" .. k .. "' must be a " .. want ..
-        ", got " .. type(v), 3)
-    end
-  end
+  local err = config_check.check(config, self.config_keys, Base.common_config_keys)
+  if err then error("backend '" .. self.name .. "': " .. err, 3) end
   self.config = config
   self.flow_types = {}
   for _, t in ipairs(config.flow_types or { "runner", "pipeline" }) do self.flow_types[t] = true end
@@ -96,16 +93,25 @@ local function unimplemented(op)
     error("backend '" .. tostring(self.name) .. "' does not implement " .. op, 2)
   end
 end
-for _, op in ipairs { "package", "deploy", "run", "stop", "cancel", "status", "logs", "list" } do
+-- what every backend does its own way: start a run, and reach its work
+-- (stop and cancel: interrupt it, watch it end, kill it if it will not)
+for _, op in ipairs { "run", "interrupt", "kill_run" } do
   Base[op] = unimplemented(op)
 end
 
 --- The liveness hook: is the work of run `r` (a store row) still going,
 -- as far as this backend can tell?  true or false; nil when it cannot say
 -- (the default).  The server asks it before it ends a run whose worker
--- stopped sending heartbeats, and the conformance kit uses it to see that
--- a cancelled run's work has really ended, wherever the work runs.
+-- stopped sending heartbeats, stop and cancel wait on it, and the
+-- conformance kit uses it to see that a cancelled run's work has really
+-- ended, wherever the work runs.
 function Base:is_alive(_run) return nil end
+
+-- package (the bundle `drover worker` unpacks), deploy, status, logs,
+-- list, resume, stop, cancel and the helpers they share
+for _, mixin in ipairs { "drover.orchestrator.bundle", "drover.orchestrator.runs" } do
+  for k, f in pairs(require(mixin).methods) do Base[k] = f end
+end
 
 --- Is a method of a class of this integration type a flow or a task run?
 function Base:kind_of(cls)
@@ -205,6 +211,9 @@ end
 
 local loaded = {}
 
+--- Is backend reference `name` a path to a file (not a name to look up)?
+local function is_path(name) return name:find("/") ~= nil or name:find("%.lua$") ~= nil end
+
 --- Load backend class NAME (or a path to a .lua file).
 function M.backend_class(name)
   if type(name) ~= "string" or name == "" then
@@ -212,7 +221,7 @@ function M.backend_class(name)
   end
   if loaded[name] then return loaded[name] end
   local path
-  if name:find("/") or name:find("%.lua$") then
+  if is_path(name) then
     path = name
   else
     if not name:match("^[%w_%-]+$") then
@@ -239,10 +248,24 @@ function M.backend_class(name)
   return cls
 end
 
---- drover.orchestrator(name, config) -> a backend instance.
+--- The backend name of reference `ref` (a name, or a path to a backend's
+-- file: the name its class declares, else the file's).
+function M.name_of(ref)
+  if type(ref) ~= "string" or not is_path(ref) then return ref end
+  local ok, cls = pcall(M.backend_class, ref)
+  return ok and rawget(cls, "backend_name") or ref:match("([%w_%-]+)%.lua$") or ref
+end
+
+--- drover.orchestrator(name, config) -> a backend instance.  `name` may be a
+-- path to the backend's file: its deployments then keep the absolute path
+-- (o.deployed_as), so that later commands find it without DROVER_PATH.
 function M.orchestrator(name, config)
   local cls = M.backend_class(name)
   local o = setmetatable({ name = rawget(cls, "backend_name") or (name:match("([%w_%-]+)%.lua$") or name) }, cls)
+  if o.backend_name == nil then o.backend_name = o.name end
+  if is_path(name) then
+    o.deployed_as = name:sub(1, 1) == "/" and name or (require("drover.core").cwd() .. "/" .. name)
+  end
   o:init(config)
   return o
 end
@@ -261,10 +284,13 @@ function M.for_deployment(d, overrides, home)
   return M.orchestrator(d.backend, merged_config(store_mod.decode(d.backend_config), overrides, home))
 end
 
---- The backend of flow run `run`: its deployment's, when it has one.
+--- The backend of flow run `run`: its deployment's, when it has one
+-- (kept by name, or by path: then the run's backend is the name).
 function M.for_run(store, run, overrides)
   local d = run.deployment and store:deployment(run.deployment)
-  if d and d.backend == run.backend then return M.for_deployment(d, overrides, store.home) end
+  if d and (d.backend == run.backend or M.name_of(d.backend) == run.backend) then
+    return M.for_deployment(d, overrides, store.home)
+  end
   return M.orchestrator(run.backend, merged_config(nil, overrides, store.home))
 end
 

@@ -77,7 +77,7 @@ function M.check(guard, req, runs_by_token)
     end
     local ctype = (h["content-type"] or ""):lower():match("^%s*([^;%s]+)")
     if req.body ~= "" and not BODY_TYPES[ctype] then
-      return nil, refuse(415, "a request body must be application/json (got " ..
+      return nil, refuse(415, "a request body must be application/json or application/x-tar (got " ..
         tostring(h["content-type"] or "no content type") .. ")")
     end
   end

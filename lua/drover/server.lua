@@ -31,6 +31,17 @@
 --             close)
 --   backlog, max_body (bytes, default 64 MiB: larger bodies get 413),
 --   keepalive_timeout (seconds, default 10)
+--   max_connections  connections served at once (default 1024); a client
+--             beyond them gets a 503 and its connection closes
+--   check_head  function(head): asked once the head of a request that has
+--             a body is in, before the body is read (H2O reads a whole body
+--             before the handler runs): head is req without body.  Return
+--             nothing to let the request go on, or status (400-599) [,
+--             headers] [, body] to refuse it: the client gets that answer,
+--             the connection closes, and the body is never buffered.  It
+--             may not wait (no queries that yield, no sleep); an error in
+--             it refuses with a 500.  The handler still sees every request
+--             it lets through.
 --   tls       { cert = FILE, key = FILE }: serve HTTPS (TLS 1.3 only).
 --             cert: PEM, the server's certificate first, then any
 --             intermediate ones; key: its PEM private key, unencrypted.
@@ -79,7 +90,9 @@
 --   task cancelled: that wait raises "cancelled".  Either way the server
 --   holds nothing for the request any more.
 --
--- Helpers: server.json(status, value [, headers]) -> status, headers, body;
+-- Helpers: server.json(status, value [, headers]) -> status, headers, body
+--   (a string in value that is not UTF-8 is sent as {"$bytes": BASE64},
+--   drover.json's bytes option: bytes never turn an answer into a 500);
 -- server.sse{ data =, event =, id =, retry = } -> one server-sent event;
 -- server.decode_args(query) -> table.
 local core = require "drover.core"
@@ -138,7 +151,7 @@ local function callable(f)
 end
 
 local OPTIONS = { handler = true, on_error = true, host = true, port = true, unix = true, backlog = true,
-  max_body = true, keepalive_timeout = true, tls = true }
+  max_body = true, keepalive_timeout = true, tls = true, max_connections = true, check_head = true }
 local TLS_OPTIONS = { cert = true, key = true }
 
 -- An option name nobody reads is a typo that would go unnoticed (a `tsl`
@@ -173,9 +186,12 @@ function M.listen(opts)
       end
     end
   end
-  local handler, on_error = opts.handler, opts.on_error
+  local handler, on_error, check_head = opts.handler, opts.on_error, opts.check_head
   if not callable(handler) then
     error("drover.server.listen: bad option 'handler' (function expected, got " .. type(handler) .. ")", 2)
+  end
+  if check_head ~= nil and not callable(check_head) then
+    error("drover.server.listen: bad option 'check_head' (function expected, got " .. type(check_head) .. ")", 2)
   end
   if on_error ~= nil and not callable(on_error) then
     error("drover.server.listen: bad option 'on_error' (function expected, got " .. type(on_error) .. ")", 2)
@@ -186,11 +202,19 @@ function M.listen(opts)
     setmetatable(req, req_mt)
     return handler(req, res)
   end
+  if check_head ~= nil then
+    o.check_head = function(head)
+      setmetatable(head, req_mt)
+      return check_head(head)
+    end
+  end
   if on_error ~= nil and type(on_error) ~= "function" then
     o.on_error = function(err, trace) return on_error(err, trace) end -- a callable table
   end
   return clisten(o)
 end
+
+local BYTES = { bytes = true }
 
 --- A JSON response: return server.json(200, { ok = true })
 function M.json(status, value, headers)
@@ -207,7 +231,7 @@ function M.json(status, value, headers)
     if k:lower() == "content-type" then has_ct = true end
   end
   if not has_ct then h["content-type"] = "application/json" end
-  return status, h, require("drover.json").encode(value)
+  return status, h, require("drover.json").encode(value, BYTES)
 end
 
 --- One server-sent event (text/event-stream): server.sse{ event = "log", data = "a\nb", id = 7 }

@@ -111,11 +111,38 @@ function M.new_id()
   return string.format("%08x%04x", math.random(0, 0xffffffff), math.random(0, 0xffff))
 end
 
+local unwritable
+
 local function mkdir_p(path)
   local fs = require "drover.fs"
   local ok, err = fs.mkdir(path)
   if not ok and not fs.exists(path) then return nil, err end
   return true
+end
+
+--- Why the store at `path` in directory `home` cannot be written (one
+-- line naming the path), or nil: SQLite says only "unable to open
+-- database file" or "attempt to write a readonly database" when the
+-- directory or the file is read-only (a read-only mount, another user's
+-- store), which is no reason to call it "not a drover store".  The store
+-- needs both: the file, and the directory for its -wal and -shm files.
+function unwritable(home, path)
+  local f, err = io.open(path, "r+b")
+  if f then
+    f:close()
+  elseif not (err or ""):find("No such file", 1, true) then
+    return "cannot open the drover store " .. path .. ": " .. err:gsub("^.-: ", "") ..
+      " (the store must be writable)"
+  end
+  local probe = string.format("%s/.drover-write-test.%d", home, core.pid())
+  f, err = io.open(probe, "wb")
+  if not f then
+    return "cannot write in the drover home " .. home .. ": " .. tostring(err):gsub("^.-: ", "") ..
+      " (the store needs a writable directory)"
+  end
+  f:close()
+  os.remove(probe)
+  return nil
 end
 
 --- Open (creating if needed) the store in `home`.  Returns store or nil, message.
@@ -128,12 +155,14 @@ function M.open(home, opts)
   local db, derr = core.db.open(path, { busy_timeout = opts.busy_timeout
     or tonumber(os.getenv("DROVER_BUSY_TIMEOUT") or "") or 10000 })
   if not db then
+    local why = unwritable(home, path)
+    if why then return nil, why end
     return nil, "not a drover store: " .. path .. " (" .. tostring(derr) .. ")"
   end
   local self = setmetatable({
     db = db, home = home, path = path, pending = {}, npending = 0, inserting = {},
     batch_size = opts.batch_size or 2000, batch_delay = opts.batch_delay or 0.05,
-    flush_pending = false,
+    flush_pending = false, write_error = nil, write_failures = 0,
   }, Store)
   local mok, merr = pcall(self.migrate, self)
   if not mok then
@@ -168,6 +197,8 @@ function Store:migrate()
       db:user_version(v)
     end)
   end
+  -- a new store gives the space of deleted rows back (see prune below)
+  if version == 0 then self:use_incremental_vacuum() end
 end
 
 function Store:close()
@@ -178,35 +209,96 @@ function Store:close()
   end
 end
 
---- Queue a write; it reaches the database with the next batch.
+--- Queue a write; it reaches the database with the next batch.  A batch
+-- that cannot be written (disk full, the store locked past the busy
+-- timeout) stays queued and is tried again later: never raised here, in
+-- the middle of whatever queued it, but kept in `write_error` for the
+-- owner of the store to act on (the tracker fails the flow).
 function Store:queue(sql, ...)
   local n = self.npending + 1
   self.pending[n] = { sql, select("#", ...), ... }
   self.npending = n
-  if n >= self.batch_size then
-    self:flush()
-  elseif not self.flush_pending then
-    self.flush_pending = true
-    core.spawn(function()
-      core.sleep(self.batch_delay)
-      self.flush_pending = false
-      if self.db then self:flush() end
-    end)
+  if n >= self.batch_size and not self.write_error then
+    self:try_flush()
+  else
+    self:schedule_flush()
   end
 end
 
---- Write every queued statement in one transaction.
+-- Longest wait between two tries of a batch that failed.
+local MAX_RETRY_DELAY = 1
+
+--- Flush after batch_delay (after a failure, after a delay that doubles
+-- up to MAX_RETRY_DELAY), once, in a task of its own.
+function Store:schedule_flush()
+  if self.flush_pending then return end
+  self.flush_pending = true
+  local delay = self.write_error and math.min(MAX_RETRY_DELAY, self.batch_delay * 2 ^ self.write_failures)
+    or self.batch_delay
+  core.spawn(function()
+    core.sleep(delay)
+    self.flush_pending = false
+    if self.db then self:try_flush() end
+  end)
+end
+
+--- flush(), with a failure kept in `write_error` (and the batch queued
+-- for another try) instead of raised.  Returns true if it was written.
+function Store:try_flush()
+  return (pcall(self.flush, self))
+end
+
+--- Write every queued statement in one transaction.  The batch leaves the
+-- queue only once the transaction has committed: when it fails it goes
+-- back in front of whatever was queued meanwhile, `write_error` says why
+-- (until a later flush succeeds), another try is scheduled, and the error
+-- is raised.  Inside a transaction of the caller's (apply_batch) a failed
+-- batch is dropped instead: the caller's whole transaction is rolled back
+-- and redone.  A flush waiting for SQLite's lock lets other tasks run:
+-- one that flushes meanwhile waits for it, so that batches commit in the
+-- order they were queued.
 function Store:flush()
   if self.npending == 0 then return end
-  local q, n = self.pending, self.npending
-  self.pending, self.npending, self.inserting = {}, 0, {}
   local db = self.db
-  db:transaction(function()
+  local nested = db:stats().in_transaction
+  -- (not inside a transaction: the flush in flight may be waiting for it)
+  while self.flushing and not nested do self.flushing:wait() end
+  if self.npending == 0 then return end
+  local q, n, inserting = self.pending, self.npending, self.inserting
+  self.pending, self.npending, self.inserting = {}, 0, {}
+  local done = not nested and core.event()
+  if done then self.flushing = done end
+  local ok, err = pcall(db.transaction, db, function()
     for i = 1, n do
       local e = q[i]
       db:run(e[1], table.unpack(e, 3, 2 + e[2]))
     end
   end)
+  if done then
+    self.flushing = nil
+    done:set()
+  end
+  if ok then
+    self.write_error, self.write_failures = nil, 0
+    return
+  end
+  err = tostring(err)
+  if not nested then
+    for i = 1, self.npending do q[n + i] = self.pending[i] end
+    for id, e in pairs(self.inserting) do inserting[id] = e end
+    self.pending, self.npending, self.inserting = q, n + self.npending, inserting
+    self.write_error, self.write_failures = err, (self.write_failures or 0) + 1
+    self:schedule_flush()
+  end
+  error(err, 0)
+end
+
+--- Give up on the queued writes (the store cannot take them, and the run
+-- is being ended without them); returns how many there were.
+function Store:drop_pending()
+  local n = self.npending
+  self.pending, self.npending, self.inserting = {}, 0, {}
+  return n
 end
 
 --- Run a write now, in its own transaction (for rows other processes wait on).
@@ -223,17 +315,20 @@ function Store:transaction(fn) self:flush(); return self.db:transaction(fn) end
 -- ---- encoding -------------------------------------------------------------
 
 --- JSON for the store; values JSON cannot hold become a description, and the
--- second result says whether the value round-trips.
+-- second result says whether the value round-trips.  Strings that are not
+-- UTF-8 are kept as {"$bytes": BASE64} (drover.json's bytes option), and
+-- come back as the same bytes from decode.
+local BYTES = { bytes = true }
 function M.encode(v)
   if v == nil then return nil, true end
-  local ok, s = pcall(json.encode, v)
+  local ok, s = pcall(json.encode, v, BYTES)
   if ok then return s, true end
-  return json.encode(tostring(v)), false
+  return json.encode(tostring(v), BYTES), false
 end
 
 function M.decode(s)
   if s == nil then return nil end
-  local v = json.decode(s)
+  local v = json.decode(s, BYTES)
   return v
 end
 
@@ -275,16 +370,20 @@ function Store:update_flow_run(id, fields)
 end
 
 --- Move a flow run to `state` unless it is already final.  Returns true if
--- it moved.  `from` (optional) restricts the states it may move from.
+-- it moved.  `extra` (optional): `result`, stored with the state; `ts`,
+-- when the change happened (a worker reporting over HTTP sends its own
+-- time, so a batch applied late still dates the history, `started` and
+-- `ended` right); default now.  The heartbeat is always now.
 function Store:set_flow_state(id, state, message, extra)
-  local now = M.time()
+  local beat = M.time()
+  local now = extra and extra.ts or beat
   local final = (state == "COMPLETED" or state == "FAILED" or state == "CANCELLED" or state == "CRASHED")
   local sql = "UPDATE flow_runs SET state = ?, message = ?, heartbeat = ?" ..
     (state == "RUNNING" and ", started = coalesce(started, ?)" or "") ..
     (final and ", ended = ?" or "") ..
     (extra and extra.result ~= nil and ", result = ?" or "") ..
     " WHERE id = ? AND state NOT IN ('COMPLETED','FAILED','CANCELLED','CRASHED')"
-  local vals = { state, message, now }
+  local vals = { state, message, beat }
   if state == "RUNNING" then vals[#vals + 1] = now end
   if final then vals[#vals + 1] = now end
   if extra and extra.result ~= nil then vals[#vals + 1] = extra.result end
@@ -313,8 +412,14 @@ function Store:flow_run_states(id)
   return self:rows("SELECT state, message, ts FROM flow_run_states WHERE flow_run_id = ? ORDER BY id", id)
 end
 
+-- A run's token digest stays in the store: rows handed out leave it out.
+local function public(r)
+  if r then r.token_hash = nil end
+  return r
+end
+
 function Store:flow_run(id)
-  return self:first("SELECT * FROM flow_runs WHERE id = ?", id)
+  return public(self:first("SELECT * FROM flow_runs WHERE id = ?", id))
 end
 
 --- Find a flow run by id or unique id prefix.
@@ -322,7 +427,7 @@ function Store:find_flow_run(id)
   local r = self:flow_run(id)
   if r then return r end
   local rows = self:rows("SELECT * FROM flow_runs WHERE id LIKE ? || '%' LIMIT 2", id)
-  if #rows == 1 then return rows[1] end
+  if #rows == 1 then return public(rows[1]) end
   return nil
 end
 
@@ -339,7 +444,9 @@ function Store:flow_runs(filter)
     (#where > 0 and (" WHERE " .. table.concat(where, " AND ")) or "") ..
     " ORDER BY created DESC LIMIT ?"
   vals[#vals + 1] = filter.limit or 100
-  return self:rows(sql, table.unpack(vals))
+  local rows = self:rows(sql, table.unpack(vals))
+  for _, r in ipairs(rows) do public(r) end
+  return rows
 end
 
 -- ---- task runs (queued writes: these are the hot path) ---------------------
@@ -364,6 +471,17 @@ function Store:task_run_started(t)
     t.params_hash, t.attempts, t.cache_key, t.tags, t.started, nil, nil, 1, nil, nil, nil)
   -- queue() may have flushed (batch full): then the entry is written already
   if self.npending > 0 then self.inserting[t.id] = self.pending[self.npending] end
+end
+
+--- Insert task run `t` of run `flow_run_id` now, with its finish if it
+-- has one (message ... reused_from; result_ok absent counts as true): for
+-- the server applying a worker's batch inside apply_batch's transaction,
+-- where a queue entry per row would only cost time.
+function Store:insert_task_run(t, flow_run_id)
+  self.db:run(INSERT_TASK_RUN,
+    t.id, flow_run_id, t.parent_id, t.name, t.kind, t.call_key, t.state, t.params,
+    t.params_hash, t.attempts, t.cache_key, t.tags, t.started, t.message, t.result, t.result_ok == false and 0 or 1,
+    t.ended, t.cache_expires, t.reused_from)
 end
 
 -- `flow_run_id`, when given, confines the update to that run's task runs
@@ -441,6 +559,11 @@ function Store:set_run_token(id, token_hash)
 end
 
 --- The run whose token has this hash, or nil.
+--- Was run `id` given a token (does a worker report it over HTTP)?
+function Store:has_run_token(id)
+  return self:value("SELECT token_hash IS NOT NULL FROM flow_runs WHERE id = ?", id) == 1
+end
+
 function Store:run_by_token(token_hash)
   return self:first("SELECT id, state FROM flow_runs WHERE token_hash = ?", token_hash)
 end
@@ -450,6 +573,15 @@ end
 -- now), and writes through the store; queued writes are flushed before
 -- the commit.  `applied`, when fn returns one, becomes the run's event_seq.
 function Store:apply_batch(run_id, fn)
+  if not self.batch_cache then
+    -- only the server that owns the store applies batches, for as long
+    -- as it runs: a page cache of 64 MiB instead of SQLite's 2 MiB keeps
+    -- the task run index it inserts into at random (ids are random) in
+    -- memory as the store grows (a fifth less time per event at 100,000
+    -- task runs)
+    self.batch_cache = true
+    self.db:exec("PRAGMA cache_size = -65536")
+  end
   self:flush()
   return self.db:transaction(function()
     local run = self.db:first("SELECT id, state, event_seq FROM flow_runs WHERE id = ?", run_id)
@@ -534,9 +666,191 @@ function Store:deployments()
   return self:rows("SELECT * FROM deployments ORDER BY name")
 end
 
+-- ---- the scheduler's fire times (drover serve) -----------------------------
+
+--- Deployments with a schedule that are not paused, of every backend.
+function Store:scheduled_deployments()
+  return self:rows([[SELECT * FROM deployments WHERE schedule IS NOT NULL AND schedule != ''
+      AND paused = 0 ORDER BY name]])
+end
+
+--- The scheduler's row of deployment `name` ({schedule, dep_updated,
+-- last_fire}), or nil; all rows by deployment when `name` is nil.
+function Store:fire_state(name)
+  if name then return self:first("SELECT * FROM daemon_schedule WHERE deployment = ?", name) end
+  local out = {}
+  for _, r in ipairs(self:rows("SELECT * FROM daemon_schedule")) do out[r.deployment] = r end
+  return out
+end
+
+--- Start counting deployment `name`'s fire times afresh from `last_fire`.
+function Store:rebase_fires(name, schedule, dep_updated, last_fire)
+  self:write([[INSERT INTO daemon_schedule(deployment, schedule, dep_updated, last_fire)
+      VALUES(?,?,?,?) ON CONFLICT(deployment) DO UPDATE SET schedule = excluded.schedule,
+      dep_updated = excluded.dep_updated, last_fire = excluded.last_fire]], name, schedule, dep_updated, last_fire)
+end
+
+--- Claim fire time `t` of deployment `name` whose last handled time was
+-- `last` (compare-and-set): true for the one daemon that gets it.
+function Store:claim_fire(name, last, t)
+  return self:write("UPDATE daemon_schedule SET last_fire = ? WHERE deployment = ? AND last_fire = ?",
+    t, name, last) == 1
+end
+
 function Store:set_paused(name, paused)
   return self:write("UPDATE deployments SET paused = ?, updated = ? WHERE name = ?",
     paused and 1 or 0, M.time(), name)
+end
+
+
+-- ---- retention: prune ended runs, give the space back ------------------------
+--
+-- `drover prune` and `drover serve --retention` delete ended runs older
+-- than a cutoff, each with everything that belongs to it (task runs, log
+-- lines, state history, remote calls), a batch of runs per transaction so
+-- the write lock is held briefly and workers keep writing in between.
+-- Active runs are never candidates: only runs in a final state are.
+--
+-- Freed pages go back to the filesystem by incremental vacuum: a store is
+-- made with auto_vacuum=INCREMENTAL (Store:migrate; in WAL mode that takes
+-- a VACUUM once the tables exist, instantaneous on an empty store), and
+-- prune then moves free pages off the end of the file a few at a time.
+-- Stores made before that are switched by one full VACUUM
+-- (`drover prune --full-vacuum`).
+
+local run_states = require "drover.states"
+
+-- the final states, sorted so the SQL text (and the statement cache) is stable
+local FINAL = {}
+for s in pairs(run_states.final) do FINAL[#FINAL + 1] = s end
+table.sort(FINAL)
+
+local function placeholders(n) return string.rep("?", n, ",") end
+
+-- The WHERE clause (and its values) choosing prune's candidates in
+-- flow_runs.  f: before (seconds since the epoch: created and ended before
+-- it), states (a list of final states; default all of them), deployment.
+local function prune_where(f)
+  if type(f.before) ~= "number" then error("store.prune: bad filter 'before' (a time expected)", 3) end
+  local st = f.states or FINAL
+  for _, s in ipairs(st) do
+    if not run_states.final[s] then
+      error("store.prune: state '" .. tostring(s) .. "' is not a final state (active runs are never pruned)", 3)
+    end
+  end
+  -- unary + keeps the planner off the state and deployment indexes: the
+  -- created index gives the candidates oldest first, already in order, and
+  -- the keyset in prune_batch reads each row of it once per pass
+  local where = "created < ? AND coalesce(ended, created) < ? AND +state IN (" .. placeholders(#st) .. ")"
+  local vals = { f.before, f.before, table.unpack(st) }
+  if f.deployment then
+    where = where .. " AND +deployment = ?"
+    vals[#vals + 1] = f.deployment
+  end
+  return where, vals
+end
+
+-- the tables holding rows of a flow run, by flow_run_id
+local RUN_CHILDREN = { task_runs = "task_runs", logs = "logs", states = "flow_run_states", calls = "run_calls" }
+
+--- What prune(f) would delete now: { runs, task_runs, logs, states, calls }.
+function Store:prune_count(f)
+  local where, vals = prune_where(f)
+  local out = { runs = self:value("SELECT count(*) FROM flow_runs WHERE " .. where, table.unpack(vals)) }
+  for key, tbl in pairs(RUN_CHILDREN) do
+    out[key] = self:value("SELECT count(*) FROM " .. tbl ..
+      " WHERE flow_run_id IN (SELECT id FROM flow_runs WHERE " .. where .. ")", table.unpack(vals))
+  end
+  return out
+end
+
+--- Delete one batch of prune candidates: at most `limit` runs, oldest
+-- first, after `cursor` (nil: from the start), with all their rows, in one
+-- transaction.  Returns the counts deleted ({ runs, task_runs, logs,
+-- states, calls }) and the cursor of the next batch, nil when no candidate
+-- is left.  The candidates are chosen inside the write transaction, so a
+-- run is deleted only if it is final at that moment (final is for good).
+function Store:prune_batch(f, cursor, limit)
+  local where, vals = prune_where(f)
+  self:flush()
+  local db = self.db
+  return db:transaction(function()
+    local args = { table.unpack(vals) }
+    local keyset = ""
+    if cursor then
+      -- keyset on (created, rowid): the runs a filter skipped are not read again
+      keyset = " AND created >= ? AND (created > ? OR rowid > ?)"
+      args[#args + 1], args[#args + 2], args[#args + 3] = cursor.created, cursor.created, cursor.rowid
+    end
+    args[#args + 1] = limit
+    local rows = db:rows("SELECT rowid AS rid, id, created FROM flow_runs WHERE " .. where .. keyset ..
+      " ORDER BY created, rowid LIMIT ?", table.unpack(args))
+    local counts = { runs = 0, task_runs = 0, logs = 0, states = 0, calls = 0 }
+    if #rows == 0 then return counts, nil end
+    local ids = {}
+    for i, r in ipairs(rows) do ids[i] = r.id end
+    local list = "(" .. placeholders(#ids) .. ")"
+    for key, tbl in pairs(RUN_CHILDREN) do
+      counts[key] = db:run("DELETE FROM " .. tbl .. " WHERE flow_run_id IN " .. list, table.unpack(ids))
+    end
+    counts.runs = db:run("DELETE FROM flow_runs WHERE id IN " .. list, table.unpack(ids))
+    local last = rows[#rows]
+    return counts, { created = last.created, rowid = last.rid }
+  end)
+end
+
+--- Is the store in incremental vacuum mode?
+function Store:incremental_vacuum()
+  self:flush()
+  return self.db:value("PRAGMA auto_vacuum") == 2
+end
+
+--- Switch the store to incremental vacuum, if it is not: one full VACUUM
+-- (rewrites the file and holds the write lock while it does).  Returns
+-- true if it switched.
+function Store:use_incremental_vacuum()
+  if self:incremental_vacuum() then return false end
+  self.db:exec("PRAGMA auto_vacuum = INCREMENTAL")
+  self.db:exec("VACUUM")
+  return true
+end
+
+--- Give up to `pages` free pages back to the filesystem (one short write
+-- transaction).  Returns the number of free pages left (0 when the store
+-- is not in incremental vacuum mode: its free pages are only reused).
+function Store:vacuum_step(pages)
+  if not self:incremental_vacuum() then return 0 end
+  self.db:exec("PRAGMA incremental_vacuum(" .. math.tointeger(pages) .. ")")
+  return self:free_pages()
+end
+
+--- Pages of the database file that hold nothing (deleted rows' space).
+function Store:free_pages()
+  self:flush()
+  return self.db:value("PRAGMA freelist_count")
+end
+
+--- Copy the WAL back into the database file; mode "PASSIVE" (never waits)
+-- or "TRUNCATE" (waits for readers, then empties the WAL).  A vacuumed
+-- file only shrinks on disk once a checkpoint has run.  Returns
+-- { busy, log, checkpointed }.
+function Store:checkpoint(mode)
+  if mode ~= "PASSIVE" and mode ~= "TRUNCATE" then
+    error("store.checkpoint: bad argument 'mode' (PASSIVE or TRUNCATE expected)", 2)
+  end
+  self:flush()
+  return self.db:first("PRAGMA wal_checkpoint(" .. mode .. ")")
+end
+
+--- Bytes the store takes on disk: the database file and its WAL.
+function Store:disk_size()
+  local fs = require "drover.fs"
+  local total = 0
+  for _, p in ipairs { self.path, self.path .. "-wal" } do
+    local st = fs.stat(p)
+    if st then total = total + st.size end
+  end
+  return total
 end
 
 return M

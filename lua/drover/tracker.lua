@@ -202,7 +202,8 @@ Flow.__index = Flow
 
 --- Start tracking a flow run.  info: name, params, backend, deployment,
 -- source (how to run it again), resumed_from, id (an existing run row, as
--- a worker has), store.
+-- a worker has), store, pid and external_id (what the reaper and a cancel
+-- need to find the process running it: `drover exec` records its own).
 function T.begin_flow(info)
   local store = info.store or T.default_store()
   local id = info.id
@@ -213,7 +214,7 @@ function T.begin_flow(info)
     id = store:create_flow_run {
       name = info.name, params = info.params, backend = info.backend or "local",
       deployment = info.deployment, source = info.source, state = states.RUNNING,
-      resumed_from = info.resumed_from, pid = info.pid,
+      resumed_from = info.resumed_from, pid = info.pid, external_id = info.external_id,
     }
   end
   local flow = setmetatable({
@@ -257,18 +258,77 @@ function Flow:run(fn, ...)
     ok, value, trace = false, r, err_trace
   end
   local store = flow.store
-  store:flush()
-  if ok then
-    local enc = store_mod.encode(value)
-    store:set_flow_state(flow.id, states.COMPLETED, nil, { result = enc })
-  elseif flow.cancel_requested or value == "cancelled" then
-    store:set_flow_state(flow.id, states.CANCELLED, flow.cancel_message or "cancelled")
-  else
-    if trace then store:log(flow.id, nil, "error", trace) end
+  local recorded, why = pcall(function()
     store:flush()
-    store:set_flow_state(flow.id, states.FAILED, first_line(value))
+    if ok then
+      local enc = store_mod.encode(value)
+      flow:record_end(states.COMPLETED, nil, { result = enc })
+    elseif flow.cancel_requested or value == "cancelled" then
+      flow:record_end(states.CANCELLED, flow.cancel_message or "cancelled")
+    else
+      if trace then store:log(flow.id, nil, "error", trace) end
+      store:flush()
+      flow:record_end(states.FAILED, first_line(value))
+    end
+  end)
+  if not recorded or store.write_error then
+    flow:end_unrecorded(store.write_error or why)
+    return false, flow.final_message
   end
+  flow.end_recorded = true
   return ok, value, trace
+end
+
+--- Record the flow's final state (kept in final_state/final_message too,
+-- for a caller that cannot read the store back).
+function Flow:record_end(state, message, extra)
+  self.final_state, self.final_message = state, message
+  self.store:set_flow_state(self.id, state, message, extra)
+end
+
+--- The store would not take the flow's queued writes (`why`: disk full,
+-- ...): drop them and end the run FAILED, with its active task runs, in
+-- the few small writes that may still fit.  If even those fail, the run
+-- stays active in the store with this process's pid, and the reaper ends
+-- it CRASHED once the process is gone.  Sets store_failed, final_state,
+-- final_message and end_recorded.
+function Flow:end_unrecorded(why)
+  local store = self.store
+  local dropped = store.drop_pending and store:drop_pending() or 0
+  self.store_failed = true
+  self.final_state = states.FAILED
+  self.final_message = "the store could not be written (" .. first_line(why):gsub("^drover%.db%.%w+: ", "") ..
+    ")" .. (dropped > 0 and string.format("; %d tracking write(s) lost", dropped) or "")
+  self.end_recorded = pcall(function()
+    if store.end_flow_run then
+      store:end_flow_run(self.id, states.FAILED, self.final_message)
+    else
+      store:set_flow_state(self.id, states.FAILED, self.final_message)
+    end
+  end)
+end
+
+--- The workflow called os.exit(code) while the flow ran: nothing after
+-- the call runs, so the end is recorded now.  Exit code 0 (or true, or
+-- none) ends the flow COMPLETED, any other FAILED; task runs still active
+-- end CANCELLED (exit 0) or FAILED, so none is left RUNNING.
+function Flow:exiting(code)
+  local store = self.store
+  local clean = code == nil or code == true or code == 0
+  local shown = code == nil and "" or tostring(code)
+  local message = "the workflow called os.exit(" .. shown .. ")"
+  if not pcall(store.flush, store) then return self:end_unrecorded(store.write_error or "flush failed") end
+  local ok = pcall(function()
+    if clean then
+      self:record_end(states.COMPLETED, message)
+      store:write([[UPDATE task_runs SET state = ?, message = ? WHERE flow_run_id = ?
+          AND state IN ('RUNNING','PENDING','SCHEDULED','CANCELLING')]], states.CANCELLED, message, self.id)
+    else
+      self.final_state, self.final_message = states.FAILED, message
+      store:end_flow_run(self.id, states.FAILED, message)
+    end
+  end)
+  if not ok then self:end_unrecorded(store.write_error or "write failed") end
 end
 
 --- Phase one of a cancel: CANCELLING, and every task of the flow is asked
@@ -365,6 +425,9 @@ function T.call(spec, fn, ...)
   if not ctx or not ctx.flow then return T.adhoc(spec, fn, ...) end
   local flow, parent = ctx.flow, ctx.node
   local store, opts, name = flow.store, spec.opts, spec.name
+  -- a flow whose tracking the store will not take (disk full) stops here
+  -- rather than running on untracked
+  if store.write_error then error("the store cannot be written: " .. first_line(store.write_error), 0) end
 
   local c = (parent.counters[name] or 0) + 1
   parent.counters[name] = c

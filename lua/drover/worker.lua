@@ -48,6 +48,12 @@ function Direct:job()
   return { run = r, deployment = d, package = p }
 end
 
+--- The reason a canceller recorded with CANCELLING, if it did.
+function Direct:cancel_reason()
+  local r = self.store:flow_run(self.run_id)
+  if r and r.state == states.CANCELLING then return r.message end
+end
+
 function Direct:unpack(p, dir) return fs.untar(p.location, dir) end
 function Direct:work_dir() return self.store.home .. "/runs/" .. self.run_id end
 function Direct:sink() return self.store end
@@ -72,6 +78,7 @@ function Remote:fetch(method, path)
   local delay, deadline = 0.2, drover.now() + (self.opts.delivery_timeout or 300)
   while true do
     local res, err = self.client:call(method, path)
+    if not res and api_client.untrusted(err) then error(method .. " " .. self.client.url .. path .. ": " .. err, 0) end
     if res and res.status < 500 then
       if res.status >= 200 and res.status < 300 then return res end
       error(api_client.error_of(res, method, self.client.url .. path), 0)
@@ -84,7 +91,12 @@ function Remote:fetch(method, path)
   end
 end
 
+--- The run, fetched once: `drover worker` reads it to build the backend
+-- before worker.run() asks again, and by then the reporter runs (a second
+-- fetch failing then would leave it reporting forever, and cost a round
+-- trip anyway).
 function Remote:job()
+  if self.info then return self.info end
   local res = self:fetch("GET", "/api/v1/runs/" .. self.run_id .. "/worker")
   local job = res.json
   if type(job) ~= "table" or type(job.run) ~= "table" then
@@ -95,9 +107,22 @@ function Remote:job()
   return job
 end
 
+--- The reason a canceller recorded with CANCELLING, as the server has it
+-- (one request: nil when the server cannot say at once).
+function Remote:cancel_reason()
+  local ok, res = pcall(self.client.call, self.client, "GET", "/api/v1/runs/" .. self.run_id .. "/worker", nil, nil,
+    { timeout = 5 })
+  local r = ok and res and res.status == 200 and type(res.json) == "table" and res.json.run
+  if type(r) == "table" and r.state == states.CANCELLING and type(r.message) == "string" then return r.message end
+end
+
 --- Download the bundle, check it against the package's sha256, unpack it.
+-- nil and a message when it cannot be had (the server answered 4xx: 410
+-- gone, 403 not this run's package; or it stayed unreachable): the run
+-- then ends CRASHED, `bad package: ...`.
 function Remote:unpack(p, dir)
-  local res = self:fetch("GET", "/api/v1/packages/" .. p.id .. "/bundle")
+  local fok, res = pcall(self.fetch, self, "GET", "/api/v1/packages/" .. p.id .. "/bundle")
+  if not fok then return nil, tostring(res) end
   local got = fs.sha256_string(res.body)
   if got ~= p.sha256 then
     return nil, "bundle of package " .. p.id .. " has sha256 " .. got .. ", expected " .. p.sha256
@@ -143,7 +168,13 @@ function Remote:finish()
   if not self.reporter then return true end
   local ok, spool, refused = self.reporter:close()
   if ok then return true end
-  if spool then
+  if spool and refused and refused:find("^the reporter failed") then
+    io.stderr:write("drover worker: ", refused, "; the run's events are kept in ", spool,
+      " (send them with: drover replay ", spool, ")\n")
+  elseif spool and refused then
+    io.stderr:write("drover worker: the server refused the run's reports (", refused, "); its events are kept in ",
+      spool, " (send them with the server's token: drover replay ", spool, ")\n")
+  elseif spool then
     io.stderr:write("drover worker: the server could not be reached; the run's events are kept in ",
       spool, " (send them with: drover replay ", spool, ")\n")
   elseif refused then
@@ -167,6 +198,30 @@ function M.backend_of(job, home)
   return o
 end
 
+--- A worker's module search path: `first` (the bundle's entries), drover's
+-- own library, then the absolute entries of `path` (LUA_PATH's or
+-- LUA_CPATH's, and Lua's system directories).  Relative entries, such as
+-- the default "./?.lua", are dropped: they name the directory the worker
+-- was started in (where `drover run` was typed), and a module missing
+-- from the bundle must fail to load, not come from there.  `pattern`
+-- ("?.lua" for package.path) adds drover's library directory.
+function M.search_path(first, path, pattern)
+  local out, seen = {}, {}
+  local function add(e)
+    if not seen[e] then seen[e] = true; out[#out + 1] = e end
+  end
+  for _, e in ipairs(first) do add(e) end
+  local ok, cfg = pcall(require, "drover.config")
+  if pattern and ok and type(cfg) == "table" and cfg.lua_dir then
+    add(cfg.lua_dir .. "/" .. pattern)
+    add(cfg.lua_dir .. "/?/init.lua")
+  end
+  for e in path:gmatch("[^;]+") do
+    if e:sub(1, 1) == "/" then add(e) end
+  end
+  return table.concat(out, ";")
+end
+
 --- Run the flow of `source` (M.direct or M.remote) with backend `o`;
 -- returns the exit code (0 the flow COMPLETED, 1 it did not).
 function M.run(o, source)
@@ -185,7 +240,8 @@ function M.run(o, source)
     source:fail("bad package: " .. tostring(err))
     return 1
   end
-  package.path = dir .. "/src/?.lua;" .. dir .. "/src/?/init.lua;" .. package.path
+  package.path = M.search_path({ dir .. "/src/?.lua", dir .. "/src/?/init.lua" }, package.path, "?.lua")
+  package.cpath = M.search_path({}, package.cpath)
   local flow
   local hooks = {
     cancel = function() if flow then flow:cancel("cancelled") end end,
@@ -193,9 +249,19 @@ function M.run(o, source)
   }
   local sink = source:sink(hooks)
   o.worker_source = source -- for backends that run calls elsewhere (slurm resources)
-  flow = tracker.begin_flow { id = r.id, name = r.name, store = sink, pid = drover.pid(),
-    resumed_from = r.resumed_from }
-  local function on_term() flow:cancel("stopped") end
+  local began, berr = pcall(tracker.begin_flow, { id = r.id, name = r.name, store = sink, pid = drover.pid(),
+    resumed_from = r.resumed_from })
+  if not began then
+    -- (e.g. a resume whose old run the server cannot give): end the run,
+    -- deliver what the sink holds, and exit -- a live sink would keep
+    -- sending heartbeats for a run nobody runs
+    source:fail("the flow could not start: " .. tostring(berr))
+    return 1
+  end
+  flow = berr
+  -- drover cancel, stop and the dashboard record why (CANCELLING) before
+  -- they signal: the run ends with that reason, not a generic one
+  local function on_term() flow:cancel(source.cancel_reason and source:cancel_reason() or "stopped") end
   local s1 = drover.on_signal("TERM", on_term)
   local s2 = drover.on_signal("INT", on_term)
   local restore_print = tracker.capture_print()

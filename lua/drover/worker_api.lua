@@ -15,7 +15,7 @@
 -- A run's token may use these for its own run only (403 for another's);
 -- the server's token (or none, on loopback) may use them for any run, as
 -- `drover replay` does.
-local events = require "drover.events"
+local event_batch = require "drover.event_batch"
 local fs = require "drover.fs"
 local json = require "drover.json"
 local server = require "drover.server"
@@ -23,9 +23,6 @@ local states = require "drover.states"
 local store_mod = require "drover.store"
 
 local M = {}
-
---- Most events one batch may carry (a worker sends at most 1,000).
-M.MAX_EVENTS = 10000
 
 local function err(status, message, extra)
   local body = { error = message }
@@ -59,7 +56,7 @@ function H.worker(api, _, _, id)
   local p = d and d.package_id and store:package(d.package_id)
   local out = {
     run = { id = r.id, name = r.name, deployment = r.deployment, backend = r.backend, state = r.state,
-      params = decode(r.params) or json.object(), resumed_from = r.resumed_from, event_seq = r.event_seq },
+      message = r.message, params = decode(r.params) or json.object(), resumed_from = r.resumed_from, event_seq = r.event_seq },
     heartbeat = api.heartbeat, server_time = store_mod.time(),
   }
   if d then
@@ -73,56 +70,13 @@ function H.worker(api, _, _, id)
   return server.json(200, out)
 end
 
---- A batch of events.  Checked whole before anything is written (a bad
--- event refuses the batch, naming it); applied in one transaction;
--- sequence numbers already applied are skipped (a retried batch records
--- nothing twice); a gap is refused.  A run that has ended (the server
--- marked it CRASHED or CANCELLED, or it finished) takes log lines only:
--- anything else is a late report, refused with 409 and noted in the log.
+--- A batch of events: the rules are event_batch.lua's.
 function H.events(api, req, _, id)
   local b, berr = body_object(req)
   if not b then return err(400, berr) end
-  local first, last, list = b.first_seq, b.last_seq, b.events
-  if math.type(first) ~= "integer" or first < 1 then return err(400, "first_seq must be an integer >= 1") end
-  if type(list) ~= "table" or (next(list) ~= nil and list[1] == nil) then
-    return err(400, "events must be an array")
-  end
-  if #list > M.MAX_EVENTS then return err(413, "too many events in one batch (at most " .. M.MAX_EVENTS .. ")") end
-  last = last or first + #list - 1
-  if math.type(last) ~= "integer" or last < first + #list - 1 then
-    return err(400, "last_seq must be an integer >= first_seq + #events - 1")
-  end
-  local only_logs = true
-  for i, e in ipairs(list) do
-    local ok, msg = events.unpack(e)
-    if ok then ok, msg = events.check(e) end
-    if not ok then return err(400, "event " .. i .. " (seq " .. (first + i - 1) .. "): " .. msg) end
-    if e.t ~= "log" then only_logs = false end
-  end
-  local store = api.store
-  local out = store:apply_batch(id, function(run)
-    if not run then return { 404, { error = "unknown run '" .. id .. "'" } } end
-    local applied = run.event_seq
-    if last <= applied and #list > 0 then
-      return { 200, { applied = applied, state = run.state, duplicate = true } }
-    end
-    if first > applied + 1 then
-      return { 409, { error = "sequence gap: the server has events up to " .. applied ..
-        ", this batch starts at " .. first, reason = "gap", applied = applied } }
-    end
-    if states.final[run.state] and not only_logs then
-      store:log(id, nil, "error", "late report refused: " .. #list .. " event(s) (seq " .. first .. "-" .. last ..
-        ") arrived after the run ended " .. run.state .. "; drover resume is the way back")
-      return { 409, { error = "run " .. id .. " has ended (" .. run.state .. "): late report refused",
-        reason = "ended", state = run.state, applied = applied } }
-    end
-    for i, e in ipairs(list) do
-      if first + i - 1 > applied then events.apply(store, id, e) end
-    end
-    local now = store:flow_run(id)
-    return { 200, { applied = math.max(last, applied), state = now and now.state } }, math.max(last, applied)
-  end)
-  return server.json(out[1], out[2])
+  -- base64 fields (bytes that are not UTF-8) are rare: look for them in
+  -- the events only when the body names one at all
+  return server.json(event_batch.apply(api.store, id, b, req.body:find("@b64", 1, true) ~= nil))
 end
 
 function H.reusable(api, _, _, id)

@@ -7,12 +7,21 @@
 #include <lauxlib.h>
 #include <time.h>
 
+/* Every directory the tests make is under one made by main, which removes
+ * it at the end: the suite leaves nothing in /tmp. */
+static char tmp_root[64];
+
+/* A new directory under tmp_root into dir (at least 128 bytes); dir or NULL. */
+static char *make_dir(char *dir, size_t size) {
+  snprintf(dir, size, "%s/XXXXXX", tmp_root);
+  return mkdtemp(dir);
+}
+
 /* A fresh store directory per test, so runs of one test never meet another's. */
 static drover *open_engine(drover_options *o) {
-  static char home[64];
+  static char home[128];
   drover_options local;
-  snprintf(home, sizeof home, "/tmp/drover-api-XXXXXX");
-  if (mkdtemp(home) == NULL) return NULL;
+  if (make_dir(home, sizeof home) == NULL) return NULL;
   if (o == NULL) {
     memset(&local, 0, sizeof local);
     o = &local;
@@ -85,6 +94,15 @@ static void test_register(void) {
   CHECK(strstr(drover_errmsg(D), "Lua identifier") != NULL);
   CHECK(drover_register(D, "x", NULL, NULL) == DROVER_EARG);
   CHECK(strstr(drover_errmsg(D), "fn is NULL") != NULL);
+  /* reserved words are not identifiers: drover.host.end would not parse */
+  CHECK(drover_register(D, "end", host_add, NULL) == DROVER_EARG);
+  CHECK_STR(drover_errmsg(D), "drover_register: bad argument 'name' ('end' is not a Lua identifier: letters, "
+                              "digits and _, not starting with a digit, not a reserved word)");
+  CHECK(drover_register(D, "while", host_add, NULL) == DROVER_EARG);
+  CHECK(drover_register(D, "1st", host_add, NULL) == DROVER_EARG);
+  CHECK(drover_register(D, "", host_add, NULL) == DROVER_EARG);
+  CHECK(drover_register(D, "end_", host_add, NULL) == DROVER_OK); /* only the word itself */
+  CHECK(drover_register(D, "_G1", host_add, NULL) == DROVER_OK);
   CHECK(drover_register(NULL, "x", host_add, NULL) == DROVER_EARG);
   CHECK(drover_host_ud(NULL) == NULL);
   CHECK(drover_register(D, "reenter", host_reenter, D) == DROVER_OK);
@@ -149,6 +167,10 @@ static void test_local_backend(void) {
   CHECK(drover_backend_call(D, "local", NULL, "list", NULL, &out) == DROVER_OK);
   CHECK(strstr(out, id) != NULL);
   drover_free(out);
+  /* cancel is an operation: of a finished run, the backend's own refusal */
+  CHECK(drover_backend_call(D, "local", NULL, "cancel", args, &out) == DROVER_ERUN);
+  CHECK(out == NULL);
+  CHECK(strstr(drover_errmsg(D), "is COMPLETED: only active runs can be cancelled") != NULL);
   /* an operation's own error is DROVER_ERUN with its message */
   CHECK(drover_backend_call(D, "local", NULL, "run", "[\"no-such\"]", &out) == DROVER_ERUN);
   CHECK(out == NULL);
@@ -158,8 +180,8 @@ static void test_local_backend(void) {
 
 static void test_backend_bad_input(void) {
   drover *D = open_engine(NULL);
-  char dir[] = "/tmp/drover-api-be-XXXXXX", path[128], *out = (char *)"untouched";
-  CHECK(mkdtemp(dir) != NULL);
+  char dir[128], path[160], *out = (char *)"untouched";
+  CHECK(make_dir(dir, sizeof dir) != NULL);
   /* JSON that does not parse, or has the wrong shape */
   CHECK(drover_backend_call(D, "local", NULL, "list", "[1, 2", &out) == DROVER_EARG);
   CHECK(out == NULL);
@@ -224,8 +246,8 @@ static void test_backend_bad_input(void) {
   CHECK(drover_backend_call(D, path, NULL, "list", NULL, &out) == DROVER_OK);
   CHECK_STR(out, "[[\"a\",\"b\"]]");
   drover_free(out);
-  CHECK(drover_backend_call(D, path, NULL, "logs", "[\"x\"]", &out) == DROVER_ENOTIMPL);
-  CHECK_STR(drover_errmsg(D), "backend 'minimal' does not implement logs");
+  CHECK(drover_backend_call(D, path, NULL, "run", "[\"x\"]", &out) == DROVER_ENOTIMPL);
+  CHECK_STR(drover_errmsg(D), "backend 'minimal' does not implement run");
   /* NULL arguments */
   CHECK(drover_backend_call(NULL, "local", NULL, "list", NULL, &out) == DROVER_EARG);
   CHECK(drover_backend_call(D, NULL, NULL, "list", NULL, &out) == DROVER_EARG);
@@ -239,6 +261,93 @@ static void test_backend_bad_input(void) {
   drover_close(D);
 }
 
+/* DIR/NAME.lua: a backend extending BaseOrchestrator with METHODS (Lua). */
+static const char *backend_file(char *path, size_t size, const char *dir, const char *name, const char *methods) {
+  char text[2048];
+  snprintf(path, size, "%s/%s.lua", dir, name);
+  snprintf(text, sizeof text,
+           "local B = require('drover').BaseOrchestrator:extend('%s')\nB.backend_name = '%s'\n%sreturn B\n", name,
+           name, methods);
+  write_file(path, text);
+  return path;
+}
+
+/* An empty list is [] in the results of list and logs, not {}; other
+ * operations' empty tables stay objects. */
+static void test_empty_lists(void) {
+  drover *D = open_engine(NULL);
+  char dir[128], path[160], *out = NULL;
+  CHECK(make_dir(dir, sizeof dir) != NULL);
+  CHECK(drover_backend_call(D, "local", NULL, "list", NULL, &out) == DROVER_OK); /* an empty store */
+  CHECK_STR(out, "[[]]");
+  drover_free(out);
+  backend_file(path, sizeof path, dir, "quiet",
+               "function B:logs(id) return {} end\n"
+               "function B:list() return {} end\n"
+               "function B:status(id) return {} end\n");
+  CHECK(drover_backend_call(D, path, NULL, "logs", "[\"r1\"]", &out) == DROVER_OK);
+  CHECK_STR(out, "[[]]");
+  drover_free(out);
+  CHECK(drover_backend_call(D, path, NULL, "list", NULL, &out) == DROVER_OK);
+  CHECK_STR(out, "[[]]");
+  drover_free(out);
+  CHECK(drover_backend_call(D, path, NULL, "status", "[\"r1\"]", &out) == DROVER_OK);
+  CHECK_STR(out, "[{}]");
+  drover_free(out);
+  drover_close(D);
+}
+
+/* cancel is one of the operations drover_backend_call reaches */
+static void test_cancel_operation(void) {
+  drover *D = open_engine(NULL);
+  char dir[128], path[160], *out = NULL;
+  CHECK(make_dir(dir, sizeof dir) != NULL);
+  backend_file(path, sizeof path, dir, "cancels",
+               "function B:cancel(id) return { id = id, state = 'CANCELLING' } end\n");
+  CHECK(drover_backend_call(D, path, NULL, "cancel", "[\"r1\"]", &out) == DROVER_OK);
+  CHECK(out != NULL && strstr(out, "\"state\":\"CANCELLING\"") != NULL && strstr(out, "\"id\":\"r1\"") != NULL);
+  drover_free(out);
+  CHECK(drover_backend_call(D, path, NULL, "explode", NULL, &out) == DROVER_EARG);
+  CHECK(strstr(drover_errmsg(D), "stop, cancel, status") != NULL); /* the list names it */
+  drover_close(D);
+}
+
+/* ---- each blocking call waits for its own work only ------------------------- */
+
+static void test_own_work_only(void) {
+  drover *D = open_engine(NULL);
+  lua_State *L = drover_lua(D);
+  char dir[128], path[160], *out = NULL;
+  int ticks_before;
+  alarm(60); /* a call that waits for the watcher never returns: fail in a minute */
+  CHECK(make_dir(dir, sizeof dir) != NULL);
+  /* a watcher that never ends, as a host's drover_start would leave running */
+  CHECK(drover_start(D, "local d = require 'drover'\n"
+                        "while true do TICKS = (TICKS or 0) + 1; d.sleep(0.005) end\n",
+                     "=watcher") == DROVER_OK);
+  CHECK(drover_dostring(D, "require('drover').sleep(0.02)", "=own") == DROVER_OK);
+  /* ... and the watcher ran meanwhile: the calls share the loop */
+  lua_getglobal(L, "TICKS");
+  ticks_before = (int)lua_tointeger(L, -1);
+  lua_pop(L, 1);
+  CHECK(ticks_before > 0);
+  CHECK(drover_backend_call(D, "local", NULL, "list", NULL, &out) == DROVER_OK);
+  drover_free(out);
+  snprintf(path, sizeof path, "%s/wf.lua", dir);
+  write_file(path, "return 1\n");
+  CHECK(drover_exec(D, path, NULL, &out) == DROVER_OK);
+  drover_free(out);
+  /* a task the code spawned and did not join is its own work: waited for */
+  CHECK(drover_dostring(D, "local d = require 'drover'\n"
+                           "d.spawn(function() d.sleep(0.03); d.spawn(function() d.sleep(0.01); CHILD = 'done' end) end)\n",
+                        "=spawner") == DROVER_OK);
+  lua_getglobal(L, "CHILD");
+  CHECK_STR(lua_tostring(L, -1), "done");
+  lua_pop(L, 1);
+  CHECK(drover_step(D) >= 1); /* the watcher is still alive */
+  drover_close(D);
+}
+
 /* ---- workflow files ---------------------------------------------------------- */
 
 static int host_record(lua_State *L) {
@@ -249,8 +358,8 @@ static int host_record(lua_State *L) {
 
 static void test_exec(void) {
   drover *D = open_engine(NULL);
-  char dir[] = "/tmp/drover-api-wf-XXXXXX", path[128], recorded[64] = "", *out = NULL;
-  CHECK(mkdtemp(dir) != NULL);
+  char dir[128], path[160], recorded[64] = "", *out = NULL;
+  CHECK(make_dir(dir, sizeof dir) != NULL);
   CHECK(drover_register(D, "record", host_record, recorded) == DROVER_OK);
   snprintf(path, sizeof path, "%s/wf.lua", dir);
   write_file(path, "local d = require 'drover'\n"
@@ -260,7 +369,8 @@ static void test_exec(void) {
   CHECK(drover_exec(D, path, "{\"n\": 21}", &out) == DROVER_OK);
   CHECK_STR(recorded, "got 42");
   CHECK(out != NULL && strstr(out, "\"state\":\"COMPLETED\"") != NULL && strstr(out, "\"name\":\"wf\"") != NULL);
-  CHECK(strstr(out, "\"message\":null") != NULL); /* always the same four keys */
+  CHECK(strstr(out, "\"message\":null") != NULL); /* always the same keys */
+  CHECK(strstr(out, "\"result\":null") != NULL);  /* the chunk returned nothing */
   drover_free(out);
   /* the run and its task run are in the store */
   CHECK(drover_dostring(D,
@@ -271,6 +381,11 @@ static void test_exec(void) {
                         "local tr = s:task_runs(runs[1].id)\n"
                         "assert(#tr == 1 and tr[1].name == 'double', 'its task run')",
                         "=check") == DROVER_OK);
+  /* what the flow returned */
+  write_file(path, "local params = ...\nreturn { answer = params.n * 2, none = {} }\n");
+  CHECK(drover_exec(D, path, "{\"n\": 21}", &out) == DROVER_OK);
+  CHECK(out != NULL && strstr(out, "\"result\":{\"answer\":42,\"none\":{}}") != NULL);
+  drover_free(out);
   /* a failing workflow: DROVER_ERUN, the state in out, the error in the message */
   write_file(path, "error('workflow broke')\n");
   CHECK(drover_exec(D, path, NULL, &out) == DROVER_ERUN);
@@ -372,14 +487,48 @@ static void test_start_step(void) {
   CHECK(uv_loop_close(&loop) == 0);
 }
 
+/* ---- closing ------------------------------------------------------------------ */
+
+static void test_close_twice(void) {
+  drover_options o;
+  drover *D = open_engine(NULL), *broken;
+  CHECK(D != NULL);
+  drover_close(D);
+  drover_close(D); /* harmless: it is no longer open */
+  drover_close(NULL);
+  /* an engine drover_open could not set up, and one with work left */
+  memset(&o, 0, sizeof o);
+  o.lua_dir = "/nonexistent";
+  broken = drover_open(&o);
+  CHECK(broken != NULL && *drover_errmsg(broken));
+  drover_close(broken);
+  drover_close(broken);
+  D = open_engine(NULL);
+  CHECK(drover_start(D, "require('drover').sleep(60)", "=left") == DROVER_OK);
+  CHECK(drover_step(D) == 1);
+  drover_close(D);
+  drover_close(D);
+}
+
 int main(void) {
   static const tap_test tests[] = {
       {"host functions registered in C are called from tasks", test_register},
       {"local backend: package, deploy, run, status, logs, list through JSON", test_local_backend},
       {"backend calls: bad JSON, syntax errors with file:line, unimplemented ops, NULLs", test_backend_bad_input},
       {"drover_exec runs a workflow file as a tracked flow run", test_exec},
+      {"list and logs give [] for an empty list, not {}", test_empty_lists},
+      {"drover_backend_call reaches cancel", test_cancel_operation},
+      {"a blocking call waits for its own tasks, not for a watcher drover_start began", test_own_work_only},
+      {"drover_close twice, or on NULL, is harmless", test_close_twice},
       {"the log callback gets drover.log lines and task errors", test_log_callback},
       {"drover_start + drover_step drive a host-owned loop without blocking", test_start_step},
       {NULL, NULL}};
-  return tap_run(tests, 150);
+  int rc;
+  char rm[128];
+  snprintf(tmp_root, sizeof tmp_root, "/tmp/drover-api-XXXXXX");
+  if (mkdtemp(tmp_root) == NULL) return 1;
+  rc = tap_run(tests, 150);
+  snprintf(rm, sizeof rm, "rm -rf '%s'", tmp_root);
+  if (system(rm) != 0) fprintf(stderr, "could not remove %s\n", tmp_root);
+  return rc;
 }

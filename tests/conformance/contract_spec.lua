@@ -65,12 +65,18 @@ describe("conformance: backend '" .. backend .. "'", function()
 
   setup(function()
     orch = drover.orchestrator(backend, config)
+    -- a config that reports to "the daemon serving this store" (docker's
+    -- api_url "auto", slurm's "daemon") gets one, as `drover run` would
+    -- start it: a backend only looks for the daemon
+    if config.api_url == "auto" or config.api_url == "daemon" then
+      H.serve(orch:store().home, { "--port", "0" })
+    end
   end)
 
   teardown(function()
     if not orch then return end
     -- what the kit deployed goes (a backend may keep finished containers
-    -- or jobs until stop), then the daemon the local backend's run() starts
+    -- or jobs until stop), then the daemon setup started
     for _, d in ipairs(orch:store():deployments()) do
       if d.name:sub(-#suffix - 1) == "-" .. suffix then pcall(orch.stop, orch, d.name, {}) end
     end

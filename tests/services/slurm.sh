@@ -82,6 +82,13 @@ rest_tcp() {
 
 # Directories a hidden node must not see besides /tmp: the submitter's
 # store (when it is not under /tmp) and the default one.
+# The checkout, when /tmp (which the hidden nodes replace) holds it; else "-".
+checkout_under_tmp() {
+  local root
+  root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd -P)
+  if [[ "$root" == /tmp/* ]]; then echo "$root"; else echo -; fi
+}
+
 hidden_dirs() {
   local d
   for d in "${DROVER_HOME:-}" "${HOME:-/root}/.drover"; do
@@ -92,11 +99,16 @@ hidden_dirs() {
 # What a hidden node's mount namespace does before slurmd starts: an empty
 # writable tmpfs on /tmp (the node's own local disk), an empty read-only
 # one on each hidden directory (a worker that tried to open a store there
-# fails instead of silently making a new one).  Args: NODE CONF DIR...
+# fails instead of silently making a new one).  The drover checkout (the
+# binary the jobs run) stays visible even when it lives under /tmp (a CI
+# clone may): it is bind-mounted aside first and moved back onto the new
+# /tmp.  Args: NODE CONF KEEP_DIR|- STAGE DIR...
 # shellcheck disable=SC2016 # expanded by that shell, not this one
-NODE_SETUP='n=$1 conf=$2; shift 2
-mount --make-rprivate / &&
+NODE_SETUP='n=$1 conf=$2 keep=$3 stage=$4; shift 4
+mount --make-rprivate / || exit 1
+if [ "$keep" != - ]; then mkdir -p "$stage" && mount --bind "$keep" "$stage" || exit 1; fi
 mount -t tmpfs -o mode=1777,size=512m drover-node-tmp /tmp || exit 1
+if [ "$keep" != - ]; then mkdir -p "$keep" && mount --move "$stage" "$keep" || exit 1; fi
 for d in "$@"; do mount -t tmpfs -o ro,mode=755,size=1m drover-hidden "$d" || exit 1; done
 exec slurmd -D -N "$n" -f "$conf"'
 
@@ -109,7 +121,8 @@ start_node() {
     n4) launch "slurmd-$n" slurmd -D -N "$n" -f "$C/slurm.conf" ;;
     n[123])
       # shellcheck disable=SC2046 # one word per directory (no spaces in them)
-      launch "slurmd-$n" unshare -m sh -c "$NODE_SETUP" node-setup "$n" "$C/slurm.conf" $(hidden_dirs) ;;
+      launch "slurmd-$n" unshare -m sh -c "$NODE_SETUP" node-setup "$n" "$C/slurm.conf" \
+        "$(checkout_under_tmp)" "$C/keep-$n" $(hidden_dirs) ;;
     *) die "unknown node '$n' (n1..n4)" ;;
   esac
 }

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The tmux service: a private tmux server for the example backend in
-# examples/backends/tmux.lua, so that the conformance kit runs on it.
+# examples/backends/tmux.lua, so that the conformance kit runs on it (and
+# on the minimal example, examples/backends/nohup.lua).
 #   tmux.sh packages    Debian packages it needs
 #   tmux.sh start DIR   start the server (socket under DIR, never the user's),
 #                       write DIR/env and DIR/conformance
@@ -28,7 +29,12 @@ start)
   # no env for the specs: the conformance line below carries TMUX_TMPDIR,
   # and a tmux deployment keeps it (config key tmpdir)
   : >"$DIR/env"
-  echo "tmux DROVER_PATH=$ROOT/examples/backends TMUX_TMPDIR=$TMUX_TMPDIR" >"$DIR/conformance"
+  # and the minimal example (examples/backends/nohup.lua), which needs
+  # nothing but this machine: it rides on this service's line
+  {
+    echo "tmux DROVER_PATH=$ROOT/examples/backends TMUX_TMPDIR=$TMUX_TMPDIR"
+    echo "nohup DROVER_PATH=$ROOT/examples/backends"
+  } >"$DIR/conformance"
   ;;
 stop)
   DIR=${2:?usage: tmux.sh stop DIR}

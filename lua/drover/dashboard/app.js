@@ -39,7 +39,39 @@ function fmtDuration(d) {
   return Math.floor(d / 60) + "m" + String(Math.floor(d % 60)).padStart(2, "0") + "s";
 }
 const stateBadge = (s, id) => h("span", { class: "state " + s, id }, s);
-const short = (v) => { if (v === undefined || v === null) return ""; const s = typeof v === "string" ? v : JSON.stringify(v); return s.length > 200 ? s.slice(0, 200) + "…" : s; };
+// Bytes that are not UTF-8 come as {"$bytes": base64} (a log line, a
+// binary result): shown as text, with each byte that is not part of a
+// UTF-8 character (or is a control character) written \xNN.
+const isBytes = (v) => v !== null && typeof v === "object" && !Array.isArray(v) &&
+  typeof v["$bytes"] === "string" && Object.keys(v).length === 1;
+const utf8 = new TextDecoder("utf-8", { fatal: true });
+function bytesText(b64) {
+  let bytes;
+  try { bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0)); } catch (e) { return "(bad base64)"; }
+  let out = "";
+  for (let i = 0; i < bytes.length;) {
+    const b = bytes[i];
+    const n = b < 0x80 ? 1 : b >= 0xc2 && b < 0xe0 ? 2 : b >= 0xe0 && b < 0xf0 ? 3 : b >= 0xf0 && b < 0xf5 ? 4 : 0;
+    const control = (b < 0x20 && b !== 9 && b !== 10 && b !== 13) || b === 0x7f;
+    if (n && !control) {
+      try { out += utf8.decode(bytes.subarray(i, i + n)); i += n; continue; } catch (e) { /* not a character */ }
+    }
+    out += "\\x" + b.toString(16).toUpperCase().padStart(2, "0");
+    i++;
+  }
+  return out;
+}
+// A value from the API as text: strings as they are, bytes decoded.
+const text = (v) => isBytes(v) ? bytesText(v["$bytes"]) : v;
+// Inside JSON, bytes show as b"..." (a JSON string would double each \).
+function short(v) {
+  if (v === undefined || v === null) return "";
+  const parts = [];
+  const s = typeof v === "string" ? v : isBytes(v) ? text(v)
+    : JSON.stringify(v, (k, x) => isBytes(x) ? "\u0000" + (parts.push(text(x)) - 1) + "\u0000" : x)
+      .replace(/"\\u0000(\d+)\\u0000"/g, (m, i) => 'b"' + parts[i] + '"');
+  return s.length > 200 ? s.slice(0, 200) + "…" : s;
+}
 const ACTIVE = ["SCHEDULED", "PENDING", "RUNNING", "CANCELLING"];
 const STATES = ["SCHEDULED", "PENDING", "RUNNING", "COMPLETED", "FAILED", "CANCELLING", "CANCELLED", "CRASHED"];
 
@@ -125,7 +157,7 @@ async function runPage(id) {
       h("span", {}, "deployment ", r.deployment ? h("a", { href: "/deployments/" + encodeURIComponent(r.deployment) }, h("b", {}, r.deployment)) : h("b", {}, "-")),
       h("span", {}, "backend ", h("b", {}, r.backend)), h("span", {}, "started ", h("b", {}, fmtTime(r.started))),
       h("span", {}, "duration ", h("b", {}, fmtDuration(r.duration))),
-      r.message ? h("span", {}, "message ", h("b", { id: "run-message" }, r.message)) : null,
+      r.message ? h("span", {}, "message ", h("b", { id: "run-message" }, text(r.message))) : null,
       h("span", {}, "params ", h("b", {}, short(r.params)))].filter(Boolean));
     timeline.replaceChildren(gantt(r.task_runs));
     tasks.replaceChildren(...r.task_runs.map((t) => h("tr", {},
@@ -139,7 +171,7 @@ async function runPage(id) {
     run: (r) => { if (r.id === id) scheduleRefresh(load); },
     log: (l) => {
       const atEnd = logs.scrollTop + logs.clientHeight >= logs.scrollHeight - 4;
-      logs.append(l.line + "\n");
+      logs.append(text(l.line) + "\n");
       if (atEnd) logs.scrollTop = logs.scrollHeight;
     },
   });

@@ -1,0 +1,58 @@
+--- Which process a stored pid names: the pid plus the process's start time.
+--
+-- A run recorded with only a pid (a `drover exec`, which is not a worker
+-- the local backend started) cannot be told from a later process that got
+-- the same pid once the first one is gone, so the reaper would keep it
+-- RUNNING and a cancel would signal a stranger.  The start time
+-- (/proc/PID/stat, clock ticks since boot) does not repeat for a pid, so
+-- "proc:PID:START" names one process for good.  Where /proc is missing the
+-- tag is nil and callers fall back to the pid alone.
+local drover_core = require "drover.core"
+
+local M = {}
+
+--- /proc/PID/stat of `pid`: { state = "R"|"S"|"Z"|..., pgrp = n, start = n },
+-- or nil when there is no such process (or no /proc).
+function M.stat(pid)
+  local f = io.open("/proc/" .. math.tointeger(pid) .. "/stat", "r")
+  if not f then return nil end
+  local text = f:read("a")
+  f:close()
+  -- the command name (field 2) is in parentheses and may hold anything:
+  -- the fields that follow start after the last ')'
+  local rest = text and text:match("^.*%)%s+(.*)$")
+  if not rest then return nil end
+  local fields = {}
+  for w in rest:gmatch("%S+") do fields[#fields + 1] = w end
+  -- rest starts at field 3 (state): pgrp is field 5, starttime field 22
+  local pgrp, start = math.tointeger(tonumber(fields[3])), math.tointeger(tonumber(fields[20]))
+  if not (pgrp and start) then return nil end
+  return { state = fields[1], pgrp = pgrp, start = start }
+end
+
+--- "proc:PID:START" for process `pid`, or nil when it cannot be read.
+function M.tag(pid)
+  local s = M.stat(pid)
+  return s and string.format("proc:%d:%d", pid, s.start) or nil
+end
+
+--- The pid and start time in `tag`, or nil when it is not a process tag.
+function M.parse(tag)
+  local pid, start = tostring(tag or ""):match("^proc:(%d+):(%d+)$")
+  if not pid then return nil end
+  return math.tointeger(tonumber(pid)), math.tointeger(tonumber(start))
+end
+
+--- Is the process `tag` names still running?  A zombie (dead, not yet
+-- waited for) counts as gone, and so does another process with its pid.
+function M.alive(tag)
+  local pid, start = M.parse(tag)
+  if not pid then return false end
+  local s = M.stat(pid)
+  if s then return s.start == start and s.state ~= "Z" and s.state ~= "X" end
+  if M.stat(drover_core.pid()) then return false end -- /proc works: the process is gone
+  -- no /proc here: the pid alone is all there is to go on
+  return drover_core.kill(pid, 0) == true
+end
+
+return M
