@@ -127,7 +127,7 @@ INST       = $(DESTDIR)
 install: all
 	install -d $(INST)$(PREFIX)/bin $(INST)$(LIBDIR)/pkgconfig $(INST)$(LIBDIR)/drover \
 	  $(INST)$(INCLUDEDIR) $(INST)$(SHAREDIR)/lua/drover/dashboard $(INST)$(SHAREDIR)/lua/drover/orchestrator \
-	  $(INST)$(SHAREDIR)/backends \
+	  $(INST)$(SHAREDIR)/backends/slurm \
 	  $(INST)$(PREFIX)/share/man/man1
 	install -m 755 $(BUILD)/drover $(INST)$(PREFIX)/bin/drover
 	install -m 644 $(BUILD)/libdrover.a $(INST)$(LIBDIR)/libdrover.a
@@ -140,6 +140,7 @@ install: all
 	install -m 644 lua/drover/orchestrator/*.lua $(INST)$(SHAREDIR)/lua/drover/orchestrator/
 	install -m 644 lua/drover/dashboard/* $(INST)$(SHAREDIR)/lua/drover/dashboard/
 	install -m 644 backends/*.lua $(INST)$(SHAREDIR)/backends/
+	install -m 644 backends/slurm/*.lua $(INST)$(SHAREDIR)/backends/slurm/
 	install -m 644 docs/man/drover.1 $(INST)$(PREFIX)/share/man/man1/drover.1
 	sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@VERSION@|$(VERSION)|' engine/drover.pc.in \
 	  > $(INST)$(LIBDIR)/pkgconfig/drover.pc

@@ -80,6 +80,7 @@ local PASS_ENV = { "DROVER_ROOT", "DROVER_PATH", "DROVER_BUILD", "LUA_PATH", "LU
 local here = debug.getinfo(1, "S").source:match("^@(.*)/[^/]*$") or "."
 local function part(name) return assert(loadfile(here .. "/slurm/" .. name .. ".lua"))() end
 local text = part("text")
+local jobstate = part("jobstate")
 local template = part("template")
 local trim, fail, oneline, shell_quote = text.trim, text.fail, text.oneline, text.shell_quote
 local minutes, megabytes = template.minutes, template.megabytes
@@ -233,14 +234,7 @@ function Slurm:cmd(argv, env)
   return out
 end
 
--- ---- job state --------------------------------------------------------------------------
-
---- "KEY=VALUE KEY=VALUE" (scontrol -o, jobcomp lines) into a table.
-local function keyvals(line)
-  local t = {}
-  for k, v in line:gmatch("(%w+)=(%S*)") do if t[k] == nil then t[k] = v end end
-  return t
-end
+-- ---- job state (parsing: backends/slurm/jobstate.lua) -----------------------------------
 
 --- The final record of a job that left slurmctld (MinJobAge), from the
 -- jobcomp/filetxt file.  jobid: the plain job id.
@@ -253,125 +247,42 @@ function Slurm:jobcomp(jobid, task)
   end
   local content = path and fs.read(path)
   if not content then return nil end
-  -- an array element by its array's id and its index (22.05's filetxt
-  -- records both), a plain job by its own id
-  local want = task and (" ArrayJobId=" .. jobid .. " ArrayTaskId=" .. task .. " ")
-  local found
-  for line in content:gmatch("[^\n]+") do
-    if want then
-      if line:find(want, 1, true) then found = line end
-    elseif line:find("JobId=" .. jobid .. " ", 1, true) == 1 then found = line end
-  end
-  if not found then return nil end
-  local kv = keyvals(found)
-  local code, sig = (kv.ExitCode or "0:0"):match("^(%d+):(%d+)$")
-  return { state = kv.JobState, reason = nil, exit_code = tonumber(code) or 0, signal = tonumber(sig) or 0,
-    node = kv.NodeList, source = "jobcomp" }
+  return jobstate.parse_jobcomp(content, jobid, task)
 end
 
---- Is task number `n` in an array range expression ("0-5%2", "1,3-7:2")?
-local function in_ranges(expr, n)
-  expr = tostring(expr or ""):gsub("%%.*$", "")
-  for piece in expr:gmatch("[^,]+") do
-    local a, b, step = piece:match("^(%d+)%-(%d+):?(%d*)$")
-    if a then
-      a, b, step = tonumber(a), tonumber(b), tonumber(step) or 1
-      if n >= a and n <= b and (n - a) % step == 0 then return true end
-    elseif tonumber(piece) == n then
-      return true
-    end
-  end
-  return false
-end
-
---- Slurm's records of job `job` as { task = "3" | nil, tasks = "2-5%2" |
--- nil, state, reason, exit_code, signal, job_id }, or nil if slurmctld
--- does not know it.
+--- Slurm's records of job `job` (jobstate.lua's job records), or nil if
+-- slurmctld does not know it.
 function Slurm:job_records(job)
-  local recs = {}
   if self:mode() == "commands" then
     local r = self:cmd_run({ "scontrol", "show", "job", "-o", job })
     if r.code ~= 0 then
       if ((r.stderr or "") .. (r.stdout or "")):find("Invalid job id", 1, true) then return nil end
       fail("'scontrol show job %s' failed: %s", job, oneline((r.stderr or "") .. " " .. (r.stdout or "")))
     end
-    for line in r.stdout:gmatch("[^\n]+") do
-      local kv = keyvals(line)
-      local code, sig = (kv.ExitCode or "0:0"):match("^(%d+):(%d+)$")
-      local t = kv.ArrayTaskId
-      recs[#recs + 1] = { task = t and t:match("^%d+$") and t or nil, tasks = t and not t:match("^%d+$") and t or nil,
-        state = kv.JobState, reason = kv.Reason, exit_code = tonumber(code) or 0, signal = tonumber(sig) or 0,
-        job_id = kv.JobId, node = kv.NodeList }
-    end
-  else
-    local body = self:rest("GET", "/job/" .. job, nil, { ["Invalid job id specified"] = true })
-    if not body then return nil end
-    for _, j in ipairs(body.jobs or {}) do
-      local ec = math.tointeger(j.exit_code) or 0
-      local t = math.tointeger(j.array_task_id)
-      local ts = j.array_task_string
-      -- exit_code is a wait status: the code in the high byte, the signal in the low
-      recs[#recs + 1] = { task = t and tostring(t) or nil,
-        tasks = type(ts) == "string" and ts ~= "" and ts or nil, state = j.job_state, reason = j.state_reason,
-        exit_code = ec >> 8, signal = ec & 0x7f, job_id = tostring(math.tointeger(j.job_id) or j.job_id),
-        node = type(j.nodes) == "string" and j.nodes or nil }
-    end
+    return jobstate.parse_scontrol(r.stdout)
   end
-  return recs
+  local body = self:rest("GET", "/job/" .. job, nil, { ["Invalid job id specified"] = true })
+  if not body then return nil end
+  return jobstate.parse_rest(body)
 end
 
 --- Slurm's view of job `ext` ("123" or "123_4" for an array task):
 -- { state, reason, exit_code, signal, job_id, node } or nil if Slurm has
 -- no record.
 function Slurm:job_info(ext)
-  local job, task = tostring(ext):match("^(%d+)_(%d+)$")
-  job = job or tostring(ext)
+  local job, task = jobstate.split_id(ext)
   local recs = self:job_records(job)
-  if recs then
-    local pending
-    for _, rec in ipairs(recs) do
-      if not task or rec.task == task then return rec end
-      -- a task not yet split out of the array's record: still pending
-      if rec.tasks and in_ranges(rec.tasks, tonumber(task)) then pending = rec end
-    end
-    if pending then return pending end
-  end
+  local rec = recs and jobstate.pick(recs, task)
+  if rec then return rec end
   -- gone from slurmctld: the jobcomp file has the end
   return self:jobcomp(job, task)
 end
-
--- Slurm's job states that still hold or wait for resources.
--- (Slurm 22.05's job state names, as squeue/scontrol/slurmrestd print them;
--- held ones included: `stop` cancels them too.)
-local ACTIVE = { PENDING = true, RUNNING = true, CONFIGURING = true, COMPLETING = true, SUSPENDED = true,
-  REQUEUED = true, RESIZING = true, SIGNALING = true, STAGE_OUT = true, STOPPED = true,
-  REQUEUE_HOLD = true, REQUEUE_FED = true, RESV_DEL_HOLD = true, SPECIAL_EXIT = true }
-Slurm.ACTIVE = ACTIVE
-
--- Slurm's final job states and the drover state a run left active ends in.
-local SLURM_FINAL = {
-  COMPLETED = states.CRASHED, -- the job ended well but the worker recorded no end
-  FAILED = states.FAILED, TIMEOUT = states.FAILED, OUT_OF_MEMORY = states.FAILED, DEADLINE = states.FAILED,
-  CANCELLED = states.CANCELLED, PREEMPTED = states.CANCELLED,
-  NODE_FAIL = states.CRASHED, BOOT_FAIL = states.CRASHED,
-  -- held after a special exit code (the job waits for an admin's release),
-  -- or a federation sibling revoked: this run's job will not run its end
-  SPECIAL_EXIT = states.FAILED, REVOKED = states.FAILED,
-  -- STOPPED (SIGSTOP) still holds its allocation: not final
-}
 
 --- Turn a run its worker ended COMPLETED or FAILED into CANCELLED: the
 -- cancel killed the workflow's processes, and the worker, racing the
 -- signal, recorded the end of a body it had lost.  Returns true if it did.
 function Slurm:cancelled_after_all(id, why)
-  local store = self:store()
-  local changed = store:write([[UPDATE flow_runs SET state = 'CANCELLED', message = ?
-      WHERE id = ? AND state IN ('COMPLETED','FAILED')]], why, id)
-  if changed > 0 then
-    store:write("INSERT INTO flow_run_states(flow_run_id, state, message, ts) VALUES(?,?,?,?)",
-      id, states.CANCELLED, why, store_mod.time())
-  end
-  return changed > 0
+  return self:store():replace_end(id, states.ended_by_worker_list, states.CANCELLED, why)
 end
 
 -- How long after its end a run's Slurm job is still checked for a cancel
@@ -396,29 +307,17 @@ function Slurm:reconcile(r)
     end
     return r
   end
-  local recent = (r.state == "COMPLETED" or r.state == "FAILED") and r.ended and store_mod.time() - r.ended < RECHECK
+  local recent = (r.state == states.COMPLETED or r.state == states.FAILED) and r.ended and store_mod.time() - r.ended < RECHECK
   if not states.active[r.state] and not recent then return r end
   local info = self:job_info(r.external_id)
-  local st = info and (info.state or ""):match("^(%u[%u_]*)")
   if recent then
+    local st = info and jobstate.name(info.state)
     if st == "CANCELLED" and self:cancelled_after_all(r.id, "slurm job " .. r.external_id .. " CANCELLED") then
       return store:flow_run(r.id)
     end
     return r
   end
-  local final, why
-  if not info then
-    final, why = states.CRASHED, "slurm job " .. r.external_id .. " is unknown to slurmctld and the jobcomp file"
-  else
-    final = SLURM_FINAL[st]
-    if final then
-      why = "slurm job " .. r.external_id .. " " .. st
-      if info.exit_code ~= 0 or info.signal ~= 0 then
-        why = why .. " (exit code " .. info.exit_code .. (info.signal ~= 0 and (", signal " .. info.signal) or "") .. ")"
-      end
-      if info.reason and info.reason ~= "None" and info.reason ~= "" then why = why .. ": " .. info.reason end
-    end
-  end
+  local final, why = jobstate.run_end(r.external_id, info)
   if not final then return r end
   local fresh = store:flow_run(r.id)      -- the worker may have just recorded its end
   if states.active[fresh.state] then
@@ -818,23 +717,11 @@ end
 -- RUN of deployment NAME", "drover map of N runs...", or, for a task with
 -- resources, "drover call CALL (task C.m) of run RUN".
 function Slurm:jobs_of(name)
-  local want, ids = "drover:" .. name, {}
+  local want = "drover:" .. name
   if self:mode() == "commands" then
-    local out = self:cmd({ "squeue", "-h", "--name=" .. want, "-o", "%A|%T|%k" })
-    for line in out:gmatch("[^\n]+") do
-      local id, st, comment = line:match("^%s*(%d+)|([%u_]+)|(.*)$")
-      if id then ids[#ids + 1] = { id = id, state = st, comment = comment } end
-    end
-  else
-    for _, j in ipairs(self:rest("GET", "/jobs").jobs or {}) do
-      local st = (j.job_state or ""):match("^%u[%u_]*")
-      if j.name == want and ACTIVE[st] then
-        ids[#ids + 1] = { id = tostring(math.tointeger(j.job_id) or j.job_id), state = st,
-          comment = type(j.comment) == "string" and j.comment or "" }
-      end
-    end
+    return jobstate.parse_squeue(self:cmd({ "squeue", "-h", "--name=" .. want, "-o", "%A|%T|%k" }))
   end
-  return ids
+  return jobstate.active_named(self:rest("GET", "/jobs"), want)
 end
 
 --- Cancel job `id`.  soft: SIGTERM to every process of the job, batch
@@ -872,12 +759,12 @@ function Slurm:job_active(id)
   id = tostring(id)
   if id:match("^%d+_%d+$") then
     local ok, info = pcall(self.job_info, self, id)
-    return ok and info ~= nil and ACTIVE[(info.state or ""):match("^%u[%u_]*")] == true
+    return ok and info ~= nil and jobstate.is_active(info.state)
   end
   local ok, recs = pcall(self.job_records, self, id)
   if not ok or not recs then return false end
   for _, rec in ipairs(recs) do
-    if ACTIVE[(rec.state or ""):match("^%u[%u_]*")] then return true end
+    if jobstate.is_active(rec.state) then return true end
   end
   return false
 end
@@ -892,7 +779,7 @@ function Slurm:is_alive(r)
   local ok, info = pcall(self.job_info, self, r.external_id)
   if not ok then return nil end
   if not info then return false end
-  return ACTIVE[(info.state or ""):match("^%u[%u_]*")] == true
+  return jobstate.is_active(info.state)
 end
 
 --- The two phases of stop and cancel (Local:cancel_runs, with Slurm jobs
@@ -949,12 +836,12 @@ function Slurm:jobs_of_run(r)
   local jobs = {}
   if r.external_id then
     local ok, info = pcall(self.job_info, self, r.external_id)
-    local st = ok and info and (info.state or ""):match("^(%u[%u_]*)")
+    local st = ok and info and jobstate.name(info.state)
     -- an array element is cancelled (or signalled) as "ARRAY_TASK", by
     -- scancel and slurmrestd alike, never by the array's id: the last
     -- element to start runs under the array's own job id, and signalling
     -- that id would reach every element
-    if not ok or ACTIVE[st] then jobs[#jobs + 1] = { id = r.external_id, state = st } end
+    if not ok or jobstate.ACTIVE[st] then jobs[#jobs + 1] = { id = r.external_id, state = st } end
   end
   if r.deployment then
     local tail = " of run " .. r.id

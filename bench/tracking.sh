@@ -9,7 +9,7 @@
 #   empty    n=0               startup + the flow run's own rows
 #   plain    n=N, plain fn     the peer
 #   tracked  n=N, drover.task
-# Per-task tracking overhead = (tracked - plain) / N   (target: <= 20 us),
+# Per-task tracking overhead = (tracked - plain) / N   (target: <= 10 us),
 # also from user+system CPU time, which load from other processes on a
 # shared machine disturbs less than wall time.  A plain call is too cheap
 # to see in N calls next to process startup, so the peer's per-call cost is
@@ -73,9 +73,9 @@ local over_cpu = (cpu(t) - cpu(p)) / n * 1e6
 print(string.format("tracked no-op calls: %d in one flow run (store writes included)", n))
 print(string.format("  wall: empty %.3f s, plain %.3f s, tracked %.3f s (median of runs)", med(e), med(p), med(t)))
 print(string.format("  cpu:  empty %.3f s, plain %.3f s, tracked %.3f s (user+sys, mean)", cpu(e), cpu(p), cpu(t)))
-print(string.format("tracking overhead: %.2f us/task wall, %.2f us/task cpu  (target <= 20 us)", over, over_cpu))
+print(string.format("tracking overhead: %.2f us/task wall, %.2f us/task cpu  (target <= 10 us)", over, over_cpu))
 print(string.format("plain Lua call (peer): %.4f us/call", plain))
 print(string.format("ratio tracked/plain call: %.0fx (wall), %.0fx (cpu)", (over + plain) / plain,
   (over_cpu + plain) / plain))
-print(string.format("RESULT tracking overhead_us=%.2f target=20 %s", over, over <= 20 and "OK" or "MISSED"))
+print(string.format("RESULT tracking overhead_us=%.2f target=10 %s", over, over <= 10 and "OK" or "MISSED"))
 LUA

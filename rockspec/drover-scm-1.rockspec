@@ -98,6 +98,7 @@ build = {
       ["drover.backends.slurm"] = "backends/slurm.lua",
       -- its parts, loaded by path from next to it (backends/slurm/)
       ["drover.backends.slurm.calls"] = "backends/slurm/calls.lua",
+      ["drover.backends.slurm.jobstate"] = "backends/slurm/jobstate.lua",
       ["drover.backends.slurm.template"] = "backends/slurm/template.lua",
       ["drover.backends.slurm.text"] = "backends/slurm/text.lua",
       ["drover.dashboard.index"] = "lua/drover/dashboard/index.html",

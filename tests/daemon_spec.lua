@@ -57,6 +57,7 @@ describe("drover serve", function()
     end
     local d = home and read_info(home)
     if d and d.pid then drover.kill(d.pid, "KILL") end
+    H.remove_worker_dirs(home)
     os.execute("rm -rf " .. home)
   end)
 
@@ -477,6 +478,7 @@ describe("drover serve", function()
         drv({ "stop", "nick" }, env)
         local d = read_info(dir)
         if d and d.pid then drover.kill(d.pid, "KILL") end
+        H.remove_worker_dirs(dir)
         os.execute("rm -rf " .. dir)
       end
     end)

@@ -268,3 +268,53 @@ describe("drover exec", function()
       end)()))
   end)
 end)
+
+-- (here, not in tracker_spec: that one also runs against an installed rock, without the binary)
+describe("drover exec of a task that fails, then succeeds on a retry", function()
+  local work
+  before_each(function() work = H.tempdir() end)
+  after_each(function() os.execute("rm -rf " .. work) end)
+
+  it("prints one line per failed attempt, and keeps the tracebacks in the run's logs", function()
+    local home, flow_file = work .. "/home", work .. "/flaky.lua"
+    local f = assert(io.open(flow_file, "w"))
+    f:write([[
+      local drover = require "drover"
+      local calls = 0
+      local fetch = drover.task("fetch", function()
+        calls = calls + 1
+        if calls < 3 then error("connection reset (try " .. calls .. ")") end
+        return "fetched"
+      end, { retries = 2, retry_delay = 0.01 })
+      return fetch()
+    ]])
+    f:close()
+    local code, _, err = H.drover({ "exec", flow_file }, { env = { DROVER_HOME = home } })
+    assert.are.equal(0, code, err)
+    local attempts = {}
+    for l in err:gmatch("[^\n]+") do
+      if l:find("attempt", 1, true) then attempts[#attempts + 1] = l end
+    end
+    assert.are.same({
+      "drover: task fetch attempt 1/3 failed: " .. flow_file .. ":5: connection reset (try 1); retrying in 0.01s",
+      "drover: task fetch attempt 2/3 failed: " .. flow_file .. ":5: connection reset (try 2); retrying in 0.01s",
+    }, attempts)
+    assert.is_nil(err:find("stack traceback", 1, true), err)
+    assert.is_nil(err:find("\t", 1, true), err)
+
+    local id = assert(err:match("flow run (%x+) started"), err)
+    local store = assert(store_mod.open(home))
+    local traces = {}
+    for _, l in ipairs(store:logs(id)) do
+      if l.stream == "error" then traces[#traces + 1] = l.line end
+    end
+    local run = store:flow_run(id)
+    store:close()
+    assert.are.equal("COMPLETED", run.state)
+    assert.are.equal(2, #traces)
+    for i, t in ipairs(traces) do
+      assert.matches("^attempt " .. i .. " of fetch failed: [^\n]*:5: connection reset %(try " .. i .. "%)\n" ..
+        "stack traceback:\n", t)
+    end
+  end)
+end)

@@ -109,4 +109,20 @@ function H.tempdir()
   return d
 end
 
+--- Remove the work directories (/tmp/drover-worker-RUNID + 6 random
+-- characters, worker.lua) of store `home`'s runs: a worker a test killed
+-- with SIGKILL never removes its own.  Call it before removing `home`.
+function H.remove_worker_dirs(home)
+  local drover = require "drover"
+  local store = require("drover.store").open(home)
+  if not store then return end
+  local ids = {}
+  for _, r in ipairs(store:flow_runs { limit = 100000 }) do ids[r.id] = true end
+  store:close()
+  for _, name in ipairs(drover.fs.list("/tmp") or {}) do
+    local id = name:match("^drover%-worker%-(%x+)%w%w%w%w%w%w$")
+    if id and ids[id] then drover.fs.remove("/tmp/" .. name, { recursive = true }) end
+  end
+end
+
 return H

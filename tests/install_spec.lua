@@ -28,7 +28,8 @@ describe("make install", function()
     for _, f in ipairs { "/bin/drover", "/lib/libdrover.a", "/lib/libdrover.so.0", "/lib/drover/server.so",
       "/include/drover.h", "/lib/pkgconfig/drover.pc", "/share/man/man1/drover.1",
       "/share/drover/lua/drover/init.lua", "/share/drover/lua/drover/dashboard/index.html",
-      "/share/drover/backends/local.lua" } do
+      "/share/drover/backends/local.lua", "/share/drover/backends/slurm/jobstate.lua",
+      "/share/drover/lua/drover/orchestrator/runs.lua" } do
       assert.is_truthy(drover.fs.exists(prefix .. f), f)
     end
   end)
@@ -40,9 +41,12 @@ describe("make install", function()
       local body = d.http.get(s.url).body
       s:close()
       print(body, d.orchestrator("local").backend_path)
+      -- a backend of several files (backends/slurm/) loads its parts
+      print(d.orchestrator("slurm", { socket = "/nonexistent" }).backend_path)
     ]] }, { env = { DROVER_HOME = home }, cwd = "/" }))
     assert.are.equal(0, r.code, r.stderr)
-    assert.are.equal("up\t" .. prefix .. "/share/drover/backends/local.lua\n", r.stdout)
+    assert.are.equal("up\t" .. prefix .. "/share/drover/backends/local.lua\n" ..
+      prefix .. "/share/drover/backends/slurm.lua\n", r.stdout)
   end)
 
   it("libdrover.so exports the drover_* API and luaopen_drover_core, nothing else", function()

@@ -71,6 +71,7 @@ describe("reliability", function()
         end
         s:close()
       end
+      H.remove_worker_dirs(home)
       os.execute("rm -rf " .. home)
     end
   end)

@@ -21,7 +21,15 @@ stop_services() {
     [ -d "$SERVICES/$name" ] && bash "$svc" stop "$SERVICES/$name" >>"$SERVICES/$name.log" 2>&1
   done
 }
-trap 'stop_services; rm -rf "$DROVER_HOME" "$log" "$SERVICES"' EXIT
+# Remove a store directory the specs used, after stopping the daemon a
+# `drover run` may have started on it (daemon.json names its pid).
+remove_home() {
+  local pid
+  pid=$(sed -n 's/.*"pid":\([0-9][0-9]*\).*/\1/p' "$1/daemon.json" 2>/dev/null)
+  [ -n "$pid" ] && kill -TERM "$pid" 2>/dev/null
+  rm -rf "$1"
+}
+trap 'stop_services; remove_home "$DROVER_HOME"; rm -rf "$log" "$SERVICES"' EXIT
 LUA=lua5.4
 if [[ $BUILD == build-asan ]]; then
   # An interpreter linked with the sanitizer runtime (tests/support/lua.c);
@@ -134,9 +142,11 @@ for line in "${conformance_lines[@]}"; do
     if [[ $w == *=* ]]; then envs+=("$w"); else config=$w; fi
   done
   echo "# conformance: $line"
-  env ${envs[@]+"${envs[@]}"} BUSTED_OUTPUT=TAP BUSTED_LUA=$LUA DROVER_HOME=$(mktemp -d /tmp/drover-conf.XXXXXX) \
+  conf_home=$(mktemp -d /tmp/drover-conf.XXXXXX)
+  env ${envs[@]+"${envs[@]}"} BUSTED_OUTPUT=TAP BUSTED_LUA=$LUA DROVER_HOME=$conf_home \
     bash tests/conformance/run.sh "$backend" $config >"$log" 2>&1; rc=$?
   cat "$log"
+  remove_home "$conf_home"
   p=$(grep -c '^ok ' "$log"); f=$(grep -c '^not ok ' "$log")
   [ $rc -ne 0 ] && [ "$f" -eq 0 ] && f=1
   passed=$((passed+p)); failed=$((failed+f))

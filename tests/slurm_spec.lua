@@ -300,6 +300,7 @@ describe("slurm backend", function()
 
   it("jwt: a token slurmrestd refuses is read again from token_file and the request retried", function()
     local dir = H.tempdir()
+    finally(function() drover.fs.remove(dir, { recursive = true }) end)
     local file = dir .. "/jwt"
     assert(drover.fs.write(file, "SLURM_JWT=expired.not.valid\n"))
     local orch = drover.orchestrator("slurm", config("jwt", { token_file = file }))

@@ -25,8 +25,16 @@ end
 
 describe("tracked calls", function()
   local store, dir
-  before_each(function() store, dir = fresh_store() end)
-  after_each(function() store:close(); os.execute("rm -rf " .. dir) end)
+  local notices, real_notice -- the one-line notices of failed attempts, kept off busted's output
+  before_each(function()
+    store, dir = fresh_store()
+    notices, real_notice = {}, tracker.notice
+    tracker.notice = function(line) notices[#notices + 1] = line end
+  end)
+  after_each(function()
+    tracker.notice = real_notice
+    store:close(); os.execute("rm -rf " .. dir)
+  end)
 
   local function run_flow(fn, info)
     info = info or {}
@@ -74,9 +82,10 @@ describe("tracked calls", function()
   end)
 
   it("retries until success, recording attempts", function()
-    local calls = 0
+    local calls, line_of_transient = 0, nil
     local flaky = drover.task("flaky", function()
       calls = calls + 1
+      line_of_transient = debug.getinfo(1, "l").currentline + 1
       if calls < 3 then error("transient " .. calls) end
       return "ok"
     end, { retries = 3, retry_delay = { 0.01, 0.02 } })
@@ -86,6 +95,56 @@ describe("tracked calls", function()
     assert.are.equal("COMPLETED", t.state)
     assert.are.equal(3, t.attempts)
     assert.are.equal(3, calls)
+    assert.are.same({ "task flaky attempt 1/4 failed: " .. debug.getinfo(1, "S").short_src ..
+      ":" .. line_of_transient .. ": transient 1; retrying in 0.01s",
+      "task flaky attempt 2/4 failed: " .. debug.getinfo(1, "S").short_src ..
+      ":" .. line_of_transient .. ": transient 2; retrying in 0.02s" }, notices)
+  end)
+
+  it("keeps each call's traceback: two tasks failing at once each log their own", function()
+    local go = drover.event()
+    local line = {}
+    local function failing(name, opts)
+      return drover.task(name, function()
+        go:wait()
+        if name == "left" then
+          line.left = debug.getinfo(1, "l").currentline + 1
+          error("left broke")
+        end
+        line.right = debug.getinfo(1, "l").currentline + 1
+        error("right broke")
+      end, opts)
+    end
+    -- "right" runs under a timeout, in a task of its own: the other path
+    local left = failing("left", { catch = true })
+    local right = failing("right", { catch = true, timeout = 30 })
+    local flow, ok = run_flow(function()
+      local both = drover.all {
+        function() return left() end,
+        function() return right() end,
+        function() drover.sleep(0.01); go:set() end,
+      }
+      return both
+    end)
+    assert.is_true(ok)
+    local logs = store:logs(flow.id)
+    for _, name in ipairs { "left", "right" } do
+      local other = name == "left" and "right" or "left"
+      local t = task_by_name(store, flow.id, name)
+      assert.are.equal("FAILED", t.state)
+      local trace
+      for _, l in ipairs(logs) do
+        if l.task_run_id == t.id and l.stream == "error" then
+          assert.is_nil(trace, "one traceback for " .. name)
+          trace = l.line
+        end
+      end
+      assert.is_string(trace, "a traceback for " .. name)
+      assert.matches("^attempt 1 of " .. name .. " failed: [^\n]*:" .. line[name] .. ": " .. name .. " broke\n", trace)
+      assert.matches("stack traceback:", trace, 1, true)
+      assert.is_nil(trace:find(other .. " broke", 1, true))
+      assert.is_nil(trace:find(":" .. line[other] .. ":", 1, true))
+    end
   end)
 
   it("fails after the last retry with the error as message, and the flow fails", function()

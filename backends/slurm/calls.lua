@@ -28,6 +28,7 @@ local states = require "drover.states"
 local here = debug.getinfo(1, "S").source:match("^@(.*)/[^/]*$") or "."
 local text = assert(loadfile(here .. "/text.lua"))()
 local template = assert(loadfile(here .. "/template.lua"))()
+local jobstate = assert(loadfile(here .. "/jobstate.lua"))()
 local fail, oneline, shell_quote = text.fail, text.oneline, text.shell_quote
 
 -- ---- the two ways to the call records ----------------------------------------------------------
@@ -247,8 +248,8 @@ function M.install(Slurm, Local)
       if res then return res end
       local iok, info = pcall(self.job_info, self, job_id)
       if not iok and info == "cancelled" then cancelled(info) end
-      local st = iok and info and (info.state or ""):match("^(%u[%u_]*)")
-      if iok and (not info or not self.ACTIVE[st]) then
+      local st = iok and info and jobstate.name(info.state)
+      if iok and (not info or not jobstate.ACTIVE[st]) then
         -- posted just before the job ended (the server may be blinking: wait for it)
         rok, res = pcall(result, 60)
         if not rok then cancelled(res) end

@@ -18,6 +18,8 @@
 --   GET  /api/v1/runs?state=&deployment=&limit=
 --   GET  /api/v1/runs/ID[?refresh=1]           the run, task_runs, states; refresh=1 asks
 --                                               its backend first (backend_error if it can't)
+--   GET  /api/v1/runs/ID/task_runs?state=&name=&limit=&cursor=   a page of task runs (a big
+--                                               run's /api/v1/runs/ID has a summary instead)
 --   GET  /api/v1/runs/ID/logs?after=N          log lines with id > N (at most 10,000)
 --   POST /api/v1/runs/ID/cancel                two-phase cancel (a full run id) -> 202
 --
@@ -279,6 +281,8 @@ local routes = {
   { "GET", "^/api/v1/runs$", function(daemon, req) return daemon:get_runs(req, "GET") end },
   { "GET", "^/api/v1/runs/(%x+)$", H.run },
   { "GET", "^/api/v1/runs/(%x+)/logs$", function(daemon, req, id) return daemon:get_logs(id, req, "GET") end },
+  { "GET", "^/api/v1/runs/(%x+)/task_runs$",
+    function(daemon, req, id) return daemon:get_task_runs(id, req, "GET") end },
   { "POST", "^/api/v1/runs/(%x+)/cancel$", H.cancel },
 }
 

@@ -11,8 +11,14 @@
 -- daemon_schedule in the store), so a restarted daemon neither fires a time
 -- twice nor replays the fire times it missed while it was down.
 --
---   GET  /api/runs?state=&deployment=&limit=   runs, newest first
---   GET  /api/runs/ID                          the run, task_runs, states
+--   GET  /api/runs?state=&deployment=&limit=&cursor=   runs, newest first;
+--        the header x-next-cursor (absent on the last page) is the cursor
+--        of the next page (keyset: runs created meanwhile shift nothing)
+--   GET  /api/runs/ID                          the run, states, summary (task runs by name:
+--                                              counts per state, first start, last end);
+--                                              task_runs too when at most RUN_TASK_RUNS
+--   GET  /api/runs/ID/task_runs?state=&name=&limit=&cursor=
+--                                              a page of task runs: {task_runs, next_cursor}
 --   GET  /api/runs/ID/logs?after=N             log lines with id > N
 --   POST /api/runs/ID/cancel                   two-phase cancel, through the run's backend
 --                                              (the full run id: no prefix)
@@ -64,11 +70,18 @@ M.MAX_CONNECTIONS = 256
 --- A fire time later than this (seconds) is skipped, not caught up: after
 -- downtime a deployment resumes with its next fire time, not a backlog.
 M.MISFIRE_GRACE = 10
+--- A run with at most this many task runs gets them in /api/runs/ID; a
+-- bigger one gets its summary only (page through /api/runs/ID/task_runs).
+M.RUN_TASK_RUNS = 200
+--- Groups (task names) in a run's summary, at most.
+M.SUMMARY_GROUPS = 500
+--- Rows of a task-run page by default, and at most.
+M.TASK_RUN_PAGE = 100
+M.MAX_TASK_RUN_PAGE = 1000
 
 local LOOPBACK = request_guard.LOOPBACK_BINDS
-local ACTIVE = { "RUNNING", "PENDING", "CANCELLING" }
-local ALL_STATES = { "SCHEDULED", "PENDING", "RUNNING", "COMPLETED", "FAILED", "CANCELLING",
-  "CANCELLED", "CRASHED" }
+local ACTIVE = states.active_list
+local ALL_STATES = states.all
 
 --- The dashboard's static files live next to this module.
 M.dashboard_dir = (debug.getinfo(1, "S").source:match("^@(.*)/daemon%.lua$") or ".") .. "/dashboard"
@@ -213,6 +226,7 @@ function Daemon:start()
   self.tasks[#self.tasks + 1] = drover.spawn(function() self:reaper() end)
   self.tasks[#self.tasks + 1] = drover.spawn(function() self:remote_checker() end)
   self.tasks[#self.tasks + 1] = drover.spawn(function() self:scheduler() end)
+  if self.auto then self:watch_idle() end
   if self.retention then -- ended runs older than this many seconds go, hourly, in small batches
     self.tasks[#self.tasks + 1] = drover.spawn(function() require("drover.retention").run(self.store, self.retention) end)
   end
@@ -522,6 +536,7 @@ function Daemon:route(req, res)
     local id, rest = path:match("^/api/runs/([^/]+)(.*)$")
     if path == "/api/runs" then return self:get_runs(req, method)
     elseif id and rest == "" then return self:get_run(id, method)
+    elseif id and rest == "/task_runs" then return self:get_task_runs(id, req, method)
     elseif id and rest == "/logs" then return self:get_logs(id, req, method)
     elseif id and rest == "/cancel" then return self:cancel(id, method)
     elseif path == "/api/deployments" then return self:get_deployments(method)
@@ -541,19 +556,87 @@ function Daemon:route(req, res)
   return 404, { ["content-type"] = "text/plain; charset=utf-8" }, "not found\n"
 end
 
+--- The run list's cursor: opaque to clients (hex of "created,id" of a
+-- page's last row); nil for one that is not ours.
+local function encode_run_cursor(r)
+  return (string.format("%.17g,%s", r.created, r.id):gsub(".", function(c) return string.format("%02x", c:byte()) end))
+end
+
+local function decode_run_cursor(s)
+  if type(s) ~= "string" or #s % 2 ~= 0 or s:find("[^%x]") then return nil end
+  local text = s:gsub("%x%x", function(h) return string.char(tonumber(h, 16)) end)
+  local created, id = text:match("^([^,]+),(.+)$")
+  created = tonumber(created)
+  if not created then return nil end
+  return { created = created, id = id }
+end
+
+-- /api/runs answers from a cache of encoded pages, one per (filter, limit,
+-- cursor), valid while the store's change mark stays the same
+-- (Store:change_mark: this connection's own writes by total_changes(),
+-- other processes' commits by data_version), so a hot list is a memory
+-- copy.  A page that holds a run still going (started, not ended) carries
+-- a duration computed at encoding, so it is kept at most
+-- RUNS_CACHE_ACTIVE_AGE seconds.  The whole cache goes when the mark
+-- changes, or when it holds RUNS_CACHE_MAX pages (cursors are the client's
+-- to choose).  A page read inside a transaction of this connection (which
+-- may still roll back) is not kept.
+local RUNS_CACHE_MAX = 64
+local RUNS_CACHE_ACTIVE_AGE = 1
+
 function Daemon:get_runs(req, method)
   if method ~= "GET" then return err(405, "method not allowed: use GET") end
-  local a = req.args
-  if a.state ~= nil and type(a.state) ~= "string" then return bad_arg("state", a.state, "a state") end
+  -- a hit is found by the query as sent: a page is cached only once its
+  -- query has passed the checks below
+  local key = req.query
+  local changes, version = self.store:change_mark()
+  local cache = self.runs_cache
+  if not cache or cache.changes ~= changes or cache.version ~= version or cache.n >= RUNS_CACHE_MAX then
+    cache = { changes = changes, version = version, n = 0, pages = {} }
+    self.runs_cache = cache
+  end
+  local page = cache.pages[key]
+  if not page or (page.expires and page.expires < drover.now()) then
+    local status, headers, body
+    page, status, headers, body = self:runs_page(req.args)
+    if not page then return status, headers, body end
+    if not self.store.db:stats().in_transaction then
+      if not cache.pages[key] then cache.n = cache.n + 1 end
+      cache.pages[key] = page
+    end
+  end
+  -- fresh headers each time: handle() may add a cookie to them
+  return 200, { ["content-type"] = "application/json", ["x-next-cursor"] = page.next }, page.body
+end
+
+--- A page of /api/runs for query arguments `a`: { body, next (cursor or
+-- nil), expires (drover.now() time, or nil: until the store changes) }, or
+-- nil and the error response.
+function Daemon:runs_page(a)
+  if a.state ~= nil and type(a.state) ~= "string" then return nil, bad_arg("state", a.state, "a state") end
   local state = a.state ~= "" and a.state and a.state:upper() or nil
-  if state and not states[state] then return err(400, "unknown state '" .. a.state .. "'") end
+  if state and not states[state] then return nil, err(400, "unknown state '" .. a.state .. "'") end
   local limit = positive_int(a.limit, 100, 10000)
-  if not limit then return bad_arg("limit", a.limit, "a non-negative integer") end
+  if not limit then return nil, bad_arg("limit", a.limit, "a non-negative integer") end
   if a.deployment ~= nil and type(a.deployment) ~= "string" then
-    return bad_arg("deployment", a.deployment, "a deployment name")
+    return nil, bad_arg("deployment", a.deployment, "a deployment name")
   end
   local dep = a.deployment ~= "" and a.deployment or nil
-  return server.json(200, list(self.store:flow_runs { state = state, deployment = dep, limit = limit }, run_view))
+  local after
+  if a.cursor ~= nil and a.cursor ~= "" then
+    after = decode_run_cursor(a.cursor)
+    if not after then return nil, bad_arg("cursor", a.cursor, "the x-next-cursor of an earlier page") end
+  end
+  local rows = self.store:flow_runs_page { state = state, deployment = dep, limit = limit + 1, after = after }
+  local next_cursor
+  if #rows > limit then
+    rows[#rows] = nil
+    if limit > 0 then next_cursor = encode_run_cursor(rows[#rows]) end
+  end
+  local going = false
+  for _, r in ipairs(rows) do going = going or (r.started ~= nil and r.ended == nil) end
+  local _, _, body = server.json(200, list(rows, run_view))
+  return { body = body, next = next_cursor, expires = going and drover.now() + RUNS_CACHE_ACTIVE_AGE or nil }
 end
 
 function Daemon:find(id)
@@ -561,14 +644,72 @@ function Daemon:find(id)
   return self.store:find_flow_run(id)
 end
 
+--- A run's task runs grouped by name, for the API: objects where JSON
+-- wants objects even when empty.
+local function summary_view(s)
+  s.counts = json.object(s.counts)
+  for _, g in ipairs(s.groups) do g.counts = json.object(g.counts) end
+  s.groups = json.array(s.groups)
+  return s
+end
+
+--- The run, its state history and its task runs summarised by name
+-- (`summary`); the task runs themselves only for a run with at most
+-- RUN_TASK_RUNS of them (else task_runs_truncated = true: page them
+-- through /api/runs/ID/task_runs), so a 20,000-task run answers in a few
+-- kilobytes.
 function Daemon:get_run(id, method)
   if method ~= "GET" then return err(405, "method not allowed: use GET") end
   local r = self:find(id)
   if not r then return err(404, "unknown run '" .. id .. "'") end
   local v = run_view(r)
-  v.task_runs = list(self.store:task_runs(r.id), task_view)
+  v.summary = summary_view(self.store:task_run_summary(r.id, M.SUMMARY_GROUPS))
+  if v.summary.total <= M.RUN_TASK_RUNS then
+    v.task_runs = list(self.store:task_runs(r.id), task_view)
+  else
+    v.task_runs_truncated = true
+  end
   v.states = list(self.store:flow_run_states(r.id))
   return server.json(200, v)
+end
+
+-- A page cursor as the API gives it: "KEY,ID" (the last row's sort key
+-- and id), opaque to clients.
+local function encode_cursor(c) return c and string.format("%.17g,%s", c.key, c.id) or json.null end
+local function decode_cursor(s)
+  local key, tid = s:match("^([^,]+),(.+)$")
+  key = tonumber(key)
+  if not key or key ~= key then return nil end
+  return { key = key, id = tid }
+end
+
+--- GET /api/runs/ID/task_runs?state=&name=&limit=&cursor=: one page of
+-- the run's task runs, in start order: { task_runs, next_cursor } (null
+-- on the last page).  A keyset page: each costs the same however deep.
+function Daemon:get_task_runs(id, req, method)
+  if method ~= "GET" then return err(405, "method not allowed: use GET") end
+  local r = self:find(id)
+  if not r then return err(404, "unknown run '" .. id .. "'") end
+  local a = req.args
+  for k in pairs(a) do
+    if k ~= "state" and k ~= "name" and k ~= "limit" and k ~= "cursor" and k ~= "token" then
+      return err(400, "unknown query argument '" .. tostring(k) .. "' (state, name, limit, cursor expected)")
+    end
+  end
+  if a.state ~= nil and type(a.state) ~= "string" then return bad_arg("state", a.state, "a state") end
+  local state = a.state ~= "" and a.state and a.state:upper() or nil
+  if state and not states[state] then return err(400, "unknown state '" .. a.state .. "'") end
+  if a.name ~= nil and type(a.name) ~= "string" then return bad_arg("name", a.name, "a task name") end
+  local limit = positive_int(a.limit, M.TASK_RUN_PAGE, M.MAX_TASK_RUN_PAGE)
+  if not limit or limit == 0 then return bad_arg("limit", a.limit, "a positive integer") end
+  local after
+  if a.cursor ~= nil and a.cursor ~= "" then
+    after = type(a.cursor) == "string" and decode_cursor(a.cursor)
+    if not after then return bad_arg("cursor", a.cursor, "a next_cursor from the page before") end
+  end
+  local rows, next_cursor = self.store:task_run_page(r.id, { state = state, name = a.name ~= "" and a.name or nil,
+    limit = limit, after = after })
+  return server.json(200, { task_runs = list(rows, task_view), next_cursor = encode_cursor(next_cursor) })
 end
 
 function Daemon:get_logs(id, req, method)
@@ -627,14 +768,18 @@ function Daemon:get_deployment(name, method)
   return server.json(200, d)
 end
 
+--- Prometheus text: runs and task runs by state, and the completed task
+-- runs' durations, from the counts triggers keep (Store:run_counts): a
+-- few rows, whatever the store's size.
 function Daemon:metrics(method)
   if method ~= "GET" then return err(405, "method not allowed: use GET") end
-  local out = {}
-  local function counts(sql)
-    local c = {}
-    for _, row in ipairs(self.store:rows(sql)) do c[row.state] = row.n end
-    return c
+  local counts = { flow = {}, task = {} }
+  local done = { timed = 0, seconds = 0 }
+  for _, c in ipairs(self.store:run_counts()) do
+    if counts[c.kind] then counts[c.kind][c.state] = c.n end
+    if c.kind == "task" and c.state == "COMPLETED" then done = c end
   end
+  local out = {}
   local function gauge(name, help, c)
     out[#out + 1] = "# HELP " .. name .. " " .. help
     out[#out + 1] = "# TYPE " .. name .. " gauge"
@@ -642,16 +787,12 @@ function Daemon:metrics(method)
       out[#out + 1] = string.format('%s{state="%s"} %d', name, s, c[s] or 0)
     end
   end
-  gauge("drover_flow_runs", "Flow runs in the store, by state.",
-    counts("SELECT state, count(*) AS n FROM flow_runs GROUP BY state"))
-  gauge("drover_task_runs", "Task runs in the store, by state.",
-    counts("SELECT state, count(*) AS n FROM task_runs GROUP BY state"))
-  local d = self.store:first([[SELECT coalesce(sum(ended - started), 0) AS s, count(*) AS n FROM task_runs
-      WHERE state = 'COMPLETED' AND started IS NOT NULL AND ended IS NOT NULL]])
+  gauge("drover_flow_runs", "Flow runs in the store, by state.", counts.flow)
+  gauge("drover_task_runs", "Task runs in the store, by state.", counts.task)
   out[#out + 1] = "# HELP drover_task_run_duration_seconds Duration of completed task runs."
   out[#out + 1] = "# TYPE drover_task_run_duration_seconds summary"
-  out[#out + 1] = string.format("drover_task_run_duration_seconds_sum %.6f", d.s)
-  out[#out + 1] = string.format("drover_task_run_duration_seconds_count %d", d.n)
+  out[#out + 1] = string.format("drover_task_run_duration_seconds_sum %.6f", done.seconds)
+  out[#out + 1] = string.format("drover_task_run_duration_seconds_count %d", done.timed)
   return 200, { ["content-type"] = "text/plain; version=0.0.4; charset=utf-8" }, table.concat(out, "\n") .. "\n"
 end
 
@@ -714,6 +855,78 @@ function Daemon:events(req, res, method)
   end)
   feed:leave(client)
   if not ok then error(e, 0) end
+end
+
+-- ---- idle exit of an auto-started daemon ----------------------------------------------
+
+--- How long (seconds) a daemon started by `drover run` (--auto) stays up
+-- with nothing to do: no active run, no request, no scheduled deployment.
+-- DROVER_DAEMON_IDLE overrides it.  A `drover serve` started by hand stays.
+M.IDLE = 600
+
+local function idle_limit()
+  local v = tonumber(os.getenv("DROVER_DAEMON_IDLE") or "")
+  return v and v > 0 and v or M.IDLE
+end
+
+--- Does the daemon have anything to do: a request being served, an
+-- active run (its worker reports here), a deployment to fire?
+function Daemon:busy()
+  return self.requests_open > 0 or #self.store:flow_runs { active = true, limit = 1 } > 0
+    or #self.store:scheduled_deployments() > 0
+end
+
+--- How long an idle daemon, hidden from new `drover run`s, waits for a
+-- run one of them created just before (seconds).
+M.IDLE_GRACE = 1
+
+--- Hide from new `drover run`s (remove daemon.json: they start a new
+-- daemon), then look once more: a `drover run` that found this daemon a
+-- moment ago may just have created a run that reports here.  Returns true
+-- to exit; false (daemon.json back) when there is work after all.
+function Daemon:leave_idle()
+  local file = M.daemon_file(self.home)
+  local text = fs.read(file)
+  local info = text and json.decode(text)
+  if type(info) ~= "table" or info.pid ~= drover.pid() then return true end
+  fs.remove(file)
+  drover.sleep(M.IDLE_GRACE)
+  local ok, busy = pcall(self.busy, self)
+  if ok and not busy then return true end
+  if not fs.read(file) then fs.write(file, text) end -- unless a new daemon took the store meanwhile
+  return false
+end
+
+--- Count the requests (open ones, the time of the last), and stop the
+-- daemon once it has been idle for idle_limit() seconds.
+function Daemon:watch_idle()
+  local limit = idle_limit()
+  self.requests_open, self.last_request = 0, drover.now()
+  local handle = Daemon.handle
+  self.handle = function(d, req, res)
+    d.requests_open = d.requests_open + 1
+    local r = table.pack(pcall(handle, d, req, res))
+    d.requests_open, d.last_request = d.requests_open - 1, drover.now()
+    if not r[1] then error(r[2], 0) end
+    return table.unpack(r, 2, r.n)
+  end
+  self.tasks[#self.tasks + 1] = drover.spawn(function()
+    local since = drover.now()
+    while not self.stopping do
+      drover.sleep(math.min(limit / 4, 30))
+      local ok, busy = pcall(self.busy, self)
+      if not ok or busy then since = drover.now() end -- a store it cannot read is not idleness
+      since = math.max(since, self.last_request)
+      if drover.now() - since >= limit and not self.stopping then
+        if self:leave_idle() then
+          log(string.format("idle for %g s (started by drover run): exiting", limit))
+          drover.spawn(function() self:stop() end)
+          return
+        end
+        since = drover.now()
+      end
+    end
+  end)
 end
 
 -- ---- the command ------------------------------------------------------------------------

@@ -100,6 +100,22 @@ end
 
 -- ---- what the command line asks a store -----------------------------------------------------
 
+--- The task runs of run `r` (as GET /api/v1/runs/ID answered): its own
+-- list, or for a big run (task_runs_truncated) every page of them.
+function Remote:run_task_runs(r)
+  if r.task_runs_truncated ~= true then return rows(type(r.task_runs) == "table" and r.task_runs or {}) end
+  local out, cursor = {}, nil
+  repeat
+    local path = "/api/v1/runs/" .. r.id .. "/task_runs" .. query { "limit", "cursor", limit = 1000, cursor = cursor }
+    local page = self:request("GET", path)
+    self:expect(page, type(page.task_runs) == "table", "a page of task runs", "GET " .. path)
+    for _, t in ipairs(rows(page.task_runs)) do out[#out + 1] = t end
+    cursor = page.next_cursor ~= json.null and page.next_cursor or nil
+  until not cursor
+  r.task_runs_truncated = nil -- every one is here now
+  return out
+end
+
 --- Run `id` (a full id or a unique prefix), with its task_runs; nil if unknown.
 function Remote:find_flow_run(id)
   if not hex(id) then return nil end
@@ -107,7 +123,7 @@ function Remote:find_flow_run(id)
   local r = self:request("GET", path, nil, { missing_ok = true })
   if r == nil then return nil end
   self:expect(r, hex(r.id) and type(r.state) == "string", "a run with an id and a state", "GET " .. path)
-  r.task_runs = rows(type(r.task_runs) == "table" and r.task_runs or {})
+  r.task_runs = self:run_task_runs(r)
   return row(r)
 end
 Remote.flow_run = Remote.find_flow_run
@@ -258,7 +274,7 @@ function Backend:status(id)
   local r = self.remote:request("GET", path)
   self.remote:expect(r, hex(r.id) and type(r.state) == "string", "a run with an id and a state", "GET " .. path)
   if type(r.backend_error) == "string" then error(r.backend_error, 0) end
-  r.task_runs = rows(type(r.task_runs) == "table" and r.task_runs or {})
+  r.task_runs = self.remote:run_task_runs(r)
   return row(r)
 end
 

@@ -36,6 +36,13 @@ local function host_of(s)
 end
 M.host_of = host_of
 
+--- The host a Host header names, or nil: a Host header is host[:port],
+-- never a URL (a scheme or a path there is refused, not read past).
+local function header_host(h)
+  if type(h) ~= "string" or h:find("/", 1, true) then return nil end
+  return host_of(h)
+end
+
 --- opts: bind (the address listened on), public_url, token.
 function M.new(opts)
   local allowed = nil
@@ -58,7 +65,7 @@ end
 function M.check(guard, req, runs_by_token)
   local h = req.headers
   if guard.allowed_hosts then
-    local host = host_of(h.host)
+    local host = header_host(h.host)
     if not host or not guard.allowed_hosts[host] then
       return nil, refuse(421, "refused: Host '" .. tostring(h.host) ..
         "' is not this server (use 127.0.0.1, localhost or the --public-url host)")

@@ -10,12 +10,18 @@
 -- flush the queue first, so a process always reads its own writes.
 local core = require "drover.core"
 local json = require "drover.json"
+local states = require "drover.states"
+
+-- state lists for `state IN (...)`, from drover.states
+local ACTIVE_SQL = states.sql_list(states.active_list)
+local FINAL_SQL = states.sql_list(states.final_list)
+local WORKING_SQL = states.sql_list(states.working_list)
 
 local M = {}
 local Store = {}
 Store.__index = Store
 
-M.SCHEMA_VERSION = 3
+M.SCHEMA_VERSION = 5
 
 -- Each migration takes the store from version i-1 to i.  Never edit one
 -- that has shipped: add the next.
@@ -78,6 +84,49 @@ local migrations = {
       deployment TEXT PRIMARY KEY, schedule TEXT NOT NULL, dep_updated REAL NOT NULL,
       last_fire REAL NOT NULL);
   ]],
+  -- big runs (issue 13): a run's task runs paged in start order by keyset
+  -- (the expression is Store:task_run_page's sort key, not-started last),
+  -- and summarised by name and state from an index alone
+  [4] = [[
+    CREATE INDEX task_runs_by_start ON task_runs(flow_run_id, ifnull(started, 9000000000000000), id);
+    CREATE INDEX task_runs_by_name ON task_runs(flow_run_id, name, state, started, ended, attempts);
+  ]],
+  -- issue 13: counts per state kept by triggers (run_counts: /metrics
+  -- reads a few rows instead of counting millions), and an index per
+  -- filter of the run list in its order (keyset pages: Store:flow_runs_page)
+  [5] = (function()
+    local function counted(tbl, kind)
+      local function add(row) -- upsert row OLD or NEW into its state's counts
+        return (([[INSERT INTO run_counts(kind, state, n, timed, seconds) VALUES('%s', R.state, 1,
+            R.started IS NOT NULL AND R.ended IS NOT NULL, coalesce(R.ended - R.started, 0))
+          ON CONFLICT(kind, state) DO UPDATE SET n = n + 1, timed = timed + excluded.timed,
+            seconds = seconds + excluded.seconds;]]):format(kind):gsub("R%.", row .. "."))
+      end
+      local remove = ([[UPDATE run_counts SET n = n - 1,
+            timed = timed - (OLD.started IS NOT NULL AND OLD.ended IS NOT NULL),
+            seconds = seconds - coalesce(OLD.ended - OLD.started, 0)
+          WHERE kind = '%s' AND state = OLD.state;]]):format(kind)
+      return ([[
+        INSERT INTO run_counts(kind, state, n, timed, seconds)
+          SELECT '%s', state, count(*), sum(started IS NOT NULL AND ended IS NOT NULL),
+            coalesce(sum(ended - started), 0) FROM %s GROUP BY state;
+        CREATE TRIGGER %s_count_insert AFTER INSERT ON %s BEGIN %s END;
+        CREATE TRIGGER %s_count_update AFTER UPDATE OF state, started, ended ON %s
+          WHEN OLD.state IS NOT NEW.state OR OLD.started IS NOT NEW.started OR OLD.ended IS NOT NEW.ended
+          BEGIN %s %s END;
+        CREATE TRIGGER %s_count_delete AFTER DELETE ON %s BEGIN %s END;
+      ]]):format(kind, tbl, tbl, tbl, add("NEW"), tbl, tbl, remove, add("NEW"), tbl, tbl, remove)
+    end
+    return [[
+      CREATE TABLE run_counts(kind TEXT NOT NULL, state TEXT NOT NULL, n INTEGER NOT NULL,
+        timed INTEGER NOT NULL, seconds REAL NOT NULL, PRIMARY KEY(kind, state)) WITHOUT ROWID;
+    ]] .. counted("flow_runs", "flow") .. counted("task_runs", "task") .. [[
+      DROP INDEX flow_runs_by_state;
+      CREATE INDEX flow_runs_by_state_created ON flow_runs(state, created, id);
+      CREATE INDEX flow_runs_by_deployment_created ON flow_runs(deployment, created, id);
+      CREATE INDEX flow_runs_by_created_id ON flow_runs(created, id);
+    ]]
+  end)(),
 }
 
 --- Wall-clock seconds with microsecond resolution (comparable across
@@ -377,12 +426,12 @@ end
 function Store:set_flow_state(id, state, message, extra)
   local beat = M.time()
   local now = extra and extra.ts or beat
-  local final = (state == "COMPLETED" or state == "FAILED" or state == "CANCELLED" or state == "CRASHED")
+  local final = states.final[state] == true
   local sql = "UPDATE flow_runs SET state = ?, message = ?, heartbeat = ?" ..
     (state == "RUNNING" and ", started = coalesce(started, ?)" or "") ..
     (final and ", ended = ?" or "") ..
     (extra and extra.result ~= nil and ", result = ?" or "") ..
-    " WHERE id = ? AND state NOT IN ('COMPLETED','FAILED','CANCELLED','CRASHED')"
+    " WHERE id = ? AND state NOT IN (" .. FINAL_SQL .. ")"
   local vals = { state, message, beat }
   if state == "RUNNING" then vals[#vals + 1] = now end
   if final then vals[#vals + 1] = now end
@@ -404,7 +453,7 @@ end
 function Store:end_flow_run(id, state, message)
   local changed = self:set_flow_state(id, state, message)
   self:write([[UPDATE task_runs SET state = ?, message = ?
-      WHERE flow_run_id = ? AND state IN ('RUNNING','PENDING','SCHEDULED','CANCELLING')]], state, message, id)
+      WHERE flow_run_id = ? AND state IN (]] .. ACTIVE_SQL .. ")", state, message, id)
   return changed
 end
 
@@ -438,7 +487,7 @@ function Store:flow_runs(filter)
   if filter.state then where[#where + 1] = "state = ?"; vals[#vals + 1] = filter.state end
   if filter.backend then where[#where + 1] = "backend = ?"; vals[#vals + 1] = filter.backend end
   if filter.active then
-    where[#where + 1] = "state IN ('SCHEDULED','PENDING','RUNNING','CANCELLING')"
+    where[#where + 1] = "state IN (" .. ACTIVE_SQL .. ")"
   end
   local sql = "SELECT * FROM flow_runs" ..
     (#where > 0 and (" WHERE " .. table.concat(where, " AND ")) or "") ..
@@ -600,7 +649,7 @@ end
 -- heartbeat is older than `before`.
 function Store:silent_runs(before)
   return self:rows([[SELECT * FROM flow_runs WHERE token_hash IS NOT NULL
-      AND state IN ('RUNNING','CANCELLING') AND heartbeat < ?]], before)
+      AND state IN (]] .. WORKING_SQL .. ") AND heartbeat < ?", before)
 end
 
 function Store:create_call(c)
@@ -720,10 +769,8 @@ end
 
 local run_states = require "drover.states"
 
--- the final states, sorted so the SQL text (and the statement cache) is stable
-local FINAL = {}
-for s in pairs(run_states.final) do FINAL[#FINAL + 1] = s end
-table.sort(FINAL)
+-- the final states, in a fixed order so the SQL text (and the statement cache) is stable
+local FINAL = run_states.final_list
 
 local function placeholders(n) return string.rep("?", n, ",") end
 
@@ -851,6 +898,155 @@ function Store:disk_size()
     if st then total = total + st.size end
   end
   return total
+end
+
+
+-- ---- big runs: a run's task runs summarised by name, and paged -------------
+--
+-- A run may hold tens of thousands of task runs: the daemon's run page
+-- shows them grouped by name (task_run_summary) and reads the runs
+-- themselves a page at a time (task_run_page), by keyset on (started, id),
+-- never OFFSET, so page 200 costs what page 1 does.  Task runs not started
+-- yet (started NULL) sort after every started one.
+
+--- The sort key of a task run that has not started: after every real time.
+-- TASK_KEY is the expression of the index task_runs_by_start (migration 4),
+-- character for character: SQLite uses an expression index only then.
+M.NOT_STARTED = 9e15
+local TASK_KEY = "ifnull(started, 9000000000000000)"
+
+--- Task runs of run `flow_run_id` grouped by name: { total, counts =
+-- {STATE = n}, groups = { {name, total, counts, started, ended}, ... } },
+-- groups ordered by their first start (not started last), then name.
+-- started is the group's first start, ended its last end (nil while none
+-- has ended).  At most `max_groups` groups (default all); groups_truncated
+-- says some were left out (total and counts still count every task run).
+function Store:task_run_summary(flow_run_id, max_groups)
+  local rows = self:rows([[SELECT name, state, count(*) AS n, min(started) AS started, max(ended) AS ended
+      FROM task_runs WHERE flow_run_id = ? GROUP BY name, state]], flow_run_id)
+  local by_name, groups, counts, total = {}, {}, {}, 0
+  for _, r in ipairs(rows) do
+    local g = by_name[r.name]
+    if not g then
+      g = { name = r.name, total = 0, counts = {} }
+      by_name[r.name] = g
+      groups[#groups + 1] = g
+    end
+    g.total = g.total + r.n
+    g.counts[r.state] = r.n
+    if r.started and (not g.started or r.started < g.started) then g.started = r.started end
+    if r.ended and (not g.ended or r.ended > g.ended) then g.ended = r.ended end
+    counts[r.state] = (counts[r.state] or 0) + r.n
+    total = total + r.n
+  end
+  table.sort(groups, function(a, b)
+    local sa, sb = a.started or M.NOT_STARTED, b.started or M.NOT_STARTED
+    if sa ~= sb then return sa < sb end
+    return a.name < b.name
+  end)
+  local out = { total = total, counts = counts, groups = groups }
+  if max_groups and #groups > max_groups then
+    for i = #groups, max_groups + 1, -1 do groups[i] = nil end
+    out.groups_truncated = true
+  end
+  return out
+end
+
+--- The number of task runs of run `flow_run_id`.
+function Store:task_run_count(flow_run_id)
+  return self:value("SELECT count(*) FROM task_runs WHERE flow_run_id = ?", flow_run_id)
+end
+
+--- One page of run `flow_run_id`'s task runs, ordered by (started, id).
+-- f: state, name (exact matches; optional), limit (rows), after (the
+-- cursor of the page before: { key = sort key, id = task run id }).
+-- Returns the rows and the cursor of the next page (nil on the last).
+function Store:task_run_page(flow_run_id, f)
+  local where, args = { "flow_run_id = ?" }, { flow_run_id }
+  if f.state then where[#where + 1] = "state = ?"; args[#args + 1] = f.state end
+  if f.name then where[#where + 1] = "name = ?"; args[#args + 1] = f.name end
+  if f.after then
+    -- the range start the index seeks to, then the tie on the key broken by id
+    where[#where + 1] = TASK_KEY .. " >= ? AND (" .. TASK_KEY .. " > ? OR id > ?)"
+    args[#args + 1], args[#args + 2], args[#args + 3] = f.after.key, f.after.key, f.after.id
+  end
+  -- one row more than asked: whether there is a next page, without a count
+  args[#args + 1] = f.limit + 1
+  local rows = self:rows("SELECT *, " .. TASK_KEY .. " AS sort_key FROM task_runs WHERE " ..
+    table.concat(where, " AND ") .. " ORDER BY " .. TASK_KEY .. ", id LIMIT ?", table.unpack(args))
+  local next_cursor
+  if #rows > f.limit then
+    rows[#rows] = nil
+    next_cursor = { key = rows[#rows].sort_key, id = rows[#rows].id }
+  end
+  for _, r in ipairs(rows) do r.sort_key = nil end
+  return rows, next_cursor
+end
+
+--- Turn run `id`, ended in one of the final states `from` (a list), into
+-- final `state` with `message`, and record it in the run's history: a
+-- cancel that killed the work after its worker recorded its end (Slurm's
+-- cancelled_after_all).  Returns true if the run was in one of `from`.
+function Store:replace_end(id, from, state, message)
+  if not states.final[state] then error("store.replace_end: '" .. tostring(state) .. "' is not a final state", 2) end
+  local changed = self:write("UPDATE flow_runs SET state = ?, message = ? WHERE id = ? AND state IN (" ..
+    states.sql_list(from) .. ")", state, message, id)
+  if changed > 0 then
+    self:write("INSERT INTO flow_run_states(flow_run_id, state, message, ts) VALUES(?,?,?,?)",
+      id, state, message, M.time())
+  end
+  return changed > 0
+end
+
+
+-- ---- counts and pages for the daemon: nothing proportional to the store -------------
+--
+-- /metrics reads run_counts, a row per (kind, state) that triggers keep
+-- (migration 4): counting 2M task runs per scrape took seconds of the
+-- daemon's loop.  Each row holds the number of runs in that state, how many
+-- of them have both a start and an end (`timed`), and the sum of those
+-- durations (`seconds`: added and subtracted as rows change, so it can
+-- drift from sum() by float rounding, never by a row).
+--
+-- /api/runs pages newest first by keyset on (created, id), with an index
+-- per filter (migration 4): a page costs its own rows, at any depth.
+
+--- Counts of flow runs (kind 'flow') and task runs (kind 'task') by state:
+-- a list of { kind, state, n, timed, seconds }.
+function Store:run_counts()
+  return self:rows("SELECT kind, state, n, timed, seconds FROM run_counts ORDER BY kind, state")
+end
+
+--- A page of flow runs, newest first.  f: state, deployment, limit
+-- (default 100), after ({ created, id }: the last row of the page before;
+-- rows that sort after it come next, so runs created meanwhile never shift
+-- a page).
+function Store:flow_runs_page(f)
+  local where, vals = {}, {}
+  if f.state then where[#where + 1] = "state = ?"; vals[#vals + 1] = f.state end
+  if f.deployment then where[#where + 1] = "deployment = ?"; vals[#vals + 1] = f.deployment end
+  if f.after then
+    where[#where + 1] = "(created, id) < (?, ?)"
+    vals[#vals + 1], vals[#vals + 2] = f.after.created, f.after.id
+  end
+  vals[#vals + 1] = f.limit or 100
+  local rows = self:rows("SELECT * FROM flow_runs" .. (#where > 0 and (" WHERE " .. table.concat(where, " AND ")) or "")
+    .. " ORDER BY created DESC, id DESC LIMIT ?", table.unpack(vals))
+  for _, r in ipairs(rows) do public(r) end
+  return rows
+end
+
+--- Two integers that, together, differ whenever the store may have
+-- changed since the last call: the rows this connection's own writes
+-- changed (total_changes(): SQLite's data_version does not count them)
+-- and every other connection's commits (data_version).  Two cheap reads,
+-- no table touched (two statements: the pragma_data_version table would
+-- prepare its PRAGMA on every call).  Queued writes are flushed first, so
+-- they count.
+function Store:change_mark()
+  self:flush()
+  local db = self.db
+  return db:value("SELECT total_changes()"), db:value("PRAGMA data_version")
 end
 
 return M

@@ -226,15 +226,34 @@ function T.begin_flow(info)
   return flow
 end
 
-local last_trace
-local function traceback_handler(e)
-  last_trace = debug.traceback(type(e) == "string" and e or tostring(e), 2)
-  return e
-end
-
 local function first_line(e)
   local s = type(e) == "string" and e or tostring(e)
   return (s:match("^[^\n]*"))
+end
+
+-- A failure caught by protected_call: the error and the traceback taken
+-- where it was raised.  The xpcall handler wraps both into the failing
+-- call's own results, so each call keeps its own traceback however many
+-- tasks fail at once.
+local Failure = {}
+local function capture_failure(e)
+  return setmetatable({ error = e, trace = debug.traceback(type(e) == "string" and e or tostring(e), 2) }, Failure)
+end
+
+--- xpcall's results {n, false, failure} made {n = 2, false, error, trace =
+-- traceback} (a handler that failed itself leaves no Failure: no trace).
+local function unwrap_failure(r)
+  local f = r[2]
+  if getmetatable(f) == Failure then r[2], r.trace = f.error, f.trace end
+  return r
+end
+
+--- fn(...) under xpcall: {n, true, results...}, or {n = 2, false, error,
+-- trace = traceback}.
+local function protected_call(fn, ...)
+  local r = table.pack(xpcall(fn, capture_failure, ...))
+  if not r[1] then unwrap_failure(r) end
+  return r
 end
 
 --- Run fn(...) as the body of the flow, in its own task so that cancelling
@@ -244,9 +263,7 @@ function Flow:run(fn, ...)
   local ctx = { flow = flow, node = flow.root, scope = flow.scope }
   local h = core.spawn(function(...)
     context.set(ctx)
-    local r = table.pack(xpcall(fn, traceback_handler, ...))
-    if not r[1] then r.trace = last_trace end
-    return r
+    return protected_call(fn, ...)
   end, ...)
   flow.task = h
   flow.scope:add(h)
@@ -322,7 +339,7 @@ function Flow:exiting(code)
     if clean then
       self:record_end(states.COMPLETED, message)
       store:write([[UPDATE task_runs SET state = ?, message = ? WHERE flow_run_id = ?
-          AND state IN ('RUNNING','PENDING','SCHEDULED','CANCELLING')]], states.CANCELLED, message, self.id)
+          AND state IN (]] .. states.sql_list(states.active_list) .. ")", states.CANCELLED, message, self.id)
     else
       self.final_state, self.final_message = states.FAILED, message
       store:end_flow_run(self.id, states.FAILED, message)
@@ -344,18 +361,110 @@ end
 
 -- ---- the tracked call ----------------------------------------------------------------
 
-local function invoke(ctx, node, opts, fn, args)
-  local inner = { flow = ctx.flow, node = node, scope = ctx.scope }
+-- T.call runs these steps in order; each takes `call`, the state of one
+-- tracked call: opts, fn, run (the task run's row, also what the observer
+-- sees; run.args are the call's arguments) and cache_key.  A call is also
+-- the context its body runs in (flow, scope, node = the call itself) and
+-- the node the body's own tracked calls nest under (key, counters, id):
+-- one table per call rather than three, on the path every task run takes.
+
+--- Where a call sits: the parent's key, the call's name and how many times
+-- the parent had called that name before.  A node's counters are made on
+-- its first call: most task runs call nothing tracked.
+local function next_call_key(parent, name)
+  local counters = parent.counters
+  if not counters then
+    counters = {}
+    parent.counters = counters
+  end
+  local c = (counters[name] or 0) + 1
+  counters[name] = c
+  return parent.key .. "/" .. name .. "#" .. c
+end
+
+--- The arguments from args[first] on (at least one), as canonical JSON:
+-- what resume compares.
+local function canonical_params(args, first)
+  local plist = {}
+  for i = first, args.n do plist[#plist + 1] = canon(args[i]) end
+  return "[" .. table.concat(plist, ",") .. "]"
+end
+
+local function new_call(ctx, spec, fn, args)
+  local flow, parent, opts, name = ctx.flow, ctx.node, spec.opts, spec.name
+  local first = spec.method and 2 or 1
+  local params = args.n < first and "[]" or canonical_params(args, first) -- "[]": no call for no arguments
+  local id, key = store_mod.new_id(), next_call_key(parent, name)
+  local run = {
+    id = id, flow_run_id = flow.id, parent_id = parent.id, name = name,
+    kind = spec.kind, call_key = key, state = states.RUNNING, params = params,
+    params_hash = params, attempts = 0, started = nil, args = args,
+    tags = opts.tags and table.concat(opts.tags, ",") or nil,
+  }
+  -- eight fields: the table is made at its final size (counters, added by
+  -- the first nested call, and cache_key are rare)
+  local call = { flow = flow, scope = ctx.scope, node = nil, key = key, id = id, opts = opts, fn = fn, run = run }
+  call.node = call
+  return call
+end
+
+--- On resume (flow.reuse): the row of the same call (call key and
+-- parameters) that COMPLETED in the run being resumed, or nil.
+local function reuse_completed(call)
+  local run = call.run
+  local prev = call.flow.reuse[run.call_key]
+  if prev and prev.params_hash == run.params and prev.result_ok == 1 then return prev end
+end
+
+--- With opts.cache_key: an unexpired COMPLETED result stored under the same
+-- name and key, or nil.  Sets call.cache_key (the key is recorded, and a
+-- result stored, whether it hits or not).  A cache_key function that fails
+-- or returns nil means no caching for this call.
+local function cached_result(call)
+  local args = call.run.args
+  local ok, k = pcall(call.opts.cache_key, table.unpack(args, 1, args.n))
+  if not ok or k == nil then return nil end
+  local run = call.run
+  call.cache_key = tostring(k)
+  run.cache_key = call.cache_key
+  return call.flow.store:cached_result(run.name, call.cache_key, store_mod.time())
+end
+
+--- Record the call as COMPLETED with `prev`'s stored result, without
+-- running it; returns that result.
+local function record_reused(call, prev, message)
+  local run, store = call.run, call.flow.store
+  run.state = states.COMPLETED
+  notify("reused", run, { message = message })
+  run.started = store_mod.time()
+  store:task_run_started(run)
+  store:task_run_finished(run.id, states.COMPLETED, message, prev.result, true, 0,
+    run.started, nil, prev.id)
+  return store_mod.decode(prev.result)
+end
+
+local function record_start(call)
+  local run = call.run
+  run.started = store_mod.time()
+  call.flow.store:task_run_started(run)
+  notify("start", run)
+end
+
+--- One attempt: {n, true, results...}, or {n = 2, false, error, trace =
+-- this attempt's traceback or nil}.
+local function run_attempt(call)
+  local opts, fn, args = call.opts, call.fn, call.run.args
   if not opts.timeout then
-    local prev = context.set(inner)
-    local r = table.pack(xpcall(fn, traceback_handler, table.unpack(args, 1, args.n)))
+    local prev = context.set(call)
+    local r = table.pack(xpcall(fn, capture_failure, table.unpack(args, 1, args.n)))
     context.set(prev)
+    if not r[1] then unwrap_failure(r) end
     return r
   end
   -- With a timeout the call runs in a task of its own, under a scope of its
   -- own, so the timer can cancel it and everything it spawned.
-  local scope = context.scope(ctx.scope)
-  inner.scope = scope
+  local scope = context.scope(call.scope)
+  local inner = { flow = call.flow, node = call, scope = scope }
   local h = core.spawn(function()
     context.set(inner)
     return fn(table.unpack(args, 1, args.n))
@@ -375,13 +484,75 @@ local function invoke(ctx, node, opts, fn, args)
     return { n = 2, false, r[2] }
   end
   if r[2] then return { n = r.n - 1, table.unpack(r, 2, r.n) } end
-  last_trace = r[4]
-  if timed_out then return { n = 2, false, "timed out after " .. opts.timeout .. " s" } end
-  return { n = 2, false, r[3] }
+  if timed_out then return { n = 2, false, "timed out after " .. opts.timeout .. " s", trace = r[4] } end
+  return { n = 2, false, r[3], trace = r[4] }
 end
 
-local function run_hook(flow, run, hook, which, value)
+--- Where a failed attempt of a call with retries is told, one line each
+-- (the traceback goes to the run's logs).  Not while an observer shows
+-- live progress: it has a line of its own for each retry.
+function T.notice(line)
+  io.stderr:write("drover: ", line, "\n")
+end
+
+--- A failed attempt: its traceback to the run's logs (stream "error"), and
+-- one line through T.notice for a call that has retries.  `delay`: seconds
+-- until the next attempt, nil after the last.
+local function attempt_failed(call, attempt, retries, r, delay)
+  local run, flow = call.run, call.flow
+  local why = first_line(r[2])
+  if r.trace then
+    flow.store:log(flow.id, run.id, "error", "attempt " .. attempt .. " of " .. run.name .. " failed: " .. r.trace)
+  end
+  if retries == 0 or T.observer then return end
+  local line = string.format("task %s attempt %d/%d failed: %s", run.name, attempt, retries + 1, why)
+  if delay then line = line .. string.format("; retrying in %.3gs", delay) end
+  pcall(T.notice, line)
+end
+
+--- Before retry number `attempt`: SCHEDULED with the reason, then the
+-- delay.  Returns true, or false and the error that cancelled the wait.
+local function wait_before_retry(call, attempt, retries, r, delay)
+  local run = call.run
+  local why = first_line(r[2])
+  notify("retry", run, { attempt = attempt, retries = retries, delay = delay, error = why })
+  call.flow.store:task_run_state(run.id, states.SCHEDULED, string.format("retry %d of %d in %.3g s after: %s",
+    attempt, retries, delay, why), attempt)
+  return pcall(core.sleep, delay)
+end
+
+--- Attempts until one succeeds, the call is cancelled or no retries are
+-- left.  Returns the last attempt's results and "ok", "cancelled" or
+-- "failed".
+local function attempt_loop(call)
+  local run, flow, scope, opts = call.run, call.flow, call.scope, call.opts
+  local retries = opts.retries or 0
+  local r
+  for attempt = 1, retries + 1 do
+    run.attempts = attempt
+    if attempt > 1 then
+      call.counters = nil -- a retry's calls count from 1 again
+      flow.store:task_run_state(run.id, states.RUNNING, nil, attempt)
+    end
+    r = run_attempt(call)
+    if r[1] then return r, "ok" end
+    if r[2] == "cancelled" or flow.cancel_requested or (scope and scope.cancelled) then
+      return r, "cancelled"
+    end
+    local delay = attempt <= retries and T.retry_delay(opts, attempt) or nil
+    attempt_failed(call, attempt, retries, r, delay)
+    if delay then
+      local ok, err = wait_before_retry(call, attempt, retries, r, delay)
+      if not ok then return { n = 2, false, err }, "cancelled" end
+    end
+  end
+  return r, "failed"
+end
+
+local function run_hook(call, which, value)
+  local hook = call.opts[which]
   if not hook then return end
+  local run, flow = call.run, call.flow
   local info = { id = run.id, name = run.name, flow_run_id = run.flow_run_id, state = run.state,
     attempts = run.attempts, params = run.args }
   local ok, err = pcall(hook, info, value)
@@ -390,140 +561,73 @@ local function run_hook(flow, run, hook, which, value)
   end
 end
 
---- Record one finished run and return its results (or raise).
-local function finish_ok(flow, run, opts, r, cache_key)
-  local store = flow.store
-  run.state = states.COMPLETED
-  local enc, round_trips
-  if r.n <= 2 then
-    enc, round_trips = store_mod.encode(r[2])
+--- Record how the attempts ended (`outcome` from attempt_loop, `r` the
+-- last attempt's results).
+local function record_end(call, r, outcome)
+  local run, opts, store = call.run, call.opts, call.flow.store
+  local now = store_mod.time()
+  if outcome == "ok" then
+    run.state = states.COMPLETED
+    notify("done", run)
+    local enc, round_trips
+    if r.n <= 2 then
+      enc, round_trips = store_mod.encode(r[2])
+    else
+      enc = store_mod.encode({ table.unpack(r, 2, r.n) })
+      round_trips = false -- several results: kept for people, not reused
+    end
+    local expires
+    if call.cache_key and opts.cache_expiration then expires = now + opts.cache_expiration end
+    store:task_run_finished(run.id, states.COMPLETED, nil, enc, round_trips, run.attempts, now, expires, nil)
+  elseif outcome == "cancelled" then
+    run.state = states.CANCELLED
+    store:task_run_finished(run.id, states.CANCELLED, "cancelled", nil, true, run.attempts, now, nil, nil)
+    notify("cancelled", run)
   else
-    enc = store_mod.encode({ table.unpack(r, 2, r.n) })
-    round_trips = false -- several results: kept for people, not reused
+    local why = first_line(r[2])
+    run.state = states.FAILED
+    store:task_run_finished(run.id, states.FAILED, why, nil, true, run.attempts, now, nil, nil)
+    notify("failed", run, { error = why })
   end
-  local expires
-  if cache_key and opts.cache_expiration then expires = store_mod.time() + opts.cache_expiration end
-  store:task_run_finished(run.id, states.COMPLETED, nil, enc, round_trips, run.attempts,
-    store_mod.time(), expires, nil)
-  run_hook(flow, run, opts.on_completion, "on_completion", r[2])
-  return table.unpack(r, 2, r.n)
 end
 
-local function record_reused(flow, run, prev, message)
-  run.state = states.COMPLETED
-  notify("reused", run, { message = message })
-  run.started = store_mod.time()
-  flow.store:task_run_started(run)
-  flow.store:task_run_finished(run.id, states.COMPLETED, message, prev.result, true, 0,
-    run.started, nil, prev.id)
-  return store_mod.decode(prev.result)
+--- The hook for the outcome: on_completion(info, result) or
+-- on_failure(info, error), `value` being the first result or the error.
+-- A failing hook is logged, not raised.
+local function run_hooks(call, outcome, value)
+  if outcome == "ok" then run_hook(call, "on_completion", value)
+  elseif outcome == "failed" then run_hook(call, "on_failure", value) end
 end
 
 --- Call fn(...) as a tracked run described by spec {name, kind, opts, method}.
 function T.call(spec, fn, ...)
   local ctx = context.get()
   if not ctx or not ctx.flow then return T.adhoc(spec, fn, ...) end
-  local flow, parent = ctx.flow, ctx.node
-  local store, opts, name = flow.store, spec.opts, spec.name
   -- a flow whose tracking the store will not take (disk full) stops here
   -- rather than running on untracked
-  if store.write_error then error("the store cannot be written: " .. first_line(store.write_error), 0) end
+  local write_error = ctx.flow.store.write_error
+  if write_error then error("the store cannot be written: " .. first_line(write_error), 0) end
 
-  local c = (parent.counters[name] or 0) + 1
-  parent.counters[name] = c
-  local key = parent.key .. "/" .. name .. "#" .. c
-
-  local args = table.pack(...)
-  local first = spec.method and 2 or 1
-  local params
-  if args.n < first then
-    params = "[]"
-  else
-    local plist = {}
-    for i = first, args.n do plist[#plist + 1] = canon(args[i]) end
-    params = "[" .. table.concat(plist, ",") .. "]"
+  local call = new_call(ctx, spec, fn, table.pack(...))
+  local opts = call.opts
+  if ctx.flow.reuse then
+    local prev = reuse_completed(call)
+    if prev then return record_reused(call, prev, "reused from the resumed run") end
   end
-  local run = {
-    id = store_mod.new_id(), flow_run_id = flow.id, parent_id = parent.id, name = name,
-    kind = spec.kind, call_key = key, state = states.RUNNING, params = params,
-    params_hash = params, attempts = 0, started = nil, args = args,
-    tags = opts.tags and table.concat(opts.tags, ",") or nil,
-  }
-
-  -- 1. resume: reuse what COMPLETED in the run being resumed
-  if flow.reuse then
-    local prev = flow.reuse[key]
-    if prev and prev.params_hash == params and prev.result_ok == 1 then
-      return record_reused(flow, run, prev, "reused from the resumed run")
-    end
-  end
-
-  -- 2. cache
-  local cache_key
   if opts.cache_key then
-    local ok, k = pcall(opts.cache_key, table.unpack(args, 1, args.n))
-    if ok and k ~= nil then
-      cache_key = tostring(k)
-      run.cache_key = cache_key
-      local hit = store:cached_result(name, cache_key, store_mod.time())
-      if hit then return record_reused(flow, run, hit, "cache hit") end
-    end
+    local hit = cached_result(call)
+    if hit then return record_reused(call, hit, "cache hit") end
   end
 
-  -- 3. concurrency limits by tag
-  acquire_tags(opts.tags)
-
-  run.started = store_mod.time()
-  store:task_run_started(run)
-  notify("start", run)
-  local node = { key = key, counters = {}, id = run.id }
-  local retries = opts.retries or 0
-  local r
-  for attempt = 1, retries + 1 do
-    run.attempts = attempt
-    if attempt > 1 then
-      node.counters = {}
-      store:task_run_state(run.id, states.RUNNING, nil, attempt)
-    end
-    last_trace = nil
-    r = invoke(ctx, node, opts, fn, args)
-    if r[1] then
-      release_tags(opts.tags)
-      notify("done", run)
-      return finish_ok(flow, run, opts, r, cache_key)
-    end
-    if r[2] == "cancelled" or flow.cancel_requested or (ctx.scope and ctx.scope.cancelled) then
-      release_tags(opts.tags)
-      run.state = states.CANCELLED
-      store:task_run_finished(run.id, states.CANCELLED, "cancelled", nil, true, attempt,
-        store_mod.time(), nil, nil)
-      notify("cancelled", run)
-      error(r[2], 0)
-    end
-    if last_trace then
-      store:log(flow.id, run.id, "error", "attempt " .. attempt .. " of " .. name .. " failed: " .. last_trace)
-    end
-    if attempt <= retries then
-      local delay = T.retry_delay(opts, attempt)
-      notify("retry", run, { attempt = attempt, retries = retries, delay = delay, error = first_line(r[2]) })
-      store:task_run_state(run.id, states.SCHEDULED, string.format("retry %d of %d in %.3g s after: %s",
-        attempt, retries, delay, first_line(r[2])), attempt)
-      local ok, err = pcall(core.sleep, delay)
-      if not ok then
-        release_tags(opts.tags)
-        store:task_run_finished(run.id, states.CANCELLED, "cancelled", nil, true, attempt,
-          store_mod.time(), nil, nil)
-        error(err, 0)
-      end
-    end
-  end
-  release_tags(opts.tags)
-  run.state = states.FAILED
-  store:task_run_finished(run.id, states.FAILED, first_line(r[2]), nil, true, run.attempts,
-    store_mod.time(), nil, nil)
-  notify("failed", run, { error = first_line(r[2]) })
-  run_hook(flow, run, opts.on_failure, "on_failure", r[2])
-  if opts.catch then return nil, r[2] end
+  local tags = opts.tags
+  if tags then acquire_tags(tags) end
+  record_start(call)
+  local r, outcome = attempt_loop(call)
+  if tags then release_tags(tags) end
+  record_end(call, r, outcome)
+  if opts.on_completion or opts.on_failure then run_hooks(call, outcome, r[2]) end
+  if outcome == "ok" then return table.unpack(r, 2, r.n) end
+  if outcome == "failed" and opts.catch then return nil, r[2] end
   error(r[2], 0)
 end
 

@@ -81,6 +81,66 @@ async function check(name, fn) {
       await page.screenshot({ path: process.env.SCREENSHOT || "dashboard.png", fullPage: true });
     });
 
+    // issue 13: a run of 20,000 task runs (BIG, made by tests/bigrun_fixture.lua)
+    const bigURL = new URL("/runs/" + process.env.BIG, short.url).href;
+    await check("a 20,000-task run's page shows one bar per name at once (time to first content)", async () => {
+      await page.goto(bigURL, { waitUntil: "commit" });
+      await page.locator("#timeline .group .bar").first().waitFor({ state: "visible", timeout: 60000 });
+      const t = await page.evaluate(() => ({
+        seen: performance.now(),
+        mark: (performance.getEntriesByName("drover:first-content")[0] || {}).startTime,
+      }));
+      console.log(`# time to first content: ${t.mark.toFixed(0)} ms to the first group bar drawn ` +
+        `(${t.seen.toFixed(0)} ms when the test saw it), 20,000 task runs`);
+      const groups = await page.locator("#timeline .group").count();
+      if (groups !== Number(process.env.BIG_NAMES)) throw new Error(`${groups} groups, ${process.env.BIG_NAMES} expected`);
+      const bars = await page.locator("#timeline .bar").count();
+      if (bars !== groups) throw new Error(`${bars} bars drawn for ${groups} groups`);
+      const summary = await page.locator("#task-summary").innerText();
+      if (!summary.includes("20000 task runs")) throw new Error("summary: " + summary);
+      // a generous bound only: the speed itself is a number to read, not to test
+      if (t.mark > 20000) throw new Error("first content after " + t.mark + " ms");
+    });
+
+    await check("opening a group loads its task runs a page at a time", async () => {
+      const group = page.locator('#timeline .group[data-name="step-7"]');
+      await group.locator(".row.head").click();
+      await group.locator(".members .row.sub").nth(99).waitFor({ timeout: 30000 });
+      if ((await group.locator(".members .row.sub").count()) !== 100) throw new Error("first page is not 100 rows");
+      await group.locator(".members .more").click();
+      await group.locator(".members .row.sub").nth(199).waitFor({ timeout: 30000 });
+      const labels = await group.locator(".members .row.sub .label").allInnerTexts();
+      if (labels.some((l) => !l.startsWith("step-7:"))) throw new Error("rows of other names: " + labels.slice(0, 5));
+      if (new Set(labels).size !== labels.length) throw new Error("a task run shown twice");
+    });
+
+    await check("the task-run table pages, and filters by state and name", async () => {
+      const rows = page.locator("#tasks tbody tr");
+      if ((await rows.count()) !== 50) throw new Error("first page: " + (await rows.count()) + " rows");
+      const first = await rows.first().innerText();
+      await page.click("#tasks-next");
+      await page.locator("#tasks-page", { hasText: "page 2" }).waitFor({ timeout: 30000 });
+      if ((await rows.first().innerText()) === first) throw new Error("page 2 shows page 1");
+      await page.click("#tasks-prev");
+      await page.locator("#tasks-page", { hasText: "page 1" }).waitFor({ timeout: 30000 });
+      await page.selectOption("#task-state", "FAILED");
+      await page.selectOption("#task-name", "step-3");
+      await page.waitForFunction(() => {
+        const s = [...document.querySelectorAll("#tasks tbody tr")].map((r) => r.innerText);
+        return s.length > 0 && s.every((t) => /^step-3\b/.test(t) && t.includes("FAILED"));
+      }, null, { timeout: 30000 });
+    });
+
+    await check("a live update shows a new group and the changed counts", async () => {
+      const before = await page.locator("#task-summary").innerText();
+      execFileSync(bin, [process.env.BIGRUN_FIXTURE, "late", process.env.DROVER_HOME, process.env.BIG], { env });
+      await page.locator('#timeline .group[data-name="late-step"] .bar.RUNNING').waitFor({ timeout: 30000 });
+      await page.locator("#task-summary", { hasText: "20003 task runs" }).waitFor({ timeout: 30000 });
+      // the open group stays open, its rows loaded again
+      await page.locator('#timeline .group.open[data-name="step-7"] .members .row.sub').first().waitFor({ timeout: 30000 });
+      if ((await page.locator("#task-summary").innerText()) === before) throw new Error("summary unchanged");
+    });
+
     await check("no JavaScript errors on the pages", async () => {
       if (errors.length) throw new Error(errors.join("\n"));
     });

@@ -119,34 +119,142 @@ async function runsPage() {
 
 // ---- one run ----------------------------------------------------------------------
 
-function gantt(tasks) {
-  const timed = tasks.filter((t) => t.started);
-  if (!timed.length) return h("p", { class: "muted" }, "No task runs yet.");
+// A run's page reads its summary (task runs grouped by name) and pages
+// through the task runs themselves, so a run of 20,000 task runs draws one
+// bar per name at once and only the rows someone opens.
+const TASK_PAGE = 50;
+
+// The bar of a group takes the state that needs attention first.
+function groupState(c) {
+  for (const s of ["FAILED", "CRASHED", "RUNNING", "CANCELLING", "PENDING", "SCHEDULED", "CANCELLED"]) if (c[s]) return s;
+  return "COMPLETED";
+}
+
+function taskPageURL(id, f, cursor, limit) {
+  const q = new URLSearchParams({ limit: String(limit || TASK_PAGE) });
+  if (f.state) q.set("state", f.state);
+  if (f.name) q.set("name", f.name);
+  if (cursor) q.set("cursor", cursor);
+  return "/api/runs/" + encodeURIComponent(id) + "/task_runs?" + q;
+}
+
+// The time axis of a run's timeline: from the first start to the last end
+// (now while something runs).
+function span(groups) {
+  const timed = groups.filter((g) => g.started);
+  if (!timed.length) return null;
   const now = Date.now() / 1000;
-  const t0 = Math.min(...timed.map((t) => t.started));
-  const t1 = Math.max(...timed.map((t) => t.ended || now));
-  const span = Math.max(t1 - t0, 0.001);
-  return h("div", { class: "gantt", id: "timeline" }, timed.map((t) => {
-    const left = ((t.started - t0) / span) * 100, width = (((t.ended || now) - t.started) / span) * 100;
-    return h("div", { class: "row" }, h("div", { class: "label", title: t.call_key }, t.name),
-      h("div", { class: "track" }, h("div", { class: "bar " + t.state, style: `left:${left}%;width:${Math.max(width, 0.3)}%`,
-        title: `${t.name} ${t.state} ${fmtDuration(t.duration)}` })));
-  }));
+  const t0 = Math.min(...timed.map((g) => g.started));
+  const t1 = Math.max(...timed.map((g) => (g.ended && !g.counts.RUNNING && !g.counts.PENDING) ? g.ended : Math.max(g.ended || 0, now)));
+  return { t0, width: Math.max(t1 - t0, 0.001), now };
+}
+const pos = (ax, a, b) => `left:${((a - ax.t0) / ax.width) * 100}%;width:${Math.max(((b - a) / ax.width) * 100, 0.3)}%`;
+
+function countsText(c) {
+  return STATES.filter((s) => c[s]).map((s) => c[s] + " " + s.toLowerCase()).join(", ");
+}
+
+// One task run's row inside an opened group.
+function taskBar(ax, t) {
+  const end = t.ended || ax.now;
+  return h("div", { class: "row sub" }, h("div", { class: "label", title: t.call_key }, t.call_key || t.name),
+    h("div", { class: "track" }, t.started ? h("div", { class: "bar " + t.state, style: pos(ax, t.started, end),
+      title: `${t.name} ${t.state} ${fmtDuration(t.duration)}` }) : h("span", { class: "muted small" }, t.state)));
 }
 
 async function runPage(id) {
-  const state = h("span", {}), meta = h("div", { class: "meta" }), timeline = h("div"), tasks = h("tbody");
-  const logs = h("pre", { class: "logs", id: "logs" });
+  const state = h("span", {}), meta = h("div", { class: "meta" }), timeline = h("div", { class: "gantt", id: "timeline" });
+  const tasks = h("tbody"), logs = h("pre", { class: "logs", id: "logs" });
   const cancel = h("button", { id: "cancel", class: "danger", onclick: async () => {
     cancel.disabled = true;
-    try { await api("/api/runs/" + id + "/cancel", { method: "POST" }); await load(); } catch (e) { alert(e.message); cancel.disabled = false; }
+    try { await api("/api/runs/" + id + "/cancel", { method: "POST" }); await refresh(); } catch (e) { alert(e.message); cancel.disabled = false; }
   } }, "Cancel");
   const title = h("h1", {}, "Run ", id);
+  const summaryLine = h("span", { class: "muted", id: "task-summary" });
+  // the task-run table: filters, and keyset pages (a stack of the cursors that led here)
+  const filter = { state: "", name: "" };
+  let cursors = [""], nextCursor = null;
+  const stateSel = h("select", { id: "task-state", onchange: (e) => { filter.state = e.target.value; cursors = [""]; loadTasks(); } },
+    h("option", { value: "" }, "all states"), STATES.map((s) => h("option", { value: s }, s)));
+  const nameSel = h("select", { id: "task-name", onchange: (e) => { filter.name = e.target.value; cursors = [""]; loadTasks(); } },
+    h("option", { value: "" }, "all names"));
+  const prev = h("button", { id: "tasks-prev", onclick: () => { if (cursors.length > 1) { cursors.pop(); loadTasks(); } } }, "‹ Prev");
+  const next = h("button", { id: "tasks-next", onclick: () => { if (nextCursor) { cursors.push(nextCursor); loadTasks(); } } }, "Next ›");
+  const pageLabel = h("span", { class: "muted", id: "tasks-page" });
   app.replaceChildren(title, h("div", { class: "toolbar" }, state, cancel), meta,
-    h("h2", {}, "Timeline"), timeline,
-    h("h2", {}, "Task runs"), h("table", { id: "tasks" }, h("thead", {}, h("tr", {}, ["Name", "Kind", "State", "Attempts", "Duration", "Params", "Result"].map((c) => h("th", {}, c)))), tasks),
+    h("h2", {}, "Timeline ", summaryLine), timeline,
+    h("h2", {}, "Task runs"), h("div", { class: "toolbar" }, "State:", stateSel, "Name:", nameSel, prev, next, pageLabel),
+    h("table", { id: "tasks" }, h("thead", {}, h("tr", {}, ["Name", "Kind", "State", "Attempts", "Duration", "Params", "Result"].map((c) => h("th", {}, c)))), tasks),
     h("h2", {}, "Logs"), logs);
-  async function load() {
+
+  const opened = new Map(); // group name -> its rows element (open groups), kept across redraws
+  let first = true;
+
+  let tasksGen = 0;
+  async function loadTasks() {
+    const gen = ++tasksGen;
+    let page;
+    try { page = await api(taskPageURL(id, filter, cursors[cursors.length - 1])); } catch (e) { showError(e); return; }
+    if (gen !== tasksGen) return; // a later load (another page, a filter) answers instead
+    nextCursor = page.next_cursor;
+    prev.disabled = cursors.length <= 1;
+    next.disabled = !nextCursor;
+    pageLabel.textContent = "page " + cursors.length;
+    tasks.replaceChildren(...page.task_runs.map((t) => h("tr", {},
+      h("td", { title: t.call_key }, t.name), h("td", {}, t.kind), h("td", {}, stateBadge(t.state)), h("td", {}, t.attempts),
+      h("td", {}, fmtDuration(t.duration)), h("td", { class: "code" }, short(t.params)),
+      h("td", { class: "code" }, t.result_ok ? short(t.result) : h("span", { class: "error" }, short(t.message || t.result))))));
+    if (!page.task_runs.length) tasks.append(h("tr", {}, h("td", { colspan: 7, class: "muted" }, "No task runs.")));
+  }
+
+  // An open group's task runs, a page at a time ("more" loads the next).
+  // A box shows the answer of its latest request only: a refresh may
+  // start another load of the same box while one is on its way.
+  async function loadMembers(ax, name, box, cursor, limit) {
+    const gen = box.gen = (box.gen || 0) + 1;
+    let page;
+    try { page = await api(taskPageURL(id, { name }, cursor, limit || 100)); } catch (e) { box.replaceChildren(h("p", { class: "error" }, e.message)); return; }
+    if (gen !== box.gen || !box.isConnected) return;
+    if (!cursor) box.replaceChildren();
+    box.querySelector(".more")?.remove();
+    box.append(...page.task_runs.map((t) => taskBar(ax, t)));
+    if (page.next_cursor) {
+      box.append(h("button", { class: "more", onclick: () => loadMembers(ax, name, box, page.next_cursor) }, "more…"));
+    }
+  }
+
+  function drawTimeline(summary) {
+    const groups = summary.groups;
+    if (!groups.length) { timeline.replaceChildren(h("p", { class: "muted" }, "No task runs yet.")); return; }
+    const ax = span(groups) || { t0: 0, width: 1, now: Date.now() / 1000 };
+    timeline.replaceChildren(...groups.map((g) => {
+      const cls = groupState(g.counts);
+      const end = (g.counts.RUNNING || g.counts.PENDING) ? ax.now : (g.ended || ax.now);
+      // the bar: the group's first start to its last end, split by state in proportion
+      const bar = g.started ? h("div", { class: "bar group-bar " + cls, style: pos(ax, g.started, end), title: `${g.name}: ${countsText(g.counts)}` },
+        STATES.filter((s) => g.counts[s]).map((s) => h("div", { class: "seg " + s, style: `flex:${g.counts[s]}` }))) : h("span", { class: "muted small" }, countsText(g.counts));
+      const box = opened.get(g.name) || h("div", { class: "members" });
+      const el = h("div", { class: "group", "data-name": g.name },
+        h("div", { class: "row head", role: "button", tabindex: "0", onclick: () => toggle() },
+          h("div", { class: "label", title: countsText(g.counts) }, h("span", { class: "caret" }), g.name, " ", h("span", { class: "muted" }, "×" + g.total)),
+          h("div", { class: "track" }, bar)), box);
+      function toggle() {
+        if (opened.has(g.name)) { opened.delete(g.name); el.classList.remove("open"); box.replaceChildren(); return; }
+        opened.set(g.name, box); el.classList.add("open");
+        box.replaceChildren(h("p", { class: "muted small" }, "loading…"));
+        loadMembers(ax, g.name, box, null);
+      }
+      if (opened.has(g.name)) {
+        // open across a live update: the same rows again, as many as were shown (at most 1000)
+        el.classList.add("open");
+        loadMembers(ax, g.name, box, null, Math.min(Math.max(box.querySelectorAll(".row.sub").length, 100), 1000));
+      }
+      return el;
+    }));
+    if (summary.groups_truncated) timeline.append(h("p", { class: "muted" }, "More names than shown: filter the table by name."));
+  }
+
+  async function refresh() {
     let r;
     try { r = await api("/api/runs/" + encodeURIComponent(id)); } catch (e) { showError(e); return; }
     document.title = `drover · ${r.name} · ${r.state}`;
@@ -159,16 +267,21 @@ async function runPage(id) {
       h("span", {}, "duration ", h("b", {}, fmtDuration(r.duration))),
       r.message ? h("span", {}, "message ", h("b", { id: "run-message" }, text(r.message))) : null,
       h("span", {}, "params ", h("b", {}, short(r.params)))].filter(Boolean));
-    timeline.replaceChildren(gantt(r.task_runs));
-    tasks.replaceChildren(...r.task_runs.map((t) => h("tr", {},
-      h("td", { title: t.call_key }, t.name), h("td", {}, t.kind), h("td", {}, stateBadge(t.state)), h("td", {}, t.attempts),
-      h("td", {}, fmtDuration(t.duration)), h("td", { class: "code" }, short(t.params)),
-      h("td", { class: "code" }, t.result_ok ? short(t.result) : h("span", { class: "error" }, short(t.message || t.result))))));
-    if (!r.task_runs.length) tasks.append(h("tr", {}, h("td", { colspan: 7, class: "muted" }, "No task runs yet.")));
+    const s = r.summary;
+    summaryLine.textContent = `${s.total} task runs, ${s.groups.length} names` + (s.total ? ": " + countsText(s.counts) : "");
+    drawTimeline(s);
+    if (first) { first = false; performance.mark("drover:first-content"); }
+    const names = s.groups.map((g) => g.name);
+    if (nameSel.options.length - 1 !== names.length || names.some((n, i) => nameSel.options[i + 1].value !== n)) {
+      nameSel.replaceChildren(h("option", { value: "" }, "all names"), ...names.map((n) => h("option", { value: n, selected: n === filter.name }, n)));
+    }
   }
-  await load();
+
+  await refresh();
+  await loadTasks();
   follow("?run=" + encodeURIComponent(id) + "&after=0", {
-    run: (r) => { if (r.id === id) scheduleRefresh(load); },
+    // a change: the summary and the page shown again, never every task run
+    run: (r) => { if (r.id === id) scheduleRefresh(() => { refresh(); loadTasks(); }); },
     log: (l) => {
       const atEnd = logs.scrollTop + logs.clientHeight >= logs.scrollHeight - 4;
       logs.append(text(l.line) + "\n");
