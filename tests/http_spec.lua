@@ -35,7 +35,7 @@ end
 
 local function url(path) return server.base .. path end
 
-local function pending()
+local function open_requests()
   return assert(http.get(url("/stats"))).json.pending
 end
 
@@ -323,7 +323,7 @@ io.write(#held, "|", tostring(r), "|", tostring(err))
       return total
     end)
     assert.are.equal(100, results)
-    H.wait_until(function() return pending() == 0 end, 30, "the server to settle")
+    H.wait_until(function() return open_requests() == 0 end, 30, "the server to settle")
   end)
 
   it("reuses connections (fresh engine: sequential requests share one)", function()
@@ -361,16 +361,16 @@ io.write(#held, "|", tostring(r), "|", tostring(err))
   end)
 
   it("cancelling a waiting task aborts its request", function()
-    H.wait_until(function() return pending() == 0 end, 30, "no delayed requests")
+    H.wait_until(function() return open_requests() == 0 end, 30, "no delayed requests")
     drover.run(function()
       local t = drover.spawn(function() return http.get(url("/delay?ms=120000")) end)
-      H.wait_until(function() return pending() == 1 end, 30, "the request to reach the server")
+      H.wait_until(function() return open_requests() == 1 end, 30, "the request to reach the server")
       assert.is_true(t:cancel())
       local ok, err = t:wait()
       assert.is_false(ok)
       assert.are.equal("cancelled", err)
       -- the connection was closed: the server forgets the request
-      H.wait_until(function() return pending() == 0 end, 30, "the server to see the cancel")
+      H.wait_until(function() return open_requests() == 0 end, 30, "the server to see the cancel")
     end)
     assert.are.equal(200, assert(http.get(url("/"))).status)
   end)
@@ -478,6 +478,6 @@ io.write(#held, "|", tostring(r), "|", tostring(err))
     ]], server.base)
     assert.are.equal(0, code, out)
     assert.are.equal("leaving\n", out)
-    H.wait_until(function() return pending() == 0 end, 30, "the server to see the connections close")
+    H.wait_until(function() return open_requests() == 0 end, 30, "the server to see the connections close")
   end)
 end)

@@ -900,6 +900,19 @@ static int drv__result_error(lua_State *L, drv_pgc *c, PGresult *r) {
   return drv__fail(L, c, lua_tostring(L, -1));
 }
 
+/* Did the command just answered fail (or its connection close)? */
+static int drv__reply_failed(drv_pgc *c) { return c->closed || c->res_err || c->errmsg; }
+
+/* The failure of the command just answered: the server's error (with its
+ * SQLSTATE) before the connection's own message. */
+static int drv__reply_error(lua_State *L, drv_pgc *c) {
+  if (c->closed) return drv__fail(L, c, "the connection was closed");
+  if (c->res_err && (pq.resultErrorField(c->res_err, PG_DIAG_SQLSTATE) || !c->errmsg))
+    return drv__result_error(L, c, c->res_err);
+  lua_pushfstring(L, "%s: %s", c->label, c->errmsg);
+  return drv__fail(L, c, lua_tostring(L, -1));
+}
+
 /* The whole call, as a state machine across waits (see ST_*).  The stack is
  * always [self, sql, params...] when it waits. */
 static int drv__q(lua_State *L, drv_pgc *c, int mode, int step) {
@@ -943,13 +956,7 @@ static int drv__q(lua_State *L, drv_pgc *c, int mode, int step) {
     c->stale_cache = 1;
     goto send;
   case ST_PREPARED:
-    if (c->closed) return drv__fail(L, c, "the connection was closed");
-    if (c->res_err && (pq.resultErrorField(c->res_err, PG_DIAG_SQLSTATE) || !c->errmsg))
-      return drv__result_error(L, c, c->res_err);
-    if (c->errmsg) {
-      lua_pushfstring(L, "%s: %s", c->label, c->errmsg);
-      return drv__fail(L, c, lua_tostring(L, -1));
-    }
+    if (drv__reply_failed(c)) return drv__reply_error(L, c);
     drv__clear_results(c);
     /* cache[sql] = name: it exists on the server now */
     lua_getiuservalue(L, 1, 1);
@@ -962,13 +969,7 @@ static int drv__q(lua_State *L, drv_pgc *c, int mode, int step) {
     name = c->pending_name;
     goto execute;
   default: /* ST_RESULT */
-    if (c->closed) return drv__fail(L, c, "the connection was closed");
-    if (c->res_err && (pq.resultErrorField(c->res_err, PG_DIAG_SQLSTATE) || !c->errmsg))
-      return drv__result_error(L, c, c->res_err);
-    if (c->errmsg) {
-      lua_pushfstring(L, "%s: %s", c->label, c->errmsg);
-      return drv__fail(L, c, lua_tostring(L, -1));
-    }
+    if (drv__reply_failed(c)) return drv__reply_error(L, c);
     return drv__push_result(L, c, mode);
   }
 

@@ -473,7 +473,7 @@ end
 function Daemon:check_head(head)
   head.body = "(unread)" -- the guard checks a body's content type
   local who, refusal = request_guard.check(self.guard, head, function(d)
-    return self.head_db:first("SELECT id, state FROM flow_runs WHERE token_hash = ?", d)
+    return store_mod.run_by_token(self.head_db, d)
   end)
   local function answer(status, message, headers)
     local h = headers or {}

@@ -37,19 +37,6 @@ function M.new(store, opts)
     clients = {}, nclients = 0, watched = {}, seen = nil, task = nil, closed = false }, Feed)
 end
 
--- A signature of a run's task runs: changes when one starts, moves or ends.
--- Sums, not every task run's state (a 20,000-task run made a string of
--- 200 KB each poll): one pass over the index task_runs_by_name, no table
--- rows.  A state change that none of these sums sees would have to keep
--- the first letter and the length of the state, started, ended and attempts.
-local SIGNATURE_SQL = [[SELECT count(*) || '/' || count(started) || '/' || count(ended) || '/' ||
-    total(attempts) || '/' || total(unicode(state)) || '/' || total(length(state))
-    FROM task_runs WHERE flow_run_id = ?]]
-
-function Feed:task_signature(id)
-  return self.store:value(SIGNATURE_SQL, id)
-end
-
 local function recent_states(store)
   local seen = {}
   for _, r in ipairs(store:flow_runs { limit = 200 }) do seen[r.id] = r.state end
@@ -65,8 +52,8 @@ function Feed:join(run_id)
     local w = self.watched[run_id]
     if not w then
       local r = self.store:flow_run(run_id)
-      w = { n = 0, state = r and r.state, sig = self:task_signature(run_id),
-        last_log = self.store:value("SELECT coalesce(max(id), 0) FROM logs WHERE flow_run_id = ?", run_id) }
+      w = { n = 0, state = r and r.state, sig = self.store:task_signature(run_id),
+        last_log = self.store:last_log_id(run_id) }
       self.watched[run_id] = w
     end
     w.n = w.n + 1
@@ -129,7 +116,7 @@ function Feed:poll()
   for id, w in pairs(self.watched) do
     local items = {}
     local r = by_id[id] or store:flow_run(id)
-    local sig = self:task_signature(id)
+    local sig = self.store:task_signature(id)
     if r and (sig ~= w.sig or r.state ~= w.state) and not all[id] then
       items[#items + 1] = { chunk = server.sse { event = "run", data = json.encode(self.run_view(r), BYTES) } }
     end

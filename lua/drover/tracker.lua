@@ -338,8 +338,7 @@ function Flow:exiting(code)
   local ok = pcall(function()
     if clean then
       self:record_end(states.COMPLETED, message)
-      store:write([[UPDATE task_runs SET state = ?, message = ? WHERE flow_run_id = ?
-          AND state IN (]] .. states.sql_list(states.active_list) .. ")", states.CANCELLED, message, self.id)
+      store:end_active_task_runs(self.id, states.CANCELLED, message)
     else
       self.final_state, self.final_message = states.FAILED, message
       store:end_flow_run(self.id, states.FAILED, message)
