@@ -13,7 +13,8 @@
 --            (container | swarm); refuses an image the engine lacks; keeps
 --            the effective socket and base image (saved_config), so status
 --            from a process without DROVER_DOCKER_* asks the same engine
---   run      container mode: POST /containers/create + /start; swarm mode:
+--   run      container mode: POST /containers/create + /start (rlimits
+--            within the host's hard limits: see Docker:ulimits); swarm mode:
 --            POST /services/create with a ReplicatedJob.  With api_url the
 --            container runs `drover worker RUN_ID --api URL`: it downloads
 --            the bundle from `drover serve` and reports there over HTTP with
@@ -60,6 +61,8 @@ Docker.config_keys = {
   ca_file = "string",      -- CA bundle (a path on the engine's host) to verify api_url's certificate
   network = "string",      -- the network containers join (default with api_url: "host" when api_url
                            -- names a loopback address, which no other network reaches; else the engine's)
+  ulimits = "table",       -- rlimits of containers, NAME = n or { soft = n, hard = n } (default: nofile
+                           -- and nproc at this process's hard limits; see ulimits below)
 }
 
 local IMAGE_DROVER = "/opt/drover"   -- where drover lives inside the images
@@ -97,6 +100,10 @@ function Docker:init(config)
   end
   if c.network and not c.network:match("^[%w][%w_.%-]*$") then
     error("backend 'docker': bad network '" .. c.network .. "' (a Docker network name, e.g. host or bridge)", 3)
+  end
+  if c.ulimits then
+    local err = Docker.check_ulimits(c.ulimits)
+    if err then error("backend 'docker': bad ulimits: " .. err, 3) end
   end
 end
 
@@ -460,26 +467,117 @@ function Docker:worker_setup(store, id, cfg, api)
   return { cmd = cfg.command or cmd, env = env, mounts = mounts, network = network }
 end
 
+-- ---- rlimits ------------------------------------------------------------------------
+
+--- The rlimits the Engine API knows (HostConfig.Ulimits names), with the
+-- line of /proc/PID/limits that gives each.
+local RLIMITS = { core = "Max core file size", cpu = "Max cpu time", data = "Max data size",
+  fsize = "Max file size", locks = "Max file locks", memlock = "Max locked memory",
+  msgqueue = "Max msgqueue size", nice = "Max nice priority", nofile = "Max open files",
+  nproc = "Max processes", rss = "Max resident set", rtprio = "Max realtime priority",
+  rttime = "Max realtime timeout", sigpending = "Max pending signals", stack = "Max stack size" }
+
+--- The config's ulimits: nil when good, else why not (one line).
+function Docker.check_ulimits(u)
+  local names = {}
+  for k in pairs(u) do names[#names + 1] = tostring(k) end
+  table.sort(names)
+  for _, k in ipairs(names) do
+    local v = u[k]
+    if not RLIMITS[k] then
+      local known = {}
+      for n in pairs(RLIMITS) do known[#known + 1] = n end
+      table.sort(known)
+      return "unknown rlimit '" .. k .. "' (one of " .. table.concat(known, ", ") .. ")"
+    end
+    local soft, hard = v, v
+    if type(v) == "table" then soft, hard = v.soft, v.hard end
+    for _, x in ipairs { soft, hard } do
+      if math.type(x) ~= "integer" or x < 0 then
+        return "'" .. k .. "' must be a non-negative integer or { soft = n, hard = n }"
+      end
+    end
+    if soft > hard then return "'" .. k .. "': soft " .. soft .. " is above hard " .. hard end
+  end
+end
+
+--- This process's hard limit of rlimit `name` (from /proc/self/limits);
+-- nil when unlimited or unknown.
+local function hard_limit(name)
+  local text = fs.read("/proc/self/limits")
+  if not text then return nil end
+  local hard = text:match("\n" .. RLIMITS[name]:gsub(" ", "%%s") .. "%s+%S+%s+(%d+)")
+  return hard and math.tointeger(tonumber(hard))
+end
+
+--- HostConfig.Ulimits of a container.  Podman, unlike dockerd, gives
+-- containers rlimits of its own (nofile 1048576, nproc 4194304 when
+-- rootful) rather than the engine's; on a host whose hard limits are lower
+-- (and no CAP_SYS_RESOURCE) the runtime cannot set them and no container
+-- starts.  So every container asks for nofile and nproc at this process's
+-- hard limits -- on one host, the engine's too -- with nproc at most
+-- kernel.pid_max: Podman lowers its own nproc to that at start (so its
+-- runtime can set no more), and no more processes can exist anyway.  On
+-- dockerd, running with the host's limits, nothing changes.  The config's
+-- `ulimits` come on top (an engine on another host with lower limits).
+function Docker:ulimits()
+  local want = {}
+  for _, name in ipairs { "nofile", "nproc" } do
+    local hard = hard_limit(name)
+    if name == "nproc" then
+      local pid_max = math.tointeger(tonumber((fs.read("/proc/sys/kernel/pid_max") or ""):match("%d+") or ""))
+      if pid_max and (not hard or pid_max < hard) then hard = pid_max end
+    end
+    if hard then want[name] = { hard, hard } end
+  end
+  for name, v in pairs(self.config.ulimits or {}) do
+    want[name] = type(v) == "table" and { v.soft, v.hard } or { v, v }
+  end
+  local names = {}
+  for name in pairs(want) do names[#names + 1] = name end
+  table.sort(names)
+  local out = {}
+  for _, name in ipairs(names) do
+    out[#out + 1] = { Name = name, Soft = want[name][1], Hard = want[name][2] }
+  end
+  return #out > 0 and out or nil
+end
+
+--- An engine's error starting a container, with what to do about the two
+-- causes Podman's compatible API is known for.
+local function start_hint(err)
+  local e = tostring(err)
+  if e:find("rlimit", 1, true) then
+    return e .. " (the engine's hard limits are below the container's ulimits: set the 'ulimits' config key" ..
+      " within them, see docs/docker.md)"
+  end
+  if e:find("catatonit", 1, true) or e:find("container%-init") then
+    return e .. " (Init: true needs the engine's init binary: on Podman install catatonit, see docs/docker.md)"
+  end
+  return e
+end
+
 function Docker:start_container(id, cfg, w, labels)
   local binds
   for _, m in ipairs(w.mounts) do
     binds = binds or {}
     binds[#binds + 1] = m.source .. ":" .. m.target .. (m.read_only and ":ro" or "")
   end
-  local host = { Binds = binds, Init = true, NetworkMode = w.network }
+  local host = { Binds = binds, Init = true, NetworkMode = w.network, Ulimits = self:ulimits() }
   if cfg.memory then host.Memory = cfg.memory end
   if cfg.cpus then host.NanoCpus = math.tointeger(math.floor(cfg.cpus * 1e9)) end
-  local r = self:api_ok("docker.run: creating the container", "POST", "/containers/create", {
+  local okc, r = pcall(self.api_ok, self, "docker.run: creating the container", "POST", "/containers/create", {
     query = { name = "drover-" .. id },
     json = { Image = cfg.image, Cmd = w.cmd, Env = w.env, Labels = labels, HostConfig = host,
       AttachStdout = false, AttachStderr = false, Tty = false },
   })
+  if not okc then error(start_hint(r), 0) end
   local cid = r.json.Id
   local ok, err = pcall(self.api_ok, self, "docker.run: starting the container", "POST",
     "/containers/" .. cid .. "/start")
   if not ok then
     self:api("DELETE", "/containers/" .. cid, { query = { force = "1" } })
-    error(err, 0)
+    error(start_hint(err), 0)
   end
   return cid
 end

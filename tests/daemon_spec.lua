@@ -298,7 +298,7 @@ describe("drover serve", function()
     p:wait(60)
     local logged = (drover.fs.read(dir .. "/serve.err") or "") .. (drover.fs.read(dir .. "/serve.out") or "")
     assert.is_nil(logged:find(secret, 1, true))
-    assert.is_nil(drover.fs.read(dir .. "/drover.db"):find(secret, 1, true))
+    assert.is_nil(H.store_text(dir):find(secret, 1, true))
 
     -- DROVER_TOKEN works as --token
     local p2, i2 = serve({ "--port", "0", "--bind", "127.0.0.2" }, dir, { DROVER_TOKEN = secret })

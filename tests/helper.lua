@@ -101,11 +101,54 @@ function H.wait_run_state(base_url, id, want, timeout)
   return last
 end
 
---- A fresh temporary directory, removed by the caller.
+--- A new, empty PostgreSQL database on the suite's server
+-- (tests/services/postgres.sh: DROVER_PG_URL, whose role may create
+-- databases); returns its URL.  Raises when the service is not there.
+local pg_databases = 0
+function H.pg_database()
+  local url = os.getenv("DROVER_PG_URL")
+  assert(url, "DROVER_PG_URL is not set: tests/run.sh starts tests/services/postgres.sh")
+  local c = assert(require("drover").pg.connect(url))
+  pg_databases = pg_databases + 1
+  local name = string.format("drover_t%d_%d_%d", require("drover").pid(), pg_databases, math.random(1e9))
+  assert(c:exec("CREATE DATABASE " .. name))
+  c:close()
+  return (url:gsub("/[^/?]*$", "/" .. name))
+end
+
+--- Everything store `home` holds, as text to search for what must not be
+-- there (a secret): the SQLite file and its WAL as bytes, or every row of a
+-- PostgreSQL store as JSON.
+function H.store_text(home)
+  local store_mod = require "drover.store"
+  local store = assert(store_mod.open(home))
+  local parts = {}
+  if store.path then
+    parts[1] = require("drover").fs.read(store.path) or ""
+    parts[2] = require("drover").fs.read(store.path .. "-wal") or ""
+  else
+    local json = require "drover.json"
+    for _, t in ipairs(store_mod.TABLES) do
+      for _, r in ipairs(store:rows("SELECT * FROM " .. t[1])) do parts[#parts + 1] = json.encode(r, { bytes = true }) end
+    end
+  end
+  store:close()
+  return table.concat(parts, "\n")
+end
+
+--- A fresh temporary directory, removed by the caller.  Under
+-- DROVER_TEST_STORE=postgresql (tests/run.sh runs some specs again so)
+-- each one is a drover home whose store is a new PostgreSQL database
+-- (its store.conf names it), so the spec runs on PostgreSQL unchanged.
 function H.tempdir()
   local p = io.popen("mktemp -d /tmp/drover-spec.XXXXXX")
   local d = p:read("l")
   p:close()
+  if os.getenv("DROVER_TEST_STORE") == "postgresql" then
+    local f = assert(io.open(d .. "/store.conf", "w"))
+    f:write(H.pg_database(), "\n")
+    f:close()
+  end
   return d
 end
 

@@ -193,7 +193,7 @@ describe("reliability", function()
         assert.are.equal(3, #store:task_runs(id))
         assert.are.same({ value = 21 }, json.decode(r.result))
       end
-      assert.are.equal("ok", store:value("PRAGMA integrity_check"))
+      assert.are.equal("ok", store:integrity())
     end)
     store:close()
     assert(ok, e)

@@ -95,6 +95,22 @@ for spec in tests/*_spec.lua; do
   [ $rc -ne 0 ] && [ "$f" -eq 0 ] && f=1   # crashed before reporting
   passed=$((passed+p)); failed=$((failed+f))
 done
+# The specs of what the store carries, again on PostgreSQL: each home a
+# spec makes (H.tempdir) gets a new database of the suite's server in its
+# store.conf.  store_spec and two_servers_spec cover both databases already.
+PG_SPECS="tests/daemon_spec.lua tests/reliability_spec.lua tests/worker_protocol_spec.lua"
+for spec in $PG_SPECS; do
+  echo "# $spec (on PostgreSQL)"
+  if [ -z "${DROVER_PG_URL:-}" ]; then
+    echo "not ok - $spec on PostgreSQL: the postgres service did not start"; failed=$((failed+1)); continue
+  fi
+  DROVER_TEST_STORE=postgresql busted --lua="$LUA" -o TAP "$spec" >"$log" 2>&1; rc=$?
+  sed 's/^\(\(not \)\?ok [0-9]* - \)/\1[postgresql] /' "$log"
+  p=$(grep -c '^ok ' "$log"); f=$(grep -c '^not ok ' "$log")
+  [ $rc -ne 0 ] && [ "$f" -eq 0 ] && f=1
+  passed=$((passed+p)); failed=$((failed+f))
+done
+
 # luacheck over the whole tree (.luacheckrc): clean, or the warnings shown.
 echo "# luacheck"
 if luacheck --no-color --quiet . >"$log" 2>&1; then
@@ -133,7 +149,7 @@ fi
 if [ -n "${DROVER_CONFORMANCE_BACKENDS:-}" ]; then
   conformance_lines=($DROVER_CONFORMANCE_BACKENDS)
 else
-  conformance_lines=(local "${conformance_lines[@]}")
+  conformance_lines=(local "local DROVER_TEST_STORE=postgresql" "${conformance_lines[@]}")
 fi
 for line in "${conformance_lines[@]}"; do
   read -r -a words <<<"$line"
@@ -143,6 +159,10 @@ for line in "${conformance_lines[@]}"; do
   done
   echo "# conformance: $line"
   conf_home=$(mktemp -d /tmp/drover-conf.XXXXXX)
+  # "DROVER_TEST_STORE=postgresql": the kit's store is a new database
+  if [[ " ${envs[*]-} " == *" DROVER_TEST_STORE=postgresql "* ]]; then
+    "$LUA" -e 'print(require("helper").pg_database())' >"$conf_home/store.conf" 2>"$log" || cat "$log"
+  fi
   env ${envs[@]+"${envs[@]}"} BUSTED_OUTPUT=TAP BUSTED_LUA=$LUA DROVER_HOME=$conf_home \
     bash tests/conformance/run.sh "$backend" $config >"$log" 2>&1; rc=$?
   cat "$log"

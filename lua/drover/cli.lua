@@ -164,7 +164,7 @@ end
 
 local function open_store(opts)
   local store_mod = require "drover.store"
-  local s, err = store_mod.open(opts and opts.home)
+  local s, err = store_mod.open(opts and opts.home, opts and opts.store and { store = opts.store })
   if not s then config_error(err) end -- DROVER_HOME names no usable store
   return s
 end
@@ -690,6 +690,76 @@ command("prune", "delete ended runs older than a cutoff, with their task runs an
   return EXIT_OK
 end)
 
+-- A PostgreSQL URL with a password, given on the command line, shows in
+-- ps to every user of the machine: say so (libpq's PGPASSFILE or
+-- ~/.pgpass, DROVER_STORE or DROVER_HOME/store.conf keep it out of argv).
+local function warn_password(loc, who)
+  if type(loc) == "string" and loc:match("^postgres[q]?[l]?://[^/@]*:[^/@]*@") then
+    io.stderr:write(who, ": warning: the store URL's password shows in ps to every user of this machine; ",
+      "use DROVER_STORE, DROVER_HOME/store.conf (drover store use) or a ~/.pgpass file\n")
+  end
+end
+
+command("store", "the store: where it is, its schema, moving it (migrate, use, copy)", {
+  args = "[info | migrate | use LOCATION | copy FROM TO] [--store LOCATION]",
+  flags = { store = { arg = true, help = "the store to act on (a SQLite file or a postgresql:// URL; default: "
+      .. "$DROVER_STORE, DROVER_HOME/store.conf, DROVER_HOME/drover.db)" },
+    json = json_flag },
+}, function(opts, pos)
+  local store_mod = require "drover.store"
+  local sub = pos[1] or "info"
+  warn_password(opts.store, "drover store")
+  if sub == "info" or sub == "migrate" then
+    if pos[2] then usage_error("drover store " .. sub .. ": unexpected argument '" .. pos[2] .. "'") end
+    local s = open_store(opts)
+    local r = { location = s.location, database = s.dialect.name, schema_version = store_mod.SCHEMA_VERSION,
+      migrated_from = s.migrated_from }
+    if sub == "info" then r.rows = s:table_counts() end
+    s:close()
+    if opts.json then out_json(r) return EXIT_OK end
+    print(string.format("%s (%s): schema version %d%s", r.location, r.database, r.schema_version,
+      r.migrated_from == r.schema_version and "" or
+      string.format(" (migrated from %d)", r.migrated_from)))
+    if r.rows then
+      print(string.format("  %d run(s), %d task run(s), %d log line(s), %d deployment(s), %d package(s)",
+        r.rows.flow_runs, r.rows.task_runs, r.rows.logs, r.rows.deployments, r.rows.packages))
+    end
+    return EXIT_OK
+  elseif sub == "use" then
+    local loc = pos[2] or usage_error("drover store use: missing LOCATION (a SQLite file or a postgresql:// URL)")
+    warn_password(loc, "drover store use")
+    local home = store_mod.home()
+    local s = open_store { store = loc }
+    local label = s.location
+    s:close()
+    local fs = require "drover.fs"
+    local path = home .. "/store.conf"
+    -- the URL may hold a password: the file is the user's alone
+    local ok, err = fs.write(path, "# the store of this drover home (drover store use)\n" .. loc .. "\n",
+      { mode = "0600" })
+    if not ok then error("drover store use: cannot write " .. path .. ": " .. tostring(err), 0) end
+    print(string.format("%s now keeps its runs in %s (%s)", home, label, path))
+    return EXIT_OK
+  elseif sub == "copy" then
+    local from_loc = pos[2] or usage_error("drover store copy: missing FROM and TO (SQLite files or postgresql:// URLs)")
+    local to_loc = pos[3] or usage_error("drover store copy: missing TO (a SQLite file or a postgresql:// URL)")
+    warn_password(from_loc, "drover store copy")
+    warn_password(to_loc, "drover store copy")
+    local from = open_store { store = from_loc }
+    local to = open_store { store = to_loc }
+    local copied, err = store_mod.copy(from, to)
+    local from_label, to_label = from.location, to.location
+    from:close()
+    to:close()
+    if not copied then error("drover store copy: " .. err, 0) end
+    if opts.json then out_json(copied) return EXIT_OK end
+    print(string.format("copied %s to %s: %d run(s), %d task run(s), %d log line(s), %d deployment(s), %d package(s)",
+      from_label, to_label, copied.flow_runs, copied.task_runs, copied.logs, copied.deployments, copied.packages))
+    return EXIT_OK
+  end
+  usage_error("drover store: unknown subcommand '" .. sub .. "' (info, migrate, use, copy)")
+end)
+
 command("backends", "list the backends drover can load, and where from", {
   args = "", flags = { json = json_flag },
 }, function(opts)
@@ -712,6 +782,8 @@ command("serve", "run the daemon: dashboard, JSON API, worker protocol, events, 
     ["tls-cert"] = { arg = true, help = "serve HTTPS with this certificate (PEM; needs --tls-key)" },
     ["tls-key"] = { arg = true, help = "the certificate's private key (PEM)" },
     retention = { arg = true, help = "prune ended runs older than AGE (30d, 12h, ...) every hour, in small batches" },
+    store = { arg = true, help = "the store: a SQLite file or a postgresql:// URL (default: $DROVER_STORE, "
+      .. "DROVER_HOME/store.conf, DROVER_HOME/drover.db); a password here shows in ps" },
     auto = { help = "(internal) started by drover run: exit if a daemon already runs" } },
 }, function(opts)
   local port = opts.port and math.tointeger(tonumber(opts.port))
@@ -749,7 +821,9 @@ command("serve", "run the daemon: dashboard, JSON API, worker protocol, events, 
       .. "use DROVER_TOKEN or DROVER_TOKEN_FILE\n")
   end
   local token = opts.token or require("drover.api_client").token_from_env("DROVER_TOKEN")
+  warn_password(opts.store, "drover serve")
   return require("drover.daemon").serve { port = port, bind = opts.bind, token = token, auto = opts.auto,
+    store = opts.store,
     public_url = opts["public-url"], heartbeat = heartbeat, max_body = max_body, tls = tls, retention = retention,
     max_connections = max_conns }
 end)

@@ -177,7 +177,7 @@ function M.new(opts)
   if not LOOPBACK[bind] and not token then
     return nil, "drover serve: binding " .. bind .. " (not loopback) requires a token (--token or DROVER_TOKEN)"
   end
-  local store, serr = store_mod.open(opts.home)
+  local store, serr = store_mod.open(opts.home, { store = opts.store })
   if not store then return nil, serr end
   local self = setmetatable({ bind = bind, token = token, store = store, home = store.home,
     port = opts.port or M.DEFAULT_PORT, auto = opts.auto, stopping = false,
@@ -194,12 +194,11 @@ function M.new(opts)
 end
 
 function Daemon:start()
-  -- the head check's own connection: a query there never waits for this
-  -- connection's transactions, which it could not do (it runs outside
-  -- any task, and must not block the loop on a task that holds one)
-  local hdb, herr = require("drover.core").db.open(self.store.path, { busy_timeout = 2000 })
-  if not hdb then return nil, "cannot open the store for request checks: " .. tostring(herr) end
-  self.head_db = hdb
+  -- the head check's token lookup (Store:token_reader: it runs outside
+  -- any task, and must not block the loop on a task's transaction)
+  local reader, herr = self.store:token_reader()
+  if not reader then return nil, herr end
+  self.head_reader = reader
   local srv, lerr = server.listen {
     host = self.bind, port = self.port, max_body = self.max_body, tls = self.tls,
     max_connections = self.max_connections,
@@ -207,7 +206,7 @@ function Daemon:start()
     handler = function(req, res) return self:handle(req, res) end,
     on_error = function(e) io.stderr:write("drover serve: handler error: ", tostring(e):match("[^\n]*"), "\n") end,
   }
-  if not srv then hdb:close(); self.head_db = nil; return nil, lerr end
+  if not srv then reader.close(); self.head_reader = nil; return nil, lerr end
   self.srv = srv
   -- the URL handed out (run pages, workers): --public-url when given;
   -- otherwise this host, by loopback when bound to every address
@@ -268,6 +267,9 @@ function Daemon:reaper()
       end
     end
     self:reap_silent()
+    -- PostgreSQL's run counters arrive as deltas: fold them (/metrics)
+    local ok, e = pcall(self.store.compact_counts, self.store)
+    if not ok then io.stderr:write("drover serve: compacting the run counters: ", tostring(e), "\n") end
     if self.auto then
       local info = M.running(self.home)
       if info and info.pid ~= drover.pid() then
@@ -473,7 +475,7 @@ end
 function Daemon:check_head(head)
   head.body = "(unread)" -- the guard checks a body's content type
   local who, refusal = request_guard.check(self.guard, head, function(d)
-    return store_mod.run_by_token(self.head_db, d)
+    return self.head_reader.lookup(d)
   end)
   local function answer(status, message, headers)
     local h = headers or {}
@@ -482,6 +484,9 @@ function Daemon:check_head(head)
   end
   if not who then return answer(refusal.status, refusal.message, refusal.headers) end
   local limit = self:body_limit(head.path)
+  -- a run token the head could not check (on PostgreSQL: Store:token_reader)
+  -- gets no more buffered than a worker's request may hold
+  if not who.admin and not who.run_id then limit = math.min(limit, self.max_request_body) end
   local len = head.headers["content-length"]
   local n = len and math.tointeger(tonumber(len))
   if len and not n then return answer(400, "bad Content-Length '" .. len .. "'") end
@@ -600,7 +605,7 @@ function Daemon:get_runs(req, method)
     local status, headers, body
     page, status, headers, body = self:runs_page(req.args)
     if not page then return status, headers, body end
-    if not self.store.db:stats().in_transaction then
+    if not self.store:in_transaction() then
       if not cache.pages[key] then cache.n = cache.n + 1 end
       cache.pages[key] = page
     end
@@ -943,11 +948,11 @@ function M.serve(opts)
   if not ok then io.stderr:write("drover serve: ", tostring(lerr), "\n"); d.store:close(); return 2 end
   local stop = function() d:stop() end
   local s1, s2 = drover.on_signal("TERM", stop), drover.on_signal("INT", stop)
-  io.stderr:write("drover serve: listening on ", d.url, " (pid ", drover.pid(), ", store ", d.home, ")\n")
+  io.stderr:write("drover serve: listening on ", d.url, " (pid ", drover.pid(), ", store ", d.store.location, ")\n")
   io.stderr:flush()
   d:wait()
   s1:stop(); s2:stop()
-  if d.head_db then d.head_db:close() end
+  if d.head_reader then d.head_reader.close() end
   d.store:close()
   io.stderr:write("drover serve: stopped\n")
   return 0

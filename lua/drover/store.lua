@@ -1,8 +1,15 @@
---- The tracking store: SQLite (WAL) under DROVER_HOME.
+--- The tracking store: packages, deployments, flow runs, task runs, log
+-- lines, the scheduler's fire times and run tokens, and every SQL statement
+-- drover runs on them.  Two databases: SQLite (a WAL file under
+-- DROVER_HOME, the default) and PostgreSQL (a server's database, for a
+-- team and for several servers); the queries both share are here, written
+-- once with `?` placeholders, and what only one of them says (its schema
+-- migrations, change marks, file maintenance) is its dialect,
+-- lua/drover/store/sqlite.lua or lua/drover/store/postgresql.lua.
 --
--- Packages, deployments, flow runs, task runs and log lines.  Several
--- drover processes share one store (a CLI, a worker per run, the daemon),
--- so every write is a short transaction and readers never block writers.
+-- Several drover processes may share one store (a CLI, a worker per run,
+-- the daemon), so every write is a short transaction and readers never
+-- block writers.
 --
 -- Tracking must cost little: state changes of task runs are queued and
 -- written in one transaction per batch (at most `batch_size` statements, or
@@ -22,112 +29,6 @@ local Store = {}
 Store.__index = Store
 
 M.SCHEMA_VERSION = 5
-
--- Each migration takes the store from version i-1 to i.  Never edit one
--- that has shipped: add the next.
-local migrations = {
-  [1] = [[
-    CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT);
-    CREATE TABLE packages(
-      id TEXT PRIMARY KEY, backend TEXT NOT NULL, class TEXT, module TEXT NOT NULL,
-      entrypoint TEXT, sha256 TEXT NOT NULL, location TEXT, manifest TEXT,
-      created REAL NOT NULL);
-    CREATE TABLE deployments(
-      name TEXT PRIMARY KEY, backend TEXT NOT NULL, package_id TEXT, params TEXT,
-      config TEXT, schedule TEXT, max_active INTEGER, paused INTEGER NOT NULL DEFAULT 0,
-      created REAL NOT NULL, updated REAL NOT NULL);
-    CREATE TABLE flow_runs(
-      id TEXT PRIMARY KEY, name TEXT NOT NULL, deployment TEXT, backend TEXT NOT NULL,
-      state TEXT NOT NULL, message TEXT, params TEXT, result TEXT, source TEXT,
-      created REAL NOT NULL, started REAL, ended REAL, resumed_from TEXT,
-      external_id TEXT, pid INTEGER, url TEXT, heartbeat REAL);
-    CREATE INDEX flow_runs_by_deployment ON flow_runs(deployment, state);
-    CREATE INDEX flow_runs_by_state ON flow_runs(state);
-    CREATE INDEX flow_runs_by_created ON flow_runs(created);
-    CREATE TABLE task_runs(
-      id TEXT PRIMARY KEY, flow_run_id TEXT NOT NULL, parent_id TEXT, name TEXT NOT NULL,
-      kind TEXT NOT NULL, call_key TEXT NOT NULL, state TEXT NOT NULL, message TEXT,
-      params TEXT, params_hash TEXT, result TEXT, result_ok INTEGER NOT NULL DEFAULT 1,
-      attempts INTEGER NOT NULL DEFAULT 0, cache_key TEXT, cache_expires REAL,
-      reused_from TEXT, tags TEXT, started REAL, ended REAL);
-    CREATE INDEX task_runs_by_flow ON task_runs(flow_run_id, call_key);
-    CREATE INDEX task_runs_by_cache ON task_runs(name, cache_key) WHERE cache_key IS NOT NULL;
-    CREATE TABLE logs(
-      id INTEGER PRIMARY KEY, flow_run_id TEXT NOT NULL, task_run_id TEXT,
-      ts REAL NOT NULL, stream TEXT NOT NULL, line TEXT NOT NULL);
-    CREATE INDEX logs_by_run ON logs(flow_run_id, id);
-    CREATE TABLE flow_run_states(
-      id INTEGER PRIMARY KEY, flow_run_id TEXT NOT NULL, state TEXT NOT NULL,
-      message TEXT, ts REAL NOT NULL);
-    CREATE INDEX flow_run_states_by_run ON flow_run_states(flow_run_id, id);
-    INSERT INTO meta(key, value) VALUES ('app', 'drover');
-  ]],
-  -- the backend config a deployment was made with (secrets left out), so
-  -- run, stop, status and the daemon reach the backend the same way later
-  [2] = [[
-    ALTER TABLE deployments ADD COLUMN backend_config TEXT;
-  ]],
-  -- workers that report over HTTP (the worker protocol, docs/protocol.md):
-  -- the hash of each run's own token, the last event sequence number the
-  -- server applied for it, the calls a backend runs as jobs of their own
-  -- (slurm `resources`) with their results, and the scheduler's fire
-  -- times (once created by the daemon outside the migrations).
-  [3] = [[
-    ALTER TABLE flow_runs ADD COLUMN token_hash TEXT;
-    ALTER TABLE flow_runs ADD COLUMN event_seq INTEGER NOT NULL DEFAULT 0;
-    CREATE UNIQUE INDEX flow_runs_by_token ON flow_runs(token_hash) WHERE token_hash IS NOT NULL;
-    CREATE TABLE run_calls(
-      id TEXT PRIMARY KEY, flow_run_id TEXT NOT NULL, task_run_id TEXT, spec TEXT NOT NULL,
-      state TEXT NOT NULL, result TEXT, created REAL NOT NULL, ended REAL);
-    CREATE INDEX run_calls_by_run ON run_calls(flow_run_id);
-    CREATE TABLE IF NOT EXISTS daemon_schedule(
-      deployment TEXT PRIMARY KEY, schedule TEXT NOT NULL, dep_updated REAL NOT NULL,
-      last_fire REAL NOT NULL);
-  ]],
-  -- big runs (issue 13): a run's task runs paged in start order by keyset
-  -- (the expression is Store:task_run_page's sort key, not-started last),
-  -- and summarised by name and state from an index alone
-  [4] = [[
-    CREATE INDEX task_runs_by_start ON task_runs(flow_run_id, ifnull(started, 9000000000000000), id);
-    CREATE INDEX task_runs_by_name ON task_runs(flow_run_id, name, state, started, ended, attempts);
-  ]],
-  -- issue 13: counts per state kept by triggers (run_counts: /metrics
-  -- reads a few rows instead of counting millions), and an index per
-  -- filter of the run list in its order (keyset pages: Store:flow_runs_page)
-  [5] = (function()
-    local function counted(tbl, kind)
-      local function add(row) -- upsert row OLD or NEW into its state's counts
-        return (([[INSERT INTO run_counts(kind, state, n, timed, seconds) VALUES('%s', R.state, 1,
-            R.started IS NOT NULL AND R.ended IS NOT NULL, coalesce(R.ended - R.started, 0))
-          ON CONFLICT(kind, state) DO UPDATE SET n = n + 1, timed = timed + excluded.timed,
-            seconds = seconds + excluded.seconds;]]):format(kind):gsub("R%.", row .. "."))
-      end
-      local remove = ([[UPDATE run_counts SET n = n - 1,
-            timed = timed - (OLD.started IS NOT NULL AND OLD.ended IS NOT NULL),
-            seconds = seconds - coalesce(OLD.ended - OLD.started, 0)
-          WHERE kind = '%s' AND state = OLD.state;]]):format(kind)
-      return ([[
-        INSERT INTO run_counts(kind, state, n, timed, seconds)
-          SELECT '%s', state, count(*), sum(started IS NOT NULL AND ended IS NOT NULL),
-            coalesce(sum(ended - started), 0) FROM %s GROUP BY state;
-        CREATE TRIGGER %s_count_insert AFTER INSERT ON %s BEGIN %s END;
-        CREATE TRIGGER %s_count_update AFTER UPDATE OF state, started, ended ON %s
-          WHEN OLD.state IS NOT NEW.state OR OLD.started IS NOT NEW.started OR OLD.ended IS NOT NEW.ended
-          BEGIN %s %s END;
-        CREATE TRIGGER %s_count_delete AFTER DELETE ON %s BEGIN %s END;
-      ]]):format(kind, tbl, tbl, tbl, add("NEW"), tbl, tbl, remove, add("NEW"), tbl, tbl, remove)
-    end
-    return [[
-      CREATE TABLE run_counts(kind TEXT NOT NULL, state TEXT NOT NULL, n INTEGER NOT NULL,
-        timed INTEGER NOT NULL, seconds REAL NOT NULL, PRIMARY KEY(kind, state)) WITHOUT ROWID;
-    ]] .. counted("flow_runs", "flow") .. counted("task_runs", "task") .. [[
-      DROP INDEX flow_runs_by_state;
-      CREATE INDEX flow_runs_by_state_created ON flow_runs(state, created, id);
-      CREATE INDEX flow_runs_by_deployment_created ON flow_runs(deployment, created, id);
-      CREATE INDEX flow_runs_by_created_id ON flow_runs(created, id);
-    ]]
-  end)(),
-}
 
 --- Wall-clock seconds with microsecond resolution (comparable across
 -- processes, unlike drover.now()).
@@ -160,56 +61,47 @@ function M.new_id()
   return string.format("%08x%04x", math.random(0, 0xffffffff), math.random(0, 0xffff))
 end
 
-local unwritable
-
-local function mkdir_p(path)
-  local fs = require "drover.fs"
-  local ok, err = fs.mkdir(path)
-  if not ok and not fs.exists(path) then return nil, err end
-  return true
+--- Where the store of `home` is, and its dialect ("sqlite" or
+-- "postgresql"): `explicit` (drover serve --store, the embedder's option),
+-- else DROVER_STORE, else the first line of HOME/store.conf (what `drover
+-- store use` writes), else HOME/drover.db.  A postgresql:// or
+-- postgres:// URL is a PostgreSQL database; anything else a SQLite file.
+function M.location(home, explicit)
+  local loc = explicit
+  if loc == nil or loc == "" then loc = os.getenv("DROVER_STORE") end
+  if loc == nil or loc == "" then
+    local f = io.open(home .. "/store.conf", "r")
+    if f then
+      for line in f:lines() do
+        line = line:match("^%s*(.-)%s*$")
+        if line ~= "" and line:sub(1, 1) ~= "#" then loc = line; break end
+      end
+      f:close()
+    end
+  end
+  if loc == nil or loc == "" then loc = home .. "/drover.db" end
+  if loc:match("^postgres[q]?[l]?://") then return loc, "postgresql" end
+  return loc, "sqlite"
 end
 
---- Why the store at `path` in directory `home` cannot be written (one
--- line naming the path), or nil: SQLite says only "unable to open
--- database file" or "attempt to write a readonly database" when the
--- directory or the file is read-only (a read-only mount, another user's
--- store), which is no reason to call it "not a drover store".  The store
--- needs both: the file, and the directory for its -wal and -shm files.
-function unwritable(home, path)
-  local f, err = io.open(path, "r+b")
-  if f then
-    f:close()
-  elseif not (err or ""):find("No such file", 1, true) then
-    return "cannot open the drover store " .. path .. ": " .. err:gsub("^.-: ", "") ..
-      " (the store must be writable)"
-  end
-  local probe = string.format("%s/.drover-write-test.%d", home, core.pid())
-  f, err = io.open(probe, "wb")
-  if not f then
-    return "cannot write in the drover home " .. home .. ": " .. tostring(err):gsub("^.-: ", "") ..
-      " (the store needs a writable directory)"
-  end
-  f:close()
-  os.remove(probe)
-  return nil
-end
-
---- Open (creating if needed) the store in `home`.  Returns store or nil, message.
+--- Open (creating if needed) the store of `home` (see M.location; opts.store
+-- overrides it).  Returns store or nil, message.
 function M.open(home, opts)
   opts = opts or {}
   home = home or M.home()
-  local ok, err = mkdir_p(home)
-  if not ok then return nil, "cannot create drover home " .. home .. ": " .. tostring(err) end
-  local path = home .. "/drover.db"
-  local db, derr = core.db.open(path, { busy_timeout = opts.busy_timeout
-    or tonumber(os.getenv("DROVER_BUSY_TIMEOUT") or "") or 10000 })
-  if not db then
-    local why = unwritable(home, path)
-    if why then return nil, why end
-    return nil, "not a drover store: " .. path .. " (" .. tostring(derr) .. ")"
+  local loc, dialect = M.location(home, opts.store)
+  local D = require("drover.store." .. dialect)
+  if dialect == "sqlite" then
+    local fs = require "drover.fs"
+    local ok, err = fs.mkdir(home)
+    if not ok and not fs.exists(home) then return nil, "cannot create drover home " .. home .. ": " .. tostring(err) end
   end
+  local db, derr = D.open(loc, opts)
+  if not db then return nil, derr end
   local self = setmetatable({
-    db = db, home = home, path = path, pending = {}, npending = 0, inserting = {},
+    db = db, dialect = D, home = home, path = dialect == "sqlite" and loc or nil,
+    location = dialect == "sqlite" and loc or db:label(),
+    pending = {}, npending = 0, inserting = {}, owner = nil, unlocked = core.event(),
     batch_size = opts.batch_size or 2000, batch_delay = opts.batch_delay or 0.05,
     flush_pending = false, write_error = nil, write_failures = 0,
   }, Store)
@@ -221,33 +113,25 @@ function M.open(home, opts)
   return self
 end
 
+--- Bring the schema up to date (every version in one transaction, the
+-- version read again inside it, so two processes opening a new store at
+-- once apply each step once).  Sets self.migrated_from.
 function Store:migrate()
-  local db = self.db
-  local okv, version = pcall(db.user_version, db)
-  if not okv then
-    error("not a drover store: " .. self.path .. " (" .. tostring(version) .. ")", 0)
+  local D, db, where = self.dialect, self.db, self.location
+  local version = D.version(db, where)
+  self.migrated_from = version
+  if version > M.SCHEMA_VERSION then
+    error("the store " .. where .. " has schema version " .. version ..
+      ", newer than this drover understands (" .. M.SCHEMA_VERSION .. "): upgrade drover", 0)
   end
-  if version == 0 then
-    local n = db:value("SELECT count(*) FROM sqlite_master")
-    if n > 0 then error("not a drover store: " .. self.path .. " (it holds other tables)", 0) end
-  else
-    local app = db:first("SELECT value FROM sqlite_master m, meta WHERE m.name = 'meta' AND meta.key = 'app'")
-    if not app or app.value ~= "drover" then
-      error("not a drover store: " .. self.path .. " (no drover marker)", 0)
-    end
-    if version > M.SCHEMA_VERSION then
-      error("the store " .. self.path .. " has schema version " .. version ..
-        ", newer than this drover understands (" .. M.SCHEMA_VERSION .. "): upgrade drover", 0)
-    end
-  end
-  for v = version + 1, M.SCHEMA_VERSION do
-    db:transaction(function()
-      db:exec(migrations[v])
-      db:user_version(v)
-    end)
-  end
-  -- a new store gives the space of deleted rows back (see prune below)
-  if version == 0 then self:use_incremental_vacuum() end
+  if version == M.SCHEMA_VERSION then return end
+  db:transaction(function()
+    if D.lock_migrations then D.lock_migrations(db) end
+    -- read again under the lock: another process may have migrated meanwhile
+    self.migrated_from = D.version(db, where)
+    for v = self.migrated_from + 1, M.SCHEMA_VERSION do D.apply(db, v) end
+  end)
+  if version == 0 then D.created(self) end
 end
 
 function Store:close()
@@ -265,7 +149,11 @@ end
 -- owner of the store to act on (the tracker fails the flow).
 function Store:queue(sql, ...)
   local n = self.npending + 1
-  self.pending[n] = { sql, select("#", ...), ... }
+  local e = { sql, select("#", ...), ... }
+  -- queued inside a transaction of the store's: whose, so that a
+  -- transaction that fails takes its own queued writes with it
+  if self.owner then e.by = coroutine.running() end
+  self.pending[n] = e
   self.npending = n
   if n >= self.batch_size and not self.write_error then
     self:try_flush()
@@ -303,30 +191,47 @@ end
 -- (until a later flush succeeds), another try is scheduled, and the error
 -- is raised.  Inside a transaction of the caller's (apply_batch) a failed
 -- batch is dropped instead: the caller's whole transaction is rolled back
--- and redone.  A flush waiting for SQLite's lock lets other tasks run:
--- one that flushes meanwhile waits for it, so that batches commit in the
--- order they were queued.
+-- and redone.  Other tasks' flushes wait for this one (the writer lock), so
+-- batches commit in the order they were queued.
 function Store:flush()
   if self.npending == 0 then return end
-  local db = self.db
-  local nested = db:stats().in_transaction
-  -- (not inside a transaction: the flush in flight may be waiting for it)
-  while self.flushing and not nested do self.flushing:wait() end
+  if self.owner == coroutine.running() then return self:write_queue(true) end
+  return self:locked(self.write_queue, self, false)
+end
+
+-- The store's writer lock: one task of this process at a time runs a
+-- transaction through the store (a flush, apply_batch, prune_batch,
+-- transaction); the owner may nest.  The queue of writes is shared by
+-- every task, so a flush must never run inside another task's
+-- transaction, nor beside it: SQLite's one handle would fold it into
+-- that transaction, and PostgreSQL's pool would commit it on another
+-- connection, before (or without) the rows it depends on.
+function Store:locked(fn, ...)
+  local me = coroutine.running()
+  if self.owner == me then return fn(...) end
+  while self.owner do
+    self.unlocked:clear()
+    self.unlocked:wait()
+  end
+  self.owner = me
+  local r = table.pack(pcall(fn, ...))
+  self.owner = nil
+  self.unlocked:set()
+  if not r[1] then error(r[2], 0) end
+  return table.unpack(r, 2, r.n)
+end
+
+function Store:write_queue(nested)
   if self.npending == 0 then return end
+  local db = self.db
   local q, n, inserting = self.pending, self.npending, self.inserting
   self.pending, self.npending, self.inserting = {}, 0, {}
-  local done = not nested and core.event()
-  if done then self.flushing = done end
   local ok, err = pcall(db.transaction, db, function()
     for i = 1, n do
       local e = q[i]
       db:run(e[1], table.unpack(e, 3, 2 + e[2]))
     end
   end)
-  if done then
-    self.flushing = nil
-    done:set()
-  end
   if ok then
     self.write_error, self.write_failures = nil, 0
     return
@@ -356,10 +261,16 @@ function Store:write(sql, ...)
   return self.db:run(sql, ...)
 end
 
+--- Is this store's connection inside a transaction (one of apply_batch's)?
+function Store:in_transaction() return self.dialect.in_transaction(self.db) end
+
 function Store:rows(sql, ...) self:flush(); return self.db:rows(sql, ...) end
 function Store:first(sql, ...) self:flush(); return self.db:first(sql, ...) end
 function Store:value(sql, ...) self:flush(); return self.db:value(sql, ...) end
-function Store:transaction(fn) self:flush(); return self.db:transaction(fn) end
+function Store:transaction(fn)
+  self:flush()
+  return self:locked(self.db.transaction, self.db, fn)
+end
 
 -- ---- encoding -------------------------------------------------------------
 
@@ -468,9 +379,7 @@ end
 -- rows.  A state change that none of these sums sees would have to keep
 -- the first letter and the length of the state, started, ended and attempts.
 function Store:task_signature(id)
-  return self:value([[SELECT count(*) || '/' || count(started) || '/' || count(ended) || '/' ||
-      total(attempts) || '/' || total(unicode(state)) || '/' || total(length(state))
-      FROM task_runs WHERE flow_run_id = ?]], id)
+  return self:value(self.dialect.SIGNATURE, id)
 end
 
 --- The id of run `id`'s last log line (0 when it has none).
@@ -587,7 +496,7 @@ function Store:task_run_finished(id, state, message, result, result_ok, attempts
 end
 
 function Store:task_runs(flow_run_id)
-  return self:rows("SELECT * FROM task_runs WHERE flow_run_id = ? ORDER BY started, rowid", flow_run_id)
+  return self:rows("SELECT * FROM task_runs WHERE flow_run_id = ? ORDER BY " .. self.dialect.TASK_ORDER, flow_run_id)
 end
 
 --- COMPLETED task runs of a flow run, by call key (for resume).
@@ -613,7 +522,7 @@ end
 --- `ts` defaults to now (a worker reporting over HTTP sends its own).
 function Store:log(flow_run_id, task_run_id, stream, line, ts)
   self:queue("INSERT INTO logs(flow_run_id, task_run_id, ts, stream, line) VALUES(?,?,?,?,?)",
-    flow_run_id, task_run_id, ts or M.time(), stream, line)
+    flow_run_id, task_run_id, ts or M.time(), stream, self.dialect.bytes(line))
 end
 
 function Store:logs(flow_run_id, after_id, limit)
@@ -631,19 +540,34 @@ end
 --- The run whose token has this hash, or nil.
 --- Was run `id` given a token (does a worker report it over HTTP)?
 function Store:has_run_token(id)
-  return self:value("SELECT token_hash IS NOT NULL FROM flow_runs WHERE id = ?", id) == 1
+  return self:value("SELECT count(*) FROM flow_runs WHERE id = ? AND token_hash IS NOT NULL", id) == 1
 end
 
---- The run (id, state) a token's digest belongs to, read on any
--- connection to the store `db` (the server checks tokens from a request's
--- head on a connection of its own).
-function M.run_by_token(db, token_hash)
-  return db:first("SELECT id, state FROM flow_runs WHERE token_hash = ?", token_hash)
-end
-
+--- The run (id, state) a token's digest belongs to, or nil.
 function Store:run_by_token(token_hash)
-  self:flush()
-  return M.run_by_token(self.db, token_hash)
+  return self:first("SELECT id, state FROM flow_runs WHERE token_hash = ?", token_hash)
+end
+
+--- A token lookup for the server's request-head check: lookup(digest) ->
+-- the run (id, state), nil, or { unverified = true }; and close().  The
+-- head check runs in the HTTP server's callback, outside any task, where
+-- nothing may wait.  SQLite: a connection of its own, whose reads never
+-- wait for this connection's transactions.  PostgreSQL: a query there
+-- would have to wait, so a token is unverified at the head (handle()
+-- checks it again in a task) and the caller bounds what it buffers.
+function Store:token_reader()
+  if self.dialect.name ~= "sqlite" then
+    local unverified = { unverified = true }
+    return { lookup = function() return unverified end, close = function() end }
+  end
+  local hdb, err = core.db.open(self.path, { busy_timeout = 2000 })
+  if not hdb then return nil, "cannot open the store for request checks: " .. tostring(err) end
+  return {
+    lookup = function(token_hash)
+      return hdb:first("SELECT id, state FROM flow_runs WHERE token_hash = ?", token_hash)
+    end,
+    close = function() hdb:close() end,
+  }
 end
 
 --- Apply a worker's batch in one transaction: `fn(run)` is called with the
@@ -652,16 +576,13 @@ end
 -- the commit.  `applied`, when fn returns one, becomes the run's event_seq.
 function Store:apply_batch(run_id, fn)
   if not self.batch_cache then
-    -- only the server that owns the store applies batches, for as long
-    -- as it runs: a page cache of 64 MiB instead of SQLite's 2 MiB keeps
-    -- the task run index it inserts into at random (ids are random) in
-    -- memory as the store grows (a fifth less time per event at 100,000
-    -- task runs)
+    -- only the server that owns the store applies batches, for as long as it runs
     self.batch_cache = true
-    self.db:exec("PRAGMA cache_size = -65536")
+    self.dialect.tune_for_server(self.db)
   end
   self:flush()
-  return self.db:transaction(function()
+  local me = coroutine.running()
+  local ok, r = pcall(self.transaction, self, function()
     local run = self.db:first("SELECT id, state, event_seq FROM flow_runs WHERE id = ?", run_id)
     local result, applied = fn(run)
     self:flush()
@@ -672,6 +593,24 @@ function Store:apply_batch(run_id, fn)
     end
     return result
   end)
+  if ok then return r end
+  -- rolled back: what fn queued and never flushed goes with it (the
+  -- worker sends the batch again; kept, it would be written twice)
+  self:drop_queued_by(me)
+  error(r, 0)
+end
+
+--- Drop the queued writes task `co` queued inside its transaction.
+function Store:drop_queued_by(co)
+  local keep, dropped = {}, {}
+  for i = 1, self.npending do
+    local e = self.pending[i]
+    if e.by == co then dropped[e] = true else keep[#keep + 1] = e end
+  end
+  for id, e in pairs(self.inserting) do
+    if dropped[e] then self.inserting[id] = nil end
+  end
+  self.pending, self.npending = keep, #keep
 end
 
 --- Active runs reporting over HTTP (they have a token) whose last
@@ -788,13 +727,7 @@ end
 -- lines, state history, remote calls), a batch of runs per transaction so
 -- the write lock is held briefly and workers keep writing in between.
 -- Active runs are never candidates: only runs in a final state are.
---
--- Freed pages go back to the filesystem by incremental vacuum: a store is
--- made with auto_vacuum=INCREMENTAL (Store:migrate; in WAL mode that takes
--- a VACUUM once the tables exist, instantaneous on an empty store), and
--- prune then moves free pages off the end of the file a few at a time.
--- Stores made before that are switched by one full VACUUM
--- (`drover prune --full-vacuum`).
+-- Freed space goes back as the dialect does it (below).
 
 local run_states = require "drover.states"
 
@@ -806,7 +739,7 @@ local function placeholders(n) return string.rep("?", n, ",") end
 -- The WHERE clause (and its values) choosing prune's candidates in
 -- flow_runs.  f: before (seconds since the epoch: created and ended before
 -- it), states (a list of final states; default all of them), deployment.
-local function prune_where(f)
+local function prune_where(f, no_index)
   if type(f.before) ~= "number" then error("store.prune: bad filter 'before' (a time expected)", 3) end
   local st = f.states or FINAL
   for _, s in ipairs(st) do
@@ -814,13 +747,15 @@ local function prune_where(f)
       error("store.prune: state '" .. tostring(s) .. "' is not a final state (active runs are never pruned)", 3)
     end
   end
-  -- unary + keeps the planner off the state and deployment indexes: the
-  -- created index gives the candidates oldest first, already in order, and
-  -- the keyset in prune_batch reads each row of it once per pass
-  local where = "created < ? AND coalesce(ended, created) < ? AND +state IN (" .. placeholders(#st) .. ")"
+  -- SQLite's unary + keeps the planner off the state and deployment
+  -- indexes: the created index gives the candidates oldest first, already
+  -- in order, and the keyset in prune_batch reads each row of it once per
+  -- pass (PostgreSQL's planner weighs them itself)
+  local where = "created < ? AND coalesce(ended, created) < ? AND " .. no_index .. "state IN (" ..
+    placeholders(#st) .. ")"
   local vals = { f.before, f.before, table.unpack(st) }
   if f.deployment then
-    where = where .. " AND +deployment = ?"
+    where = where .. " AND " .. no_index .. "deployment = ?"
     vals[#vals + 1] = f.deployment
   end
   return where, vals
@@ -831,7 +766,7 @@ local RUN_CHILDREN = { task_runs = "task_runs", logs = "logs", states = "flow_ru
 
 --- What prune(f) would delete now: { runs, task_runs, logs, states, calls }.
 function Store:prune_count(f)
-  local where, vals = prune_where(f)
+  local where, vals = prune_where(f, self.dialect.NO_INDEX)
   local out = { runs = self:value("SELECT count(*) FROM flow_runs WHERE " .. where, table.unpack(vals)) }
   for key, tbl in pairs(RUN_CHILDREN) do
     out[key] = self:value("SELECT count(*) FROM " .. tbl ..
@@ -847,20 +782,19 @@ end
 -- is left.  The candidates are chosen inside the write transaction, so a
 -- run is deleted only if it is final at that moment (final is for good).
 function Store:prune_batch(f, cursor, limit)
-  local where, vals = prune_where(f)
-  self:flush()
+  local where, vals = prune_where(f, self.dialect.NO_INDEX)
   local db = self.db
-  return db:transaction(function()
+  return self:transaction(function()
     local args = { table.unpack(vals) }
     local keyset = ""
     if cursor then
-      -- keyset on (created, rowid): the runs a filter skipped are not read again
-      keyset = " AND created >= ? AND (created > ? OR rowid > ?)"
-      args[#args + 1], args[#args + 2], args[#args + 3] = cursor.created, cursor.created, cursor.rowid
+      -- keyset on (created, id): the runs a filter skipped are not read again
+      keyset = " AND created >= ? AND (created > ? OR id > ?)"
+      args[#args + 1], args[#args + 2], args[#args + 3] = cursor.created, cursor.created, cursor.id
     end
     args[#args + 1] = limit
-    local rows = db:rows("SELECT rowid AS rid, id, created FROM flow_runs WHERE " .. where .. keyset ..
-      " ORDER BY created, rowid LIMIT ?", table.unpack(args))
+    local rows = db:rows("SELECT id, created FROM flow_runs WHERE " .. where .. keyset ..
+      " ORDER BY created, id LIMIT ?", table.unpack(args))
     local counts = { runs = 0, task_runs = 0, logs = 0, states = 0, calls = 0 }
     if #rows == 0 then return counts, nil end
     local ids = {}
@@ -871,39 +805,40 @@ function Store:prune_batch(f, cursor, limit)
     end
     counts.runs = db:run("DELETE FROM flow_runs WHERE id IN " .. list, table.unpack(ids))
     local last = rows[#rows]
-    return counts, { created = last.created, rowid = last.rid }
+    return counts, { created = last.created, id = last.id }
   end)
 end
+
+-- File maintenance: SQLite's (incremental vacuum, WAL checkpoints; see
+-- lua/drover/store/sqlite.lua); on PostgreSQL autovacuum does it, and
+-- these say so (nothing to switch, no free pages, an empty checkpoint).
 
 --- Is the store in incremental vacuum mode?
 function Store:incremental_vacuum()
   self:flush()
-  return self.db:value("PRAGMA auto_vacuum") == 2
+  return self.dialect.incremental_vacuum(self.db)
 end
 
 --- Switch the store to incremental vacuum, if it is not: one full VACUUM
 -- (rewrites the file and holds the write lock while it does).  Returns
 -- true if it switched.
 function Store:use_incremental_vacuum()
-  if self:incremental_vacuum() then return false end
-  self.db:exec("PRAGMA auto_vacuum = INCREMENTAL")
-  self.db:exec("VACUUM")
-  return true
+  self:flush()
+  return self.dialect.use_incremental_vacuum(self.db)
 end
 
 --- Give up to `pages` free pages back to the filesystem (one short write
 -- transaction).  Returns the number of free pages left (0 when the store
 -- is not in incremental vacuum mode: its free pages are only reused).
 function Store:vacuum_step(pages)
-  if not self:incremental_vacuum() then return 0 end
-  self.db:exec("PRAGMA incremental_vacuum(" .. math.tointeger(pages) .. ")")
-  return self:free_pages()
+  self:flush()
+  return self.dialect.vacuum_step(self.db, pages)
 end
 
 --- Pages of the database file that hold nothing (deleted rows' space).
 function Store:free_pages()
   self:flush()
-  return self.db:value("PRAGMA freelist_count")
+  return self.dialect.free_pages(self.db)
 end
 
 --- Copy the WAL back into the database file; mode "PASSIVE" (never waits)
@@ -915,18 +850,14 @@ function Store:checkpoint(mode)
     error("store.checkpoint: bad argument 'mode' (PASSIVE or TRUNCATE expected)", 2)
   end
   self:flush()
-  return self.db:first("PRAGMA wal_checkpoint(" .. mode .. ")")
+  return self.dialect.checkpoint(self.db, mode)
 end
 
---- Bytes the store takes on disk: the database file and its WAL.
+--- Bytes the store takes: the database file and its WAL; on PostgreSQL
+-- the database's size.
 function Store:disk_size()
-  local fs = require "drover.fs"
-  local total = 0
-  for _, p in ipairs { self.path, self.path .. "-wal" } do
-    local st = fs.stat(p)
-    if st then total = total + st.size end
-  end
-  return total
+  self:flush()
+  return self.dialect.disk_size(self.db, self.path)
 end
 
 
@@ -938,11 +869,9 @@ end
 -- never OFFSET, so page 200 costs what page 1 does.  Task runs not started
 -- yet (started NULL) sort after every started one.
 
---- The sort key of a task run that has not started: after every real time.
--- TASK_KEY is the expression of the index task_runs_by_start (migration 4),
--- character for character: SQLite uses an expression index only then.
+--- The sort key of a task run that has not started: after every real time
+-- (the dialect's TASK_KEY: the expression of the index task_runs_by_start).
 M.NOT_STARTED = 9e15
-local TASK_KEY = "ifnull(started, 9000000000000000)"
 
 --- Task runs of run `flow_run_id` grouped by name: { total, counts =
 -- {STATE = n}, groups = { {name, total, counts, started, ended}, ... } },
@@ -991,6 +920,7 @@ end
 -- cursor of the page before: { key = sort key, id = task run id }).
 -- Returns the rows and the cursor of the next page (nil on the last).
 function Store:task_run_page(flow_run_id, f)
+  local TASK_KEY = self.dialect.TASK_KEY
   local where, args = { "flow_run_id = ?" }, { flow_run_id }
   if f.state then where[#where + 1] = "state = ?"; args[#args + 1] = f.state end
   if f.name then where[#where + 1] = "name = ?"; args[#args + 1] = f.name end
@@ -1043,7 +973,7 @@ end
 --- Counts of flow runs (kind 'flow') and task runs (kind 'task') by state:
 -- a list of { kind, state, n, timed, seconds }.
 function Store:run_counts()
-  return self:rows("SELECT kind, state, n, timed, seconds FROM run_counts ORDER BY kind, state")
+  return self:rows(self.dialect.RUN_COUNTS)
 end
 
 --- A page of flow runs, newest first.  f: state, deployment, limit
@@ -1065,17 +995,119 @@ function Store:flow_runs_page(f)
   return rows
 end
 
---- Two integers that, together, differ whenever the store may have
--- changed since the last call: the rows this connection's own writes
--- changed (total_changes(): SQLite's data_version does not count them)
--- and every other connection's commits (data_version).  Two cheap reads,
--- no table touched (two statements: the pragma_data_version table would
--- prepare its PRAGMA on every call).  Queued writes are flushed first, so
--- they count.
+--- Two values that, together, differ whenever the store may have changed
+-- since the last call, by this process or any other (the dialect's
+-- change_mark).  Queued writes are flushed first, so they count.
 function Store:change_mark()
   self:flush()
-  local db = self.db
-  return db:value("SELECT total_changes()"), db:value("PRAGMA data_version")
+  return self.dialect.change_mark(self.db)
+end
+
+--- Fold the counters' pending changes (PostgreSQL keeps them as delta
+-- rows; the server calls this every few seconds).  Returns how many.
+function Store:compact_counts()
+  self:flush()
+  return self.dialect.compact_counts(self.db)
+end
+
+--- Is the store whole?  "ok", or what is wrong, one finding a line: the
+-- database's own check (SQLite's integrity_check; PostgreSQL checks its
+-- pages itself), rows of a run whose run is gone, and counters (/metrics)
+-- that differ from the rows they count.
+function Store:integrity()
+  self:compact_counts()
+  local found = {}
+  local own = self.dialect.integrity(self.db)
+  if own ~= "ok" then found[#found + 1] = own end
+  for _, tbl in ipairs { "task_runs", "logs", "flow_run_states", "run_calls" } do
+    local n = self:value("SELECT count(*) FROM " .. tbl ..
+      " t WHERE NOT EXISTS (SELECT 1 FROM flow_runs r WHERE r.id = t.flow_run_id)")
+    if n > 0 then found[#found + 1] = n .. " row(s) of " .. tbl .. " belong to no run" end
+  end
+  local counted = {}
+  for _, c in ipairs(self:run_counts()) do counted[c.kind .. " " .. c.state] = c.n end
+  for kind, tbl in pairs { flow = "flow_runs", task = "task_runs" } do
+    for _, r in ipairs(self:rows("SELECT state, count(*) AS n FROM " .. tbl .. " GROUP BY state")) do
+      local key = kind .. " " .. r.state
+      if (counted[key] or 0) ~= r.n then
+        found[#found + 1] = string.format("%s runs %s: %d counted, %d stored", kind, r.state, counted[key] or 0, r.n)
+      end
+      counted[key] = nil
+    end
+  end
+  for key, n in pairs(counted) do
+    if n ~= 0 then found[#found + 1] = key .. ": " .. n .. " counted, none stored" end
+  end
+  return #found == 0 and "ok" or table.concat(found, "\n")
+end
+
+-- ---- moving an installation: drover store copy --------------------------------
+
+-- Every table that holds a store's data, with its key (copied in key
+-- order, a page at a time).  meta stays (each store has its own marker and
+-- version); run_counts is rebuilt by the target's own triggers as the runs
+-- go in.
+M.TABLES = {
+  { "packages", "id" }, { "deployments", "name" }, { "flow_runs", "id" }, { "task_runs", "id" },
+  { "logs", "id" }, { "flow_run_states", "id" }, { "run_calls", "id" }, { "daemon_schedule", "deployment" },
+}
+
+--- How many rows each data table of the store holds: { table = n }.
+function Store:table_counts()
+  local out = {}
+  for _, t in ipairs(M.TABLES) do out[t[1]] = self:value("SELECT count(*) FROM " .. t[1]) end
+  return out
+end
+
+--- Copy every row of store `from` into the empty store `to` (another
+-- database, either dialect), in one transaction on `to`: a failure leaves
+-- it empty.  `progress(table, rows_so_far)` is called after each page.
+-- Returns { table = rows copied }, or nil and one line (the target holds
+-- data; the schemas differ).
+function M.copy(from, to, progress)
+  local held = to:table_counts()
+  for _, t in ipairs(M.TABLES) do
+    if held[t[1]] > 0 then
+      return nil, "the target store " .. to.location .. " is not empty (" .. t[1] .. " holds " .. held[t[1]] ..
+        " row(s)): copy into a new store"
+    end
+  end
+  from:flush()
+  local copied = {}
+  to:transaction(function()
+    for _, t in ipairs(M.TABLES) do
+      local tbl, key = t[1], t[2]
+      local cols = to.dialect.columns(to.db, tbl)
+      local have = {}
+      for _, c in ipairs(from.dialect.columns(from.db, tbl)) do have[c] = true end
+      for _, c in ipairs(cols) do
+        if not have[c] then error("store copy: " .. from.location .. " has no column " .. tbl .. "." .. c, 0) end
+      end
+      local insert = "INSERT INTO " .. tbl .. "(" .. table.concat(cols, ", ") .. ") VALUES(" ..
+        string.rep("?", #cols, ",") .. ")"
+      local n, last = 0, nil
+      while true do
+        local rows = last == nil
+          and from.db:rows("SELECT * FROM " .. tbl .. " ORDER BY " .. key .. " LIMIT 1000")
+          or from.db:rows("SELECT * FROM " .. tbl .. " WHERE " .. key .. " > ? ORDER BY " .. key .. " LIMIT 1000", last)
+        for _, r in ipairs(rows) do
+          local vals = {}
+          for i, c in ipairs(cols) do vals[i] = r[c] end
+          if tbl == "logs" then
+            for i, c in ipairs(cols) do if c == "line" then vals[i] = to.dialect.bytes(r.line) end end
+          end
+          to.db:run(insert, table.unpack(vals, 1, #cols))
+        end
+        n = n + #rows
+        if progress then progress(tbl, n) end
+        if #rows < 1000 then break end
+        last = rows[#rows][key]
+      end
+      to.dialect.after_copy(to.db, tbl)
+      copied[tbl] = n
+    end
+  end)
+  return copied
 end
 
 return M

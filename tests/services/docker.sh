@@ -27,37 +27,14 @@ die() { echo "docker.sh: $*" >&2; exit 1; }
 
 ping() { curl -sf --max-time 2 --unix-socket "$SOCK" http://docker/_ping >/dev/null 2>&1; }
 
-# Build the base image: a root filesystem of copied binaries and libraries.
+# Build the base image: a root filesystem of copied binaries and libraries
+# (tests/support/base_rootfs.sh), imported.
 build_base() {
-  local dir=$1 bin=$2 rootfs=$1/rootfs
-  rm -rf "$rootfs"
-  mkdir -p "$rootfs"/{bin,tmp,etc,lib64,usr/lib/x86_64-linux-gnu,opt/drover/bin,proc,sys,dev}
-  chmod 1777 "$rootfs/tmp"
-  local tools=(/bin/dash /usr/bin/sleep /usr/bin/cat /usr/bin/env /usr/bin/true /usr/bin/false /usr/bin/ls
-               /usr/bin/echo /usr/bin/kill)
-  local libs=()
-  for b in "$bin" "${tools[@]}" /usr/lib/x86_64-linux-gnu/libcurl.so.4 /usr/lib/x86_64-linux-gnu/libcrypto.so.3; do
-    [ -e "$b" ] || continue
-    # every "=> /path" and the loader line of ldd's output
-    while read -r lib; do libs+=("$lib"); done < <(ldd "$b" 2>/dev/null | grep -oE '/[^ ]+\.so[^ ]*' | sort -u)
-  done
-  for lib in /usr/lib/x86_64-linux-gnu/libcurl.so.4 /usr/lib/x86_64-linux-gnu/libcrypto.so.3 "${libs[@]}"; do
-    [ -e "$lib" ] || continue
-    case $lib in
-      */ld-linux-x86-64.so.2) cp -L "$lib" "$rootfs/lib64/ld-linux-x86-64.so.2" ;;
-      *) cp -L "$lib" "$rootfs/usr/lib/x86_64-linux-gnu/$(basename "$lib")" ;;
-    esac
-  done
-  ln -s usr/lib "$rootfs/lib"
-  cp -L /bin/dash "$rootfs/bin/sh"
-  for t in "${tools[@]:1}"; do cp -L "$t" "$rootfs/bin/$(basename "$t")"; done
-  printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n' >"$rootfs/etc/passwd"
-  printf 'root:x:0:\nnogroup:x:65534:\n' >"$rootfs/etc/group"
-  [ -d /etc/ssl/certs ] && mkdir -p "$rootfs/etc/ssl" && cp -rL /etc/ssl/certs "$rootfs/etc/ssl/" 2>/dev/null || true
-  tar -C "$rootfs" --numeric-owner --owner=0 --group=0 -c . |
-    docker import --change 'ENV PATH=/opt/drover/bin:/usr/local/bin:/usr/bin:/bin' \
-      --change 'LABEL drover.base=1' - "$BASE_IMAGE" >/dev/null
-  rm -rf "$rootfs"
+  local dir=$1 bin=$2
+  bash "$ROOT/tests/support/base_rootfs.sh" "$bin" "$dir/rootfs.tar"
+  docker import --change 'ENV PATH=/opt/drover/bin:/usr/local/bin:/usr/bin:/bin' \
+    --change 'LABEL drover.base=1' "$dir/rootfs.tar" "$BASE_IMAGE" >/dev/null
+  rm -f "$dir/rootfs.tar"
 }
 
 start() {

@@ -70,7 +70,7 @@ EOF
   head -n 1 "$CLUSTER/data/postmaster.pid" >"$DIR/postgres.pid"
   PASSWORD=$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')
   as_owner "$PGBIN/psql" -q -v ON_ERROR_STOP=1 -h "$CLUSTER/sock" -p "$PORT" -U postgres -d postgres <<EOF
-CREATE ROLE drover LOGIN PASSWORD '$PASSWORD';
+CREATE ROLE drover LOGIN CREATEDB PASSWORD '$PASSWORD';
 CREATE DATABASE drover OWNER drover;
 EOF
   cat >"$DIR/env" <<EOF
