@@ -127,6 +127,7 @@ INST       = $(DESTDIR)
 install: all
 	install -d $(INST)$(PREFIX)/bin $(INST)$(LIBDIR)/pkgconfig $(INST)$(LIBDIR)/drover \
 	  $(INST)$(INCLUDEDIR) $(INST)$(SHAREDIR)/lua/drover/dashboard $(INST)$(SHAREDIR)/lua/drover/orchestrator \
+	  $(INST)$(SHAREDIR)/lua/drover/store \
 	  $(INST)$(SHAREDIR)/backends/slurm \
 	  $(INST)$(PREFIX)/share/man/man1
 	install -m 755 $(BUILD)/drover $(INST)$(PREFIX)/bin/drover
@@ -138,6 +139,7 @@ install: all
 	install -m 644 engine/include/drover.h $(INST)$(INCLUDEDIR)/drover.h
 	install -m 644 lua/drover/*.lua $(INST)$(SHAREDIR)/lua/drover/
 	install -m 644 lua/drover/orchestrator/*.lua $(INST)$(SHAREDIR)/lua/drover/orchestrator/
+	install -m 644 lua/drover/store/*.lua $(INST)$(SHAREDIR)/lua/drover/store/
 	install -m 644 lua/drover/dashboard/* $(INST)$(SHAREDIR)/lua/drover/dashboard/
 	install -m 644 backends/*.lua $(INST)$(SHAREDIR)/backends/
 	install -m 644 backends/slurm/*.lua $(INST)$(SHAREDIR)/backends/slurm/

@@ -72,7 +72,7 @@ function Local:run(name, params, opts)
     store:end_flow_run(id, states.CRASHED, "worker did not start: " .. tostring(err))
     error("local.run: " .. tostring(err), 0)
   end
-  store:update_flow_run(id, { pid = proc.pid })
+  store:update_flow_run(id, { pid = proc.pid, host = process_identity.host() })
   return id, url
 end
 
@@ -118,8 +118,13 @@ function Local:recover_spool(run)
   end
 end
 
+--- Is `r`'s process one of this host's (a store shared by servers on
+-- several hosts holds runs whose pids mean nothing here)?
+local function here(r) return r.host == nil or r.host == process_identity.host() end
+
 function Local:reap(run)
-  if run and states.active[run.state] and run.pid and not process_alive(run) then
+  -- another host's run is its own server's to reap
+  if run and states.active[run.state] and run.pid and here(run) and not process_alive(run) then
     local store = self:store()
     self:recover_spool(run)
     if states.active[store:flow_run(run.id).state] then -- its own end, recorded meanwhile, stands
@@ -136,7 +141,7 @@ end
 -- when it will not end.  A `drover exec` gets them on its one process (on
 -- TERM it cancels its flow run), and only while it is the one recorded.
 local function signal_run(r, sig)
-  if not r.pid then return end
+  if not r.pid or not here(r) then return end -- never a stranger with another host's pid
   if not exec_process(r) then
     drover.kill(-math.tointeger(r.pid), sig)
   elseif process_identity.alive(r.external_id) then
@@ -147,6 +152,9 @@ function Local:interrupt(r) signal_run(r, "TERM") end
 function Local:kill_run(r) signal_run(r, "KILL") end
 function Local:is_alive(r)
   if r.pid == nil then return false end
+  -- another host's process: nothing here shows it alive (its heartbeats,
+  -- when it reports over HTTP, are what keep it from being CRASHED)
+  if not here(r) then return false end
   if exec_process(r) then return process_identity.alive(r.external_id) end
   return drover.kill(-math.tointeger(r.pid), 0) == true
 end

@@ -101,6 +101,26 @@ function H.wait_run_state(base_url, id, want, timeout)
   return last
 end
 
+--- Every Lua file of the library, as paths under lua/ ("drover/store/sqlite.lua"),
+-- sorted: what an installation must carry (make install, the rockspec).
+function H.lua_files()
+  local fs = require("drover").fs
+  local out = {}
+  local function walk(rel)
+    for _, name in ipairs(fs.list(H.root .. "/lua/" .. rel) or {}) do
+      local path = rel .. "/" .. name
+      if name:match("%.lua$") then
+        out[#out + 1] = path
+      elseif fs.stat(H.root .. "/lua/" .. path).type == "directory" then
+        walk(path)
+      end
+    end
+  end
+  walk("drover")
+  table.sort(out)
+  return out
+end
+
 --- A new, empty PostgreSQL database on the suite's server
 -- (tests/services/postgres.sh: DROVER_PG_URL, whose role may create
 -- databases); returns its URL.  Raises when the service is not there.

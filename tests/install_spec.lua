@@ -24,6 +24,12 @@ describe("make install", function()
   end)
   teardown(function() os.execute("rm -rf " .. prefix .. " " .. home) end)
 
+  it("installs every Lua file of the library, subdirectories too", function()
+    for _, f in ipairs(H.lua_files()) do
+      assert.is_truthy(drover.fs.exists(prefix .. "/share/drover/lua/" .. f), f)
+    end
+  end)
+
   it("installs the binary, library, header, pkg-config file, man page, Lua library and backends", function()
     for _, f in ipairs { "/bin/drover", "/lib/libdrover.a", "/lib/libdrover.so.0", "/lib/drover/server.so",
       "/include/drover.h", "/lib/pkgconfig/drover.pc", "/share/man/man1/drover.1",

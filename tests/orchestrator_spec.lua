@@ -254,3 +254,28 @@ describe("the local backend and the daemon", function()
       o:store():deployment("rel").backend)
   end)
 end)
+
+describe("the local backend on a store several hosts share", function()
+  it("reaps only runs whose pid belongs to this host", function()
+    local home = H.tempdir()
+    local o = drover.orchestrator("local", { home = home })
+    local store = o:store()
+    local identity = require "drover.process_identity"
+    -- a pid that names no process here
+    local gone = assert(drover.proc.spawn({ "true" }))
+    gone:wait(30)
+    local here = store:create_flow_run { name = "here", state = "RUNNING", pid = gone.pid }
+    store:update_flow_run(here, { host = identity.host() })
+    local there = store:create_flow_run { name = "there", state = "RUNNING", pid = gone.pid }
+    store:update_flow_run(there, { host = "another-host-boot-id" })
+    local legacy = store:create_flow_run { name = "legacy", state = "RUNNING", pid = gone.pid }
+    assert.are.equal("CRASHED", o:reap(store:flow_run(here)).state)
+    assert.are.equal("CRASHED", o:reap(store:flow_run(legacy)).state) -- no host recorded: this host's
+    assert.are.equal("RUNNING", o:reap(store:flow_run(there)).state)
+    assert.is_false(o:is_alive(store:flow_run(there))) -- nothing here shows it alive
+    assert.is_false(o:is_alive(store:flow_run(here)))
+    assert.truthy(identity.host():match("^%x+%-%x+%-%x+%-%x+%-%x+$"))
+    store:close()
+    drover.fs.remove(home, { recursive = true })
+  end)
+end)

@@ -70,6 +70,17 @@ describe("the LuaRocks rockspec", function()
     end
   end)
 
+  it("builds every Lua file under lua/drover, subdirectories too, as its module", function()
+    local spec = {}
+    assert(loadfile(H.root .. "/rockspec/drover-scm-1.rockspec", "t", spec))()
+    local by_path = {}
+    for mod, path in pairs(spec.build.modules) do if type(path) == "string" then by_path[path] = mod end end
+    for _, f in ipairs(H.lua_files()) do
+      local want = f:gsub("%.lua$", ""):gsub("/init$", ""):gsub("/", ".")
+      assert.are.equal(want, by_path["lua/" .. f], "lua/" .. f)
+    end
+  end)
+
   it("builds every lua/drover/*.lua as a module", function()
     local spec = {}
     assert(loadfile(H.root .. "/rockspec/drover-scm-1.rockspec", "t", spec))()

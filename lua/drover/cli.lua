@@ -304,8 +304,9 @@ local real_exit = os.exit
 local function exec_process_started(flow, o, report)
   local drover = require "drover"
   o.flow = flow
-  flow.store:update_flow_run(flow.id, { pid = drover.pid(),
-    external_id = require("drover.process_identity").tag(drover.pid()) })
+  local identity = require "drover.process_identity"
+  flow.store:update_flow_run(flow.id, { pid = drover.pid(), host = identity.host(),
+    external_id = identity.tag(drover.pid()) })
   os.exit = function(code, close) -- luacheck: ignore 122 (the workflow's os.exit, for this run)
     os.exit = real_exit -- luacheck: ignore 122
     flow:exiting(code)

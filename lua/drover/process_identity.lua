@@ -43,6 +43,24 @@ function M.parse(tag)
   return math.tointeger(tonumber(pid)), math.tointeger(tonumber(start))
 end
 
+--- This machine's identity for stored pids: the kernel's boot id (one per
+-- boot of one host; containers share their host's), else the hostname.
+-- A pid means something only where it was recorded: a store shared by
+-- servers on several hosts (PostgreSQL) keeps this next to it.
+local host
+function M.host()
+  if host then return host end
+  local f = io.open("/proc/sys/kernel/random/boot_id", "r")
+  host = f and f:read("l")
+  if f then f:close() end
+  if not host or host == "" then
+    f = io.open("/etc/hostname", "r")
+    host = f and f:read("l") or "unknown"
+    if f then f:close() end
+  end
+  return host
+end
+
 --- Is the process `tag` names still running?  A zombie (dead, not yet
 -- waited for) counts as gone, and so does another process with its pid.
 function M.alive(tag)

@@ -28,7 +28,7 @@ local M = {}
 local Store = {}
 Store.__index = Store
 
-M.SCHEMA_VERSION = 5
+M.SCHEMA_VERSION = 6
 
 --- Wall-clock seconds with microsecond resolution (comparable across
 -- processes, unlike drover.now()).
@@ -310,7 +310,7 @@ function Store:create_flow_run(r)
 end
 
 local flow_fields = { state = true, message = true, result = true, started = true, ended = true,
-  external_id = true, pid = true, url = true, heartbeat = true }
+  external_id = true, pid = true, url = true, heartbeat = true, host = true }
 
 --- Update fields of a flow run now (other processes watch these).
 function Store:update_flow_run(id, fields)

@@ -251,6 +251,9 @@ D.migrations = {
     CREATE INDEX flow_runs_by_deployment_created ON flow_runs(deployment, created, id);
     CREATE INDEX flow_runs_by_created_id ON flow_runs(created, id);
   ]],
+  [6] = [[
+    ALTER TABLE flow_runs ADD COLUMN host TEXT;
+  ]],
 }
 
 D.TASK_KEY = "coalesce(started, 9000000000000000)"

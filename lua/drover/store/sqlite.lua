@@ -114,6 +114,11 @@ local migrations = {
       CREATE INDEX flow_runs_by_created_id ON flow_runs(created, id);
     ]]
   end)(),
+  -- the host a run's pid belongs to (process_identity.host): with a store
+  -- shared by servers on several hosts, a reaper looks only at its own
+  [6] = [[
+    ALTER TABLE flow_runs ADD COLUMN host TEXT;
+  ]],
 }
 
 
