@@ -271,8 +271,16 @@ describe("a PostgreSQL store", function()
       "%): upgrade drover$", open_err(newer))
     c:close()
     n:close()
+    -- a location that is neither a file nor a postgresql:// URL
+    local mangled = "postgresql:1//" .. url:gsub("^postgresql://", "")
+    local cwd = H.tempdir()
+    local code, _, err = H.drover({ "ls" }, { env = { DROVER_HOME = H.tempdir(), DROVER_STORE = mangled }, cwd = cwd })
+    assert.are.equal(2, code)
+    assert.are.equal("drover: the store location must be a SQLite file or a postgresql:// URL (got 'postgresql:...')\n",
+      err)
+    assert.are.same({}, drover.fs.list(cwd), "nothing made of the mistaken location")
     -- the CLI: the same line, exit 2
-    local code, _, err = H.drover({ "ls" }, { env = { DROVER_HOME = H.tempdir(), DROVER_STORE = wrong } })
+    code, _, err = H.drover({ "ls" }, { env = { DROVER_HOME = H.tempdir(), DROVER_STORE = wrong } })
     assert.are.equal(2, code)
     assert.matches("^drover: cannot open the drover store on PostgreSQL: .*password authentication failed", err)
     assert.is_nil(err:find(password, 1, true))

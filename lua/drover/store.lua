@@ -81,7 +81,13 @@ function M.location(home, explicit)
   end
   if loc == nil or loc == "" then loc = home .. "/drover.db" end
   if loc:match("^postgres[q]?[l]?://") then return loc, "postgresql" end
-  return loc, "sqlite"
+  -- anything else that looks like a URL is a mistake, not a file name
+  -- (a file made of it would hold a password, and nobody would find it)
+  local scheme = loc:match("^(%a[%w+.-]*):")
+  if scheme and scheme ~= "file" then
+    return nil, "the store location must be a SQLite file or a postgresql:// URL (got '" .. scheme .. ":...')"
+  end
+  return (loc:gsub("^file:", "")), "sqlite"
 end
 
 --- Open (creating if needed) the store of `home` (see M.location; opts.store
@@ -90,6 +96,7 @@ function M.open(home, opts)
   opts = opts or {}
   home = home or M.home()
   local loc, dialect = M.location(home, opts.store)
+  if not loc then return nil, dialect end
   local D = require("drover.store." .. dialect)
   if dialect == "sqlite" then
     local fs = require "drover.fs"
@@ -226,12 +233,7 @@ function Store:write_queue(nested)
   local db = self.db
   local q, n, inserting = self.pending, self.npending, self.inserting
   self.pending, self.npending, self.inserting = {}, 0, {}
-  local ok, err = pcall(db.transaction, db, function()
-    for i = 1, n do
-      local e = q[i]
-      db:run(e[1], table.unpack(e, 3, 2 + e[2]))
-    end
-  end)
+  local ok, err = pcall(db.transaction, db, function() self.dialect.run_queue(db, q, n) end)
   if ok then
     self.write_error, self.write_failures = nil, 0
     return

@@ -18,6 +18,7 @@
 -- non-UTF-8 strings already escaped (store.encode); in any other text
 -- value (a message, a name) a byte that is not UTF-8 becomes U+FFFD and a
 -- zero byte is dropped, rather than failing the whole batch it is in.
+local core = require "drover.core"
 local pg = require "drover.pg"
 
 local D = { name = "postgresql" }
@@ -31,7 +32,9 @@ Db.__index = Db
 
 -- `?` -> `$n` outside quoted strings and identifiers, cached by SQL text
 -- (the store's statements are a few dozen fixed strings).
-local numbered = setmetatable({}, { __mode = "k" })
+-- (bounded: the store's statements, with IN lists and multi-row INSERTs of
+-- a few sizes each)
+local numbered = {}
 local function number(sql)
   local out = numbered[sql]
   if out then return out end
@@ -92,11 +95,19 @@ local function check(r, err)
   return r
 end
 
-function Db:run(sql, ...) return check(self:conn():run(number(sql), args(...))) end
+-- Statements that may write, counted: this process's own changes move the
+-- change mark at once (see D.change_mark).
+function Db:run(sql, ...)
+  self.writes = self.writes + 1
+  return check(self:conn():run(number(sql), args(...)))
+end
 function Db:rows(sql, ...) return check(self:conn():rows(number(sql), args(...))) end
 function Db:first(sql, ...) return check(self:conn():first(number(sql), args(...))) end
 function Db:value(sql, ...) return check(self:conn():value(number(sql), args(...))) end
-function Db:exec(script) return check(self:conn():exec(script)) end
+function Db:exec(script)
+  self.writes = self.writes + 1
+  return check(self:conn():exec(script))
+end
 
 --- fn(db) inside BEGIN ... COMMIT on one connection of the pool (nested:
 -- a savepoint on it).  fn's results; an error in fn rolls back and is
@@ -135,7 +146,7 @@ function D.open(url, opts)
   if not pool then
     return nil, "cannot open the drover store on PostgreSQL: " .. tostring(err):gsub("^drover%.pg%.connect: ", "")
   end
-  return setmetatable({ pool = pool, tx = setmetatable({}, { __mode = "k" }) }, Db)
+  return setmetatable({ pool = pool, tx = setmetatable({}, { __mode = "k" }), writes = 0 }, Db)
 end
 
 -- ---- the schema ------------------------------------------------------------------
@@ -266,6 +277,65 @@ D.SIGNATURE = [[SELECT count(*) || '/' || count(started) || '/' || count(ended) 
 
 function D.bytes(s) return pg.bytea(s) end
 
+-- Rows of one INSERT statement at most (and at most MAX_PARAMS values:
+-- PostgreSQL takes 65,535 parameters).
+local MAX_ROWS, MAX_PARAMS = 256, 60000
+
+-- "INSERT INTO t(cols) VALUES(?,?,?)" -> its head and its row, or nil.
+local function single_row_insert(sql)
+  local head, row = sql:match("^%s*(INSERT%s+INTO%s+[%w_]+%s*%b())%s*VALUES%s*(%([?,%s]*%))%s*$")
+  return head, row
+end
+
+local multi = {} -- [sql][rows] -> the statement of that many rows
+local function multi_row(sql, head, row, k)
+  local by = multi[sql]
+  if not by then by = {}; multi[sql] = by end
+  local s = by[k]
+  if not s then
+    s = head .. " VALUES" .. string.rep(row, k, ",")
+    by[k] = s
+  end
+  return s
+end
+
+--- Run the queued writes q[1..n] ({sql, nargs, args...}), in order, in the
+-- caller's transaction.  Each statement is a round trip to the server, so
+-- consecutive single-row INSERTs of one statement (task runs, log lines:
+-- most of a batch) go as one multi-row INSERT.
+function D.run_queue(db, q, n)
+  local i = 1
+  while i <= n do
+    local e = q[i]
+    local head, row = single_row_insert(e[1])
+    local j = i
+    if head then
+      local limit = math.min(MAX_ROWS, MAX_PARAMS // math.max(e[2], 1))
+      while j + 1 <= n and j - i + 1 < limit and q[j + 1][1] == e[1] do j = j + 1 end
+    end
+    -- in chunks of a power of two rows: a few statement shapes per INSERT
+    -- (each is prepared once per connection), not one per batch size
+    while i <= j do
+      local k = 1
+      while k * 2 <= j - i + 1 do k = k * 2 end
+      if k == 1 then
+        db:run(q[i][1], table.unpack(q[i], 3, 2 + q[i][2]))
+      else
+        local args, m = {}, 0
+        for r = i, i + k - 1 do
+          local row_args = q[r]
+          for a = 3, 2 + row_args[2] do
+            m = m + 1
+            args[m] = row_args[a]
+          end
+        end
+        db:run(multi_row(e[1], head, row, k), table.unpack(args, 1, m))
+      end
+      i = i + k
+    end
+  end
+end
+
 -- Several servers may open one database at once: a migration runs under
 -- a transaction-level advisory lock (this number, "drover" in ASCII), so
 -- one applies each version and the others find it applied.
@@ -296,12 +366,22 @@ function D.in_transaction(db) return db:in_transaction() end
 
 function D.tune_for_server() end
 
---- The change mark: the server's current snapshot (xmin:xmax:running
--- transactions).  It moves whenever a transaction that writes starts or
--- ends, on any connection of any server: a cached answer is kept only
--- while no write can have happened since it was read.
+--- The change mark: this process's own writes (counted by the connection:
+-- they move it at once), and the server's current snapshot
+-- (xmin:xmax:running transactions), which moves whenever a transaction
+-- that writes starts or ends on any connection of any server.  The
+-- snapshot is read at most every MARK_TTL seconds: a query per request
+-- would cost a round trip each, and under 64 clients the pool's
+-- connections; so another server's or worker's write shows in a cached
+-- answer (/api/runs) within MARK_TTL.
+local MARK_TTL = 0.25
 function D.change_mark(db)
-  return db:value("SELECT pg_current_snapshot()::text"), 0
+  local now = core.now()
+  if not db.mark_at or now - db.mark_at > MARK_TTL then
+    db.mark = db:value("SELECT pg_current_snapshot()::text")
+    db.mark_at = now
+  end
+  return db.writes, db.mark
 end
 
 function D.columns(db, tbl)

@@ -138,6 +138,16 @@ D.SIGNATURE = [[SELECT count(*) || '/' || count(started) || '/' || count(ended) 
       total(attempts) || '/' || total(unicode(state)) || '/' || total(length(state))
       FROM task_runs WHERE flow_run_id = ?]]
 
+--- Run the queued writes q[1..n] ({sql, nargs, args...}), in order, in
+-- the caller's transaction: one statement each (SQLite's statement cache
+-- makes a repeated one cheap, and there is no round trip to save).
+function D.run_queue(db, q, n)
+  for i = 1, n do
+    local e = q[i]
+    db:run(e[1], table.unpack(e, 3, 2 + e[2]))
+  end
+end
+
 --- Log lines are stored as they are (TEXT, byte for byte).
 function D.bytes(s) return s end
 
