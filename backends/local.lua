@@ -13,7 +13,8 @@
 --            CLI's `drover run` starts one), else writes the store itself
 --   reap     a run still active whose worker died becomes CRASHED
 --   interrupt, is_alive, kill_run
---            TERM to the worker's process group, "is it there?", KILL
+--            TERM to the worker's process group, "is it there?", KILL to
+--            it and to every process group it started (process_identity.kill_group_tree)
 local drover = require "drover"
 local fs = require "drover.fs"
 local states = require "drover.states"
@@ -137,15 +138,17 @@ function Local:reap(run)
 end
 
 --- How stop and cancel reach a run's work: TERM to the worker's process
--- group lets it cancel its flow run and end the groups it started; KILL
--- when it will not end.  A `drover exec` gets them on its one process (on
--- TERM it cancels its flow run), and only while it is the one recorded.
+-- group lets it cancel its flow run and end the groups it started; KILL,
+-- when it will not end, goes to those groups too (kill_group_tree).  A
+-- `drover exec` gets them on its one process (on TERM it cancels its flow
+-- run), and only while it is the one recorded.
 local function signal_run(r, sig)
   if not r.pid or not here(r) then return end -- never a stranger with another host's pid
+  local pid = math.tointeger(r.pid)
   if not exec_process(r) then
-    drover.kill(-math.tointeger(r.pid), sig)
+    if sig == "KILL" then process_identity.kill_group_tree(pid) else drover.kill(-pid, sig) end
   elseif process_identity.alive(r.external_id) then
-    drover.kill(math.tointeger(r.pid), sig)
+    drover.kill(pid, sig)
   end
 end
 function Local:interrupt(r) signal_run(r, "TERM") end

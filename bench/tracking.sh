@@ -17,6 +17,11 @@
 # (overhead + plain call) / plain call.
 #
 #   DROVER_BUILD=build-x bash bench/tracking.sh      (N=100000 RUNS=3)
+#
+# CALLGRIND=1 counts instructions instead (valgrind --tool=callgrind, a
+# run with n=0 and one with n=CG_N tracked calls): instructions per tracked
+# call, the figure to compare changes by on a shared, loaded machine,
+# where wall and CPU times move with other people's work.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BUILD=${DROVER_BUILD:-build}
@@ -34,6 +39,23 @@ work=$(mktemp -d /tmp/drover-bench-tracking.XXXXXX)
 trap 'rm -rf "$work"' EXIT
 export DROVER_HOME=$work/home
 FLOW=$PWD/bench/tracking.lua
+
+if [ "${CALLGRIND:-0}" = 1 ]; then
+  CG_N=${CG_N:-10000}
+  command -v valgrind >/dev/null || { echo "bench/tracking: CALLGRIND=1 needs valgrind" >&2; exit 1; }
+  declare -A ir
+  for n in 0 "$CG_N"; do
+    rm -rf "$DROVER_HOME"
+    valgrind --tool=callgrind --callgrind-out-file="$work/cg.$n" "$DROVER" exec "$FLOW" n="$n" mode=tracked \
+      >/dev/null 2>"$work/cg.$n.err" || { cat "$work/cg.$n.err" >&2; exit 1; }
+    ir[$n]=$(sed -n 's/.*Collected : \([0-9]*\).*/\1/p' "$work/cg.$n.err")
+  done
+  per=$(( (ir[$CG_N] - ir[0]) / CG_N ))
+  echo "tracked no-op calls: $CG_N in one flow run, counted by callgrind"
+  echo "  instructions: n=0 ${ir[0]}, n=$CG_N ${ir[$CG_N]}"
+  echo "RESULT tracking instructions_per_call=$per"
+  exit 0
+fi
 
 hyperfine -N --warmup 1 --runs "$RUNS" --export-json "$work/h.json" \
   --prepare "rm -rf $DROVER_HOME" \

@@ -84,6 +84,7 @@ build = {
     ["drover.server"] = "lua/drover/server.lua",
     ["drover.states"] = "lua/drover/states.lua",
     ["drover.store"] = "lua/drover/store.lua",
+    ["drover.store.batch"] = "lua/drover/store/batch.lua",
     ["drover.store.postgresql"] = "lua/drover/store/postgresql.lua",
     ["drover.store.sqlite"] = "lua/drover/store/sqlite.lua",
     ["drover.tracker"] = "lua/drover/tracker.lua",

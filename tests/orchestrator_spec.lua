@@ -279,3 +279,101 @@ describe("the local backend on a store several hosts share", function()
     drover.fs.remove(home, { recursive = true })
   end)
 end)
+
+-- bug: a worker killed when stop_timeout ran out left the process groups
+-- it had started running (each leads a group of its own, in a session of
+-- its own, so KILL to the worker's group missed them) after the run was
+-- recorded CANCELLED.  stop_timeout 0: KILL follows TERM at once.
+describe("the local backend's KILL after stop_timeout", function()
+  for _, how in ipairs { "cancel", "stop" } do
+    it("ends the process groups the worker started too (drover " .. how .. ")", function()
+      local home = H.tempdir()
+      local marker = tostring(7000 + math.random(1, 999)) .. ".625"
+      finally(function()
+        -- whatever the outcome, nothing of this test outlives it
+        for _, pid in ipairs(H.pids_matching("sleep " .. marker)) do drover.kill(pid, "KILL") end
+        H.stop_daemon(home)
+        os.execute("rm -rf " .. home)
+      end)
+      local function drv(args) return H.drover(args, { env = { DROVER_HOME = home, DROVER_PATH = false } }) end
+      local o = drover.orchestrator("local", { home = home })
+      local pkg = o:package("Fixture", "fixture_flow", "main", { path = fixture })
+      local code, _, err = drv({ "deploy", "impatient", "--package", pkg.id, "--set", "stop_timeout=0",
+        "mode=long", "marker=" .. marker })
+      assert.are.equal(0, code, err)
+      local out
+      code, out, err = drv({ "run", "impatient" })
+      assert.are.equal(0, code, err)
+      local id = out:match("^(%x+)")
+      -- the worker's shell and its two sleeps, in a group that is not the worker's
+      H.wait_until(function() return #H.pids_matching("sleep " .. marker) >= 3 end, 60, "the run's processes")
+      local worker = o:store():flow_run(id).pid
+      for _, pid in ipairs(H.pids_matching("sleep " .. marker)) do
+        assert.are_not.equal(worker, require("drover.process_identity").stat(pid).pgrp)
+      end
+      -- a worker that will not end in time: stopped, it cannot take its TERM
+      assert(drover.kill(worker, "STOP"))
+      code, _, err = drv(how == "cancel" and { "cancel", id } or { "stop", "impatient" })
+      assert.are.equal(0, code, err)
+      assert.are.equal("CANCELLED", o:store():flow_run(id).state)
+      H.wait_until(function() return #H.pids_matching("sleep " .. marker) == 0 end, 30, "no process of the run left")
+      H.wait_until(function() return not drover.kill(worker, 0) end, 30, "the worker to be gone")
+      o:store():close()
+    end)
+  end
+end)
+
+-- bug: a cancel that came before the worker could be signalled (before
+-- `run` recorded its pid, the canceller found no process and ended the run
+-- itself) left the worker to run the whole flow of a CANCELLED run
+describe("a worker whose run was cancelled before it started", function()
+  local home, o, pkg
+  before_each(function()
+    home = H.tempdir()
+    o = drover.orchestrator("local", { home = home })
+    pkg = o:package("Fixture", "fixture_flow", "main", { path = fixture })
+  end)
+  after_each(function()
+    o:store():close()
+    os.execute("rm -rf " .. home)
+  end)
+
+  --- `drover worker ID` on the store, as the local backend starts it; the
+  -- timeout only bounds a worker that wrongly runs the long flow
+  local function work(id)
+    local r = assert(drover.proc.run({ H.drover_bin, "worker", id },
+      { env = { DROVER_HOME = home, DROVER_PATH = false }, timeout = 60 }))
+    return r
+  end
+  local function held(id)
+    return table.concat(o:logs(id), "\n"):find("fixture holds", 1, true) ~= nil
+  end
+
+  for _, state in ipairs { "CANCELLED", "CANCELLING" } do
+    it("does not run its flow (" .. state .. ")", function()
+      local marker = tostring(8000 + math.random(1, 999)) .. ".875"
+      finally(function()
+        for _, pid in ipairs(H.pids_matching("sleep " .. marker)) do drover.kill(pid, "KILL") end
+      end)
+      o:deploy("early", { package = pkg.id, params = { mode = "long", marker = marker } })
+      local id = o:create_run("early", {})
+      if state == "CANCELLED" then
+        o:store():end_flow_run(id, "CANCELLED", "cancelled")
+      else
+        o:store():set_flow_state(id, "CANCELLING", "cancel requested")
+      end
+      local r = work(id)
+      assert.is_false(r.timed_out, "the worker ran the flow of a cancelled run")
+      assert.are.equal(1, r.code)
+      local run = o:store():flow_run(id)
+      assert.are.equal("CANCELLED", run.state)
+      assert.is_false(held(id))
+      if state == "CANCELLED" then
+        assert.matches("is CANCELLED already; its flow does not run", r.stderr, nil, true)
+        assert.are.equal("cancelled", run.message)
+      else
+        assert.are.equal("cancel requested", run.message) -- the canceller's reason, not a generic one
+      end
+    end)
+  end
+end)

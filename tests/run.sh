@@ -98,7 +98,7 @@ done
 # The specs of what the store carries, again on PostgreSQL: each home a
 # spec makes (H.tempdir) gets a new database of the suite's server in its
 # store.conf.  store_spec and two_servers_spec cover both databases already.
-PG_SPECS="tests/daemon_spec.lua tests/reliability_spec.lua tests/worker_protocol_spec.lua"
+PG_SPECS="tests/daemon_spec.lua tests/reliability_spec.lua tests/worker_protocol_spec.lua tests/hardening_spec.lua"
 for spec in $PG_SPECS; do
   echo "# $spec (on PostgreSQL)"
   if [ -z "${DROVER_PG_URL:-}" ]; then

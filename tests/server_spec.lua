@@ -556,6 +556,146 @@ print(s.recv(100).split(b"\r\n")[0].decode())
     end)
   end)
 
+  it("sends a body object's bytes as they are, from one object to many responses", function()
+    run(function()
+      local bytes = "a\0b" .. ("\255x"):rep(50000) -- binary, NUL and all
+      local b = server.body(bytes)
+      assert.are.equal(#bytes, #b)
+      assert.are.equal(bytes, b:bytes())
+      assert.are.equal("drover.server.body(" .. #bytes .. " bytes)", tostring(b))
+      local srv = listen(function(req, res)
+        if req.path == "/bare" then return b end
+        if req.path == "/status" then return 201, b end
+        if req.path == "/respond" then res:respond(202, { ["x-a"] = "1" }, b); return end
+        return 200, { ["content-type"] = "application/octet-stream" }, b
+      end)
+      for path, want in pairs { ["/bare"] = 200, ["/status"] = 201, ["/respond"] = 202, ["/full"] = 200 } do
+        local r = assert(http.get(srv.url .. path))
+        assert.are.equal(want, r.status, path)
+        assert.is_true(r.body == bytes, path .. ": the bytes differ")
+        assert.are.equal(tostring(#bytes), r.headers["content-length"], path)
+      end
+      -- many responses at once share the object
+      local tasks = {}
+      for i = 1, 20 do
+        tasks[i] = drover.spawn(function() return assert(http.get(srv.url .. "/full")).body == bytes end)
+      end
+      for i = 1, 20 do assert.is_true(tasks[i]:join(), "response " .. i) end
+      -- HEAD: the length, no bytes
+      local code, out = curl({ "-sI", srv.url .. "/full" })
+      assert.are.equal(0, code)
+      assert.matches("\r\ncontent%-length: " .. #bytes .. "\r\n", out:lower())
+      assert.are.equal(bytes, b:bytes()) -- sending consumed nothing
+      srv:close()
+    end)
+  end)
+
+  it("frees a body object once it is dropped and no response still writes it", function()
+    run(function()
+      collectgarbage(); collectgarbage()
+      local base = server.body_stats()
+      -- more than the kernel's socket buffers can take at once (send 4 MiB,
+      -- receive up to 32 MiB here), so H2O is still writing it
+      local size = 48 * 1024 * 1024
+      local made, after_drop
+      local srv = listen(function()
+        local b = server.body(("z"):rep(size))
+        made = server.body_stats()
+        return b
+      end)
+      -- a slow reader: the response is still being written when the
+      -- handler's object is long collected
+      local out = {}
+      local p = curl_bg({ "--limit-rate", "16M", "-o", "-", srv.url .. "/" }, function(c) out[#out + 1] = c end)
+      H.wait_until(function() return made end, 60, "the handler to run")
+      assert.are.equal(base.count + 1, made.count)
+      assert.are.equal(base.bytes + size, made.bytes)
+      collectgarbage(); collectgarbage()
+      after_drop = server.body_stats()
+      assert.are.equal(base.count + 1, after_drop.count, "freed while a response still writes it")
+      assert.are.equal(0, p:wait(120).code)
+      local got = table.concat(out)
+      assert.are.equal(size, #got)
+      assert.is_nil(got:find("[^z]"))
+      -- the response is done and the object collected: the bytes are gone
+      H.wait_until(function()
+        collectgarbage()
+        return server.body_stats().count == base.count
+      end, 30, "the body to be freed")
+      assert.are.equal(base.bytes, server.body_stats().bytes)
+      -- dropped without ever being sent
+      server.body("never sent") -- luacheck: ignore
+      collectgarbage(); collectgarbage()
+      assert.are.equal(base.count, server.body_stats().count)
+      srv:close()
+    end)
+  end)
+
+  it("fast answers a request outside any task, or hands it to the handler", function()
+    run(function()
+      local page = server.body('{"cached":true}')
+      local fast_calls, handled, in_task, times = 0, 0, nil, {}
+      local srv = listen(function(req)
+        handled = handled + 1
+        times.handler = req.time
+        return "handler " .. req.path .. " " .. tostring(req.args.x)
+      end, {
+        fast = function(req)
+          fast_calls = fast_calls + 1
+          in_task = drover.current()
+          times.fast = req.time
+          if req.path == "/cached" and req.method == "GET" then
+            return 200, { ["content-type"] = "application/json", ["x-from"] = "fast" }, page
+          elseif req.path == "/string" then
+            return "fast " .. req.args.x
+          elseif req.path == "/raise" then
+            error("fast boom")
+          elseif req.path == "/wait" then
+            drover.sleep(0.01) -- cannot wait here
+          elseif req.path == "/bad" then
+            return {}
+          end
+        end })
+      local r = assert(http.get(srv.url .. "/cached"))
+      assert.are.equal(200, r.status)
+      assert.are.equal('{"cached":true}', r.body)
+      assert.are.equal("fast", r.headers["x-from"])
+      assert.is_nil(in_task)
+      assert.are.equal(0, handled)
+      assert.are.equal("fast 7", assert(http.get(srv.url .. "/string?x=7")).body)
+      -- nothing said: the handler gets the request, args and all; req.time
+      -- is when the server had it, on drover.now()'s clock
+      local t0 = drover.now()
+      r = assert(http.get(srv.url .. "/other?x=3"))
+      local t1 = drover.now()
+      assert.are.equal("handler /other 3", r.body)
+      assert.are.equal(1, handled)
+      assert.are.equal(times.fast, times.handler)
+      assert.is_true(t0 <= times.handler and times.handler <= t1, ("%f <= %f <= %f"):format(t0, times.handler, t1))
+      -- a POST with a body goes through fast too
+      local code, out = curl({ "-H", "Content-Type: text/plain", "--data-binary", "abc", srv.url .. "/post" })
+      assert.are.equal(0, code)
+      assert.are.equal("handler /post nil", out)
+      -- keep-alive over fast answers and handler answers alike
+      code, out = curl({ srv.url .. "/cached", "--next", srv.url .. "/other?x=1", "--next", srv.url .. "/cached" })
+      assert.are.equal('{"cached":true}handler /other 1{"cached":true}', out, code)
+      -- an error, a wait, a value that is no answer: 500, and the handler never runs
+      local before = handled
+      for _, path in ipairs { "/raise", "/wait", "/bad" } do
+        assert.are.equal(500, assert(http.get(srv.url .. path)).status, path)
+      end
+      assert.are.equal(before, handled)
+      assert.are.equal(10, fast_calls)
+      -- and the server goes on
+      assert.are.equal(200, assert(http.get(srv.url .. "/cached")).status)
+      srv:close()
+    end)
+    assert.matches("bad option 'fast' (function expected, got number)",
+      select(2, pcall(server.listen, { handler = echo, fast = 1 })), 1, true)
+    assert.matches("drover.server.body: bad argument 'bytes' (string expected, got number)",
+      select(2, pcall(server.body, 5)), 1, true)
+  end)
+
   it("caps its connections: one more gets a 503", function()
     run(function(on_fail)
       local srv = listen(function() return "ok" end, { max_connections = 2 })

@@ -76,8 +76,10 @@ describe("drover serve over TLS", function()
   it("writes an https:// URL and its certificate into daemon.json and says so", function()
     assert.are.equal("https://127.0.0.1:" .. info.port, info.url)
     assert.are.equal(cert, info.ca_file)
-    local said = drover.fs.read(home .. "/serve.err")
-    assert.matches("listening on https://127.0.0.1:" .. info.port, said, 1, true)
+    -- daemon.json is written first, the line right after it
+    H.wait_until(function()
+      return (drover.fs.read(home .. "/serve.err") or ""):find("listening on https://127.0.0.1:" .. info.port, 1, true)
+    end, 30, "the listening line")
   end)
 
   it("answers a client that trusts the CA", function()

@@ -15,7 +15,12 @@
  *
  * Nothing Lua runs inside an H2O callback beyond building the request
  * table and spawning the task (in a protected call); the handler itself
- * runs from the scheduler's run queue like every other task.
+ * runs from the scheduler's run queue like every other task.  Two hooks
+ * that may not wait are the exceptions: check_head (a request's head,
+ * before its body is read) and fast (a request, before a task is made:
+ * an answer already at hand, such as a cached page, is sent from the
+ * callback with no task, no res object and no copy of its body when it
+ * is a body object -- see drv_body).
  *
  * Three lifetimes meet here and each is tracked explicitly:
  *
@@ -71,6 +76,7 @@
 
 #define DRV_SERVER_MT "drover.server"
 #define DRV_RES_MT "drover.server.response"
+#define DRV_BODY_MT "drover.server.body"
 #define DRV_WATCH_MS 250       /* how often unanswered requests' clients are checked */
 #define DRV_DEFAULT_MAX_BODY (64.0 * 1024 * 1024)
 #define DRV_DEFAULT_MAX_CONNS 1024
@@ -163,9 +169,40 @@ struct drv_server {
   int is_unix;
   int closing, finalized;
   int has_check;        /* env has check_head */
+  int has_fast;         /* env has fast */
   int max_conns;
   uint64_t turned_away; /* connections refused over max_conns */
 };
+
+/* A response body made once and sent many times (server.body): the bytes
+ * live outside Lua, reference counted by the Lua object and by every
+ * response that carries them, so a cached page is handed to H2O as it is
+ * -- no copy into the request's pool per response.  A response's reference
+ * goes when H2O disposes of the request's pool, i.e. once the bytes are
+ * written or the connection is gone; the Lua object's when it is
+ * collected. */
+typedef struct {
+  size_t refs;
+  size_t len;
+  char bytes[];
+} drv_body;
+
+static size_t drv__bodies, drv__body_bytes; /* live ones, process-wide: server.body_stats() */
+
+static void drv__body_unref(drv_body *b) {
+  if (--b->refs > 0) return;
+  drv__bodies--;
+  drv__body_bytes -= b->len;
+  free(b);
+}
+
+/* The body object at idx, or NULL. */
+static drv_body *drv__test_body(lua_State *L, int idx) {
+  drv_body **slot;
+  if (lua_type(L, idx) != LUA_TUSERDATA) return NULL;
+  slot = (drv_body **)luaL_testudata(L, idx, DRV_BODY_MT);
+  return slot ? *slot : NULL;
+}
 
 /* ---- reason phrases --------------------------------------------------- */
 
@@ -365,8 +402,58 @@ static void drv__setfield_iov(lua_State *L, const char *k, const char *s, size_t
   lua_setfield(L, -2, k);
 }
 
-/* Protected: build req and res, spawn dispatch(req, res).  Arg 1: the
- * drv_sreq (light userdata). */
+static int drv__answer_form(lua_State *L, int base, const char *who, int *statusp, int *hidxp, int *bidxp);
+static void drv__respond(lua_State *L, drv_sreq *r, int status, int hidx, int bidx, const char *F);
+
+/* Protected: answer r with what fast returned (arg 1: r, 2: status, 3:
+ * headers, 4: body, as drv__answer_form found them). */
+static int drv__fast_respond_lua(lua_State *L) {
+  drv__respond(L, (drv_sreq *)lua_touserdata(L, 1), (int)lua_tointeger(L, 2), 3, 4, "drover.server: fast");
+  return 0;
+}
+
+/* opts.fast(req), at the top of the stack with req: answered (1), or
+ * nothing to say (0: the handler task takes the request).  It runs here,
+ * in H2O's callback and outside any task, so it cannot wait; an error, or
+ * values that are no answer, get the client a 500 and a line in the log
+ * (there is no task to hand on_error to). */
+static int drv__srv_fast(lua_State *L, drv_sreq *r, int env, int reqidx) {
+  int base = lua_gettop(L) + 1, status, hidx, bidx;
+  const char *m;
+  lua_getfield(L, env, "fast");
+  lua_pushvalue(L, reqidx);
+  if (lua_pcall(L, 1, 3, 0) != LUA_OK) goto failed;
+  if (lua_isnil(L, base)) {
+    lua_settop(L, base - 1);
+    return 0;
+  }
+  if (!drv__answer_form(L, base, "fast", &status, &hidx, &bidx)) goto failed;
+  if (r->req == NULL || r->state != S_NEW) { /* it cannot have: no res object */
+    lua_settop(L, base - 1);
+    return 1;
+  }
+  lua_pushcfunction(L, drv__fast_respond_lua);
+  lua_pushlightuserdata(L, r);
+  lua_pushinteger(L, status);
+  if (hidx) lua_pushvalue(L, hidx); else lua_pushnil(L);
+  if (bidx) lua_pushvalue(L, bidx); else lua_pushnil(L);
+  if (lua_pcall(L, 4, 0, 0) != LUA_OK) goto failed;
+  lua_settop(L, base - 1);
+  return 1;
+failed:
+  m = lua_tostring(L, -1);
+  drv__log(r->E, "error", "drover.server: fast failed: %s", m ? m : "(error object is not a string)");
+  lua_settop(L, base - 1);
+  r->answered = 1;
+  if (r->req && r->state == S_NEW) {
+    r->state = S_DONE;
+    h2o_send_error_500(r->req, "Internal Server Error", "internal server error\n", 0);
+  }
+  return 1;
+}
+
+/* Protected: build req and res, spawn dispatch(req, res) -- unless
+ * opts.fast answers req first.  Arg 1: the drv_sreq (light userdata). */
 static int drv__srv_start_lua(lua_State *L) {
   drv_sreq *r = (drv_sreq *)lua_touserdata(L, 1);
   h2o_req_t *req = r->req;
@@ -376,7 +463,7 @@ static int drv__srv_start_lua(lua_State *L) {
   lua_rawgeti(L, LUA_REGISTRYINDEX, srv->env_ref); /* 2 */
   lua_getfield(L, 2, "spawn");                      /* 3 */
   lua_getfield(L, 2, "dispatch");                   /* 4 */
-  lua_createtable(L, 0, 10);                        /* 5: req */
+  lua_createtable(L, 0, 11);                        /* 5: req */
   drv__setfield_iov(L, "method", req->method.base, req->method.len);
   drv__setfield_iov(L, "path", req->path_normalized.base, req->path_normalized.len);
   if (req->query_at != SIZE_MAX)
@@ -388,6 +475,11 @@ static int drv__srv_start_lua(lua_State *L) {
   drv__setfield_iov(L, "body", req->entity.base, req->entity.base ? req->entity.len : 0);
   lua_pushstring(L, req->version >= 0x101 ? "HTTP/1.1" : "HTTP/1.0");
   lua_setfield(L, 5, "version");
+  /* drover.now()'s clock: whatever the client did before sending the
+   * request happened before this (a cache may serve what it checked
+   * later than this) */
+  lua_pushnumber(L, (double)uv_hrtime() / 1e9);
+  lua_setfield(L, 5, "time");
   if (r->conn) {
     drv__conn_addr(r->conn);
     lua_pushstring(L, r->conn->addr);
@@ -424,6 +516,16 @@ static int drv__srv_start_lua(lua_State *L) {
     lua_rawset(L, -3);
   }
   lua_setfield(L, 5, "headers");
+  if (srv->has_fast) {
+    int answered;
+    r->refs++; /* the answer may dispose of the request at once */
+    answered = drv__srv_fast(L, r, 2, 5);
+    if (answered || r->req == NULL) {
+      drv__sreq_unref(r);
+      return 0;
+    }
+    r->refs--;
+  }
   /* res: a full userdata holding the drv_sreq; uservalue 1 anchors the task */
   slot = (drv_sreq **)lua_newuserdatauv(L, sizeof *slot, 1); /* 6 */
   *slot = r;
@@ -901,6 +1003,32 @@ static void drv__refusal_written(h2o_socket_t *sock, const char *err) {
   if (fd >= 0) shutdown(fd, SHUT_WR);
 }
 
+/* Whether the head [p, p + len) announces a body (a Content-Length other
+ * than 0, or a Transfer-Encoding): the same test drv__srv_head_lua makes,
+ * done first in C so that a request without a body (nearly all of them)
+ * builds no Lua table. */
+static int drv__head_has_body(const char *p, size_t len) {
+  const char *end = p + len, *line;
+  size_t n;
+  while (p < end && (*p == '\r' || *p == '\n')) p++;
+  drv__head_line(&p, end, &n); /* the request line */
+  while (p < end) {
+    const char *colon, *v, *ve;
+    line = drv__head_line(&p, end, &n);
+    if (n == 0) break;
+    colon = (const char *)memchr(line, ':', n);
+    if (colon == NULL) continue;
+    v = colon + 1;
+    ve = line + n;
+    while (v < ve && (*v == ' ' || *v == '\t')) v++;
+    while (ve > v && (ve[-1] == ' ' || ve[-1] == '\t')) ve--;
+    if (colon - line == 14 && strncasecmp(line, "content-length", 14) == 0 && !(ve - v == 1 && *v == '0'))
+      return 1;
+    if (colon - line == 17 && strncasecmp(line, "transfer-encoding", 17) == 0) return 1;
+  }
+  return 0;
+}
+
 /* The head of a request on c is in: ask check_head.  1 if it refused
  * (the answer is on its way), 0 to go on. */
 static int drv__conn_check_head(drv_conn *c) {
@@ -915,6 +1043,7 @@ static int drv__conn_check_head(drv_conn *c) {
   if (len == 0) return 0;
   c->head_checked = 1;
   if (len < 0 || srv->E->closing || srv->finalized || !lua_checkstack(L, 12)) return 0;
+  if (!drv__head_has_body(sock->input->bytes, (size_t)len)) return 0; /* nothing to buffer */
   top = lua_gettop(L);
   lua_pushcfunction(L, drv__srv_head_lua);
   lua_rawgeti(L, LUA_REGISTRYINDEX, srv->env_ref);
@@ -1362,27 +1491,26 @@ static char *drv__dup(lua_State *L, const char *s, size_t len) {
 
 static int drv__no_body(int status) { return status == 204 || status == 304; }
 
-/* res:respond(status [, headers] [, body]) -> true | nil, "closed"
- * The whole response at once, with a content-length.  Does not wait. */
-static int drv__l_res_respond(lua_State *L) {
+static void drv__body_disposed(void *p) { drv__body_unref(*(drv_body **)p); }
+
+/* The whole response at once, with a content-length: status, the headers
+ * table at hidx (nil: none), the body at bidx (a string, copied; a body
+ * object, sent as it is; nil: none).  r is new and its request alive.
+ * Raises on a bad header before anything is sent. */
+static void drv__respond(lua_State *L, drv_sreq *r, int status, int hidx, int bidx, const char *F) {
   static h2o_generator_t gen = {NULL, NULL};
-  const char *F = "res:respond";
-  drv_sreq *r = drv__check_res(L, F);
-  int status = drv__check_status(L, 2, F);
   size_t len;
   const char *body;
-  h2o_req_t *req;
+  drv_body *shared = drv__test_body(L, bidx);
+  h2o_req_t *req = r->req;
   h2o_iovec_t buf;
-  if (lua_type(L, 3) == LUA_TSTRING && lua_isnoneornil(L, 4)) {
-    /* respond(status, body) */
-    lua_pushnil(L);
-    lua_insert(L, 3);
+  if (shared) {
+    body = shared->bytes;
+    len = shared->len;
+  } else {
+    body = drv__check_body(L, bidx, &len, F, "body");
   }
-  body = drv__check_body(L, 4, &len, F, "body");
-  if (r->req == NULL) return drv__push_closed(L);
-  if (r->state != S_NEW) return luaL_error(L, "%s: the response was already started", F);
-  req = r->req;
-  drv__set_headers(L, 3, req, F);
+  drv__set_headers(L, hidx, req, F);
   if (len > 0) drv__default_ctype(req);
   req->res.status = status;
   req->res.reason = drv__reason(status);
@@ -1392,7 +1520,14 @@ static int drv__l_res_respond(lua_State *L) {
     req->res.content_length = SIZE_MAX;
   } else {
     req->res.content_length = len;
-    if (!r->is_head && len > 0) {
+    if (!r->is_head && len > 0 && shared) {
+      /* the pool holds a reference until H2O is done with the bytes */
+      drv_body **ref = (drv_body **)h2o_mem_alloc_shared(&req->pool, sizeof *ref, drv__body_disposed);
+      *ref = shared;
+      shared->refs++;
+      buf.base = shared->bytes;
+      buf.len = len;
+    } else if (!r->is_head && len > 0) {
       buf.base = (char *)h2o_mem_alloc_pool(&req->pool, len);
       memcpy(buf.base, body, len);
       buf.len = len;
@@ -1402,6 +1537,28 @@ static int drv__l_res_respond(lua_State *L) {
   r->answered = 1;
   h2o_start_response(req, &gen);
   h2o_send(req, buf.len ? &buf : NULL, buf.len ? 1 : 0, H2O_SEND_STATE_FINAL);
+}
+
+/* res:respond(status [, headers] [, body]) -> true | nil, "closed"
+ * The whole response at once, with a content-length.  Does not wait.
+ * body: a string (copied) or a body object (sent as it is). */
+static int drv__l_res_respond(lua_State *L) {
+  const char *F = "res:respond";
+  drv_sreq *r = drv__check_res(L, F);
+  int status = drv__check_status(L, 2, F);
+  if ((lua_type(L, 3) == LUA_TSTRING || drv__test_body(L, 3)) && lua_isnoneornil(L, 4)) {
+    /* respond(status, body) */
+    lua_pushnil(L);
+    lua_insert(L, 3);
+  }
+  lua_settop(L, 4);
+  if (!drv__test_body(L, 4)) {
+    size_t len;
+    drv__check_body(L, 4, &len, F, "body"); /* a bad body raises whether or not the client is there */
+  }
+  if (r->req == NULL) return drv__push_closed(L);
+  if (r->state != S_NEW) return luaL_error(L, "%s: the response was already started", F);
+  drv__respond(L, r, status, 3, 4, F);
   lua_pushboolean(L, 1);
   return 1;
 }
@@ -1581,11 +1738,55 @@ static void drv__srv_report(lua_State *L) {
   lua_settop(L, top);
 }
 
-/* The handler returned: answer with what it returned, unless it answered
- * itself.  Forms: body | status [, headers] [, body] | status, body |
- * nothing (204).  Returns 0 with a message on top if the values are bad. */
-static int drv__srv_answer(lua_State *L, drv_sreq *r, int base) {
+/* What a handler returned, at base..base+2: body | status [, headers] [,
+ * body] | status, body | nothing (204).  Sets *status and the indices of
+ * headers and body (0: none); returns 0 with a message on top if the
+ * values are bad. */
+static int drv__answer_form(lua_State *L, int base, const char *who, int *statusp, int *hidxp, int *bidxp) {
   int t1 = lua_type(L, base), status = 200, hidx = 0, bidx = 0;
+  if (t1 == LUA_TNIL) {
+    status = 204;
+  } else if (t1 == LUA_TSTRING || drv__test_body(L, base)) {
+    bidx = base;
+  } else if (lua_isinteger(L, base)) {
+    lua_Integer s = lua_tointeger(L, base);
+    if (s < 200 || s > 999) {
+      lua_pushfstring(L, "drover.server: %s returned status %I (not a final HTTP status, 200-999)", who, s);
+      return 0;
+    }
+    status = (int)s;
+    if ((lua_type(L, base + 1) == LUA_TSTRING || drv__test_body(L, base + 1)) && lua_isnil(L, base + 2)) {
+      bidx = base + 1;
+    } else {
+      hidx = base + 1;
+      bidx = base + 2;
+      if (!lua_isnil(L, hidx) && !lua_istable(L, hidx)) {
+        lua_pushfstring(L, "drover.server: %s returned headers of type %s (table expected)",
+                        who, luaL_typename(L, hidx));
+        return 0;
+      }
+    }
+  } else {
+    lua_pushfstring(L, "drover.server: %s returned a %s (expected status, headers, body)",
+                    who, luaL_typename(L, base));
+    return 0;
+  }
+  if (bidx && !lua_isnil(L, bidx) && lua_type(L, bidx) != LUA_TSTRING && !drv__test_body(L, bidx)) {
+    lua_pushfstring(L, "drover.server: %s returned a body of type %s (string or body object expected)",
+                    who, luaL_typename(L, bidx));
+    return 0;
+  }
+  *statusp = status;
+  *hidxp = hidx;
+  *bidxp = bidx;
+  return 1;
+}
+
+/* The handler returned: answer with what it returned (values from base),
+ * unless it answered itself.  Returns 0 with a message on top if the
+ * values are bad. */
+static int drv__srv_answer(lua_State *L, drv_sreq *r, int base) {
+  int status, hidx, bidx;
   if (r->state == S_STREAM) {
     /* streamed and returned without res:finish(): finish for it */
     if (r->req && !r->waiting) {
@@ -1596,38 +1797,7 @@ static int drv__srv_answer(lua_State *L, drv_sreq *r, int base) {
     return 1;
   }
   if (r->state != S_NEW || r->req == NULL) return 1;
-  if (t1 == LUA_TNIL) {
-    status = 204;
-  } else if (t1 == LUA_TSTRING) {
-    bidx = base;
-  } else if (lua_isinteger(L, base)) {
-    lua_Integer s = lua_tointeger(L, base);
-    if (s < 200 || s > 999) {
-      lua_pushfstring(L, "drover.server: handler returned status %I (not a final HTTP status, 200-999)", s);
-      return 0;
-    }
-    status = (int)s;
-    if (lua_type(L, base + 1) == LUA_TSTRING && lua_isnil(L, base + 2)) {
-      bidx = base + 1;
-    } else {
-      hidx = base + 1;
-      bidx = base + 2;
-      if (!lua_isnil(L, hidx) && !lua_istable(L, hidx)) {
-        lua_pushfstring(L, "drover.server: handler returned headers of type %s (table expected)",
-                        luaL_typename(L, hidx));
-        return 0;
-      }
-    }
-  } else {
-    lua_pushfstring(L, "drover.server: handler returned a %s (expected status, headers, body)",
-                    luaL_typename(L, base));
-    return 0;
-  }
-  if (bidx && !lua_isnil(L, bidx) && lua_type(L, bidx) != LUA_TSTRING) {
-    lua_pushfstring(L, "drover.server: handler returned a body of type %s (string expected)",
-                    luaL_typename(L, bidx));
-    return 0;
-  }
+  if (!drv__answer_form(L, base, "handler", &status, &hidx, &bidx)) return 0;
   /* res:respond checks the headers; a bad one is the handler's error */
   lua_pushcfunction(L, drv__l_res_respond);
   lua_pushvalue(L, 2);
@@ -1678,6 +1848,73 @@ static int drv__srv_dispatch(lua_State *L) {
   lua_pushvalue(L, 1);
   lua_pushvalue(L, 2);
   return drv__srv_dispatch_k(L, lua_pcallk(L, 2, 3, 3, 0, drv__srv_dispatch_k), 0);
+}
+
+/* ---- Lua: body objects ------------------------------------------------------------ */
+
+/* server.body(bytes) -> body object: the bytes copied once, out of Lua. */
+static int drv__l_body(lua_State *L) {
+  size_t len;
+  const char *s;
+  drv_body *b, **slot;
+  if (lua_type(L, 1) != LUA_TSTRING) return drv__argerror(L, "drover.server.body", "bytes", "string", 1);
+  s = lua_tolstring(L, 1, &len);
+  slot = (drv_body **)lua_newuserdatauv(L, sizeof *slot, 0);
+  *slot = NULL;
+  luaL_setmetatable(L, DRV_BODY_MT);
+  b = (drv_body *)malloc(sizeof *b + len);
+  if (b == NULL) return luaL_error(L, "drover.server.body: out of memory (%I bytes)", (lua_Integer)len);
+  b->refs = 1;
+  b->len = len;
+  memcpy(b->bytes, s, len);
+  *slot = b;
+  drv__bodies++;
+  drv__body_bytes += len;
+  return 1;
+}
+
+static drv_body *drv__check_body_obj(lua_State *L, const char *fname) {
+  drv_body **slot = (drv_body **)luaL_testudata(L, 1, DRV_BODY_MT);
+  if (slot == NULL || *slot == NULL) drv__argerror(L, fname, "self", "body object", 1);
+  return *slot;
+}
+
+/* body:bytes() -> the bytes, as a string */
+static int drv__l_body_bytes(lua_State *L) {
+  drv_body *b = drv__check_body_obj(L, "body:bytes");
+  lua_pushlstring(L, b->bytes, b->len);
+  return 1;
+}
+
+static int drv__l_body_len(lua_State *L) {
+  lua_pushinteger(L, (lua_Integer)drv__check_body_obj(L, "body")->len);
+  return 1;
+}
+
+static int drv__l_body_tostring(lua_State *L) {
+  lua_pushfstring(L, "drover.server.body(%I bytes)", (lua_Integer)drv__check_body_obj(L, "body")->len);
+  return 1;
+}
+
+/* The Lua object's reference goes; responses still being written keep
+ * theirs. */
+static int drv__l_body_gc(lua_State *L) {
+  drv_body **slot = (drv_body **)lua_touserdata(L, 1);
+  if (*slot) drv__body_unref(*slot);
+  *slot = NULL;
+  return 0;
+}
+
+/* server.body_stats() -> { count =, bytes = }: body objects alive in this
+ * process (collected by Lua and written out by every response using them
+ * is gone). */
+static int drv__l_body_stats(lua_State *L) {
+  lua_createtable(L, 0, 2);
+  lua_pushinteger(L, (lua_Integer)drv__bodies);
+  lua_setfield(L, -2, "count");
+  lua_pushinteger(L, (lua_Integer)drv__body_bytes);
+  lua_setfield(L, -2, "bytes");
+  return 1;
 }
 
 /* ---- Lua: servers ---------------------------------------------------------------- */
@@ -1798,6 +2035,9 @@ static int drv__listen_error(lua_State *L, drv_server *srv, const char *where, i
  *   opts.check_head  function(head) called, without waiting, once the head
  *                  of a request with a body is in, before the body is read:
  *                  nil lets it go on; status [, headers] [, body] refuses it
+ *   opts.fast      function(req) called, without waiting, before a task is
+ *                  made for the request: nil hands it to the handler;
+ *                  status [, headers] [, body] answers it (no task at all)
  *   opts.keepalive_timeout  seconds an idle connection is kept (default 10)
  *   opts.tls       { cert = PEM file, key = PEM file }: serve HTTPS
  * A certificate or key that cannot be read or used returns nil, message
@@ -1809,7 +2049,7 @@ static int drv__l_listen(lua_State *L) {
   SSL_CTX *ssl_ctx = NULL;
   lua_Integer port = 0;
   double backlog, max_body, keepalive, max_conns;
-  int has_check;
+  int has_check, has_fast;
   drv_server *srv, **pp;
   char where[300];
   int r;
@@ -1845,6 +2085,11 @@ static int drv__l_listen(lua_State *L) {
   if (!lua_isnil(L, -1) && !lua_isfunction(L, -1))
     return luaL_error(L, "%s: bad option 'check_head' (function expected, got %s)", F, luaL_typename(L, -1));
   has_check = lua_isfunction(L, -1);
+  lua_pop(L, 1);
+  lua_getfield(L, 1, "fast");
+  if (!lua_isnil(L, -1) && !lua_isfunction(L, -1))
+    return luaL_error(L, "%s: bad option 'fast' (function expected, got %s)", F, luaL_typename(L, -1));
+  has_fast = lua_isfunction(L, -1);
   lua_pop(L, 1);
   keepalive = drv__opt_number(L, 1, F, "keepalive_timeout", 10);
   if (!(keepalive > 0 && keepalive < 1e7))
@@ -1956,6 +2201,7 @@ static int drv__l_listen(lua_State *L) {
   srv->watch.data = srv;
   srv->max_conns = (int)max_conns;
   srv->has_check = has_check;
+  srv->has_fast = has_fast;
   uv_prepare_init(E->loop, &srv->wrap);
   srv->wrap.data = srv;
   if (has_check) {
@@ -1974,6 +2220,8 @@ static int drv__l_listen(lua_State *L) {
   lua_setfield(L, -2, "dispatch");
   lua_getfield(L, 1, "check_head");
   lua_setfield(L, -2, "check_head");
+  lua_getfield(L, 1, "fast");
+  lua_setfield(L, -2, "fast");
   luaL_getmetatable(L, DRV_RES_MT);
   lua_setfield(L, -2, "res_mt");
   srv->env_ref = luaL_ref(L, LUA_REGISTRYINDEX);
@@ -2036,6 +2284,22 @@ int drv__open_server(lua_State *L) {
     lua_setfield(L, -2, "methods");
   }
   lua_pop(L, 1);
+  if (luaL_newmetatable(L, DRV_BODY_MT)) {
+    static const luaL_Reg body_methods[] = {{"bytes", drv__l_body_bytes}, {NULL, NULL}};
+    lua_pushcfunction(L, drv__l_body_gc);
+    lua_setfield(L, -2, "__gc");
+    lua_pushcfunction(L, drv__l_body_len);
+    lua_setfield(L, -2, "__len");
+    lua_pushcfunction(L, drv__l_body_tostring);
+    lua_setfield(L, -2, "__tostring");
+    luaL_newlib(L, body_methods);
+    lua_setfield(L, -2, "__index");
+  }
+  lua_pop(L, 1);
+  lua_pushcfunction(L, drv__l_body);
+  lua_setfield(L, -2, "body");
+  lua_pushcfunction(L, drv__l_body_stats);
+  lua_setfield(L, -2, "body_stats");
   /* engine.c opens submodules with drover.core just below our table:
    * listen needs its spawn to start handler tasks. */
   lua_getfield(L, -2, "spawn");

@@ -38,10 +38,11 @@ end
 
 --- The worker is the run's work: TERM asks it to cancel its flow (it ends
 -- the processes it started, and records CANCELLED); it is alive while its
--- pid is; KILL ends it and whatever is left in its process group.
+-- pid is; KILL ends it and every process group it started (each process
+-- a worker starts leads a group of its own).
 function Nohup:interrupt(r) drover.kill(math.tointeger(r.pid), "TERM") end
 function Nohup:is_alive(r) return drover.kill(math.tointeger(r.pid), 0) == true end
-function Nohup:kill_run(r) drover.kill(-math.tointeger(r.pid), "KILL") end
+function Nohup:kill_run(r) require("drover.process_identity").kill_group_tree(math.tointeger(r.pid)) end
 
 --- A run still active whose worker is gone died without recording its
 -- end: CRASHED (an end the worker recorded meanwhile is kept).

@@ -8,6 +8,7 @@
 -- "proc:PID:START" names one process for good.  Where /proc is missing the
 -- tag is nil and callers fall back to the pid alone.
 local drover_core = require "drover.core"
+local fs = require "drover.fs"
 
 local M = {}
 
@@ -71,6 +72,79 @@ function M.alive(tag)
   if M.stat(drover_core.pid()) then return false end -- /proc works: the process is gone
   -- no /proc here: the pid alone is all there is to go on
   return drover_core.kill(pid, 0) == true
+end
+
+--- Every process on this host as { [ppid] = { {pid, pgrp}, ... } }, from
+-- /proc (empty where there is none).
+local function children_by_parent()
+  local by = {}
+  for _, name in ipairs(fs.list("/proc") or {}) do
+    local pid = name:match("^%d+$") and math.tointeger(tonumber(name))
+    local f = pid and io.open("/proc/" .. name .. "/stat", "r")
+    if f then
+      local text = f:read("a") or ""
+      f:close()
+      -- after the last ')' (the command name may hold anything): state ppid pgrp
+      local ppid, pgrp = text:match("^.*%)%s+%S+%s+(%d+)%s+(%d+)")
+      ppid, pgrp = math.tointeger(tonumber(ppid)), math.tointeger(tonumber(pgrp))
+      if ppid then
+        local list = by[ppid] or {}
+        by[ppid] = list
+        list[#list + 1] = { pid, pgrp }
+      end
+    end
+  end
+  return by
+end
+
+--- The process groups of `root`'s descendants other than `root`'s own.
+local function descendant_groups(root)
+  local by, groups, seen, queue = children_by_parent(), {}, { [root] = true }, { root }
+  local i = 1
+  while queue[i] do
+    for _, c in ipairs(by[queue[i]] or {}) do
+      queue[#queue + 1] = c[1]
+      if c[2] and not seen[c[2]] then
+        seen[c[2]] = true
+        groups[#groups + 1] = c[2]
+      end
+    end
+    i = i + 1
+  end
+  return groups
+end
+
+--- KILL process group `pid` (a worker: its leader) and every process group
+-- its processes started.  Each process a
+-- worker starts (drover.proc) leads a process group of its own, in a new
+-- session, so KILL to the worker's group alone would leave them running,
+-- orphaned, after the run was recorded CANCELLED: its TERM handler, which
+-- ends them, is what KILL cuts short.  The worker's group, then each group
+-- found under it, is stopped first, so none starts another group while
+-- the tree is read; a stopped process still dies of KILL.
+function M.kill_group_tree(pid)
+  -- only the leader of group `pid` is the worker (drover.proc made it one):
+  -- a pid reused by some other process must not have its tree walked
+  local s = M.stat(pid)
+  if not (s and s.pgrp == pid) then
+    drover_core.kill(-pid, "KILL")
+    return
+  end
+  drover_core.kill(-pid, "STOP")
+  local groups, seen = {}, {}
+  for _ = 1, 20 do -- rounds until no new group shows up (each round stops what it found)
+    local found = false
+    for _, g in ipairs(descendant_groups(pid)) do
+      if not seen[g] then
+        seen[g], found = true, true
+        groups[#groups + 1] = g
+        drover_core.kill(-g, "STOP")
+      end
+    end
+    if not found then break end
+  end
+  for _, g in ipairs(groups) do drover_core.kill(-g, "KILL") end
+  drover_core.kill(-pid, "KILL")
 end
 
 return M

@@ -42,6 +42,15 @@
 --             may not wait (no queries that yield, no sleep); an error in
 --             it refuses with a 500.  The handler still sees every request
 --             it lets through.
+--   fast      function(req): asked first, for every request, before a
+--             task is made for it: return nothing to hand the request to
+--             the handler, or status [, headers] [, body] (the forms a
+--             handler returns) to answer it there and then, with no task
+--             and no res object -- for answers already at hand (a cached
+--             page).  It runs outside any task, so it may not wait (no
+--             queries that yield, no sleep); an error in it, or values
+--             that are no answer, give the client a 500 and a line on
+--             stderr.
 --   tls       { cert = FILE, key = FILE }: serve HTTPS (TLS 1.3 only).
 --             cert: PEM, the server's certificate first, then any
 --             intermediate ones; key: its PEM private key, unencrypted.
@@ -68,7 +77,10 @@
 --   a repeated key gives a list; a key without "=" gives true), target
 --   (the request target as sent), headers (lower-case names; repeats
 --   joined with ", "), body (string, "" if none), version ("HTTP/1.1"),
---   remote_addr ("127.0.0.1", or "unix:"), remote_port.
+--   remote_addr ("127.0.0.1", or "unix:"), remote_port, time (when the
+--   server had the whole request, on drover.now()'s clock: anything the
+--   client did before sending it happened before then -- a cache checked
+--   for changes later than req.time may answer it).
 --
 -- Answering, either way:
 --   return status, headers, body    (or: return body / return status, body;
@@ -90,6 +102,15 @@
 --   task cancelled: that wait raises "cancelled".  Either way the server
 --   holds nothing for the request any more.
 --
+-- Bodies sent many times: server.body(bytes) -> a body object holding a
+--   copy of bytes outside Lua; return it (or give it to res:respond) in
+--   place of a string body and the response hands those bytes to the
+--   socket as they are, with no copy per response (a cached page).  #body
+--   is its length, body:bytes() the string again.  The bytes are freed
+--   once the object is collected and every response carrying it is done;
+--   server.body_stats() -> { count =, bytes = } counts the live ones (in
+--   this process).
+--
 -- Helpers: server.json(status, value [, headers]) -> status, headers, body
 --   (a string in value that is not UTF-8 is sent as {"$bytes": BASE64},
 --   drover.json's bytes option: bytes never turn an answer into a 500);
@@ -100,6 +121,8 @@ local core = require "drover.core"
 local M = {}
 
 local clisten = core.server.listen
+M.body = core.server.body
+M.body_stats = core.server.body_stats
 
 local function unescape(s)
   s = s:gsub("+", " ")
@@ -151,7 +174,7 @@ local function callable(f)
 end
 
 local OPTIONS = { handler = true, on_error = true, host = true, port = true, unix = true, backlog = true,
-  max_body = true, keepalive_timeout = true, tls = true, max_connections = true, check_head = true }
+  max_body = true, keepalive_timeout = true, tls = true, max_connections = true, check_head = true, fast = true }
 local TLS_OPTIONS = { cert = true, key = true }
 
 -- An option name nobody reads is a typo that would go unnoticed (a `tsl`
@@ -186,12 +209,15 @@ function M.listen(opts)
       end
     end
   end
-  local handler, on_error, check_head = opts.handler, opts.on_error, opts.check_head
+  local handler, on_error, check_head, fast = opts.handler, opts.on_error, opts.check_head, opts.fast
   if not callable(handler) then
     error("drover.server.listen: bad option 'handler' (function expected, got " .. type(handler) .. ")", 2)
   end
   if check_head ~= nil and not callable(check_head) then
     error("drover.server.listen: bad option 'check_head' (function expected, got " .. type(check_head) .. ")", 2)
+  end
+  if fast ~= nil and not callable(fast) then
+    error("drover.server.listen: bad option 'fast' (function expected, got " .. type(fast) .. ")", 2)
   end
   if on_error ~= nil and not callable(on_error) then
     error("drover.server.listen: bad option 'on_error' (function expected, got " .. type(on_error) .. ")", 2)
@@ -206,6 +232,12 @@ function M.listen(opts)
     o.check_head = function(head)
       setmetatable(head, req_mt)
       return check_head(head)
+    end
+  end
+  if fast ~= nil then
+    o.fast = function(req)
+      setmetatable(req, req_mt)
+      return fast(req)
     end
   end
   if on_error ~= nil and type(on_error) ~= "function" then

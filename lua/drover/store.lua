@@ -28,7 +28,7 @@ local M = {}
 local Store = {}
 Store.__index = Store
 
-M.SCHEMA_VERSION = 6
+M.SCHEMA_VERSION = 7
 
 --- Wall-clock seconds with microsecond resolution (comparable across
 -- processes, unlike drover.now()).
@@ -59,6 +59,27 @@ do
 end
 function M.new_id()
   return string.format("%08x%04x", math.random(0, 0xffffffff), math.random(0, 0xffff))
+end
+
+-- Task run ids: 12 hex digits too, but consecutive from a random start
+-- drawn once per process (before a workflow can reseed math.random).  A
+-- process's task runs then go into one place of the id index, a page at
+-- a time, instead of one random page each (the store's cache and its
+-- WAL see a page per batch, not a page per row); two processes' ranges
+-- meet only if their starts fall within a run's length of each other
+-- (less likely than two random ids colliding, once a store holds
+-- millions); and the id costs a concatenation, not a string.format of
+-- two random numbers.  Flow run ids stay random: people type prefixes.
+local HEX2 = {}
+for i = 0, 255 do HEX2[i] = string.format("%02x", i) end
+local task_seq = math.random(0, 0xffffffffffff)
+local task_hi, task_prefix = -1, nil
+function M.new_task_id()
+  local c = (task_seq + 1) & 0xffffffffffff
+  task_seq = c
+  local hi = c >> 16
+  if hi ~= task_hi then task_hi, task_prefix = hi, string.format("%08x", hi) end
+  return task_prefix .. HEX2[(c >> 8) & 0xff] .. HEX2[c & 0xff]
 end
 
 --- Where the store of `home` is, and its dialect ("sqlite" or
@@ -155,8 +176,12 @@ end
 -- the middle of whatever queued it, but kept in `write_error` for the
 -- owner of the store to act on (the tracker fails the flow).
 function Store:queue(sql, ...)
+  return self:enqueue({ sql, select("#", ...), ... })
+end
+
+--- Queue entry `e`: {sql, number of values, values...}.
+function Store:enqueue(e)
   local n = self.npending + 1
-  local e = { sql, select("#", ...), ... }
   -- queued inside a transaction of the store's: whose, so that a
   -- transaction that fails takes its own queued writes with it
   if self.owner then e.by = coroutine.running() end
@@ -340,11 +365,14 @@ function Store:set_flow_state(id, state, message, extra)
   local beat = M.time()
   local now = extra and extra.ts or beat
   local final = states.final[state] == true
+  -- a run being cancelled stays CANCELLING when its worker starts (the
+  -- worker finds the cancel and ends it: worker.lua)
   local sql = "UPDATE flow_runs SET state = ?, message = ?, heartbeat = ?" ..
     (state == "RUNNING" and ", started = coalesce(started, ?)" or "") ..
     (final and ", ended = ?" or "") ..
     (extra and extra.result ~= nil and ", result = ?" or "") ..
-    " WHERE id = ? AND state NOT IN (" .. FINAL_SQL .. ")"
+    " WHERE id = ? AND state NOT IN (" .. FINAL_SQL .. ")" ..
+    (state == "RUNNING" and " AND state <> 'CANCELLING'" or "")
   local vals = { state, message, beat }
   if state == "RUNNING" then vals[#vals + 1] = now end
   if final then vals[#vals + 1] = now end
@@ -447,11 +475,18 @@ local I_STATE, I_ATTEMPTS, I_MESSAGE, I_RESULT, I_RESULT_OK, I_ENDED, I_EXPIRES,
   9, 12, 16, 17, 18, 19, 20, 21
 
 function Store:task_run_started(t)
-  self:queue(INSERT_TASK_RUN,
+  -- the entry made here rather than by queue(): passing 20 values through
+  -- a vararg call (copied, then counted by select) was a fifth of the
+  -- store's Lua work per task run
+  local e = { INSERT_TASK_RUN, 19,
     t.id, t.flow_run_id, t.parent_id, t.name, t.kind, t.call_key, t.state, t.params,
-    t.params_hash, t.attempts, t.cache_key, t.tags, t.started, nil, nil, 1, nil, nil, nil)
-  -- queue() may have flushed (batch full): then the entry is written already
-  if self.npending > 0 then self.inserting[t.id] = self.pending[self.npending] end
+    t.params_hash, t.attempts, t.cache_key, t.tags, t.started, nil, nil, 1, nil, nil, nil }
+  local inserting = self.inserting
+  self:enqueue(e)
+  -- enqueue() may have flushed (batch full): a batch written swaps
+  -- `inserting` for a new table (one that failed puts it back), so the
+  -- entry is still queued exactly when the table is the same
+  if self.inserting == inserting then inserting[t.id] = e end
 end
 
 --- Insert task run `t` of run `flow_run_id` now, with its finish if it
@@ -1000,9 +1035,16 @@ end
 --- Two values that, together, differ whenever the store may have changed
 -- since the last call, by this process or any other (the dialect's
 -- change_mark).  Queued writes are flushed first, so they count.
-function Store:change_mark()
+-- since (optional, a drover.now() time): a mark that saw every commit
+-- made before then will do.  no_wait: nil instead of a flush, a read
+-- inside a transaction or a query that would wait (for a caller outside
+-- any task: server.listen's fast path).
+function Store:change_mark(since, no_wait)
+  if no_wait and (self.npending > 0 or self.owner or self:in_transaction()) then return nil end
   self:flush()
-  return self.dialect.change_mark(self.db)
+  local state = self.mark_state
+  if not state then state = {}; self.mark_state = state end
+  return self.dialect.change_mark(self.db, since, state, no_wait)
 end
 
 --- Fold the counters' pending changes (PostgreSQL keeps them as delta

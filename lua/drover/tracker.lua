@@ -91,9 +91,15 @@ end
 -- ---- canonical parameters ---------------------------------------------------
 
 -- Parameters are stored as JSON with sorted keys, so the same arguments
--- always give the same text: that text is what resume compares.
+-- always give the same text: that text is what resume compares.  A string
+-- that is not UTF-8 is {"$bytes": BASE64}, as in the rest of the store
+-- (drover.json's bytes option): the text is then valid UTF-8 on either
+-- database, and decodes to the same bytes.
 local canon
 local function canon_string(s)
+  if not utf8.len(s) then
+    return '{"$bytes":"' .. require("drover.events").b64encode(s) .. '"}'
+  end
   return '"' .. s:gsub('[%c"\\]', function(c)
     local map = { ['"'] = '\\"', ['\\'] = '\\\\', ['\n'] = '\\n', ['\t'] = '\\t', ['\r'] = '\\r' }
     return map[c] or string.format("\\u%04x", c:byte())
@@ -389,11 +395,13 @@ local function canonical_params(args, first)
   return "[" .. table.concat(plist, ",") .. "]"
 end
 
+local new_task_id = store_mod.new_task_id
+
 local function new_call(ctx, spec, fn, args)
   local flow, parent, opts, name = ctx.flow, ctx.node, spec.opts, spec.name
   local first = spec.method and 2 or 1
   local params = args.n < first and "[]" or canonical_params(args, first) -- "[]": no call for no arguments
-  local id, key = store_mod.new_id(), next_call_key(parent, name)
+  local id, key = new_task_id(), next_call_key(parent, name)
   local run = {
     id = id, flow_run_id = flow.id, parent_id = parent.id, name = name,
     kind = spec.kind, call_key = key, state = states.RUNNING, params = params,
@@ -446,7 +454,7 @@ local function record_start(call)
   local run = call.run
   run.started = store_mod.time()
   call.flow.store:task_run_started(run)
-  notify("start", run)
+  if T.observer then notify("start", run) end
 end
 
 --- One attempt: {n, true, results...}, or {n = 2, false, error, trace =
@@ -560,25 +568,32 @@ local function run_hook(call, which, value)
   end
 end
 
+--- Record the call as COMPLETED with its `n` results `...`.
+local function record_completed(call, n, ...)
+  local run, opts, store = call.run, call.opts, call.flow.store
+  local now = store_mod.time()
+  run.state = states.COMPLETED
+  if T.observer then notify("done", run) end
+  local enc, round_trips
+  if n > 1 then
+    enc, round_trips = store_mod.encode({ ... }), false -- several results: kept for people, not reused
+  elseif (...) ~= nil then
+    enc, round_trips = store_mod.encode((...))
+  else
+    round_trips = true -- no result (most calls): nothing to encode
+  end
+  local expires
+  if call.cache_key and opts.cache_expiration then expires = now + opts.cache_expiration end
+  store:task_run_finished(run.id, states.COMPLETED, nil, enc, round_trips, run.attempts, now, expires, nil)
+end
+
 --- Record how the attempts ended (`outcome` from attempt_loop, `r` the
 -- last attempt's results).
 local function record_end(call, r, outcome)
-  local run, opts, store = call.run, call.opts, call.flow.store
+  if outcome == "ok" then return record_completed(call, r.n - 1, table.unpack(r, 2, r.n)) end
+  local run, store = call.run, call.flow.store
   local now = store_mod.time()
-  if outcome == "ok" then
-    run.state = states.COMPLETED
-    notify("done", run)
-    local enc, round_trips
-    if r.n <= 2 then
-      enc, round_trips = store_mod.encode(r[2])
-    else
-      enc = store_mod.encode({ table.unpack(r, 2, r.n) })
-      round_trips = false -- several results: kept for people, not reused
-    end
-    local expires
-    if call.cache_key and opts.cache_expiration then expires = now + opts.cache_expiration end
-    store:task_run_finished(run.id, states.COMPLETED, nil, enc, round_trips, run.attempts, now, expires, nil)
-  elseif outcome == "cancelled" then
+  if outcome == "cancelled" then
     run.state = states.CANCELLED
     store:task_run_finished(run.id, states.CANCELLED, "cancelled", nil, true, run.attempts, now, nil, nil)
     notify("cancelled", run)
@@ -598,6 +613,41 @@ local function run_hooks(call, outcome, value)
   elseif outcome == "failed" then run_hook(call, "on_failure", value) end
 end
 
+--- After the attempts: tags released, the end recorded, the hook run;
+-- the call's results, nil and the error (catch), or the error raised.
+local function conclude(call, r, outcome)
+  local opts = call.opts
+  if opts.tags then release_tags(opts.tags) end
+  record_end(call, r, outcome)
+  if opts.on_completion or opts.on_failure then run_hooks(call, outcome, r[2]) end
+  if outcome == "ok" then return table.unpack(r, 2, r.n) end
+  if outcome == "failed" and opts.catch then return nil, r[2] end
+  error(r[2], 0)
+end
+
+--- The end of a call's only attempt (no retries, no timeout), given
+-- xpcall's results: what attempt_loop and conclude do, without packing
+-- the results into a table when the call succeeded (most calls).
+local function conclude_one(call, prev, ok, ...)
+  context.set(prev)
+  if ok then
+    local opts = call.opts
+    if opts.tags then release_tags(opts.tags) end
+    record_completed(call, select("#", ...), ...)
+    if opts.on_completion then run_hook(call, "on_completion", (...)) end
+    return ...
+  end
+  local r = unwrap_failure({ n = 2, false, (...) })
+  if r[2] == "cancelled" or call.flow.cancel_requested or (call.scope and call.scope.cancelled) then
+    return conclude(call, r, "cancelled")
+  end
+  attempt_failed(call, 1, 0, r, nil)
+  return conclude(call, r, "failed")
+end
+
+-- The arguments of a call that has none (never written to).
+local NO_ARGS = table.pack()
+
 --- Call fn(...) as a tracked run described by spec {name, kind, opts, method}.
 function T.call(spec, fn, ...)
   local ctx = context.get()
@@ -607,7 +657,7 @@ function T.call(spec, fn, ...)
   local write_error = ctx.flow.store.write_error
   if write_error then error("the store cannot be written: " .. first_line(write_error), 0) end
 
-  local call = new_call(ctx, spec, fn, table.pack(...))
+  local call = new_call(ctx, spec, fn, select("#", ...) == 0 and NO_ARGS or table.pack(...))
   local opts = call.opts
   if ctx.flow.reuse then
     local prev = reuse_completed(call)
@@ -618,16 +668,13 @@ function T.call(spec, fn, ...)
     if hit then return record_reused(call, hit, "cache hit") end
   end
 
-  local tags = opts.tags
-  if tags then acquire_tags(tags) end
+  if opts.tags then acquire_tags(opts.tags) end
   record_start(call)
-  local r, outcome = attempt_loop(call)
-  if tags then release_tags(tags) end
-  record_end(call, r, outcome)
-  if opts.on_completion or opts.on_failure then run_hooks(call, outcome, r[2]) end
-  if outcome == "ok" then return table.unpack(r, 2, r.n) end
-  if outcome == "failed" and opts.catch then return nil, r[2] end
-  error(r[2], 0)
+  if opts.timeout or (opts.retries or 0) > 0 then return conclude(call, attempt_loop(call)) end
+  -- one attempt, in this task (run_attempt's first branch, with `...`
+  -- passed on as it came)
+  call.run.attempts = 1
+  return conclude_one(call, context.set(call), xpcall(fn, capture_failure, ...))
 end
 
 -- ---- outside any flow -----------------------------------------------------------

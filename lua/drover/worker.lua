@@ -54,6 +54,16 @@ function Direct:cancel_reason()
   if r and r.state == states.CANCELLING then return r.message end
 end
 
+--- Why the run must not go on, when a canceller got to it before this
+-- worker could take a signal (before the backend recorded its pid: the
+-- canceller then found no process, and recorded the end itself): the
+-- reason of a CANCELLING, or the end already recorded.  nil: run it.  (A
+-- worker reporting over HTTP learns the same from the server's answers.)
+function Direct:ended_before_start()
+  local r = self.store:flow_run(self.run_id)
+  if r and (r.state == states.CANCELLING or states.final[r.state]) then return r.message or r.state end
+end
+
 function Direct:unpack(p, dir) return fs.untar(p.location, dir) end
 function Direct:work_dir() return self.store.home .. "/runs/" .. self.run_id end
 function Direct:sink() return self.store end
@@ -228,6 +238,14 @@ function M.run(o, source)
   local tracker = require "drover.tracker"
   local job = source:job()
   local r, p = job.run, job.package
+  if states.final[r.state] then
+    -- cancelled (or stopped) before this worker started: the run has
+    -- ended, and running its flow now would leave work nobody tracks
+    io.stderr:write("drover worker: run ", tostring(r.id), " is ", r.state, " already; its flow does not run\n")
+    return 1
+  end
+  -- a cancel already under way (the run stays CANCELLING: Store:set_flow_state)
+  local early = r.state == states.CANCELLING and (r.message or "cancel requested") or nil
   if not p then
     source:fail("package of deployment '" .. tostring(r.deployment) .. "' is missing")
     return 1
@@ -264,6 +282,10 @@ function M.run(o, source)
   local function on_term() flow:cancel(source.cancel_reason and source:cancel_reason() or "stopped") end
   local s1 = drover.on_signal("TERM", on_term)
   local s2 = drover.on_signal("INT", on_term)
+  -- a cancel recorded since the job was read, whose signal may have found
+  -- no worker to reach: the flow starts cancelled
+  early = early or (source.ended_before_start and source:ended_before_start())
+  if early then flow:cancel(early) end
   local restore_print = tracker.capture_print()
   local params = r.params or {}
   local run_ok = flow:run(function()

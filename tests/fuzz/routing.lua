@@ -14,7 +14,7 @@
 --
 -- Properties:
 --   handle never raises, and answers a status 100-599, a table of string
---   headers and a string (or no) body;
+--   headers and a string, a server.body object or no body;
 --   a request whose Host is not a loopback name (with a port or a path
 --   after it, or not; "[::1]" with anything after it) gets 421;
 --   without the text "fuzz-token" anywhere in the request, the locked
@@ -110,7 +110,13 @@ return function(data)
       error("header " .. tostring(k) .. " = " .. tostring(v) .. " for " .. where)
     end
   end
-  if body ~= nil and type(body) ~= "string" then error("body " .. type(body) .. " for " .. where) end
+  -- a body: a string, or a body object (server.body: cached pages)
+  if type(body) == "userdata" then
+    local ok_b, bytes = pcall(function() return body:bytes() end)
+    if not ok_b or type(bytes) ~= "string" then error("body userdata that is not a server.body for " .. where) end
+  elseif body ~= nil and type(body) ~= "string" then
+    error("body " .. type(body) .. " for " .. where)
+  end
   if not loopback_host(req.headers.host) and status ~= 421 then
     error("Host " .. tostring(req.headers.host) .. " got " .. status .. " for " .. where)
   end

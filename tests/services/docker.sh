@@ -109,26 +109,8 @@ shims() {
   return 0
 }
 
-# TERM the pids given, wait up to 20 s, KILL what is left, wait for it.
-end_all() {
-  local p i left
-  [ $# -gt 0 ] || return 0
-  kill -TERM "$@" 2>/dev/null || true
-  for i in $(seq 1 100); do
-    left=
-    for p in "$@"; do kill -0 "$p" 2>/dev/null && left="$left $p"; done
-    [ -n "$left" ] || return 0
-    sleep 0.2
-  done
-  echo "docker.sh: killing what dockerd left:$left" >&2
-  kill -KILL $left 2>/dev/null || true
-  for i in $(seq 1 50); do
-    left=
-    for p in "$@"; do kill -0 "$p" 2>/dev/null && left="$left $p"; done
-    [ -n "$left" ] || return 0
-    sleep 0.1
-  done
-}
+END_ALL_WHO=docker.sh
+. "$ROOT/tests/support/end_all.sh"
 
 stop() {
   local dir=$1

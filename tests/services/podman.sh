@@ -110,20 +110,8 @@ conmons() {
   return 0
 }
 
-# TERM the pids given, wait up to 20 s, KILL what is left.
-end_all() {
-  local p i left
-  [ $# -gt 0 ] || return 0
-  kill -TERM "$@" 2>/dev/null || true
-  for i in $(seq 1 100); do
-    left=
-    for p in "$@"; do kill -0 "$p" 2>/dev/null && left="$left $p"; done
-    [ -n "$left" ] || return 0
-    sleep 0.2
-  done
-  echo "podman.sh: killing what podman left:$left" >&2
-  kill -KILL $left 2>/dev/null || true
-}
+END_ALL_WHO=podman.sh
+. "$ROOT/tests/support/end_all.sh"
 
 stop() {
   [ -d "$DIR" ] || return 0

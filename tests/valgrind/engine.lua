@@ -27,13 +27,19 @@ db:close()
 
 local r = assert(drover.proc.run({ "sh", "-c", "echo out; echo err >&2" }))
 assert(r.stdout == "out\n")
-local srv = assert(drover.server.listen { handler = function(req) return 200, {}, "pong " .. req.path end })
+local page = drover.server.body(("p"):rep(100000)) -- a body object: still alive at close
+local srv = assert(drover.server.listen {
+  handler = function(req) return 200, {}, "pong " .. req.path end,
+  fast = function(req) if req.path == "/page" then return 200, {}, page end end,
+})
 local results = drover.all {
   function() return drover.http.get(srv.url .. "/a").body end,
+  function() return #drover.http.get(srv.url .. "/page").body end,
   function() return drover.proc.run({ "true" }).code end,
   function() drover.sleep(0.01); return "slept" end,
 }
-assert(results[1] == "pong /a" and results[2] == 0 and results[3] == "slept")
+assert(results[1] == "pong /a" and results[2] == 100000 and results[3] == 0 and results[4] == "slept")
+drover.server.body("dropped") -- collected with nothing sent
 local h = drover.spawn(function() drover.sleep(30) end)
 drover.sleep(0.01)
 h:cancel()

@@ -222,8 +222,13 @@ end
 function B:cancel_runs(runs, why, requested)
   local drover = require "drover"
   local store = self:store()
-  for _, r in ipairs(runs) do
+  for i, r in ipairs(runs) do
     if r.state ~= states.CANCELLING then store:set_flow_state(r.id, states.CANCELLING, requested) end
+    -- read again after CANCELLING is recorded: a worker that recorded its
+    -- pid meanwhile is signalled, and one that records it later finds
+    -- CANCELLING (worker.lua), so the two can never miss each other
+    local fresh = store:flow_run(r.id)
+    if fresh then r = fresh; runs[i] = fresh end
     self:interrupt(r)
   end
   local timeout = self.config.stop_timeout or 20

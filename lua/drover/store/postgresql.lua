@@ -265,6 +265,11 @@ D.migrations = {
   [6] = [[
     ALTER TABLE flow_runs ADD COLUMN host TEXT;
   ]],
+  -- one index less to keep up on each task run (see the SQLite dialect:
+  -- task_runs_by_name and task_runs_by_start begin with flow_run_id)
+  [7] = [[
+    DROP INDEX task_runs_by_flow;
+  ]],
 }
 
 D.TASK_KEY = "coalesce(started, 9000000000000000)"
@@ -277,64 +282,11 @@ D.SIGNATURE = [[SELECT count(*) || '/' || count(started) || '/' || count(ended) 
 
 function D.bytes(s) return pg.bytea(s) end
 
--- Rows of one INSERT statement at most (and at most MAX_PARAMS values:
--- PostgreSQL takes 65,535 parameters).
-local MAX_ROWS, MAX_PARAMS = 256, 60000
-
--- "INSERT INTO t(cols) VALUES(?,?,?)" -> its head and its row, or nil.
-local function single_row_insert(sql)
-  local head, row = sql:match("^%s*(INSERT%s+INTO%s+[%w_]+%s*%b())%s*VALUES%s*(%([?,%s]*%))%s*$")
-  return head, row
-end
-
-local multi = {} -- [sql][rows] -> the statement of that many rows
-local function multi_row(sql, head, row, k)
-  local by = multi[sql]
-  if not by then by = {}; multi[sql] = by end
-  local s = by[k]
-  if not s then
-    s = head .. " VALUES" .. string.rep(row, k, ",")
-    by[k] = s
-  end
-  return s
-end
-
---- Run the queued writes q[1..n] ({sql, nargs, args...}), in order, in the
--- caller's transaction.  Each statement is a round trip to the server, so
--- consecutive single-row INSERTs of one statement (task runs, log lines:
--- most of a batch) go as one multi-row INSERT.
-function D.run_queue(db, q, n)
-  local i = 1
-  while i <= n do
-    local e = q[i]
-    local head, row = single_row_insert(e[1])
-    local j = i
-    if head then
-      local limit = math.min(MAX_ROWS, MAX_PARAMS // math.max(e[2], 1))
-      while j + 1 <= n and j - i + 1 < limit and q[j + 1][1] == e[1] do j = j + 1 end
-    end
-    -- in chunks of a power of two rows: a few statement shapes per INSERT
-    -- (each is prepared once per connection), not one per batch size
-    while i <= j do
-      local k = 1
-      while k * 2 <= j - i + 1 do k = k * 2 end
-      if k == 1 then
-        db:run(q[i][1], table.unpack(q[i], 3, 2 + q[i][2]))
-      else
-        local args, m = {}, 0
-        for r = i, i + k - 1 do
-          local row_args = q[r]
-          for a = 3, 2 + row_args[2] do
-            m = m + 1
-            args[m] = row_args[a]
-          end
-        end
-        db:run(multi_row(e[1], head, row, k), table.unpack(args, 1, m))
-      end
-      i = i + k
-    end
-  end
-end
+-- Queued writes: each statement is a round trip to the server, so runs of
+-- one INSERT go as multi-row statements of up to 256 rows
+-- (lua/drover/store/batch.lua).
+local run_queue = require("drover.store.batch").run_queue
+function D.run_queue(db, q, n) return run_queue(db, q, n, 256) end
 
 -- Several servers may open one database at once: a migration runs under
 -- a transaction-level advisory lock (this number, "drover" in ASCII), so
@@ -374,14 +326,16 @@ function D.tune_for_server() end
 -- would cost a round trip each, and under 64 clients the pool's
 -- connections; so another server's or worker's write shows in a cached
 -- answer (/api/runs) within MARK_TTL.
+-- (no_wait: a read due then is not made, and nil says so.)
 local MARK_TTL = 0.25
-function D.change_mark(db)
+function D.change_mark(db, _, state, no_wait)
   local now = core.now()
-  if not db.mark_at or now - db.mark_at > MARK_TTL then
-    db.mark = db:value("SELECT pg_current_snapshot()::text")
-    db.mark_at = now
+  if not state.at or now - state.at > MARK_TTL then
+    if no_wait then return nil end
+    state.mark = db:value("SELECT pg_current_snapshot()::text")
+    state.at = now
   end
-  return db.writes, db.mark
+  return db.writes, state.mark
 end
 
 function D.columns(db, tbl)
