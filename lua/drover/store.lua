@@ -620,7 +620,11 @@ function Store:apply_batch(run_id, fn)
   self:flush()
   local me = coroutine.running()
   local ok, r = pcall(self.transaction, self, function()
-    local run = self.db:first("SELECT id, state, event_seq FROM flow_runs WHERE id = ?", run_id)
+    -- the run's row locked until the commit (PostgreSQL: FOR UPDATE), so
+    -- an end recorded meanwhile (the reaper's) waits for the batch or is
+    -- seen by it; SQLite's one writer serializes them already
+    local run = self.db:first("SELECT id, state, event_seq FROM flow_runs WHERE id = ?" .. self.dialect.LOCK_ROW,
+      run_id)
     local result, applied = fn(run)
     self:flush()
     if run and applied and applied > run.event_seq then

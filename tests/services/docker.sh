@@ -87,14 +87,6 @@ EOF
   echo "Docker Engine ready on $SOCK, base image $BASE_IMAGE"
 }
 
-# Pids whose parent is $1 (from /proc: no procps needed).
-children_of() {
-  local f
-  for f in /proc/[0-9]*/status; do
-    grep -qE "^PPid:[[:space:]]+$1\$" "$f" 2>/dev/null && { f=${f#/proc/}; echo "${f%/status}"; }
-  done
-  return 0
-}
 
 pgid_of() { awk '{ sub(/^.*\) /, ""); print $3 }' "/proc/$1/stat" 2>/dev/null; }
 
@@ -110,7 +102,7 @@ shims() {
 }
 
 END_ALL_WHO=docker.sh
-. "$ROOT/tests/support/end_all.sh"
+. "$ROOT/tests/support/procs.sh"
 
 stop() {
   local dir=$1

@@ -89,14 +89,6 @@ EOF
   echo "Podman $(pm --version | awk '{print $3}') ready on $DIR/podman.sock, base image $BASE_IMAGE"
 }
 
-# Pids whose parent is $1 (from /proc: no procps needed).
-children_of() {
-  local f
-  for f in /proc/[0-9]*/status; do
-    grep -qE "^PPid:[[:space:]]+$1\$" "$f" 2>/dev/null && { f=${f#/proc/}; echo "${f%/status}"; }
-  done
-  return 0
-}
 
 # The conmon processes of this service's containers (their command lines
 # name its run dir): conmon daemonises, so the service is not their parent.
@@ -111,7 +103,7 @@ conmons() {
 }
 
 END_ALL_WHO=podman.sh
-. "$ROOT/tests/support/end_all.sh"
+. "$ROOT/tests/support/procs.sh"
 
 stop() {
   [ -d "$DIR" ] || return 0

@@ -276,6 +276,9 @@ D.TASK_KEY = "coalesce(started, 9000000000000000)"
 -- PostgreSQL sorts NULL last; SQLite (and so the store's contract) first
 D.TASK_ORDER = "started NULLS FIRST, id"
 D.NO_INDEX = ""
+-- a row read in a transaction stays locked until it commits (apply_batch
+-- against the reaper: both may write one run at once here)
+D.LOCK_ROW = " FOR UPDATE"
 D.SIGNATURE = [[SELECT count(*) || '/' || count(started) || '/' || count(ended) || '/' ||
       coalesce(sum(attempts), 0) || '/' || coalesce(sum(ascii(state)), 0) || '/' ||
       coalesce(sum(length(state)), 0) FROM task_runs WHERE flow_run_id = ?]]

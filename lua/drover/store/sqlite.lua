@@ -139,6 +139,9 @@ D.migrations = migrations
 D.TASK_KEY = "ifnull(started, 9000000000000000)"
 --- A task list's order: start, then insertion.
 D.TASK_ORDER = "started, rowid"
+--- What locks a row read inside a transaction until it commits: nothing
+-- (SQLite's write transaction excludes every other writer).
+D.LOCK_ROW = ""
 --- A prefix that keeps the planner off a column's indexes (prune).
 D.NO_INDEX = "+"
 --- A signature of a run's task runs (Store:task_signature): sums over

@@ -1,0 +1,35 @@
+# Process helpers for the service scripts (tests/services/docker.sh,
+# podman.sh), which stop what an engine left behind by PID:
+#
+#   children_of PID   the pids whose parent is PID (from /proc: no procps)
+#   end_all PID...    TERM the pids given, wait up to 20 s, KILL what is
+#                     left (saying so on stderr, as "$END_ALL_WHO: ..."),
+#                     and wait up to 5 s for it to go
+
+children_of() {
+  local f
+  for f in /proc/[0-9]*/status; do
+    grep -qE "^PPid:[[:space:]]+$1\$" "$f" 2>/dev/null && { f=${f#/proc/}; echo "${f%/status}"; }
+  done
+  return 0
+}
+
+end_all() {
+  local p i left
+  [ $# -gt 0 ] || return 0
+  kill -TERM "$@" 2>/dev/null || true
+  for i in $(seq 1 100); do
+    left=
+    for p in "$@"; do kill -0 "$p" 2>/dev/null && left="$left $p"; done
+    [ -n "$left" ] || return 0
+    sleep 0.2
+  done
+  echo "${END_ALL_WHO:-end_all}: killing what was left:$left" >&2
+  kill -KILL $left 2>/dev/null || true
+  for i in $(seq 1 50); do
+    left=
+    for p in "$@"; do kill -0 "$p" 2>/dev/null && left="$left $p"; done
+    [ -n "$left" ] || return 0
+    sleep 0.1
+  done
+}
