@@ -45,7 +45,7 @@ describe("slurm job-state parsing on recorded outputs", function()
     cancelled = { state = "CANCELLED", reason = "None", exit_code = 0, signal = 15, job_id = "3" },
     running = { state = "RUNNING", reason = "None", exit_code = 0, signal = 0, job_id = "3" },
     timeout = { state = "TIMEOUT", reason = "TimeLimit", exit_code = 0, signal = 15, job_id = "4" },
-    pending = { state = "PENDING", reason = "BeginTime", exit_code = 0, signal = 0, job_id = "5" },
+    waiting = { state = "PENDING", reason = "BeginTime", exit_code = 0, signal = 0, job_id = "5" },
     held = { state = "PENDING", reason = "JobHeldUser", exit_code = 0, signal = 0, job_id = "6" },
     signalled = { state = "FAILED", reason = "JobLaunchFailure", exit_code = 0, signal = 9, job_id = "9" },
   }
@@ -127,7 +127,7 @@ describe("slurm job-state parsing on recorded outputs", function()
     -- COMPLETED, but the worker recorded no end of its own
     assert.are.same({ states.CRASHED, "slurm job completed COMPLETED" }, { run_end("completed") })
     assert.are.same({}, { run_end("running") })
-    assert.are.same({}, { run_end("pending") })
+    assert.are.same({}, { run_end("waiting") })
     assert.are.same({}, { run_end("held") })
     assert.are.same({}, { run_end("array_running", "5") })
     assert.are.equal(states.CRASHED, (jobstate.run_end("999", nil)))

@@ -12,7 +12,7 @@ local fs = require "drover.fs"
 
 local M = {}
 
---- /proc/PID/stat of `pid`: { state = "R"|"S"|"Z"|..., pgrp = n, start = n },
+--- /proc/PID/stat of `pid`: { state = "R"|"S"|"Z"|..., ppid = n, pgrp = n, start = n },
 -- or nil when there is no such process (or no /proc).
 function M.stat(pid)
   local f = io.open("/proc/" .. math.tointeger(pid) .. "/stat", "r")
@@ -25,10 +25,11 @@ function M.stat(pid)
   if not rest then return nil end
   local fields = {}
   for w in rest:gmatch("%S+") do fields[#fields + 1] = w end
-  -- rest starts at field 3 (state): pgrp is field 5, starttime field 22
-  local pgrp, start = math.tointeger(tonumber(fields[3])), math.tointeger(tonumber(fields[20]))
-  if not (pgrp and start) then return nil end
-  return { state = fields[1], pgrp = pgrp, start = start }
+  -- rest starts at field 3 (state): ppid is field 4, pgrp field 5, starttime field 22
+  local ppid, pgrp, start = math.tointeger(tonumber(fields[2])), math.tointeger(tonumber(fields[3])),
+    math.tointeger(tonumber(fields[20]))
+  if not (ppid and pgrp and start) then return nil end
+  return { state = fields[1], ppid = ppid, pgrp = pgrp, start = start }
 end
 
 --- "proc:PID:START" for process `pid`, or nil when it cannot be read.
@@ -80,18 +81,11 @@ local function children_by_parent()
   local by = {}
   for _, name in ipairs(fs.list("/proc") or {}) do
     local pid = name:match("^%d+$") and math.tointeger(tonumber(name))
-    local f = pid and io.open("/proc/" .. name .. "/stat", "r")
-    if f then
-      local text = f:read("a") or ""
-      f:close()
-      -- after the last ')' (the command name may hold anything): state ppid pgrp
-      local ppid, pgrp = text:match("^.*%)%s+%S+%s+(%d+)%s+(%d+)")
-      ppid, pgrp = math.tointeger(tonumber(ppid)), math.tointeger(tonumber(pgrp))
-      if ppid then
-        local list = by[ppid] or {}
-        by[ppid] = list
-        list[#list + 1] = { pid, pgrp }
-      end
+    local s = pid and M.stat(pid)
+    if s then
+      local list = by[s.ppid] or {}
+      by[s.ppid] = list
+      list[#list + 1] = { pid, s.pgrp }
     end
   end
   return by

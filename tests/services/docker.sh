@@ -92,14 +92,7 @@ pgid_of() { awk '{ sub(/^.*\) /, ""); print $3 }' "/proc/$1/stat" 2>/dev/null; }
 
 # The shims of the containerd that dockerd manages (its socket under
 # /var/run/docker): left behind when dockerd and containerd were killed.
-shims() {
-  local f
-  for f in /proc/[0-9]*/cmdline; do
-    { tr '\0' ' ' <"$f"; } 2>/dev/null | grep -q "containerd-shim.*/var/run/docker/containerd/containerd.sock" &&
-      { f=${f#/proc/}; echo "${f%/cmdline}"; }
-  done
-  return 0
-}
+shims() { pids_with_cmdline "containerd-shim" "/var/run/docker/containerd/containerd.sock"; }
 
 END_ALL_WHO=docker.sh
 . "$ROOT/tests/support/procs.sh"

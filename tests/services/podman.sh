@@ -92,15 +92,7 @@ EOF
 
 # The conmon processes of this service's containers (their command lines
 # name its run dir): conmon daemonises, so the service is not their parent.
-conmons() {
-  local f
-  for f in /proc/[0-9]*/cmdline; do
-    { tr '\0' ' ' <"$f"; } 2>/dev/null | grep -qF -- "conmon --api-version" &&
-      { tr '\0' ' ' <"$f"; } 2>/dev/null | grep -qF -- "$DIR/" &&
-      { f=${f#/proc/}; echo "${f%/cmdline}"; }
-  done
-  return 0
-}
+conmons() { pids_with_cmdline "conmon --api-version" "$DIR/"; }
 
 END_ALL_WHO=podman.sh
 . "$ROOT/tests/support/procs.sh"

@@ -2,6 +2,8 @@
 # podman.sh), which stop what an engine left behind by PID:
 #
 #   children_of PID   the pids whose parent is PID (from /proc: no procps)
+#   pids_with_cmdline TEXT...
+#                     the pids whose command line holds every TEXT
 #   end_all PID...    TERM the pids given, wait up to 20 s, KILL what is
 #                     left (saying so on stderr, as "$END_ALL_WHO: ..."),
 #                     and wait up to 5 s for it to go
@@ -10,6 +12,17 @@ children_of() {
   local f
   for f in /proc/[0-9]*/status; do
     grep -qE "^PPid:[[:space:]]+$1\$" "$f" 2>/dev/null && { f=${f#/proc/}; echo "${f%/status}"; }
+  done
+  return 0
+}
+
+pids_with_cmdline() {
+  local f cmd t ok
+  for f in /proc/[0-9]*/cmdline; do
+    cmd=$({ tr '\0' ' ' <"$f"; } 2>/dev/null) || continue
+    ok=1
+    for t in "$@"; do [[ $cmd == *"$t"* ]] || { ok=; break; }; done
+    [ -n "$ok" ] && { f=${f#/proc/}; echo "${f%/cmdline}"; }
   done
   return 0
 }
