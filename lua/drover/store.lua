@@ -398,9 +398,14 @@ function Store:end_active_task_runs(id, state, message)
 end
 
 function Store:end_flow_run(id, state, message)
-  local changed = self:set_flow_state(id, state, message)
-  self:end_active_task_runs(id, state, message)
-  return changed
+  -- one transaction: a run never ends with task runs still active (a disk
+  -- that filled between the two writes left exactly that, and a final run
+  -- is never reaped)
+  return self:transaction(function()
+    local changed = self:set_flow_state(id, state, message)
+    self:end_active_task_runs(id, state, message)
+    return changed
+  end)
 end
 
 -- A signature of a run's task runs: changes when one starts, moves or ends.
