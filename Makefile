@@ -35,12 +35,15 @@ endif
 
 ENGINE_SRC = $(sort $(wildcard engine/src/*.c))
 ENGINE_OBJ = $(ENGINE_SRC:engine/src/%.c=$(BUILD)/obj/%.o)
+LUA_SRC    = $(sort $(wildcard lua/drover/*.lua lua/drover/*/*.lua))
+LUA_CHUNKS = $(LUA_SRC:.lua=.luac)
 HEADERS    = $(wildcard engine/src/*.h) engine/include/drover.h
 
 SOVERSION = 0
 
 .PHONY: all deps test test-c test-lua test-asan bench clean install uninstall fuzz FORCE
-all: $(BUILD)/drover $(BUILD)/plugins/server.so $(BUILD)/libdrover.a $(BUILD)/libdrover.so $(BUILD)/lua/drover/core.so
+all: $(BUILD)/drover $(BUILD)/plugins/server.so $(BUILD)/libdrover.a $(BUILD)/libdrover.so $(BUILD)/lua/drover/core.so \
+  $(LUA_CHUNKS)
 
 deps:
 	@bash tests/support/deps.sh
@@ -77,6 +80,12 @@ $(BUILD)/drover: engine/cli/main.c engine/cli/server_loader.c $(BIN_OBJ) $(HEADE
 	$(CC) $(CFLAGS) $(DRV_CFLAGS) -Wl,-E -o $@ engine/cli/main.c engine/cli/server_loader.c \
 	  $(BIN_OBJ) $(BIN_LIBS) $(LDFLAGS)
 
+# Each module's compiled chunk beside its source, which require() loads
+# instead of parsing the source while the source is not newer (see
+# engine/src/searcher.c and tools/compile_lua.lua).
+lua/drover/%.luac: lua/drover/%.lua tools/compile_lua.lua $(BUILD)/drover
+	@$(BUILD)/drover tools/compile_lua.lua $(realpath $<)
+
 $(BUILD)/plugins/server.so: $(BUILD)/obj/server.o
 	@mkdir -p $(BUILD)/plugins
 	$(CC) $(CFLAGS) -shared -Wl,-Bsymbolic -o $@ $< $(H2O_LIBS) $(LDFLAGS)
@@ -98,6 +107,7 @@ bench: all
 
 clean:
 	rm -rf build build-asan build-fuzz
+	rm -f $(LUA_CHUNKS)
 
 # ---- fuzzing (tests/fuzz) ----------------------------------------------------------
 # One libFuzzer binary per harness tests/fuzz/NAME.lua: tests/fuzz/driver.c
@@ -121,6 +131,7 @@ INCLUDEDIR = $(PREFIX)/include
 SHAREDIR   = $(PREFIX)/share/drover
 VERSION    = 0.1.0
 INST       = $(DESTDIR)
+STAGE      = $(if $(INST),$(abspath $(INST)))
 
 # The installed binary finds its Lua library in PREFIX/share/drover/lua and
 # the server plugin in PREFIX/lib/drover (see api.c and server_loader.c).
@@ -141,6 +152,8 @@ install: all
 	install -m 644 lua/drover/orchestrator/*.lua $(INST)$(SHAREDIR)/lua/drover/orchestrator/
 	install -m 644 lua/drover/store/*.lua $(INST)$(SHAREDIR)/lua/drover/store/
 	install -m 644 lua/drover/dashboard/* $(INST)$(SHAREDIR)/lua/drover/dashboard/
+	$(BUILD)/drover tools/compile_lua.lua --staged "$(STAGE)" \
+	  $(addprefix $(STAGE)$(abspath $(SHAREDIR))/lua/,$(LUA_SRC:lua/%=%))
 	install -m 644 backends/*.lua $(INST)$(SHAREDIR)/backends/
 	install -m 644 backends/slurm/*.lua $(INST)$(SHAREDIR)/backends/slurm/
 	install -m 644 docs/man/drover.1 $(INST)$(PREFIX)/share/man/man1/drover.1

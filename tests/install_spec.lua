@@ -30,6 +30,22 @@ describe("make install", function()
     end
   end)
 
+  it("installs each module compiled for where it is installed, and require takes the chunks", function()
+    local r = assert(drover.proc.run({ prefix .. "/bin/drover", "-e", [[
+      for _, f in ipairs(arg) do
+        local loader, path = package.searchers[2]((f:gsub("%.lua$", ""):gsub("/", ".")))
+        print(type(loader), path)
+      end
+    ]], table.unpack(H.lua_files()) }, { env = installed_env(), cwd = "/" }))
+    assert.are.equal(0, r.code, r.stderr)
+    local want = {}
+    for _, f in ipairs(H.lua_files()) do
+      assert.is_truthy(drover.fs.exists(prefix .. "/share/drover/lua/" .. f .. "c"), f .. "c")
+      want[#want + 1] = "function\t" .. prefix .. "/share/drover/lua/" .. f .. "\n"
+    end
+    assert.are.equal(table.concat(want), r.stdout)
+  end)
+
   it("installs the binary, library, header, pkg-config file, man page, Lua library and backends", function()
     for _, f in ipairs { "/bin/drover", "/lib/libdrover.a", "/lib/libdrover.so.0", "/lib/drover/server.so",
       "/include/drover.h", "/lib/pkgconfig/drover.pc", "/share/man/man1/drover.1",

@@ -244,6 +244,7 @@ static int drv__setup(lua_State *L) {
   lua_concat(L, 2);
   lua_setfield(L, -2, "path");
   lua_pop(L, 1);
+  drv__searcher_install(L);
   /* package.loaded["drover.config"] */
   luaL_getsubtable(L, LUA_REGISTRYINDEX, LUA_LOADED_TABLE);
   lua_newtable(L);

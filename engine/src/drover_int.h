@@ -104,6 +104,7 @@ struct drv_engine {
 /* ---- engine.c ---------------------------------------------------------- */
 DRV_EXPORT drv_engine *drv__engine(lua_State *L);  /* the engine this state belongs to */
 void drv__engine_attach(lua_State *L, uv_loop_t *loop); /* creates the engine for L (idempotent) */
+void drv__searcher_install(lua_State *L); /* require reads fresh FILE.luac beside FILE.lua (searcher.c) */
 DRV_EXPORT void drv__res_link(drv_engine *E, drv_res *r, void (*close)(drv_res *r));
 DRV_EXPORT void drv__res_unlink(drv_res *r);  /* idempotent */
 /* Run the loop once (blocking); used by drv__await outside tasks and by drover.run. */
