@@ -141,6 +141,39 @@ describe("drover CLI", function()
     assert.matches("stopped", err)
   end)
 
+  it("status shows a big run grouped by task name, with the task runs that did not complete", function()
+    write(work .. "/big.lua", [[
+      local drover = require "drover"
+      local fetch = drover.task("fetch", function(i) return i end)
+      local check = drover.task("check", function(i)
+        if i % 40 == 0 then error("item " .. i .. " is bad") end
+      end, { catch = true })
+      for i = 1, 120 do fetch(i); check(i) end
+    ]])
+    local code, _, err = drv({ "exec", work .. "/big.lua" })
+    assert.are.equal(0, code, err)
+    local id = err:match("flow run (%x+) started")
+    local out
+    code, out, err = drv({ "status", id })
+    assert.are.equal(0, code, err)
+    assert.matches("240 task runs: COMPLETED 237  FAILED 3\n", out, 1, true)
+    assert.matches("\nfetch +120 +COMPLETED 120 ", out)
+    assert.matches("\ncheck +120 +COMPLETED 117  FAILED 3 ", out)
+    assert.matches("task runs that did not complete (3):", out, 1, true)
+    for _, i in ipairs { 40, 80, 120 } do assert.matches("FAILED +1 +%S+ +%S+ item " .. i .. " is bad\n", out) end
+    assert.matches("drover status " .. id .. " --all", out, 1, true)
+    local lines = select(2, out:gsub("\n", ""))
+    assert.is_true(lines < 20, out)
+    -- --all: each one, as a run of fewer task runs is shown
+    code, out = drv({ "status", id, "--all" })
+    assert.are.equal(0, code)
+    assert.are.equal(240, select(2, out:gsub("\n%x+ +%a+ +task ", "")))
+    -- JSON: every task run, whatever the size
+    code, out = drv({ "status", id, "--json" })
+    assert.are.equal(0, code)
+    assert.are.equal(240, #drover.json.decode(out).task_runs)
+  end)
+
   it("a worker does not load modules from where drover run was typed", function()
     -- the package has sidecar_flow; the module it requires at run time is
     -- not in the project, only in the directory `drover run` is typed in

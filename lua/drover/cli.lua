@@ -515,8 +515,88 @@ command("cancel", "cancel one run (two-phase); its deployment stays active", {
   return EXIT_OK
 end)
 
+-- `drover status` lists a run's task runs one by one up to this many; a
+-- bigger run is shown grouped by task name (as its dashboard page and
+-- /api/runs/ID are), with the task runs that did not complete listed.
+M.STATUS_TASK_RUNS = 100
+
+--- "COMPLETED 19990  FAILED 10": a group's counts, in states' order.
+local function fmt_counts(counts)
+  local out = {}
+  for _, st in ipairs(require("drover.states").all) do
+    if counts[st] then out[#out + 1] = st .. " " .. counts[st] end
+  end
+  return table.concat(out, "  ")
+end
+
+--- Task runs `tasks` grouped by name, in the order each name first started.
+local function task_groups(tasks)
+  local by_name, groups = {}, {}
+  for _, t in ipairs(tasks) do
+    local g = by_name[t.name]
+    if not g then
+      g = { name = t.name, n = 0, counts = {} }
+      by_name[t.name] = g
+      groups[#groups + 1] = g
+    end
+    g.n = g.n + 1
+    g.counts[t.state] = (g.counts[t.state] or 0) + 1
+    if t.started and (not g.started or t.started < g.started) then g.started = t.started end
+    if t.ended and (not g.ended or t.ended > g.ended) then g.ended = t.ended end
+  end
+  table.sort(groups, function(a, b)
+    if (a.started or math.huge) ~= (b.started or math.huge) then return (a.started or math.huge) < (b.started or math.huge) end
+    return a.name < b.name
+  end)
+  return groups
+end
+
+--- The columns of a list of task runs, the name shown by name_of(t).
+local function task_run_columns(name_of)
+  return {
+    { "task run", function(t) return t.id end },
+    { "name", name_of },
+    { "kind", function(t) return t.kind end },
+    { "state", function(t) return t.state end },
+    { "attempts", function(t) return t.attempts end },
+    { "duration", function(t) return fmt_duration(t.started, t.ended) end },
+    { "note", function(t) return t.message end },
+  }
+end
+
+--- A big run's task runs: one line per name, then those that did not
+-- complete (at most M.STATUS_TASK_RUNS of them).
+local function print_task_groups(run, tasks)
+  local groups, total = task_groups(tasks), {}
+  for _, t in ipairs(tasks) do total[t.state] = (total[t.state] or 0) + 1 end
+  print(string.format("%d task runs: %s", #tasks, fmt_counts(total)))
+  print("")
+  print_table(groups, {
+    { "name", function(g) return g.name end },
+    { "task runs", function(g) return g.n end },
+    { "states", function(g) return fmt_counts(g.counts) end },
+    { "first started", function(g) return fmt_time(g.started) end },
+    { "duration", function(g) return fmt_duration(g.started, g.ended) end },
+  })
+  local odd = {}
+  for _, t in ipairs(tasks) do
+    if t.state ~= "COMPLETED" then odd[#odd + 1] = t end
+  end
+  if #odd > 0 then
+    local shown = math.min(#odd, M.STATUS_TASK_RUNS)
+    print("")
+    print(string.format("task runs that did not complete (%d%s):", #odd,
+      shown < #odd and ", the first " .. shown or ""))
+    print_table(table.move(odd, 1, shown, 1, {}), task_run_columns(function(t) return t.name end))
+  end
+  print("")
+  print("(every task run: drover status " .. run.id .. " --all, or --json)")
+end
+
 command("status", "show a run and its task runs", {
-  args = "RUN_ID", flags = with_remote { json = json_flag, config = backend_flags.config, set = backend_flags.set },
+  args = "RUN_ID", flags = with_remote { json = json_flag, config = backend_flags.config, set = backend_flags.set,
+    all = { help = "list every task run, however many (a run of more than " .. M.STATUS_TASK_RUNS ..
+      " is otherwise shown grouped by task name)" } },
 }, function(opts, pos)
   local id = pos[1] or usage_error("drover status: missing RUN_ID")
   local store = open_source(opts)
@@ -546,19 +626,14 @@ command("status", "show a run and its task runs", {
     run.backend, fmt_time(run.started or run.created), fmt_duration(run.started, run.ended)))
   if run.message then print("  message: " .. run.message) end
   if run.resumed_from then print("  resumed from " .. run.resumed_from) end
-  if #tasks > 0 then
+  if #tasks > M.STATUS_TASK_RUNS and not opts.all then
+    print("")
+    print_task_groups(run, tasks)
+  elseif #tasks > 0 then
     print("")
     local depth = {}
     for _, t in ipairs(tasks) do depth[t.id] = t.parent_id and ((depth[t.parent_id] or 0) + 1) or 0 end
-    print_table(tasks, {
-      { "task run", function(t) return t.id end },
-      { "name", function(t) return string.rep("  ", depth[t.id]) .. t.name end },
-      { "kind", function(t) return t.kind end },
-      { "state", function(t) return t.state end },
-      { "attempts", function(t) return t.attempts end },
-      { "duration", function(t) return fmt_duration(t.started, t.ended) end },
-      { "note", function(t) return t.message end },
-    })
+    print_table(tasks, task_run_columns(function(t) return string.rep("  ", depth[t.id]) .. t.name end))
   end
   return code
 end)
