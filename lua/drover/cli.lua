@@ -529,28 +529,6 @@ local function fmt_counts(counts)
   return table.concat(out, "  ")
 end
 
---- Task runs `tasks` grouped by name, in the order each name first started.
-local function task_groups(tasks)
-  local by_name, groups = {}, {}
-  for _, t in ipairs(tasks) do
-    local g = by_name[t.name]
-    if not g then
-      g = { name = t.name, n = 0, counts = {} }
-      by_name[t.name] = g
-      groups[#groups + 1] = g
-    end
-    g.n = g.n + 1
-    g.counts[t.state] = (g.counts[t.state] or 0) + 1
-    if t.started and (not g.started or t.started < g.started) then g.started = t.started end
-    if t.ended and (not g.ended or t.ended > g.ended) then g.ended = t.ended end
-  end
-  table.sort(groups, function(a, b)
-    if (a.started or math.huge) ~= (b.started or math.huge) then return (a.started or math.huge) < (b.started or math.huge) end
-    return a.name < b.name
-  end)
-  return groups
-end
-
 --- The columns of a list of task runs, the name shown by name_of(t).
 local function task_run_columns(name_of)
   return {
@@ -567,13 +545,12 @@ end
 --- A big run's task runs: one line per name, then those that did not
 -- complete (at most M.STATUS_TASK_RUNS of them).
 local function print_task_groups(run, tasks)
-  local groups, total = task_groups(tasks), {}
-  for _, t in ipairs(tasks) do total[t.state] = (total[t.state] or 0) + 1 end
-  print(string.format("%d task runs: %s", #tasks, fmt_counts(total)))
+  local summary = require("drover.store").summarize(tasks)
+  print(string.format("%d task runs: %s", summary.total, fmt_counts(summary.counts)))
   print("")
-  print_table(groups, {
+  print_table(summary.groups, {
     { "name", function(g) return g.name end },
-    { "task runs", function(g) return g.n end },
+    { "task runs", function(g) return g.total end },
     { "states", function(g) return fmt_counts(g.counts) end },
     { "first started", function(g) return fmt_time(g.started) end },
     { "duration", function(g) return fmt_duration(g.started, g.ended) end },

@@ -926,22 +926,30 @@ M.NOT_STARTED = 9e15
 -- has ended).  At most `max_groups` groups (default all); groups_truncated
 -- says some were left out (total and counts still count every task run).
 function Store:task_run_summary(flow_run_id, max_groups)
-  local rows = self:rows([[SELECT name, state, count(*) AS n, min(started) AS started, max(ended) AS ended
-      FROM task_runs WHERE flow_run_id = ? GROUP BY name, state]], flow_run_id)
+  return M.summarize(self:rows([[SELECT name, state, count(*) AS n, min(started) AS started, max(ended) AS ended
+      FROM task_runs WHERE flow_run_id = ? GROUP BY name, state]], flow_run_id), max_groups)
+end
+
+--- Task runs grouped by name: { total, counts = {STATE = n}, groups = {
+-- {name, total, counts, started (the first), ended (the last)}, in the
+-- order each name first started } }, from rows {name, state, n, started,
+-- ended} (n absent: the row is one task run); at most max_groups groups
+-- (then groups_truncated).
+function M.summarize(rows, max_groups)
   local by_name, groups, counts, total = {}, {}, {}, 0
   for _, r in ipairs(rows) do
-    local g = by_name[r.name]
+    local g, n = by_name[r.name], r.n or 1
     if not g then
       g = { name = r.name, total = 0, counts = {} }
       by_name[r.name] = g
       groups[#groups + 1] = g
     end
-    g.total = g.total + r.n
-    g.counts[r.state] = r.n
+    g.total = g.total + n
+    g.counts[r.state] = (g.counts[r.state] or 0) + n
     if r.started and (not g.started or r.started < g.started) then g.started = r.started end
     if r.ended and (not g.ended or r.ended > g.ended) then g.ended = r.ended end
-    counts[r.state] = (counts[r.state] or 0) + r.n
-    total = total + r.n
+    counts[r.state] = (counts[r.state] or 0) + n
+    total = total + n
   end
   table.sort(groups, function(a, b)
     local sa, sb = a.started or M.NOT_STARTED, b.started or M.NOT_STARTED
