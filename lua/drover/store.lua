@@ -131,7 +131,7 @@ function M.open(home, opts)
     location = dialect == "sqlite" and loc or db:label(),
     pending = {}, npending = 0, inserting = {}, owner = nil, unlocked = core.event(),
     batch_size = opts.batch_size or 2000, batch_delay = opts.batch_delay or 0.05,
-    flush_pending = false, write_error = nil, write_failures = 0,
+    flush_task = nil, write_error = nil, write_failures = 0,
   }, Store)
   local mok, merr = pcall(self.migrate, self)
   if not mok then
@@ -168,6 +168,7 @@ function Store:close()
     self.db:close()
     self.db = nil
   end
+  self:unschedule_flush()
 end
 
 --- Queue a write; it reaches the database with the next batch.  A batch
@@ -198,17 +199,29 @@ end
 local MAX_RETRY_DELAY = 1
 
 --- Flush after batch_delay (after a failure, after a delay that doubles
--- up to MAX_RETRY_DELAY), once, in a task of its own.
+-- up to MAX_RETRY_DELAY), once, in a task of its own (cancelled when the
+-- queue is written before then: unschedule_flush).
 function Store:schedule_flush()
-  if self.flush_pending then return end
-  self.flush_pending = true
+  if self.flush_task then return end
   local delay = self.write_error and math.min(MAX_RETRY_DELAY, self.batch_delay * 2 ^ self.write_failures)
     or self.batch_delay
-  core.spawn(function()
+  self.flush_task = core.spawn(function()
     core.sleep(delay)
-    self.flush_pending = false
+    self.flush_task = nil
     if self.db then self:try_flush() end
   end)
+end
+
+--- Cancel the flush schedule_flush() started, if the caller is not it:
+-- the queue it was to write is written (or the store closed), and a
+-- sleeping task keeps the process alive (every `drover exec` waited out
+-- batch_delay after its last write).
+function Store:unschedule_flush()
+  local t = self.flush_task
+  if t and t ~= core.current() then
+    self.flush_task = nil
+    t:cancel()
+  end
 end
 
 --- flush(), with a failure kept in `write_error` (and the batch queued
@@ -261,6 +274,7 @@ function Store:write_queue(nested)
   local ok, err = pcall(db.transaction, db, function() self.dialect.run_queue(db, q, n) end)
   if ok then
     self.write_error, self.write_failures = nil, 0
+    if self.npending == 0 then self:unschedule_flush() end
     return
   end
   err = tostring(err)
