@@ -80,6 +80,26 @@ for _, kind in ipairs { "sqlite", "postgresql" } do
       assert.are.equal(store_mod.SCHEMA_VERSION, s.migrated_from)
     end)
 
+    it("cancels the flush it scheduled once the queue is written: nothing sleeps on after the writes", function()
+      -- a sleeping task keeps the process alive: `drover exec` waited out
+      -- the batch delay after its last write
+      local id = s:create_flow_run { name = "etl", state = "RUNNING" }
+      s:log(id, nil, "stdout", "a line")
+      local t = s.flush_task
+      assert.is_truthy(t, "a write queued schedules a flush")
+      assert.is_truthy(({ ready = true, waiting = true })[t:status()], t:status())
+      s:flush()
+      assert.is_nil(s.flush_task)
+      H.wait_until(function() return t:status() == "cancelled" end, 30, "the scheduled flush to be cancelled")
+      -- queued again, then the store closed: the new one goes too
+      s:log(id, nil, "stdout", "another line")
+      t = s.flush_task
+      assert.is_truthy(({ ready = true, waiting = true })[t:status()], t:status())
+      s:close()
+      s = nil
+      H.wait_until(function() return t:status() == "cancelled" end, 30, "the scheduled flush to be cancelled")
+    end)
+
     it("keeps runs, task runs, logs (bytes as they were) and states", function()
       local id = fill(s)
       local r = s:flow_run(id)
