@@ -608,3 +608,95 @@ describe("drover serve", function()
     end)
   end)
 end)
+
+describe("the daemon's cached run list (Daemon:runs_fast, in process)", function()
+  local daemon_mod = require "drover.daemon"
+  local store_mod = require "drover.store"
+  local dir, d
+
+  setup(function()
+    dir = H.tempdir()
+    d = assert(daemon_mod.new { home = dir })
+  end)
+
+  teardown(function()
+    if d then d.store:close() end
+    os.execute("rm -rf " .. dir)
+  end)
+
+  -- a GET /api/runs?limit=5 as the server hands it to fast, received at `t`
+  local function req(t, host)
+    return { method = "GET", path = "/api/runs", query = "limit=5", args = { limit = "5" }, body = "",
+      time = t, headers = { host = host or "127.0.0.1:8765" } }
+  end
+
+  -- a run committed by another connection (another process's write)
+  local function insert_run()
+    local db = assert(drover.db.open(dir .. "/drover.db", { busy_timeout = 10000 }))
+    local id, t = store_mod.new_id(), store_mod.time()
+    db:run([[INSERT INTO flow_runs(id, name, backend, state, created, started, ended, heartbeat)
+        VALUES(?, 'outside', 'local', 'COMPLETED', ?, ?, ?, ?)]], id, t, t, t + 1, t)
+    db:close()
+    return id
+  end
+
+  it("answers from the page made for the mark read after req.time, reading the mark once a batch", function()
+    local first = insert_run()
+    local t0 = drover.now()
+    local st, _, body = d:get_runs(req(t0), "GET") -- the handler makes the page
+    assert.are.equal(200, st)
+    assert.matches(first, body:bytes(), 1, true)
+    local reads, real = 0, d.store.change_mark
+    d.store.change_mark = function(...) reads = reads + 1; return real(...) end
+    local h
+    st, h, body = d:runs_fast(req(drover.now()))
+    assert.are.equal(200, st)
+    assert.matches(first, body:bytes(), 1, true)
+    assert.are.equal("application/json", h["content-type"])
+    assert.are.equal(1, reads)
+    -- requests in before that read (the rest of a pass): no read of their own
+    for _ = 1, 3 do assert.are.equal(200, (d:runs_fast(req(t0)))) end
+    assert.are.equal(1, reads)
+    -- another process commits: a request sent after it gets no cached page
+    local second = insert_run()
+    assert.is_nil(d:runs_fast(req(drover.now())))
+    assert.are.equal(2, reads)
+    -- the handler's new page has the run, and fast answers with it
+    st, _, body = d:get_runs(req(drover.now()), "GET")
+    assert.are.equal(200, st)
+    assert.matches(second, body:bytes(), 1, true)
+    st, _, body = d:runs_fast(req(drover.now()))
+    assert.are.equal(200, st)
+    assert.matches(second, body:bytes(), 1, true)
+    d.store.change_mark = nil
+  end)
+
+  it("gives a request sent after another process's commit no page made before it, in any order of reads", function()
+    local t0 = drover.now()
+    assert.are.equal(200, (d:get_runs(req(drover.now()), "GET"))) -- the handler reads the mark
+    local id = insert_run()
+    local t1 = drover.now() -- a request sent after the commit
+    -- a request from before the handler's read comes first: the mark it
+    -- reads must be as of now, not as of that older read
+    d:runs_fast(req(t0))
+    assert.is_nil(d:runs_fast(req(t1)))
+    local _, _, body = d:get_runs(req(drover.now()), "GET")
+    assert.matches(id, body:bytes(), 1, true)
+  end)
+
+  it("answers no request the guard refuses, however many Host spellings it has seen", function()
+    local t = drover.now()
+    assert.are.equal(200, (d:get_runs(req(t), "GET")))
+    for port = 1, 100 do assert.are.equal(200, (d:runs_fast(req(t, "LocalHost:" .. port)))) end
+    assert.are.equal(200, (d:runs_fast(req(t, "[::1]"))))
+    for _, host in ipairs { "evil.example", "evil.example:8765", "127.0.0.1/x", "127.0.0.2:8765" } do
+      assert.is_nil(d:runs_fast(req(t, host)), host)
+      local who, refusal = require("drover.request_guard").check(d.guard, req(t, host), function() end)
+      assert.is_nil(who)
+      assert.are.equal(421, refusal.status, host)
+    end
+    local no_host = req(t)
+    no_host.headers.host = nil
+    assert.is_nil(d:runs_fast(no_host))
+  end)
+end)

@@ -696,6 +696,57 @@ print(s.recv(100).split(b"\r\n")[0].decode())
       select(2, pcall(server.body, 5)), 1, true)
   end)
 
+  it("asks fast about the requests of a pass of the loop together, once it has read them all", function()
+    run(function(on_fail)
+      local N = 4
+      local asked, outs, clients = {}, {}, {}
+      local srv
+      -- the server's side of connections to the port with request bytes
+      -- waiting in the kernel (not yet accepted, or not yet read)
+      local function waiting_requests()
+        local n, port = 0, ("%04X"):format(srv.port)
+        for line in io.lines("/proc/net/tcp") do
+          local lport, st, rx = line:match("^%s*%d+: %x+:(%x+) %x+:%x+ (%x+) %x+:(%x+)")
+          if lport == port and st == "01" and tonumber(rx, 16) > 0 then n = n + 1 end
+        end
+        return n
+      end
+      srv = listen(function(req)
+        -- /gate: N clients send /x while this handler holds the loop (it
+        -- never waits), so that the next passes accept them all, then
+        -- read them all
+        assert.are.equal("/gate", req.path)
+        for n = 1, N do
+          outs[n] = {}
+          clients[n] = curl_bg({ srv.url .. "/x" }, function(chunk) outs[n][#outs[n] + 1] = chunk end)
+        end
+        local deadline = os.time() + 60
+        while waiting_requests() < N do
+          assert(os.time() < deadline, "the clients' requests did not arrive in 60 s")
+        end
+        return "gate"
+      end, { fast = function(req)
+        if req.path == "/x" then
+          asked[#asked + 1] = { time = req.time, at = drover.now() }
+          return "fast"
+        end
+      end })
+      on_fail(function() for _, c in ipairs(clients) do c:kill("KILL") end end)
+      assert.are.equal("gate", assert(http.get(srv.url .. "/gate")).body)
+      for n = 1, N do
+        assert.are.equal(0, clients[n]:wait(60).code)
+        assert.are.equal("fast", table.concat(outs[n]))
+      end
+      assert.are.equal(N, #asked)
+      -- one batch: every request was in before the first was asked
+      for n = 1, N do
+        assert.is_true(asked[n].time < asked[1].at, ("request %d: req.time %f, first asked at %f"):format(
+          n, asked[n].time, asked[1].at))
+      end
+      srv:close()
+    end)
+  end)
+
   it("caps its connections: one more gets a 503", function()
     run(function(on_fail)
       local srv = listen(function() return "ok" end, { max_connections = 2 })

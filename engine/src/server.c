@@ -18,9 +18,10 @@
  * runs from the scheduler's run queue like every other task.  Two hooks
  * that may not wait are the exceptions: check_head (a request's head,
  * before its body is read) and fast (a request, before a task is made:
- * an answer already at hand, such as a cached page, is sent from the
+ * an answer already at hand, such as a cached page, is sent from a loop
  * callback with no task, no res object and no copy of its body when it
- * is a body object -- see drv_body).
+ * is a body object -- see drv_body; a pass's requests are asked together,
+ * see drv__srv_fast_batch).
  *
  * Three lifetimes meet here and each is tracked explicitly:
  *
@@ -106,12 +107,15 @@ struct drv_sreq {
   h2o_req_t *req;       /* NULL once H2O disposed of the request */
   drv_sreq *prev, *next;/* srv->live */
   drv_sreq **res;       /* slot in the Lua res userdata; NULL once collected */
+  drv_sreq *fast_next;  /* srv->fast_head: waiting for opts.fast */
+  uint64_t time;        /* uv_hrtime() when H2O had the whole request (req.time) */
   drv_task *task;       /* the handler task; anchored by res (uservalue) */
   char *outbuf;         /* the bytes H2O is writing (or wrote, for the last send) */
   char *pend;           /* queued behind the write in flight */
   size_t pend_len;
   int pend_what;
-  int refs;             /* one for H2O's request, one for the Lua res object */
+  int refs;             /* one for H2O's request, one for the Lua res object,
+                           one while it waits in srv->fast_head */
   int state;
   unsigned waiting : 1;  /* a task waits in r->wait */
   unsigned inflight : 1; /* a send waits for H2O's proceed */
@@ -155,6 +159,9 @@ struct drv_server {
   uv_timer_t watch;     /* client-gone checks; also the first close stage */
   uv_prepare_t wrap;    /* check_head: wraps H2O's read callbacks before each poll */
   uv_idle_t reaper;     /* second close stage, initialised only then */
+  uv_check_t fast_check; /* opts.fast: the requests of a loop pass together */
+  uv_idle_t fast_idle;
+  drv_sreq *fast_head, *fast_tail;
   drv_conn *conns;      /* connections H2O still serves */
   drv_sreq *live;       /* requests H2O has not disposed of */
   int nconns, nlive;
@@ -475,10 +482,10 @@ static int drv__srv_start_lua(lua_State *L) {
   drv__setfield_iov(L, "body", req->entity.base, req->entity.base ? req->entity.len : 0);
   lua_pushstring(L, req->version >= 0x101 ? "HTTP/1.1" : "HTTP/1.0");
   lua_setfield(L, 5, "version");
-  /* drover.now()'s clock: whatever the client did before sending the
-   * request happened before this (a cache may serve what it checked
-   * later than this) */
-  lua_pushnumber(L, (double)uv_hrtime() / 1e9);
+  /* drover.now()'s clock, when H2O had the whole request: whatever the
+   * client did before sending it happened before this (a cache may serve
+   * what it checked later than this) */
+  lua_pushnumber(L, (double)r->time / 1e9);
   lua_setfield(L, 5, "time");
   if (r->conn) {
     drv__conn_addr(r->conn);
@@ -545,14 +552,75 @@ static int drv__srv_start_lua(lua_State *L) {
 
 static void drv__srv_watch_cb(uv_timer_t *t);
 
+/* Build r's req (and res) and run opts.fast or spawn the handler's task,
+ * in a protected call.  Out of memory in Lua: a 500 without the handler. */
+static void drv__srv_start(drv_server *srv, drv_sreq *r) {
+  lua_State *L = srv->E->L;
+  int top = lua_gettop(L);
+  if (lua_checkstack(L, 4)) {
+    lua_pushcfunction(L, drv__srv_start_lua);
+    lua_pushlightuserdata(L, r);
+    if (lua_pcall(L, 1, 0, 0) == LUA_OK) {
+      lua_settop(L, top);
+      return;
+    }
+  }
+  lua_settop(L, top);
+  r->answered = 1;
+  r->task = NULL;
+  if (r->req && r->state == S_NEW) {
+    r->state = S_DONE;
+    h2o_send_error_500(r->req, "Internal Server Error", "internal server error\n",
+                       H2O_SEND_ERROR_HTTP1_CLOSE_CONNECTION);
+  }
+}
+
+/* With opts.fast, the requests H2O hands over during a pass of the loop
+ * wait in srv->fast_head until it has read them all, and are then started
+ * together.  Under load a pass reads tens of requests, and an answer that
+ * rests on state checked after req.time (a cached page, valid while the
+ * store's change mark stays the same) then takes one check per pass, not
+ * one per request: every req.time of the batch is earlier than the first
+ * check made for it.  The batch starts in the check phase, right after
+ * the pass's reads; the idle handle, started with it, is for requests
+ * that come in outside the poll phase (from a write's callback in the
+ * pending phase, from a timer): it keeps the next poll from blocking with
+ * them waiting, and the idle phase starts them.  A request gone meanwhile
+ * (its client left, the server closed) is only let go of. */
+static void drv__srv_fast_batch(drv_server *srv) {
+  drv_sreq *r;
+  while ((r = srv->fast_head) != NULL) {
+    srv->fast_head = r->fast_next;
+    if (srv->fast_head == NULL) srv->fast_tail = NULL;
+    r->fast_next = NULL;
+    if (r->req && r->state == S_NEW && !srv->E->closing && !srv->finalized) drv__srv_start(srv, r);
+    drv__sreq_unref(r);
+  }
+  uv_check_stop(&srv->fast_check);
+  uv_idle_stop(&srv->fast_idle);
+}
+
+static void drv__srv_fast_check_cb(uv_check_t *h) { drv__srv_fast_batch((drv_server *)h->data); }
+static void drv__srv_fast_idle_cb(uv_idle_t *h) { drv__srv_fast_batch((drv_server *)h->data); }
+
+/* Let go of the requests waiting for opts.fast (the server is finalized:
+ * H2O disposed of every one of them). */
+static void drv__srv_fast_drop(drv_server *srv) {
+  drv_sreq *r;
+  while ((r = srv->fast_head) != NULL) {
+    srv->fast_head = r->fast_next;
+    r->fast_next = NULL;
+    drv__sreq_unref(r);
+  }
+  srv->fast_tail = NULL;
+}
+
 /* H2O has a complete request for us. */
 static int drv__srv_on_req(h2o_handler_t *self, h2o_req_t *req) {
   drv_server *srv = ((drv_handler *)self)->srv;
   drv_engine *E = srv->E;
   h2o_socket_t *sock = req->conn->callbacks->get_socket ? req->conn->callbacks->get_socket(req->conn) : NULL;
   drv_sreq *r, **slot;
-  lua_State *L = E->L;
-  int top;
   if (E->closing || srv->finalized) {
     h2o_send_error_503(req, "Service Unavailable", "service unavailable\n",
                        H2O_SEND_ERROR_HTTP1_CLOSE_CONNECTION);
@@ -567,6 +635,7 @@ static int drv__srv_on_req(h2o_handler_t *self, h2o_req_t *req) {
   r->srv = srv;
   r->req = req;
   r->refs = 1;
+  r->time = uv_hrtime();
   r->conn = sock ? (drv_conn *)sock->on_close.data : NULL;
   if (r->conn) r->conn->req = r;
   r->is_head = h2o_memis(req->method.base, req->method.len, H2O_STRLIT("HEAD"));
@@ -581,26 +650,15 @@ static int drv__srv_on_req(h2o_handler_t *self, h2o_req_t *req) {
   srv->served++;
   if (!uv_is_active((uv_handle_t *)&srv->watch))
     uv_timer_start(&srv->watch, drv__srv_watch_cb, DRV_WATCH_MS, DRV_WATCH_MS);
-
-  top = lua_gettop(L);
-  if (!lua_checkstack(L, 4)) goto fail;
-  lua_pushcfunction(L, drv__srv_start_lua);
-  lua_pushlightuserdata(L, r);
-  if (lua_pcall(L, 1, 0, 0) != LUA_OK) {
-    lua_settop(L, top);
-    goto fail;
+  if (srv->has_fast) { /* with the rest of this pass's requests: drv__srv_fast_batch */
+    r->refs++;
+    if (srv->fast_tail) srv->fast_tail->fast_next = r; else srv->fast_head = r;
+    srv->fast_tail = r;
+    uv_check_start(&srv->fast_check, drv__srv_fast_check_cb);
+    uv_idle_start(&srv->fast_idle, drv__srv_fast_idle_cb);
+    return 0;
   }
-  lua_settop(L, top);
-  return 0;
-fail:
-  /* Out of memory in Lua: answer without the handler. */
-  r->answered = 1;
-  r->task = NULL;
-  if (r->req && r->state == S_NEW) {
-    r->state = S_DONE;
-    h2o_send_error_500(req, "Internal Server Error", "internal server error\n",
-                       H2O_SEND_ERROR_HTTP1_CLOSE_CONNECTION);
-  }
+  drv__srv_start(srv, r);
   return 0;
 }
 
@@ -1302,6 +1360,9 @@ static void drv__srv_finalize(drv_server *srv) {
   if (!uv_is_closing(&srv->listener.handle)) uv_close(&srv->listener.handle, drv__srv_listener_closed);
   uv_timer_stop(&srv->watch);
   uv_close((uv_handle_t *)&srv->wrap, NULL); /* finished with the watch, in the same pass */
+  uv_close((uv_handle_t *)&srv->fast_check, NULL);
+  uv_close((uv_handle_t *)&srv->fast_idle, NULL);
+  drv__srv_fast_drop(srv);
   uv_close((uv_handle_t *)&srv->watch, drv__srv_watch_closed);
   drv__ctx_dispose(&srv->ctx);
   h2o_config_dispose(&srv->config);
@@ -2037,7 +2098,9 @@ static int drv__listen_error(lua_State *L, drv_server *srv, const char *where, i
  *                  nil lets it go on; status [, headers] [, body] refuses it
  *   opts.fast      function(req) called, without waiting, before a task is
  *                  made for the request: nil hands it to the handler;
- *                  status [, headers] [, body] answers it (no task at all)
+ *                  status [, headers] [, body] answers it (no task at all).
+ *                  A pass's requests are handed over together, once it has
+ *                  read them all (drv__srv_fast_batch)
  *   opts.keepalive_timeout  seconds an idle connection is kept (default 10)
  *   opts.tls       { cert = PEM file, key = PEM file }: serve HTTPS
  * A certificate or key that cannot be read or used returns nil, message
@@ -2204,6 +2267,12 @@ static int drv__l_listen(lua_State *L) {
   srv->has_fast = has_fast;
   uv_prepare_init(E->loop, &srv->wrap);
   srv->wrap.data = srv;
+  uv_check_init(E->loop, &srv->fast_check);
+  srv->fast_check.data = srv;
+  uv_unref((uv_handle_t *)&srv->fast_check);
+  uv_idle_init(E->loop, &srv->fast_idle);
+  srv->fast_idle.data = srv;
+  uv_unref((uv_handle_t *)&srv->fast_idle);
   if (has_check) {
     uv_prepare_start(&srv->wrap, drv__srv_wrap_cb);
     uv_unref((uv_handle_t *)&srv->wrap);

@@ -51,7 +51,24 @@ function M.new(opts)
     for h in pairs(LOOPBACK_HOSTS) do allowed[h] = true end
     if opts.public_url then allowed[host_of(opts.public_url)] = true end
   end
-  return { allowed_hosts = allowed, token_digest = opts.token and M.digest(opts.token) or nil }
+  return { allowed_hosts = allowed, token_digest = opts.token and M.digest(opts.token) or nil,
+    good_hosts = {}, ngood_hosts = 0 }
+end
+
+--- Host headers found allowed, as sent: every request names its host, and
+-- the few spellings clients use (127.0.0.1:8765) then cost a table lookup,
+-- not a parse.  At most GOOD_HOSTS_MAX of them (a client may send any
+-- number of spellings: "LOCALHOST:1", ":2", ...): then they start over.
+local GOOD_HOSTS_MAX = 64
+
+local function host_allowed(guard, value)
+  if guard.good_hosts[value] then return true end
+  local host = header_host(value)
+  if not host or not guard.allowed_hosts[host] then return false end
+  if guard.ngood_hosts >= GOOD_HOSTS_MAX then guard.good_hosts, guard.ngood_hosts = {}, 0 end
+  guard.good_hosts[value] = true
+  guard.ngood_hosts = guard.ngood_hosts + 1
+  return true
 end
 
 local function refuse(status, message, headers)
@@ -65,8 +82,7 @@ end
 function M.check(guard, req, runs_by_token)
   local h = req.headers
   if guard.allowed_hosts then
-    local host = header_host(h.host)
-    if not host or not guard.allowed_hosts[host] then
+    if not host_allowed(guard, h.host) then
       return nil, refuse(421, "refused: Host '" .. tostring(h.host) ..
         "' is not this server (use 127.0.0.1, localhost or the --public-url host)")
     end
@@ -89,7 +105,8 @@ function M.check(guard, req, runs_by_token)
     end
   end
   local bearer = h.authorization and h.authorization:match("^[Bb]earer%s+(.-)%s*$")
-  local query = type(req.args.token) == "string" and req.args.token or nil
+  -- (no query, no token: the common case decodes nothing)
+  local query = req.query ~= "" and type(req.args.token) == "string" and req.args.token or nil
   local cookie = h.cookie and h.cookie:match("drover_token=([^;%s]+)")
   local given = bearer or query or cookie
   if given then

@@ -50,7 +50,11 @@
 --             page).  It runs outside any task, so it may not wait (no
 --             queries that yield, no sleep); an error in it, or values
 --             that are no answer, give the client a 500 and a line on
---             stderr.
+--             stderr.  The requests read in one pass of the loop are
+--             asked together once the pass has read them all (under load,
+--             tens at a time): each one's req.time is earlier than the
+--             first of them is asked, so a check of state made for one of
+--             them, after its req.time, holds for the others of the pass.
 --   tls       { cert = FILE, key = FILE }: serve HTTPS (TLS 1.3 only).
 --             cert: PEM, the server's certificate first, then any
 --             intermediate ones; key: its PEM private key, unencrypted.
