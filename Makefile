@@ -90,9 +90,12 @@ $(BUILD)/plugins/server.so: $(BUILD)/obj/server.o
 	@mkdir -p $(BUILD)/plugins
 	$(CC) $(CFLAGS) -shared -Wl,-Bsymbolic -o $@ $< $(H2O_LIBS) $(LDFLAGS)
 
-# drover.core for stock lua5.4: the interpreter provides the Lua symbols.
+# drover.core for stock lua5.4: the interpreter provides the Lua symbols
+# and its own require (api.c, the embedding API, and the searcher it
+# installs, searcher.c, are left out).
 $(BUILD)/lua/drover/core.so: $(ENGINE_OBJ) engine/libdrover.map | $(BUILD)/lua/drover
-	$(CC) $(CFLAGS) -shared -Wl,--version-script=engine/libdrover.map -o $@ $(filter-out $(BUILD)/obj/api.o,$(ENGINE_OBJ)) \
+	$(CC) $(CFLAGS) -shared -Wl,--version-script=engine/libdrover.map -o $@ \
+	  $(filter-out $(BUILD)/obj/api.o $(BUILD)/obj/searcher.o,$(ENGINE_OBJ)) \
 	  $(shell pkg-config --libs libuv sqlite3) $(H2O_LIBS) -lm -ldl -lpthread $(LDFLAGS)
 
 test: all

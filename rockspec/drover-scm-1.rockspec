@@ -38,7 +38,8 @@ build = {
   type = "builtin",
   modules = {
     -- the same objects the Makefile links into build/lua/drover/core.so
-    -- (everything in engine/src but api.c, which is the embedding API)
+    -- (everything in engine/src but api.c, which is the embedding API, and
+    -- searcher.c, the require searcher api.c installs: lua5.4 has its own)
     ["drover.core"] = {
       sources = {
         "engine/src/db.c", "engine/src/engine.c", "engine/src/event.c", "engine/src/fs.c",

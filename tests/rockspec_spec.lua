@@ -96,13 +96,13 @@ describe("the LuaRocks rockspec", function()
     assert.are.same(files(H.root .. "/lua/drover", "^([%w_]+)%.lua$"), listed)
   end)
 
-  it("builds every engine source but api.c (the rockspec lists them by hand)", function()
+  it("builds every engine source but api.c and searcher.c (the rockspec lists them by hand)", function()
     local text = assert(drover.fs.read(H.root .. "/rockspec/drover-scm-1.rockspec"))
     local listed, want = {}, {}
     for f in text:gmatch('"engine/src/([%w_]+%.c)"') do listed[#listed + 1] = f end
     local ls = assert(drover.proc.output({ "ls", H.root .. "/engine/src" }))
     for f in ls:gmatch("[^\n]+") do
-      if f:match("%.c$") and f ~= "api.c" then want[#want + 1] = f end
+      if f:match("%.c$") and f ~= "api.c" and f ~= "searcher.c" then want[#want + 1] = f end
     end
     table.sort(listed)
     assert.are.same(want, listed)
