@@ -254,7 +254,11 @@ end
 --- The backend of a flow run (its deployment's, configured as deployed).
 local function run_orchestrator(opts, store, run)
   if store.remote then return store:run_backend(run, load_config(opts)) end
-  return load_backend(require("drover.orchestrator").for_run, store, run, load_config(opts))
+  local o = load_backend(require("drover.orchestrator").for_run, store, run, load_config(opts))
+  -- the command's store when the backend's is the same: not a second
+  -- connection opened (and its schema checked) for one command
+  if rawget(o, "_store") == nil and o.config.home == store.home then o._store = store end
+  return o
 end
 
 -- ---- commands -------------------------------------------------------------------------------
