@@ -87,14 +87,14 @@ for _, kind in ipairs { "sqlite", "postgresql" } do
       s:log(id, nil, "stdout", "a line")
       local t = s.flush_task
       assert.is_truthy(t, "a write queued schedules a flush")
-      assert.is_truthy(({ ready = true, waiting = true })[t:status()], t:status())
+      H.wait_until(function() return t:status() == "waiting" end, 30, "the scheduled flush to sleep")
       s:flush()
       assert.is_nil(s.flush_task)
       H.wait_until(function() return t:status() == "cancelled" end, 30, "the scheduled flush to be cancelled")
       -- queued again, then the store closed: the new one goes too
       s:log(id, nil, "stdout", "another line")
       t = s.flush_task
-      assert.is_truthy(({ ready = true, waiting = true })[t:status()], t:status())
+      H.wait_until(function() return t:status() == "waiting" end, 30, "the scheduled flush to sleep")
       s:close()
       s = nil
       H.wait_until(function() return t:status() == "cancelled" end, 30, "the scheduled flush to be cancelled")

@@ -205,23 +205,28 @@ function Store:schedule_flush()
   if self.flush_task then return end
   local delay = self.write_error and math.min(MAX_RETRY_DELAY, self.batch_delay * 2 ^ self.write_failures)
     or self.batch_delay
-  self.flush_task = core.spawn(function()
+  local task
+  task = core.spawn(function()
     core.sleep(delay)
+    if self.flush_task ~= task then return end -- called off (unschedule_flush)
     self.flush_task = nil
     if self.db then self:try_flush() end
   end)
+  self.flush_task = task
 end
 
---- Cancel the flush schedule_flush() started, if the caller is not it:
--- the queue it was to write is written (or the store closed), and a
--- sleeping task keeps the process alive (every `drover exec` waited out
--- batch_delay after its last write).
+--- Call off the flush schedule_flush() started: the queue it was to write
+-- is written (or the store closed), and a sleeping task keeps the process
+-- alive (every `drover exec` waited out batch_delay after its last write).
+-- A task asleep is cancelled.  One whose sleep is over, or that has not
+-- started, is not: a cancel would reach it at its next wait, inside the
+-- flush it makes (SQLite busy, the writer lock), and fail that write.
+-- It finds itself called off when it wakes, and ends.
 function Store:unschedule_flush()
   local t = self.flush_task
-  if t and t ~= core.current() then
-    self.flush_task = nil
-    t:cancel()
-  end
+  if not t or t == core.current() then return end
+  self.flush_task = nil
+  if t:status() == "waiting" then t:cancel() end
 end
 
 --- flush(), with a failure kept in `write_error` (and the batch queued
