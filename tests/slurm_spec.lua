@@ -569,14 +569,14 @@ describe("slurm backend", function()
       end)
     end
 
-    it("a run of a map: only its array element is cancelled, pending or running", function()
+    it("a run of a map: only its array element is cancelled, waiting or running", function()
       local marker = tostring(6000 + math.random(1, 3000)) .. ".45"
       local orch, name = deployed("socket", { mode = "sleep", marker = marker })
       -- %1: element 0 runs, elements 1 and 2 wait in the array's record
       local m = orch:map(name, { 1, 2, 3 }, { param = "unused", concurrency = 1 })
       wait_state(orch, m.runs[1], "RUNNING")
-      local pending = orch:cancel(m.runs[2])
-      assert.are.equal("CANCELLED", pending.state)
+      local waiting = orch:cancel(m.runs[2])
+      assert.are.equal("CANCELLED", waiting.state)
       assert.matches("CANCELLING CANCELLED$", history(orch, m.runs[2]))
       assert.are.equal("RUNNING", orch:status(m.runs[1]).state)
       local running = orch:cancel(m.runs[1])

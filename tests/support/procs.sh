@@ -7,6 +7,8 @@
 #   end_all PID...    TERM the pids given, wait up to 20 s, KILL what is
 #                     left (saying so on stderr, as "$END_ALL_WHO: ..."),
 #                     and wait up to 5 s for it to go
+#   gone_within TRIES SECONDS PID...
+#                     wait for the pids to be gone (end_all's two waits)
 
 children_of() {
   local f
@@ -27,22 +29,27 @@ pids_with_cmdline() {
   return 0
 }
 
+# gone_within TRIES SECONDS PID...: poll every SECONDS, at most TRIES
+# times, until none of the pids is alive; the ones left go in $left
+# (returns 1 if any is).
+gone_within() {
+  local tries=$1 every=$2 p i
+  shift 2
+  for i in $(seq 1 "$tries"); do
+    left=
+    for p in "$@"; do kill -0 "$p" 2>/dev/null && left="$left $p"; done
+    [ -n "$left" ] || return 0
+    sleep "$every"
+  done
+  return 1
+}
+
 end_all() {
-  local p i left
+  local left
   [ $# -gt 0 ] || return 0
   kill -TERM "$@" 2>/dev/null || true
-  for i in $(seq 1 100); do
-    left=
-    for p in "$@"; do kill -0 "$p" 2>/dev/null && left="$left $p"; done
-    [ -n "$left" ] || return 0
-    sleep 0.2
-  done
+  gone_within 100 0.2 "$@" && return 0
   echo "${END_ALL_WHO:-end_all}: killing what was left:$left" >&2
   kill -KILL $left 2>/dev/null || true
-  for i in $(seq 1 50); do
-    left=
-    for p in "$@"; do kill -0 "$p" 2>/dev/null && left="$left $p"; done
-    [ -n "$left" ] || return 0
-    sleep 0.1
-  done
+  gone_within 50 0.1 "$@" || true
 }
