@@ -95,7 +95,34 @@ describe("drover.db", function()
       assert.has_error(function() dbm.open(path, { busy_timeout = -1 }) end)
       assert.has_error(function() dbm.open("a\0b") end,
         "drover.db.open: bad argument 'path' (contains a zero byte)")
+      assert.has_error(function() dbm.open(path, { busy_timout = 5 }) end,
+        "drover.db.open: unknown option 'busy_timout' (known: readonly, create, wal, foreign_keys, " ..
+        "busy_timeout, cache_size, auto_vacuum)")
+      assert.has_error(function() dbm.open(path, { true }) end,
+        "drover.db.open: bad argument 'opts' (option names must be strings, got number)")
+      assert.has_error(function() dbm.open(path, { auto_vacuum = "sometimes" }) end,
+        'drover.db.open: bad option \'auto_vacuum\' ("none", "full" or "incremental", got "sometimes")')
     end)
+
+    it("sets auto_vacuum on a new database, in WAL mode, without rewriting it; an existing one keeps its mode",
+      function()
+        local fresh = dir .. "/fresh.db"
+        local d = assert(dbm.open(fresh, { auto_vacuum = "incremental" }))
+        assert.equal(2, d:value("PRAGMA auto_vacuum"))
+        assert.equal("wal", d:value("PRAGMA journal_mode"))
+        d:exec("CREATE TABLE x(a); INSERT INTO x VALUES (randomblob(100000)); DELETE FROM x")
+        assert.is_true(d:value("PRAGMA freelist_count") > 10)
+        d:exec("PRAGMA incremental_vacuum")
+        assert.equal(0, d:value("PRAGMA freelist_count")) -- the free pages left the file
+        d:close()
+        -- the test database has tables and was made without the option
+        db:close()
+        db = assert(dbm.open(path, { auto_vacuum = "incremental" }))
+        assert.equal(0, db:value("PRAGMA auto_vacuum"))
+        d = assert(dbm.open(fresh, { auto_vacuum = "none" }))
+        assert.equal(2, d:value("PRAGMA auto_vacuum"))
+        d:close()
+      end)
 
     it("opens an in-memory database", function()
       local m = assert(dbm.open(":memory:"))

@@ -1003,11 +1003,22 @@ static int drv__open_fail(lua_State *L, drv_db *d, const char *path, const char 
   return 2;
 }
 
+/* sqlite3_exec callback: the first column of a one-row count query. */
+static int drv__count_row(void *out, int ncol, char **vals, char **names) {
+  (void)names;
+  if (ncol > 0 && vals[0]) *(int *)out = atoi(vals[0]);
+  return 0;
+}
+
 /* drover.db.open(path, opts) -> db, or nil, message */
 static int drv__l_open(lua_State *L) {
   static const char *F = "drover.db.open";
+  static const char *const keys[] = {"readonly",   "create",     "wal",         "foreign_keys",
+                                     "busy_timeout", "cache_size", "auto_vacuum", NULL};
+  static const char *const vacuum_modes[] = {"none", "full", "incremental", NULL};
   size_t plen;
-  const char *path;
+  const char *path, *vacuum;
+  int tables = -1;
   int readonly, wal, fk, create, flags, rc;
   double busy, cache;
   drv_db *d;
@@ -1016,12 +1027,21 @@ static int drv__l_open(lua_State *L) {
   if (strlen(path) != plen) return luaL_error(L, "%s: bad argument 'path' (contains a zero byte)", F);
   if (!lua_isnoneornil(L, 2) && lua_type(L, 2) != LUA_TTABLE)
     return drv__argerror(L, F, "opts", "table", 2);
+  drv__opt_known(L, 2, F, keys);
   readonly = drv__opt_bool(L, 2, F, "readonly", 0);
   wal = drv__opt_bool(L, 2, F, "wal", 1);
   fk = drv__opt_bool(L, 2, F, "foreign_keys", 1);
   create = drv__opt_bool(L, 2, F, "create", 1);
   busy = drv__opt_number(L, 2, F, "busy_timeout", 5000);
   cache = drv__opt_number(L, 2, F, "cache_size", DRV_DB_CACHE_DEFAULT);
+  vacuum = drv__opt_string(L, 2, F, "auto_vacuum", NULL);
+  if (vacuum) {
+    int i, ok = 0;
+    for (i = 0; vacuum_modes[i]; i++) ok |= strcmp(vacuum, vacuum_modes[i]) == 0;
+    if (!ok)
+      return luaL_error(L, "%s: bad option 'auto_vacuum' (\"none\", \"full\" or \"incremental\", got \"%s\")",
+                        F, vacuum);
+  }
   if (!(busy >= 0 && busy <= 24.0 * 3600 * 1000))
     return luaL_error(L, "%s: bad option 'busy_timeout' (milliseconds, 0 to 86400000)", F);
   if (!(cache >= 0 && cache <= 100000))
@@ -1050,7 +1070,16 @@ static int drv__l_open(lua_State *L) {
    * SQLite's own blocking busy_timeout is fine here. */
   sqlite3_busy_timeout(d->db, d->busy_ms);
   /* Reading the schema proves the file is a database (SQLite opens lazily). */
-  rc = sqlite3_exec(d->db, "SELECT count(*) FROM sqlite_schema", NULL, NULL, NULL);
+  rc = sqlite3_exec(d->db, "SELECT count(*) FROM sqlite_schema", drv__count_row, &tables, NULL);
+  /* auto_vacuum is set before journal_mode=WAL: that pragma writes the
+   * file's first page, after which SQLite changes the mode only with a
+   * VACUUM (a rewrite of the whole file).  A database that has tables keeps
+   * its mode: changing it is a VACUUM the caller asks for. */
+  if (rc == SQLITE_OK && vacuum && tables == 0 && !readonly) {
+    char sql[48];
+    snprintf(sql, sizeof sql, "PRAGMA auto_vacuum=%s", vacuum);
+    rc = sqlite3_exec(d->db, sql, NULL, NULL, NULL);
+  }
   if (rc == SQLITE_OK && !readonly && wal)
     rc = sqlite3_exec(d->db, "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL", NULL, NULL, NULL);
   if (rc == SQLITE_OK)

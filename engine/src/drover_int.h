@@ -154,5 +154,6 @@ DRV_EXPORT const char *drv__opt_string(lua_State *L, int idx, const char *fname,
 DRV_EXPORT double drv__opt_number(lua_State *L, int idx, const char *fname, const char *key,
                                   double dflt);
 int drv__opt_bool(lua_State *L, int idx, const char *fname, const char *key, int dflt);
+void drv__opt_known(lua_State *L, int idx, const char *fname, const char *const keys[]);
 
 #endif

@@ -156,6 +156,35 @@ const char *drv__opt_string(lua_State *L, int idx, const char *fname, const char
   return s;
 }
 
+/* Raise "F: unknown option 'k' (known: a, b, c)" for the first key of the
+ * options table at idx that `keys` (NULL-terminated) does not name, or a
+ * key that is not a string: a misspelt option is an error, never ignored. */
+void drv__opt_known(lua_State *L, int idx, const char *fname, const char *const keys[]) {
+  int i;
+  if (lua_type(L, idx) != LUA_TTABLE) return;
+  idx = lua_absindex(L, idx);
+  lua_pushnil(L);
+  while (lua_next(L, idx) != 0) {
+    int known = 0;
+    lua_pop(L, 1);
+    if (lua_type(L, -1) != LUA_TSTRING)
+      luaL_error(L, "%s: bad argument 'opts' (option names must be strings, got %s)", fname,
+                 luaL_typename(L, -1));
+    for (i = 0; keys[i] && !known; i++) known = strcmp(lua_tostring(L, -1), keys[i]) == 0;
+    if (!known) {
+      luaL_Buffer b;
+      luaL_buffinit(L, &b);
+      for (i = 0; keys[i]; i++) {
+        if (i) luaL_addstring(&b, ", ");
+        luaL_addstring(&b, keys[i]);
+      }
+      luaL_pushresult(&b);
+      luaL_error(L, "%s: unknown option '%s' (known: %s)", fname, lua_tostring(L, -2),
+                 lua_tostring(L, -1));
+    }
+  }
+}
+
 double drv__opt_number(lua_State *L, int idx, const char *fname, const char *key,
                        double dflt) {
   double d = dflt;

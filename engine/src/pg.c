@@ -1185,18 +1185,7 @@ static int drv__l_connect(lua_State *L) {
   conninfo = lua_tostring(L, 1);
   if (!lua_isnoneornil(L, 2)) {
     if (lua_type(L, 2) != LUA_TTABLE) return drv__argerror(L, F, "opts", "table", 2);
-    lua_pushnil(L);
-    while (lua_next(L, 2)) {
-      int i, known = 0;
-      lua_pop(L, 1);
-      if (lua_type(L, -1) == LUA_TSTRING)
-        for (i = 0; keys[i]; i++) known |= strcmp(lua_tostring(L, -1), keys[i]) == 0;
-      if (!known) {
-        lua_pushfstring(L, "%s: unknown option '%s' (known: connect_timeout, cache_size, null)",
-                        F, luaL_tolstring(L, -1, NULL));
-        return lua_error(L);
-      }
-    }
+    drv__opt_known(L, 2, F, keys);
   }
   timeout = drv__opt_number(L, 2, F, "connect_timeout", 10);
   cache = drv__opt_number(L, 2, F, "cache_size", DRV_PG_CACHE_DEFAULT);

@@ -15,7 +15,10 @@
 --                              opts: readonly=false, create=true, wal=true
 --                              (journal_mode=WAL, synchronous=NORMAL),
 --                              foreign_keys=true, busy_timeout=5000 (ms),
---                              cache_size=64 (prepared statements; 0 = none)
+--                              cache_size=64 (prepared statements; 0 = none),
+--                              auto_vacuum=nil ("none", "full", "incremental":
+--                              applied to a database without tables only)
+--                              (an unknown option is an error)
 --   blob(s)                 -> a value that binds as BLOB (a plain string binds
 --                              as TEXT, byte for byte, embedded zeros included)
 --   db:exec(sql)            runs a script (several statements, no parameters)

@@ -168,7 +168,7 @@ function D.open(path, opts)
   local ok, err = fs.mkdir(home)
   if not ok and not fs.exists(home) then return nil, "cannot create drover home " .. home .. ": " .. tostring(err) end
   local db, derr = core.db.open(path, { busy_timeout = opts.busy_timeout
-    or tonumber(os.getenv("DROVER_BUSY_TIMEOUT") or "") or 10000 })
+    or tonumber(os.getenv("DROVER_BUSY_TIMEOUT") or "") or 10000, auto_vacuum = "incremental" })
   if not db then
     local why = D.unwritable(home, path)
     if why then return nil, why end
@@ -278,11 +278,11 @@ function D.compact_counts() return 0 end
 -- ---- file maintenance (drover prune) ----------------------------------------
 --
 -- Freed pages go back to the filesystem by incremental vacuum: a store is
--- made with auto_vacuum=INCREMENTAL (D.created; in WAL mode that takes a
--- VACUUM once the tables exist, instantaneous on an empty store), and prune
--- then moves free pages off the end of the file a few at a time.  Stores
--- made before that are switched by one full VACUUM (`drover prune
--- --full-vacuum`).
+-- made with auto_vacuum=INCREMENTAL (set by D.open before the file's first
+-- page is written, so it costs nothing; D.created switches a new database
+-- that somehow missed it with a VACUUM), and prune then moves free pages
+-- off the end of the file a few at a time.  Stores made before that are
+-- switched by one full VACUUM (`drover prune --full-vacuum`).
 
 function D.incremental_vacuum(db) return db:value("PRAGMA auto_vacuum") == 2 end
 
