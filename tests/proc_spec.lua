@@ -259,6 +259,28 @@ describe("drover.proc.run", function()
     end
   end)
 
+  it("finishes 150 children that end at once, each one's output whole", function()
+    -- more ready pipes and exits in one loop turn than one batch of the
+    -- engine's epoll set holds (64), and outputs bigger than a pipe's buffer
+    local results = drover.run(function()
+      local hs = {}
+      for i = 1, 150 do
+        hs[i] = drover.spawn(function()
+          return P.run({ "sh", "-c", 'sleep 0.5; head -c "$1" /dev/zero | tr "\\0" x; echo "e$1" >&2',
+            "sh", tostring(i * 1000) })
+        end)
+      end
+      local out = {}
+      for i, h in ipairs(hs) do out[i] = h:join() end
+      return out
+    end)
+    for i = 1, 150 do
+      assert.are.equal(0, results[i].code)
+      assert.are.equal(string.rep("x", i * 1000), results[i].stdout)
+      assert.are.equal("e" .. i * 1000 .. "\n", results[i].stderr)
+    end
+  end)
+
   it("runs 20 sleeps in parallel tasks in far less than serial time", function()
     local elapsed = drover.run(function()
       local t0 = drover.now()

@@ -144,6 +144,28 @@ int drv__open_server(lua_State *L);
 /* signal number from an integer in [0, NSIG) or a name ("TERM", "SIGTERM", "kill"); -1 if neither */
 int drv__signum(lua_State *L, int idx);
 
+/* ---- pset.c: many fds behind one libuv watch (an epoll set of our own) ---- */
+typedef struct drv_pset drv_pset;
+typedef struct drv_pent drv_pent;
+typedef void (*drv_pent_cb)(drv_pent *e);
+/* One descriptor in a set, embedded in its owner.  fd is -1 when out. */
+struct drv_pent {
+  int fd;
+  unsigned slot;
+  int held;            /* counted in the set's loop reference */
+  drv_pent_cb cb;      /* called on the loop when fd is readable (or hung up) */
+};
+/* A new set on E's loop, closed with the engine; NULL if the kernel says no. */
+drv_pset *drv__pset_new(drv_engine *E);
+/* Watch fd (readable) as e, which must have fd -1; the set takes the fd:
+ * it is closed by drv__pset_del.  Returns 0 or a libuv error (fd untouched). */
+int drv__pset_add(drv_pset *s, drv_pent *e, int fd, drv_pent_cb cb);
+/* Whether e keeps the loop alive (not, when added). */
+void drv__pset_hold(drv_pset *s, drv_pent *e, int on);
+/* Stop watching e and close its fd; idempotent.  Must come before e's
+ * memory is freed. */
+void drv__pset_del(drv_pset *s, drv_pent *e);
+
 /* ---- util -------------------------------------------------------------- */
 /* Raise "drover.MOD.FN: bad argument NAME (expected T, got U)". */
 DRV_EXPORT int drv__argerror(lua_State *L, const char *fname, const char *argname,

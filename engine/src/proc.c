@@ -11,10 +11,13 @@
  * that points at it.  The C side outlives the userdata when it has to: a
  * process nobody holds a handle to still runs to the end, its pipes are
  * drained and its exit is reaped, and only then is the memory freed.  The
- * drv_proc is freed when its reference count -- one per open libuv handle,
- * plus one while the userdata lives -- drops to zero; the close callbacks
- * touch nothing but the drv_proc, so they may even run after the Lua state
- * is gone (a host-owned loop).
+ * drv_proc is freed when its reference count -- one per open libuv handle
+ * or entry in the engine's epoll set, plus one while the userdata lives --
+ * drops to zero; the close callbacks touch nothing but the drv_proc, so
+ * they may even run after the Lua state is gone (a host-owned loop).  An
+ * entry of the set lets go of its reference when it is closed, at once, so
+ * code that closes one and goes on using the drv_proc holds a reference of
+ * its own meanwhile.
  *
  * A result is ready when the child has exited *and* every captured pipe has
  * reached end-of-file, so output written just before exit is never lost.
@@ -37,7 +40,10 @@
  * costs several times as much CPU in drover's own process (copying its page
  * tables, then a copy-on-write fault on every page it touches afterwards),
  * and it watches exits through a SIGCHLD handler that calls waitpid for
- * every child it has.  The child is set up exactly as uv_spawn sets it up
+ * every child it has.  The pidfd and the captured output pipes are not
+ * libuv handles but entries of one epoll set of the engine's (pset.c):
+ * one epoll_ctl each, where a handle apiece cost five or six syscalls of
+ * probing and bookkeeping.  The child is set up exactly as uv_spawn sets it up
  * -- new session, every signal at its default disposition and none
  * blocked, stdio from pipes, files, /dev/null or drover's own, the cwd,
  * argv[1] looked up in the *child's* PATH like execvp, a file without #!
@@ -78,9 +84,11 @@ typedef struct drv_proc drv_proc;
 
 /* One output stream of the child (stdout or stderr). */
 typedef struct {
-  uv_pipe_t pipe;
+  uv_pipe_t pipe;     /* uv_spawn: the pipe handle */
+  drv_pent ent;       /* posix_spawn: the pipe's read end, in the engine's set */
+  drv_proc *p;
   int mode;
-  int piped;          /* pipe handle initialised */
+  int piped;          /* output goes through a pipe (handle initialised, or fd made) */
   int reading;        /* pipe open and not yet at end-of-file */
   int fn_ref;         /* OUT_FUNC: the Lua function, in the registry */
   int fn_failed;      /* OUT_FUNC: it raised; later chunks are dropped */
@@ -107,6 +115,7 @@ typedef struct {
 /* Per-engine state, a userdata anchored in the registry. */
 typedef struct {
   drv_engine *E;
+  drv_pset *set;      /* posix_spawn: every child's pidfd and pipes; made at the first */
   lua_State *cbL;     /* thread the output callbacks run on */
   int sigpipe_set;
   int sigchld_set;
@@ -118,11 +127,9 @@ struct drv_proc {
   drv_res res;        /* engine resource: closing the engine reaches us */
   drv_procs *S;       /* NULL once the engine has closed */
   uv_loop_t *loop;
-  union {
-    uv_process_t proc; /* uv_spawn */
-    uv_poll_t poll;    /* posix_spawn: the pidfd, readable once the child exited */
-  } watch;
-  int pidfd;          /* -1 with uv_spawn */
+  drv_pset *set;      /* posix_spawn: the set pident and the pipes are in; NULL with uv_spawn */
+  uv_process_t watch; /* uv_spawn */
+  drv_pent pident;    /* posix_spawn: the pidfd, readable once the child exited */
   uv_pipe_t in;
   uv_timer_t timer;
   drv_pout out, err;
@@ -130,7 +137,7 @@ struct drv_proc {
   char *cb_error;     /* first error raised by an output callback */
   int refs;           /* open handles + 1 while the userdata lives */
   int pid;
-  int proc_open;      /* watch handle not yet closed */
+  int proc_open;      /* the child is watched (watch handle or pidfd open) */
   int in_piped;       /* stdin is a pipe (opts.stdin = true or a string) */
   int in_open;        /* stdin pipe initialised and not closed */
   int in_close_pending; /* close stdin once the pending writes are done */
@@ -164,6 +171,23 @@ static void drv__proc_close(drv_proc *p, uv_handle_t *h) {
   uv_close(h, drv__proc_closed);
 }
 
+/* Take an entry out of the set and close its fd.  It held a reference, let
+ * go here and now (not in a later close callback, as a handle's is): a
+ * caller that goes on using p holds a reference of its own meanwhile. */
+static void drv__proc_pent_close(drv_proc *p, drv_pent *e) {
+  if (e->fd < 0) return;
+  drv__pset_del(p->set, e);
+  drv__proc_unref(p);
+}
+
+/* Stop reading an output stream (its pipe handle, or its fd in the set). */
+static void drv__pout_close(drv_proc *p, drv_pout *o) {
+  if (!o->reading) return;
+  o->reading = 0;
+  if (p->set) drv__proc_pent_close(p, &o->ent);
+  else drv__proc_close(p, (uv_handle_t *)&o->pipe);
+}
+
 /* A detached child's handles must not keep the loop alive (drover.run, an
  * embedder's uv_run) -- except while somebody waits for it, or the loop
  * would think there is nothing left to wait for. */
@@ -171,9 +195,15 @@ static void drv__proc_apply_ref(drv_proc *p) {
   int on = !p->detach || p->waiters != NULL;
   uv_handle_t *hs[4];
   int i, n = 0;
-  if (p->proc_open) hs[n++] = (uv_handle_t *)&p->watch;
-  if (p->out.reading) hs[n++] = (uv_handle_t *)&p->out.pipe;
-  if (p->err.reading) hs[n++] = (uv_handle_t *)&p->err.pipe;
+  if (p->set) { /* (entries already out are skipped) */
+    drv__pset_hold(p->set, &p->pident, on);
+    drv__pset_hold(p->set, &p->out.ent, on);
+    drv__pset_hold(p->set, &p->err.ent, on);
+  } else {
+    if (p->proc_open) hs[n++] = (uv_handle_t *)&p->watch;
+    if (p->out.reading) hs[n++] = (uv_handle_t *)&p->out.pipe;
+    if (p->err.reading) hs[n++] = (uv_handle_t *)&p->err.pipe;
+  }
   if (p->timer_open) hs[n++] = (uv_handle_t *)&p->timer;
   for (i = 0; i < n; i++) {
     if (on) uv_ref(hs[i]); else uv_unref(hs[i]);
@@ -288,21 +318,19 @@ static drv_pout *drv__pout_of(drv_proc *p, uv_handle_t *h) {
 
 static void drv__pout_finish(drv_proc *p, drv_pout *o) {
   if (!o->reading) return;
-  o->reading = 0;
-  drv__proc_close(p, (uv_handle_t *)&o->pipe);
+  p->refs++; /* closing the fd may let go of the last reference */
+  drv__pout_close(p, o);
   if (o->fn_ref != LUA_NOREF && p->S && !p->closing) {
     luaL_unref(p->S->cbL, LUA_REGISTRYINDEX, o->fn_ref);
     o->fn_ref = LUA_NOREF;
   }
   drv__proc_maybe_done(p);
+  drv__proc_unref(p);
 }
 
 /* Reads land in the engine's scratch buffer, or straight into the capture
  * buffer once it has room: a child that prints nothing costs no malloc. */
-static void drv__pout_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
-  drv_proc *p = (drv_proc *)h->data;
-  drv_pout *o = drv__pout_of(p, h);
-  (void)suggested;
+static void drv__pout_buf(drv_proc *p, drv_pout *o, uv_buf_t *buf) {
   if (o->mode == OUT_CAPTURE && o->cap - o->len >= DRV_READ_CHUNK / 4) {
     buf->base = o->buf + o->len;
     buf->len = o->cap - o->len;
@@ -310,6 +338,12 @@ static void drv__pout_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
     buf->base = p->S->scratch;
     buf->len = sizeof p->S->scratch;
   }
+}
+
+static void drv__pout_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
+  drv_proc *p = (drv_proc *)h->data;
+  (void)suggested;
+  drv__pout_buf(p, drv__pout_of(p, h), buf);
 }
 
 static int drv__pout_append(drv_pout *o, const char *data, size_t n) {
@@ -367,31 +401,57 @@ static void drv__pout_call(drv_proc *p, drv_pout *o, const char *data, size_t n)
   lua_settop(C, 0);
 }
 
-static void drv__pout_read(uv_stream_t *s, ssize_t n, const uv_buf_t *buf) {
-  drv_proc *p = (drv_proc *)s->data;
-  drv_pout *o = drv__pout_of(p, (uv_handle_t *)s);
-  if (n > 0) {
-    if (o->mode == OUT_FUNC) {
-      drv__pout_call(p, o, buf->base, (size_t)n);
-    } else if (o->buf != NULL && buf->base == o->buf + o->len) {
-      o->len += (size_t)n;
-    } else if (drv__pout_append(o, buf->base, (size_t)n) != 0 && p->cb_error == NULL) {
-      p->cb_error = strdup("drover.proc: out of memory capturing output");
-    }
-  } else if (n < 0) { /* UV_EOF, or a read error: either way the stream is over */
-    drv__pout_finish(p, o);
+/* n bytes read into buf (from drv__pout_buf). */
+static void drv__pout_got(drv_proc *p, drv_pout *o, const uv_buf_t *buf, size_t n) {
+  if (o->mode == OUT_FUNC) {
+    drv__pout_call(p, o, buf->base, n);
+  } else if (o->buf != NULL && buf->base == o->buf + o->len) {
+    o->len += n;
+  } else if (drv__pout_append(o, buf->base, n) != 0 && p->cb_error == NULL) {
+    p->cb_error = strdup("drover.proc: out of memory capturing output");
   }
 }
 
-/* Stop watching the child: close the watch handle (and the pidfd). */
+static void drv__pout_read(uv_stream_t *s, ssize_t n, const uv_buf_t *buf) {
+  drv_proc *p = (drv_proc *)s->data;
+  drv_pout *o = drv__pout_of(p, (uv_handle_t *)s);
+  if (n > 0) drv__pout_got(p, o, buf, (size_t)n);
+  else if (n < 0) drv__pout_finish(p, o); /* UV_EOF, or a read error: either way the stream is over */
+}
+
+/* The pipe's fd in the set is readable (or the writers are gone).  Read as
+ * libuv would: until a read comes back short (the pipe is empty; what
+ * comes later is reported again), at most 32 times per turn. */
+static void drv__pout_ready(drv_pent *e) {
+  drv_pout *o = (drv_pout *)((char *)e - offsetof(drv_pout, ent));
+  drv_proc *p = o->p;
+  int i;
+  p->refs++;
+  for (i = 0; i < 32 && o->reading; i++) {
+    uv_buf_t buf;
+    ssize_t n;
+    drv__pout_buf(p, o, &buf);
+    n = read(e->fd, buf.base, buf.len);
+    if (n > 0) {
+      drv__pout_got(p, o, &buf, (size_t)n);
+      if ((size_t)n < buf.len) break;
+    } else if (n < 0 && errno == EINTR) {
+      continue;
+    } else {
+      if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) break;
+      drv__pout_finish(p, o); /* end-of-file, or a read error: the stream is over */
+    }
+  }
+  drv__proc_unref(p);
+}
+
+/* Stop watching the child: close the watch handle, or the pidfd (which
+ * lets go of its reference at once: callers that go on hold one). */
 static void drv__proc_unwatch(drv_proc *p) {
   if (!p->proc_open) return;
   p->proc_open = 0;
-  drv__proc_close(p, (uv_handle_t *)&p->watch);
-  if (p->pidfd >= 0) { /* uv_close has already taken it out of epoll */
-    close(p->pidfd);
-    p->pidfd = -1;
-  }
+  if (p->set) drv__proc_pent_close(p, &p->pident);
+  else drv__proc_close(p, (uv_handle_t *)&p->watch);
 }
 
 static void drv__proc_exited(drv_proc *p, int64_t status, int sig) {
@@ -409,24 +469,19 @@ static void drv__proc_exit_cb(uv_process_t *h, int64_t status, int sig) {
 /* The pidfd is readable: the child has exited (it is a zombie until we
  * reap it, so its pid cannot have been reused).  Reap it and report the
  * status the way libuv does. */
-static void drv__proc_pidfd_cb(uv_poll_t *h, int status, int events) {
-  drv_proc *p = (drv_proc *)h->data;
+static void drv__proc_pidfd_ready(drv_pent *e) {
+  drv_proc *p = (drv_proc *)((char *)e - offsetof(drv_proc, pident));
   int st = 0;
   pid_t r;
-  (void)events;
   do r = waitpid(p->pid, &st, WNOHANG);
   while (r < 0 && errno == EINTR);
-  if (r == 0) { /* not reapable after all: keep watching */
-    if (status < 0) uv_poll_start(h, UV_READABLE, drv__proc_pidfd_cb);
-    return;
-  }
-  if (r < 0) {
-    /* ECHILD: something else in the process reaped it (a waitpid(-1) of
-     * the host's).  The status is lost; finish rather than hang. */
-    drv__proc_exited(p, -1, 0);
-    return;
-  }
-  drv__proc_exited(p, WIFEXITED(st) ? WEXITSTATUS(st) : 0, WIFSIGNALED(st) ? WTERMSIG(st) : 0);
+  if (r == 0) return; /* not reapable after all: the set reports it again */
+  p->refs++;
+  /* ECHILD: something else in the process reaped it (a waitpid(-1) of the
+   * host's).  The status is lost; finish rather than hang. */
+  if (r < 0) drv__proc_exited(p, -1, 0);
+  else drv__proc_exited(p, WIFEXITED(st) ? WEXITSTATUS(st) : 0, WIFSIGNALED(st) ? WTERMSIG(st) : 0);
+  drv__proc_unref(p);
 }
 
 /* ---- stdin ------------------------------------------------------------------ */
@@ -488,6 +543,7 @@ static void drv__proc_res_close(drv_res *r) {
   drv_pwaiter *w;
   int reap = 0;
   drv__res_unlink(r);
+  p->refs++; /* closing the set's fds lets go of their references at once */
   p->closing = 1;
   p->S = NULL;
   if (!p->detach && p->pid > 0) {
@@ -497,8 +553,8 @@ static void drv__proc_res_close(drv_res *r) {
     reap = !p->exited;
   }
   drv__proc_unwatch(p);
-  if (p->out.reading) { p->out.reading = 0; drv__proc_close(p, (uv_handle_t *)&p->out.pipe); }
-  if (p->err.reading) { p->err.reading = 0; drv__proc_close(p, (uv_handle_t *)&p->err.pipe); }
+  drv__pout_close(p, &p->out);
+  drv__pout_close(p, &p->err);
   drv__proc_close_stdin(p);
   drv__proc_timer_close(p);
   for (w = p->waiters; w;) { /* their threads are being collected: no wake */
@@ -518,6 +574,7 @@ static void drv__proc_res_close(drv_res *r) {
       nanosleep(&ts, NULL);
     }
   }
+  drv__proc_unref(p);
 }
 
 /* ---- argument parsing ----------------------------------------------------------- */
@@ -791,17 +848,17 @@ static int drv__spawn_uv(drv_proc *p, const drv_popts *o, char **args, char **en
   uo.flags = UV_PROCESS_DETACHED; /* setsid: a process group of its own */
   uo.stdio_count = 3;
   uo.stdio = stdio;
-  p->watch.proc.data = p;
-  r = uv_spawn(p->loop, &p->watch.proc, &uo);
+  p->watch.data = p;
+  r = uv_spawn(p->loop, &p->watch, &uo);
   p->refs++; /* the process handle is initialised even when uv_spawn fails */
   p->proc_open = 1;
-  if (r != 0 && p->watch.proc.pid > 0) {
+  if (r != 0 && p->watch.pid > 0) {
     /* exec happened but libuv failed to open a pipe: do not leave the
      * child running unobserved. */
-    kill(-p->watch.proc.pid, SIGKILL);
-    while (waitpid(p->watch.proc.pid, NULL, 0) < 0 && errno == EINTR) {}
+    kill(-p->watch.pid, SIGKILL);
+    while (waitpid(p->watch.pid, NULL, 0) < 0 && errno == EINTR) {}
   }
-  if (r == 0) p->pid = p->watch.proc.pid;
+  if (r == 0) p->pid = p->watch.pid;
   return r;
 }
 
@@ -830,14 +887,22 @@ static int drv__above_stdio(int fd) {
 
 /* A pipe whose both ends are close-on-exec, so no other child inherits
  * them; file actions dup the child's end onto 0, 1 or 2, which clears the
- * flag on that copy only.  child_reads: fds[0] is the child's end. */
-static int drv__pipe(int fds[2], int child_reads) {
-  int c = child_reads ? 0 : 1;
-  if (pipe2(fds, O_CLOEXEC) != 0) return -errno;
+ * flag on that copy only.  child_reads: fds[0] is the child's end.
+ * nonblock: make drover's end non-blocking (the child's stays blocking).
+ * Returns 0 or a libuv error. */
+static int drv__pipe(int fds[2], int child_reads, int nonblock) {
+  int c = child_reads ? 0 : 1, e;
+  if (pipe2(fds, O_CLOEXEC) != 0) return uv_translate_sys_error(errno);
   if ((fds[c] = drv__above_stdio(fds[c])) < 0) {
-    int e = errno;
+    e = errno;
     close(fds[1 - c]);
-    return -e;
+    return uv_translate_sys_error(e);
+  }
+  if (nonblock && fcntl(fds[1 - c], F_SETFL, O_NONBLOCK) != 0) {
+    e = errno;
+    close(fds[0]);
+    close(fds[1]);
+    return uv_translate_sys_error(e);
   }
   return 0;
 }
@@ -954,16 +1019,19 @@ static int drv__spawn_path(pid_t *pid, const char *file, const char *cwd, char *
   return got_eacces ? EACCES : last;
 }
 
-/* Returns 0 or a libuv error.  On success the child runs, watched by a
- * uv_poll on its pidfd; on failure there is no child. */
+/* Returns 0 or a libuv error.  On success the child runs, its pidfd and
+ * output pipes in the engine's set (each entry holding a reference); on
+ * failure there is no child and nothing of it is open. */
 static int drv__spawn_posix(drv_proc *p, const drv_popts *o, char **args, char **envp, int out_fd,
                             int err_fd) {
   posix_spawn_file_actions_t fa;
   posix_spawnattr_t attr;
   sigset_t none, all;
   int child[3] = {-1, -1, -1}; /* the child's ends of the pipes */
+  int ours[3] = {-1, -1, -1};  /* drover's ends of the output pipes (1, 2), until in the set */
   int fds[2], r = 0, e, i, pidfd;
   pid_t pid = -1;
+  drv_pset *set = p->S->set;
 
   if (!p->S->sigchld_set) {
     /* SIGCHLD ignored (or SA_NOCLDWAIT) would have the kernel reap our
@@ -975,22 +1043,24 @@ static int drv__spawn_posix(drv_proc *p, const drv_popts *o, char **args, char *
         (sa.sa_handler == SIG_IGN || (sa.sa_flags & SA_NOCLDWAIT)))
       signal(SIGCHLD, SIG_DFL);
   }
-  /* Pipes: drover's ends become the uv_pipe_t handles (uv_pipe_open makes
-   * them non-blocking); the child's ends stay blocking. */
+  if (set == NULL && (set = p->S->set = drv__pset_new(p->S->E)) == NULL) return UV_ENOMEM;
+  /* Pipes: stdin's drover end becomes a uv_pipe_t handle (uv_pipe_open
+   * makes it non-blocking), the output pipes' go into the set once the
+   * child runs; the child's ends stay blocking. */
   if (p->in_piped) {
-    if ((r = drv__pipe(fds, 1)) < 0) goto done;
+    if ((r = drv__pipe(fds, 1, 0)) < 0) goto done;
     child[0] = fds[0];
     if ((r = uv_pipe_open(&p->in, fds[1])) < 0) { close(fds[1]); goto done; }
   }
   if (p->out.piped) {
-    if ((r = drv__pipe(fds, 0)) < 0) goto done;
+    if ((r = drv__pipe(fds, 0, 1)) < 0) goto done;
     child[1] = fds[1];
-    if ((r = uv_pipe_open(&p->out.pipe, fds[0])) < 0) { close(fds[0]); goto done; }
+    ours[1] = fds[0];
   }
   if (p->err.piped) {
-    if ((r = drv__pipe(fds, 0)) < 0) goto done;
+    if ((r = drv__pipe(fds, 0, 1)) < 0) goto done;
     child[2] = fds[1];
-    if ((r = uv_pipe_open(&p->err.pipe, fds[0])) < 0) { close(fds[0]); goto done; }
+    ours[2] = fds[0];
   }
   if ((e = posix_spawn_file_actions_init(&fa)) != 0) { r = -e; goto done; }
   e = child[0] >= 0 ? posix_spawn_file_actions_adddup2(&fa, child[0], 0)
@@ -1018,23 +1088,37 @@ static int drv__spawn_posix(drv_proc *p, const drv_popts *o, char **args, char *
   pidfd = drv__pidfd_open(pid);
   if (pidfd < 0) {
     r = uv_translate_sys_error(errno);
-  } else if ((r = uv_poll_init(p->loop, &p->watch.poll, pidfd)) < 0) {
+  } else if ((r = drv__pset_add(set, &p->pident, pidfd, drv__proc_pidfd_ready)) < 0) {
     close(pidfd);
   } else {
-    p->watch.poll.data = p;
-    p->pidfd = pidfd;
+    p->set = set;
     p->proc_open = 1;
     p->refs++;
-    uv_poll_start(&p->watch.poll, UV_READABLE, drv__proc_pidfd_cb);
     p->pid = pid;
+    for (i = 1; i <= 2 && r == 0; i++) {
+      drv_pout *po = i == 1 ? &p->out : &p->err;
+      if (ours[i] < 0) continue;
+      if ((r = drv__pset_add(set, &po->ent, ours[i], drv__pout_ready)) == 0) {
+        ours[i] = -1;
+        p->refs++;
+      }
+    }
   }
   if (r < 0) { /* cannot watch it: do not leave it running unobserved */
     kill(-pid, SIGKILL);
     while (waitpid(pid, NULL, 0) < 0 && errno == EINTR) {}
+    p->pid = 0;
+    p->refs++; /* closing the entries lets go of their references */
+    drv__proc_unwatch(p);
+    drv__proc_pent_close(p, &p->out.ent);
+    drv__proc_pent_close(p, &p->err.ent);
+    p->refs--; /* drv__proc_start frees it, on its way out */
   }
 done:
-  for (i = 0; i < 3; i++)
+  for (i = 0; i < 3; i++) {
     if (child[i] >= 0) close(child[i]);
+    if (ours[i] >= 0) close(ours[i]);
+  }
   return r;
 }
 
@@ -1099,7 +1183,8 @@ static int drv__proc_start(lua_State *L, const char *fname, int for_run) {
   p->loop = S->E->loop;
   p->detach = o.detach;
   p->grace = o.grace;
-  p->pidfd = -1;
+  p->pident.fd = p->out.ent.fd = p->err.ent.fd = -1;
+  p->out.p = p->err.p = p;
   p->out.mode = o.out_mode;
   p->err.mode = o.err_mode;
   p->out.fn_ref = p->err.fn_ref = LUA_NOREF;
@@ -1118,11 +1203,15 @@ static int drv__proc_start(lua_State *L, const char *fname, int for_run) {
       if (sigaction(SIGPIPE, NULL, &sa) == 0 && sa.sa_handler == SIG_DFL) signal(SIGPIPE, SIG_IGN);
     }
   }
-  if (o.out_mode == OUT_CAPTURE || o.out_mode == OUT_FUNC) {
-    uv_pipe_init(p->loop, &p->out.pipe, 0); p->out.piped = 1; p->out.pipe.data = p; p->refs++;
+  /* Output pipes: uv_spawn makes them into handles it is given; posix_spawn
+   * puts fds into the set (drv__spawn_posix). */
+  p->out.piped = o.out_mode == OUT_CAPTURE || o.out_mode == OUT_FUNC;
+  p->err.piped = o.err_mode == OUT_CAPTURE || o.err_mode == OUT_FUNC;
+  if (S->uv_spawn && p->out.piped) {
+    uv_pipe_init(p->loop, &p->out.pipe, 0); p->out.pipe.data = p; p->refs++;
   }
-  if (o.err_mode == OUT_CAPTURE || o.err_mode == OUT_FUNC) {
-    uv_pipe_init(p->loop, &p->err.pipe, 0); p->err.piped = 1; p->err.pipe.data = p; p->refs++;
+  if (S->uv_spawn && p->err.piped) {
+    uv_pipe_init(p->loop, &p->err.pipe, 0); p->err.pipe.data = p; p->refs++;
   }
 
   p->t0 = uv_hrtime();
@@ -1139,10 +1228,12 @@ static int drv__proc_start(lua_State *L, const char *fname, int for_run) {
                uv_strerror(stat(o.cwd, &st) != 0 ? uv_translate_sys_error(errno) : UV_ENOTDIR));
     else
       snprintf(msg, sizeof msg, "%s", uv_strerror(r));
+    p->refs++; /* until the last of its handles is closed: then it is freed */
     drv__proc_unwatch(p);
-    if (p->out.piped) drv__proc_close(p, (uv_handle_t *)&p->out.pipe);
-    if (p->err.piped) drv__proc_close(p, (uv_handle_t *)&p->err.pipe);
+    if (S->uv_spawn && p->out.piped) drv__proc_close(p, (uv_handle_t *)&p->out.pipe);
+    if (S->uv_spawn && p->err.piped) drv__proc_close(p, (uv_handle_t *)&p->err.pipe);
     drv__proc_close_stdin(p);
+    drv__proc_unref(p);
     lua_pushnil(L);
     lua_pushfstring(L, "%s: cannot start '%s': %s", fname, args[0], msg);
     return 2;
@@ -1151,14 +1242,10 @@ static int drv__proc_start(lua_State *L, const char *fname, int for_run) {
   p->refs++; /* the userdata */
   *box = p;
   drv__res_link(S->E, &p->res, drv__proc_res_close);
-  if (p->out.piped) {
-    p->out.reading = 1;
-    uv_read_start((uv_stream_t *)&p->out.pipe, drv__pout_alloc, drv__pout_read);
-  }
-  if (p->err.piped) {
-    p->err.reading = 1;
-    uv_read_start((uv_stream_t *)&p->err.pipe, drv__pout_alloc, drv__pout_read);
-  }
+  p->out.reading = p->out.piped;
+  p->err.reading = p->err.piped;
+  if (!p->set && p->out.piped) uv_read_start((uv_stream_t *)&p->out.pipe, drv__pout_alloc, drv__pout_read);
+  if (!p->set && p->err.piped) uv_read_start((uv_stream_t *)&p->err.pipe, drv__pout_alloc, drv__pout_read);
   if (o.out_fn) { lua_pushvalue(L, o.out_fn); p->out.fn_ref = luaL_ref(L, LUA_REGISTRYINDEX); }
   if (o.err_fn) { lua_pushvalue(L, o.err_fn); p->err.fn_ref = luaL_ref(L, LUA_REGISTRYINDEX); }
   if (o.timeout > 0) drv__proc_timer_start(p, o.timeout);
