@@ -10,8 +10,9 @@
 #   make       `make -j2` on a Makefile of phony targets, recipe `@true`
 #   snakemake  `snakemake -j2 --scheduler greedy` on a Snakefile (one
 #              wildcard rule; touch() markers, since Snakemake tracks files)
-#   floor      bench/floor.c: the same graph, each node a `true` started
-#              with posix_spawnp and reaped with waitpid, 2 at a time,
+#   floor      bench/floor.c: the same graph, each node a `true` (looked up
+#              in PATH once) started with posix_spawn and reaped with
+#              waitpid, 2 at a time,
 #              dependencies respected, nothing tracked: the least any
 #              runner can cost, so drover/floor is the figure that holds
 #              across machines

@@ -1,9 +1,13 @@
 /*
  * floor.c -- the floor under bench/dag.sh: the same task graph run by the
- * least a program can do.  Every node is a `true` started with posix_spawnp
+ * least a program can do.  Every node is a `true` started with posix_spawn
  * and reaped with waitpid, at most J at a time, each started only once the
  * nodes it depends on have exited; nothing is tracked, logged or stored.
- * What drover (or make) spends above this is its own cost.
+ * `true` is looked up in PATH once, at the start (a shell's hash): the
+ * runners search PATH for every command (make and drover with a stat or
+ * access per entry, posix_spawnp with a failed execve per entry in the
+ * child), which the floor does not need to.  What drover (or make) spends
+ * above this is its own cost.
  *
  *   floor DEPS_FILE [J]        (J defaults to 2)
  *
@@ -40,9 +44,29 @@ static void ivec_push(ivec_t *a, int x) {
   a->v[a->len++] = x;
 }
 
+/* The first executable NAME in PATH (malloc'ed), or NULL. */
+static char *which(const char *name) {
+  const char *path = getenv("PATH"), *p, *end;
+  if (path == NULL) path = "/bin:/usr/bin";
+  for (p = path;; p = end + 1) {
+    size_t n;
+    char *cand;
+    end = strchr(p, ':');
+    if (end == NULL) end = p + strlen(p);
+    n = (size_t)(end - p);
+    cand = malloc(n + strlen(name) + 2);
+    if (cand == NULL) return NULL;
+    sprintf(cand, "%.*s%s%s", (int)n, p, n ? "/" : "", name);
+    if (access(cand, X_OK) == 0) return cand;
+    free(cand);
+    if (*end == '\0') return NULL;
+  }
+}
+
 int main(int argc, char **argv) {
   char line[65536];
   char *argv_true[] = { "true", NULL };
+  char *true_path = which("true");
   ivec_t *dependents;  /* dependents[d]: the nodes that wait for node d */
   int *waiting;        /* waiting[i]: dependencies of node i not yet exited */
   int *ready;          /* FIFO of nodes whose dependencies have all exited */
@@ -54,6 +78,10 @@ int main(int argc, char **argv) {
   if (argc < 2 || argc > 3) {
     fprintf(stderr, "usage: floor DEPS_FILE [J]\n");
     return 2;
+  }
+  if (true_path == NULL) {
+    fprintf(stderr, "floor: no executable 'true' in PATH\n");
+    return 1;
   }
   j = argc == 3 ? atoi(argv[2]) : 2;
   if (j < 1) {
@@ -111,9 +139,9 @@ int main(int argc, char **argv) {
     while (running < j && head < tail) {
       int node = ready[head++];
       pid_t pid;
-      int err = posix_spawnp(&pid, "true", NULL, NULL, argv_true, environ);
+      int err = posix_spawn(&pid, true_path, NULL, NULL, argv_true, environ);
       if (err != 0) {
-        fprintf(stderr, "floor: posix_spawnp(true): %s\n", strerror(err));
+        fprintf(stderr, "floor: posix_spawn(%s): %s\n", true_path, strerror(err));
         return 1;
       }
       pid_of[running] = pid;

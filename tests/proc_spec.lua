@@ -714,8 +714,8 @@ describe("drover.proc through the drover binary", function()
   end)
 
   it("looks programs up in its own PATH, and runs files without #! with /bin/sh", function()
-    -- drover's own PATH is searched on a path of its own (posix_spawnp);
-    -- a child drover whose PATH has our directory exercises it
+    -- a child drover whose own PATH (not one given in env) has our
+    -- directory: the search drover makes for its own environment
     local bin = tmp .. "/ownpath"
     os.execute("mkdir -p " .. bin)
     write_file(bin .. "/drover-own-plain", "echo \"plain $1\"\n", "755")
