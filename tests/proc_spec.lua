@@ -37,6 +37,20 @@ local function seq(n)
   return table.concat(t, "\n") .. "\n"
 end
 
+--- drover.run of n tasks at once, task i running P.run(argv_of(i)): the
+-- results, in order.
+local function run_each(n, argv_of)
+  return drover.run(function()
+    local hs = {}
+    for i = 1, n do
+      hs[i] = drover.spawn(function() return P.run(argv_of(i)) end)
+    end
+    local out = {}
+    for i, h in ipairs(hs) do out[i] = h:join() end
+    return out
+  end)
+end
+
 local tmp
 setup(function() tmp = H.tempdir() end)
 teardown(function() if tmp then os.execute("rm -rf " .. tmp) end end)
@@ -241,17 +255,7 @@ describe("drover.proc.run", function()
   end)
 
   it("works inside tasks, many processes concurrently", function()
-    local results = drover.run(function()
-      local hs = {}
-      for i = 1, 30 do
-        hs[i] = drover.spawn(function()
-          return P.run({ "sh", "-c", "echo $1; echo e$1 >&2", "sh", i })
-        end)
-      end
-      local out = {}
-      for i, h in ipairs(hs) do out[i] = h:join() end
-      return out
-    end)
+    local results = run_each(30, function(i) return { "sh", "-c", "echo $1; echo e$1 >&2", "sh", i } end)
     for i = 1, 30 do
       assert.are.equal(i .. "\n", results[i].stdout)
       assert.are.equal("e" .. i .. "\n", results[i].stderr)
@@ -262,17 +266,8 @@ describe("drover.proc.run", function()
   it("finishes 150 children that end at once, each one's output whole", function()
     -- more ready pipes and exits in one loop turn than one batch of the
     -- engine's epoll set holds (64), and outputs bigger than a pipe's buffer
-    local results = drover.run(function()
-      local hs = {}
-      for i = 1, 150 do
-        hs[i] = drover.spawn(function()
-          return P.run({ "sh", "-c", 'sleep 0.5; head -c "$1" /dev/zero | tr "\\0" x; echo "e$1" >&2',
-            "sh", tostring(i * 1000) })
-        end)
-      end
-      local out = {}
-      for i, h in ipairs(hs) do out[i] = h:join() end
-      return out
+    local results = run_each(150, function(i)
+      return { "sh", "-c", 'sleep 0.5; head -c "$1" /dev/zero | tr "\\0" x; echo "e$1" >&2', "sh", tostring(i * 1000) }
     end)
     for i = 1, 150 do
       assert.are.equal(0, results[i].code)
