@@ -215,6 +215,37 @@ describe("tracked calls", function()
     assert.are.equal(2, peak)
   end)
 
+  it("tags hand their slots over in the order tasks asked; one cancelled while it waits leaves the queue", function()
+    local tag = "fifo-" .. dir
+    drover.limit(tag, 1)
+    local order = {}
+    local gate = drover.event()
+    local step = drover.task("step", function(name)
+      order[#order + 1] = name
+      if name == "first" then gate:wait() end
+    end, { tags = { tag }, catch = true })
+    local _, ok = run_flow(function()
+      local hs = { drover.spawn(step, "first") }
+      drover.sleep(0.05) -- "first" holds the slot
+      for i = 1, 300 do hs[#hs + 1] = drover.spawn(step, "w" .. i) end
+      drover.sleep(0.05) -- all 300 wait, in order
+      hs[3]:cancel() -- "w2"
+      hs[200]:cancel() -- "w199"
+      gate:set()
+      for _, h in ipairs(hs) do pcall(h.join, h) end
+    end)
+    assert.is_true(ok)
+    assert.are.equal(299, #order)
+    assert.are.equal("first", order[1])
+    local k = 2
+    for i = 1, 300 do
+      if i ~= 2 and i ~= 199 then
+        assert.are.equal("w" .. i, order[k])
+        k = k + 1
+      end
+    end
+  end)
+
   it("catch records the failure and lets the flow go on", function()
     local bad = drover.task("bad", function() error("nope") end, { catch = true })
     local flow, ok, v = run_flow(function()

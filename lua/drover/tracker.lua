@@ -148,7 +148,13 @@ T.canonical = canon
 
 -- ---- tag concurrency limits ---------------------------------------------------
 
-local limits = {} -- tag -> { limit, count, waiters = {events} }
+-- tag -> { limit, count, waiters, head, tail }: waiters[head..tail] are
+-- the events of the tasks waiting for a slot, in the order they came (a
+-- false is one that left); a queue by indices, since table.remove(t, 1)
+-- moves every other waiter one place down, through the C API, on every
+-- release (a DAG of 1,000 tasks had hundreds waiting: ~11k instructions
+-- per task)
+local limits = {}
 
 --- Allow at most n concurrent task runs carrying `tag` in this process.
 function T.set_limit(tag, n)
@@ -157,7 +163,23 @@ function T.set_limit(tag, n)
     error("drover.limit: bad argument 'n' (positive integer expected)", 2)
   end
   local l = limits[tag]
-  if l then l.limit = n else limits[tag] = { limit = n, count = 0, waiters = {} } end
+  if l then l.limit = n else limits[tag] = { limit = n, count = 0, waiters = {}, head = 1, tail = 0 } end
+end
+
+--- Wake the first task still waiting for a slot of `l`, if any.
+local function wake_next(l)
+  local w, h = l.waiters, l.head
+  while h <= l.tail do
+    local ev = w[h]
+    w[h] = nil
+    h = h + 1
+    if ev then
+      l.head = h
+      ev:set()
+      return
+    end
+  end
+  l.head = h
 end
 
 local function acquire(tag)
@@ -165,10 +187,16 @@ local function acquire(tag)
   if not l then return end
   while l.count >= l.limit do
     local ev = core.event()
-    l.waiters[#l.waiters + 1] = ev
+    local t = l.tail + 1
+    l.tail = t
+    l.waiters[t] = ev
     local ok, err = pcall(ev.wait, ev)
     if not ok then
-      for i, w in ipairs(l.waiters) do if w == ev then table.remove(l.waiters, i) break end end
+      if l.waiters[t] == ev then
+        l.waiters[t] = false -- still queued: leave the queue
+      elseif l.count < l.limit then
+        wake_next(l) -- woken for a slot it will not take: the next one's
+      end
       error(err, 0)
     end
   end
@@ -179,8 +207,7 @@ local function release(tag)
   local l = limits[tag]
   if not l then return end
   l.count = l.count - 1
-  local ev = table.remove(l.waiters, 1)
-  if ev then ev:set() end
+  wake_next(l)
 end
 
 local function acquire_tags(tags)
