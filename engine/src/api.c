@@ -31,6 +31,7 @@
 
 struct drover {
   lua_State *L;
+  drv_lalloc *alloc;   /* L's allocator (lalloc.c), freed after L */
   int attached;        /* drv__setup ran: the engine (loop, scheduler) exists */
   int broken;          /* drover_open failed: every call that runs Lua refuses */
   char openerr[PATH_MAX + 256]; /* ... with this message */
@@ -277,8 +278,13 @@ drover *drover_open(const drover_options *opts) {
   char probe[sizeof ((drover *)0)->lua_dir + 32];
   drover *D = (drover *)calloc(1, sizeof *D);
   if (D == NULL) return NULL;
-  D->L = luaL_newstate();
-  if (D->L == NULL) { free(D); return NULL; }
+  D->alloc = drv__lalloc_new();
+  D->L = drv__lalloc_newstate(D->alloc);
+  if (D->L == NULL) {
+    drv__lalloc_free(D->alloc);
+    free(D);
+    return NULL;
+  }
   drv__find_dirs(D, opts);
   lua_pushcfunction(D->L, drv__setup);
   lua_pushlightuserdata(D->L, D);
@@ -307,6 +313,7 @@ drover *drover_open(const drover_options *opts) {
 void drover_close(drover *D) {
   if (D == NULL || !drv__forget(D)) return;
   lua_close(D->L);
+  drv__lalloc_free(D->alloc);
   free(D);
 }
 

@@ -166,6 +166,17 @@ void drv__pset_hold(drv_pset *s, drv_pent *e, int on);
  * memory is freed. */
 void drv__pset_del(drv_pset *s, drv_pent *e);
 
+/* ---- lalloc.c: the allocator of the states drover_open makes -------------- */
+typedef struct drv_lalloc drv_lalloc;
+/* A pool for one Lua state; NULL when the build has no pool (AddressSanitizer),
+ * which drv__lalloc takes as "use realloc and free". */
+drv_lalloc *drv__lalloc_new(void);
+/* Free the pool: after lua_close of its state. */
+void drv__lalloc_free(drv_lalloc *A);
+/* lua_newstate with the pool's allocator, plus what luaL_newstate adds (the
+ * panic function, warnings off until "@on"); NULL if out of memory. */
+lua_State *drv__lalloc_newstate(drv_lalloc *A);
+
 /* ---- util -------------------------------------------------------------- */
 /* Raise "drover.MOD.FN: bad argument NAME (expected T, got U)". */
 DRV_EXPORT int drv__argerror(lua_State *L, const char *fname, const char *argname,
