@@ -6,8 +6,9 @@
 --
 -- Recorded jobs: completed (true), failed (exit 3), signalled (the batch
 -- shell killed by SIGKILL), running then cancelled (scancel), timeout
--- (--time=0:01), pending (--begin=now+3600), held (-H), an array 0-5%2
--- with two elements running and the rest pending (array_running), an array
+-- (--time=0:01), PENDING until a begin time (--begin=now+3600), held (-H),
+-- an array 0-5%2 with two elements running and the rest PENDING
+-- (array_running), an array
 -- 1-3 whose elements exit with their index (array_failed), and an unknown
 -- job id.
 local H = require "helper"
