@@ -212,6 +212,10 @@ async function runPage(id) {
   // start another load of the same box while one is on its way.
   async function loadMembers(ax, name, box, cursor, limit) {
     const gen = box.gen = (box.gen || 0) + 1;
+    // how many rows the box is to show once this answer is in: a live
+    // update that reloads the box meanwhile (and so drops this answer)
+    // asks for as many, so a "more" clicked just before it is not lost
+    box.want = (cursor ? box.querySelectorAll(".row.sub").length : 0) + (limit || 100);
     let page;
     try { page = await api(taskPageURL(id, { name }, cursor, limit || 100)); } catch (e) { box.replaceChildren(h("p", { class: "error" }, e.message)); return; }
     if (gen !== box.gen || !box.isConnected) return;
@@ -247,7 +251,7 @@ async function runPage(id) {
       if (opened.has(g.name)) {
         // open across a live update: the same rows again, as many as were shown (at most 1000)
         el.classList.add("open");
-        loadMembers(ax, g.name, box, null, Math.min(Math.max(box.querySelectorAll(".row.sub").length, 100), 1000));
+        loadMembers(ax, g.name, box, null, Math.min(Math.max(box.want || 0, box.querySelectorAll(".row.sub").length, 100), 1000));
       }
       return el;
     }));
