@@ -434,12 +434,12 @@ describe("drover.proc.spawn", function()
   end)
 end)
 
--- How the child is set up.  Children are started with posix_spawn and
+-- How the child is set up.  Children are started with clone (spawn.c) and
 -- watched through a pidfd, or with libuv's uv_spawn when DROVER_SPAWN=uv
 -- (tests/proc_uvspawn_spec.lua runs this whole file that way): the child
 -- must not be able to tell the difference, except for the kind of pipe.
+local uv_mode = os.getenv("DROVER_SPAWN") == "uv"
 describe("drover.proc child setup", function()
-  local uv_mode = os.getenv("DROVER_SPAWN") == "uv"
 
   --- drover's own pid: the parent of a direct child.
   local function drover_pid()
@@ -486,7 +486,7 @@ describe("drover.proc child setup", function()
     assert.are.equal(0, lines[4][2] & (uv_mode and 0x7fffffff or -1), r.stdout)
   end)
 
-  it("gives the child /dev/null, " .. (uv_mode and "socketpairs (uv_spawn)" or "pipes (posix_spawn)")
+  it("gives the child /dev/null, " .. (uv_mode and "socketpairs (uv_spawn)" or "pipes (clone)")
     .. " or files as stdio", function()
     local r = P.run({ "sh", "-c", "readlink /proc/self/fd/0 /proc/self/fd/1 /proc/self/fd/2" })
     local stdin, stdout, stderr = r.stdout:match("^(%S+)\n(%S+)\n(%S+)\n$")
@@ -574,6 +574,29 @@ describe("drover.proc child setup", function()
     r = assert(P.run({ "env" }, { env = { PATH = false } }))
     assert.are.equal(0, r.code)
     assert.is_nil(("\n" .. r.stdout):match("\nPATH="), r.stdout)
+  end)
+
+  it("finds a program installed earlier in PATH within a second, and one moved at once", function()
+    -- drover remembers where it found a name for a second (engine/src/spawn.c)
+    local a, b = tmp .. "/path-a", tmp .. "/path-b"
+    os.execute("rm -rf " .. a .. " " .. b .. "; mkdir -p " .. a .. " " .. b)
+    write_file(b .. "/drover-moving", "#!/bin/sh\necho b\n", "755")
+    local env = { env = { PATH = a .. ":" .. b .. ":/usr/bin:/bin" } }
+    local function which() local r, msg = P.run({ "drover-moving" }, env) return r and r.stdout or msg end
+    assert.are.equal("b\n", which())
+    -- a new one earlier in PATH: found once the second has passed
+    write_file(a .. "/drover-moving", "#!/bin/sh\necho a\n", "755")
+    H.wait_until(function() return which() == "a\n" end, 30, "the program in the earlier directory")
+    -- the one found is removed: the next is found at once, with no waiting
+    os.remove(a .. "/drover-moving")
+    assert.are.equal("b\n", which())
+    -- the one found loses its execute bit: permission denied at once
+    os.execute("chmod 644 " .. b .. "/drover-moving")
+    assert.matches("cannot start 'drover%-moving': permission denied", which())
+    -- another PATH is another lookup
+    write_file(a .. "/drover-moving", "#!/bin/sh\necho a2\n", "755")
+    local r = assert(P.run({ "drover-moving" }, { env = { PATH = a } }))
+    assert.are.equal("a2\n", r.stdout)
   end)
 
   it("runs an executable file without #! with /bin/sh, like execvp", function()
@@ -732,6 +755,67 @@ describe("drover.proc through the drover binary", function()
       .. "nil drover.proc.run: cannot start 'drover-own-noexec': permission denied\n"
       .. "nil drover.proc.run: cannot start 'drover-own-missing': no such file or directory\n", out)
   end)
+
+  it("starts children right from a drover started with its stdio closed", function()
+    -- drover fills fds 0-2 with /dev/null first (libuv aborted closing its
+    -- loop's epoll fd, opened as fd 0), so a child inheriting stdout gets
+    -- /dev/null, not one of drover's files
+    local out = tmp .. "/closed-stdio.out"
+    os.remove(out)
+    local path = script("closed_stdio.lua", string.format([[
+      local drover = require "drover"
+      local P = drover.proc
+      local f = assert(io.open(%q, "w"))
+      local r = assert(P.run({ "sh", "-c", "cat; echo out; echo err >&2" }, { stdin = "in " }))
+      f:write(r.code, " ", r.stdout, r.stderr)
+      r = assert(P.run({ "sh", "-c", "readlink /proc/self/fd/0; echo x >&2" }, { stderr = "null" }))
+      f:write(r.stdout)
+      r = assert(P.run({ "sh", "-c", "readlink /proc/self/fd/3 3>&1 >&2" }, { stdout = "inherit" }))
+      f:write(r.stderr)
+      f:close()
+    ]], out))
+    local r = assert(P.run({ "sh", "-c", 'exec "$0" "$1" <&- >&- 2>&-', H.drover_bin, path }))
+    assert.are.equal(0, r.code, r.stderr)
+    assert.are.equal("0 in out\nerr\n/dev/null\n/dev/null\n", read_file(out))
+  end)
+
+  if not uv_mode then
+    it("takes the pidfd from the clone, or opens it after where the kernel says no", function()
+      -- DROVER_SPAWN=pidfd_open starts drover as if clone() had refused
+      -- CLONE_PIDFD (a kernel before 5.2, a seccomp filter): strace shows
+      -- which way each child's pidfd came
+      local path = script("pidfd_way.lua", [[
+        local P = require("drover").proc
+        for i = 1, 3 do assert(P.run({ "true" }).code == 0, "run " .. i) end
+        local r, msg = P.run({ "drover-no-such-program" })
+        assert(r == nil and msg:match("no such file"), msg)
+        r = assert(P.run({ "sh", "-c", "exit 7" }))
+        assert(r.code == 7)
+      ]])
+      local function trace(mode)
+        local log = tmp .. "/strace-" .. (mode or "default")
+        local r = assert(P.run({ "strace", "-f", "-e", "trace=clone,clone3,pidfd_open", "-o", log, H.drover_bin, path },
+          { env = { DROVER_SPAWN = mode or false } }))
+        assert.are.equal(0, r.code, r.stderr)
+        local t = read_file(log)
+        local with, without, opens = 0, 0, 0
+        for line in t:gmatch("[^\n]+") do
+          if line:match("clone%(") and line:match("CLONE_VFORK") then
+            if line:match("CLONE_PIDFD") then with = with + 1 else without = without + 1 end
+          elseif line:match("pidfd_open%(") and not line:match("resumed") then
+            opens = opens + 1
+          end
+        end
+        return with, without, opens, t
+      end
+      -- 4 children (the missing program is never cloned); the one
+      -- pidfd_open of drover's own pid is the start-up probe
+      local with, without, opens, t = trace(nil)
+      assert.are.same({ 4, 0, 1 }, { with, without, opens }, t)
+      with, without, opens, t = trace("pidfd_open")
+      assert.are.same({ 0, 4, 5 }, { with, without, opens }, t)
+    end)
+  end
 
   it("lets detached children outlive the engine", function()
     local path = script("detach.lua", [[

@@ -166,6 +166,38 @@ void drv__pset_hold(drv_pset *s, drv_pent *e, int on);
  * memory is freed. */
 void drv__pset_del(drv_pset *s, drv_pent *e);
 
+/* ---- spawn.c: starting a child as execvp would, on a stack kept for it ---- */
+#define DRV_PATH_CACHE 16
+enum { DRV_CHILD_NULL = -1, DRV_CHILD_KEEP = -2 };
+/* What a child is to be.  fd[i] is what becomes its descriptor i: an fd
+ * above 2 (dup'ed there), i itself (drover's own, inherited: only the
+ * child's copy loses close-on-exec), DRV_CHILD_NULL (/dev/null) or
+ * DRV_CHILD_KEEP (left as it is: closed, since drover's are close-on-exec). */
+typedef struct {
+  const char *file;   /* argv[0]: looked up in envp's PATH unless it has a slash */
+  char **argv, **envp;
+  const char *cwd;    /* NULL: drover's own */
+  int fd[3];
+} drv_child;
+typedef struct {
+  char *key;          /* name NUL PATH NUL found path, one allocation; NULL: free */
+  const char *found;  /* inside key */
+  uint64_t hash, at;  /* at: when found (ms, monotonic) */
+} drv_path_entry;
+/* Per engine, inside the process module's state (zeroed): the child's
+ * stack, mapped at the first spawn and unmapped when the engine closes,
+ * and the PATH lookups of the last second. */
+typedef struct {
+  drv_res res;
+  void *stack;
+  int closed, no_clone_pidfd;
+  drv_path_entry cache[DRV_PATH_CACHE];
+} drv_spawner;
+/* Start c in a new session, every signal at its default disposition and
+ * none blocked.  Returns 0 with *pid and *pidfd (close-on-exec, ours to
+ * close) set, or an errno, and then no child is left behind. */
+int drv__spawn(drv_engine *E, drv_spawner *sp, const drv_child *c, pid_t *pid, int *pidfd);
+
 /* ---- lalloc.c: the allocator of the states drover_open makes -------------- */
 typedef struct drv_lalloc drv_lalloc;
 /* A pool for one Lua state; NULL when the build has no pool (AddressSanitizer),

@@ -34,9 +34,10 @@
  * that escaped the group are closed so the waiter is never stranded.
  *
  * Starting a process is most of what an orchestrator does, so it is done
- * the cheap way: posix_spawn (glibc: clone(CLONE_VM|CLONE_VFORK), as make
- * and the shells do), the exit watched through a pidfd on the loop and
- * reaped with waitpid.  libuv 1.44's uv_spawn fork()s instead, which here
+ * the cheap way: clone(CLONE_VM|CLONE_VFORK), as glibc's posix_spawn (what
+ * make and the shells use) does, but on a stack kept for it and with the
+ * pidfd from the clone itself (spawn.c), the exit watched through that
+ * pidfd on the loop and reaped with waitpid.  libuv 1.44's uv_spawn fork()s instead, which here
  * costs several times as much CPU in drover's own process (copying its page
  * tables, then a copy-on-write fault on every page it touches afterwards),
  * and it watches exits through a SIGCHLD handler that calls waitpid for
@@ -48,7 +49,8 @@
  * blocked, stdio from pipes, files, /dev/null or drover's own, the cwd,
  * argv[1] looked up in the *child's* PATH like execvp, a file without #!
  * run by /bin/sh like execvp -- so nothing a caller can see differs,
- * except that captured streams are pipes where libuv made socketpairs.
+ * except that captured streams are pipes where libuv made socketpairs, and
+ * that a program found in PATH is remembered for a second (spawn.c).
  * uv_spawn remains the fallback, chosen once per engine when it starts:
  * when the kernel has no pidfd_open (Linux < 5.3), or when the environment
  * says DROVER_SPAWN=uv (which keeps that path tested).
@@ -59,7 +61,6 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <signal.h>
-#include <spawn.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
@@ -85,7 +86,7 @@ typedef struct drv_proc drv_proc;
 /* One output stream of the child (stdout or stderr). */
 typedef struct {
   uv_pipe_t pipe;     /* uv_spawn: the pipe handle */
-  drv_pent ent;       /* posix_spawn: the pipe's read end, in the engine's set */
+  drv_pent ent;       /* clone: the pipe's read end, in the engine's set */
   drv_proc *p;
   int mode;
   int piped;          /* output goes through a pipe (handle initialised, or fd made) */
@@ -115,11 +116,12 @@ typedef struct {
 /* Per-engine state, a userdata anchored in the registry. */
 typedef struct {
   drv_engine *E;
-  drv_pset *set;      /* posix_spawn: every child's pidfd and pipes; made at the first */
+  drv_pset *set;      /* clone: every child's pidfd and pipes; made at the first */
+  drv_spawner spawner; /* clone: the child's stack, found programs */
   lua_State *cbL;     /* thread the output callbacks run on */
   int sigpipe_set;
   int sigchld_set;
-  int uv_spawn;       /* start children with uv_spawn, not posix_spawn */
+  int uv_spawn;       /* start children with uv_spawn, not drv__spawn */
   char scratch[DRV_READ_CHUNK];
 } drv_procs;
 
@@ -127,9 +129,9 @@ struct drv_proc {
   drv_res res;        /* engine resource: closing the engine reaches us */
   drv_procs *S;       /* NULL once the engine has closed */
   uv_loop_t *loop;
-  drv_pset *set;      /* posix_spawn: the set pident and the pipes are in; NULL with uv_spawn */
+  drv_pset *set;      /* clone: the set pident and the pipes are in; NULL with uv_spawn */
   uv_process_t watch; /* uv_spawn */
-  drv_pent pident;    /* posix_spawn: the pidfd, readable once the child exited */
+  drv_pent pident;    /* clone: the pidfd, readable once the child exited */
   uv_pipe_t in;
   uv_timer_t timer;
   drv_pout out, err;
@@ -862,7 +864,7 @@ static int drv__spawn_uv(drv_proc *p, const drv_popts *o, char **args, char **en
   return r;
 }
 
-/* ---- spawning with posix_spawn + pidfd ---- */
+/* ---- spawning with drv__spawn (clone) + pidfd ---- */
 
 static int drv__pidfd_open(pid_t pid) { return (int)syscall(SYS_pidfd_open, pid, 0); }
 
@@ -907,123 +909,29 @@ static int drv__pipe(int fds[2], int child_reads, int nonblock) {
   return 0;
 }
 
-/* Every signal, for POSIX_SPAWN_SETSIGDEF.  glibc's sigfillset leaves out
- * the real-time signals it reserves for itself (32 and 33: SIGCANCEL,
- * SIGSETXID), and its posix_spawn child sets those, when not in the
- * set-to-default set, to SIG_IGN -- which exec keeps, so every program
- * started would ignore them.  libuv's children have them at SIG_DFL like
- * all the others: add them by hand (glibc's sigset_t: bit sig-1 of an
- * array of unsigned long; posix_spawnattr_setsigdefault copies it whole). */
-static void drv__sigfill_all(sigset_t *s) {
-  const int bits = 8 * (int)sizeof(unsigned long);
-  int sig;
-  sigfillset(s);
-#if defined(__GLIBC__) && defined(__SIGRTMIN)
-  for (sig = __SIGRTMIN; sig < SIGRTMIN; sig++)
-    ((unsigned long *)(void *)s)[(sig - 1) / bits] |= 1UL << ((sig - 1) % bits);
-#else
-  (void)bits;
-  (void)sig;
-#endif
-}
-
-/* stdout/stderr (fd 1 or 2) of the child. */
-static int drv__fa_out(posix_spawn_file_actions_t *fa, int fd, int mode, int pipe_fd, int file_fd) {
+/* What the child's fd (1 or 2) is to be, for drv_child.fd. */
+static int drv__child_out(int fd, int mode, int pipe_fd, int file_fd) {
   int fl;
   switch (mode) {
   case OUT_CAPTURE:
-  case OUT_FUNC: return posix_spawn_file_actions_adddup2(fa, pipe_fd, fd);
-  case OUT_FILE: return posix_spawn_file_actions_adddup2(fa, file_fd, fd);
+  case OUT_FUNC: return pipe_fd;
+  case OUT_FILE: return file_fd;
   case OUT_INHERIT:
     /* As libuv: a closed fd stays closed in the child, and the child gets
      * it in blocking mode (shared with drover: the file description is). */
-    if ((fl = fcntl(fd, F_GETFL)) < 0) return 0;
+    if ((fl = fcntl(fd, F_GETFL)) < 0) return DRV_CHILD_KEEP;
     if (fl & O_NONBLOCK) fcntl(fd, F_SETFL, fl & ~O_NONBLOCK);
-    return posix_spawn_file_actions_adddup2(fa, fd, fd); /* dup2 to itself clears FD_CLOEXEC */
-  default: return posix_spawn_file_actions_addopen(fa, fd, "/dev/null", O_RDWR, 0);
+    return fd;
+  default: return DRV_CHILD_NULL;
   }
-}
-
-/* posix_spawn one path; like execvp, a file the kernel cannot execute
- * (ENOEXEC: a script without #!) is run by /bin/sh.  Returns an errno. */
-static int drv__spawn_file(pid_t *pid, const char *path, char **argv, char **envp,
-                           const posix_spawn_file_actions_t *fa, const posix_spawnattr_t *attr) {
-  int r = posix_spawn(pid, path, fa, attr, argv, envp);
-  if (r == ENOEXEC) {
-    size_t argc = 0;
-    char **sh;
-    while (argv[argc]) argc++;
-    sh = (char **)malloc(sizeof(char *) * (argc + 2));
-    if (sh == NULL) return ENOMEM;
-    sh[0] = (char *)"/bin/sh";
-    sh[1] = (char *)path;
-    memcpy(sh + 2, argv + 1, sizeof(char *) * argc); /* argv[1..], NULL */
-    r = posix_spawn(pid, "/bin/sh", fa, attr, sh, envp);
-    free(sh);
-  }
-  return r;
-}
-
-/* Start `file` the way execvp in the child would (that is what uv_spawn
- * does): a name with a slash is used as it is; otherwise each entry of the
- * PATH of the child's environment is tried in turn (no PATH: glibc's
- * default), an empty or relative entry being relative to the child's cwd.
- *
- * The search is ours, in drover, like make's: a candidate that does not
- * exist or that we may not execute is skipped with an access() (about 1.5
- * us), and only the one found is spawned.  posix_spawnp would search in
- * the child instead, with a failed execve per PATH entry before the right
- * one -- each several times an access(), on the child's CPU, while drover
- * waits for the exec (vfork): about 60 us of CPU per child where PATH has
- * eight entries before /usr/bin.  EACCES anywhere is what is reported
- * when nothing could be run, as execvp does.  Returns an errno. */
-static int drv__spawn_path(pid_t *pid, const char *file, const char *cwd, char **argv, char **envp,
-                           const posix_spawn_file_actions_t *fa, const posix_spawnattr_t *attr) {
-  char cand[PATH_MAX + NAME_MAX + 2], check[2 * PATH_MAX + NAME_MAX + 4];
-  const char *path = NULL, *p, *end;
-  size_t flen = strlen(file);
-  int got_eacces = 0, last = ENOENT;
-  char **e;
-  if (strchr(file, '/')) return drv__spawn_file(pid, file, argv, envp, fa, attr);
-  if (flen > NAME_MAX) return ENAMETOOLONG;
-  for (e = envp; *e; e++)
-    if (strncmp(*e, "PATH=", 5) == 0) { path = *e + 5; break; }
-  if (path == NULL) path = "/bin:/usr/bin"; /* glibc's execvp without PATH */
-  for (p = path;; p = end + 1) {
-    size_t dlen;
-    end = strchrnul(p, ':');
-    dlen = (size_t)(end - p);
-    if (dlen < PATH_MAX) {
-      const char *chk = cand;
-      int r;
-      memcpy(cand, p, dlen);
-      if (dlen) cand[dlen++] = '/';
-      memcpy(cand + dlen, file, flen + 1);
-      if (cand[0] != '/' && cwd) { /* relative to the cwd the child will have */
-        snprintf(check, sizeof check, "%s/%s", cwd, cand);
-        chk = check;
-      }
-      r = access(chk, X_OK) == 0 ? drv__spawn_file(pid, cand, argv, envp, fa, attr) : errno;
-      switch (r) {
-      case 0: return 0;
-      case EACCES: got_eacces = 1; /* fall through */
-      case ENOENT: case ESTALE: case ENOTDIR: case ENODEV: case ETIMEDOUT: last = r; break;
-      default: return r;
-      }
-    }
-    if (*end == '\0') break;
-  }
-  return got_eacces ? EACCES : last;
 }
 
 /* Returns 0 or a libuv error.  On success the child runs, its pidfd and
  * output pipes in the engine's set (each entry holding a reference); on
  * failure there is no child and nothing of it is open. */
-static int drv__spawn_posix(drv_proc *p, const drv_popts *o, char **args, char **envp, int out_fd,
+static int drv__spawn_clone(drv_proc *p, const drv_popts *o, char **args, char **envp, int out_fd,
                             int err_fd) {
-  posix_spawn_file_actions_t fa;
-  posix_spawnattr_t attr;
-  sigset_t none, all;
+  drv_child c;
   int child[3] = {-1, -1, -1}; /* the child's ends of the pipes */
   int ours[3] = {-1, -1, -1};  /* drover's ends of the output pipes (1, 2), until in the set */
   int fds[2], r = 0, e, i, pidfd;
@@ -1059,33 +967,19 @@ static int drv__spawn_posix(drv_proc *p, const drv_popts *o, char **args, char *
     child[2] = fds[1];
     ours[2] = fds[0];
   }
-  if ((e = posix_spawn_file_actions_init(&fa)) != 0) { r = -e; goto done; }
-  e = child[0] >= 0 ? posix_spawn_file_actions_adddup2(&fa, child[0], 0)
-                    : posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
-  if (!e) e = drv__fa_out(&fa, 1, p->out.mode, child[1], out_fd);
-  if (!e) e = drv__fa_out(&fa, 2, p->err.mode, child[2], err_fd);
-  if (!e && o->cwd) e = posix_spawn_file_actions_addchdir_np(&fa, o->cwd);
-  if (!e) e = posix_spawnattr_init(&attr);
-  if (!e) {
-    /* Like libuv's child: a new session, every signal at its default
-     * disposition (SIGPIPE included, which drover may ignore), none blocked. */
-    sigemptyset(&none);
-    drv__sigfill_all(&all);
-    posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSID | POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF);
-    posix_spawnattr_setsigmask(&attr, &none);
-    posix_spawnattr_setsigdefault(&attr, &all);
-    e = drv__spawn_path(&pid, args[0], o->cwd, args, envp ? envp : environ, &fa, &attr);
-    posix_spawnattr_destroy(&attr);
+  c.file = args[0];
+  c.argv = args;
+  c.envp = envp ? envp : environ;
+  c.cwd = o->cwd;
+  c.fd[0] = child[0] >= 0 ? child[0] : DRV_CHILD_NULL;
+  c.fd[1] = drv__child_out(1, p->out.mode, child[1], out_fd);
+  c.fd[2] = drv__child_out(2, p->err.mode, child[2], err_fd);
+  if ((e = drv__spawn(p->S->E, &p->S->spawner, &c, &pid, &pidfd)) != 0) {
+    r = uv_translate_sys_error(e);
+    goto done;
   }
-  posix_spawn_file_actions_destroy(&fa);
-  if (e) { r = uv_translate_sys_error(e); goto done; }
 
-  /* The child is a zombie until we reap it, so even if it has exited
-   * already its pid is still ours to open. */
-  pidfd = drv__pidfd_open(pid);
-  if (pidfd < 0) {
-    r = uv_translate_sys_error(errno);
-  } else if ((r = drv__pset_add(set, &p->pident, pidfd, drv__proc_pidfd_ready)) < 0) {
+  if ((r = drv__pset_add(set, &p->pident, pidfd, drv__proc_pidfd_ready)) < 0) {
     close(pidfd);
   } else {
     p->set = set;
@@ -1200,8 +1094,8 @@ static int drv__proc_start(lua_State *L, const char *fname, int for_run) {
       if (sigaction(SIGPIPE, NULL, &sa) == 0 && sa.sa_handler == SIG_DFL) signal(SIGPIPE, SIG_IGN);
     }
   }
-  /* Output pipes: uv_spawn makes them into handles it is given; posix_spawn
-   * puts fds into the set (drv__spawn_posix). */
+  /* Output pipes: uv_spawn makes them into handles it is given; the clone
+   * path puts fds into the set (drv__spawn_clone). */
   p->out.piped = o.out_mode == OUT_CAPTURE || o.out_mode == OUT_FUNC;
   p->err.piped = o.err_mode == OUT_CAPTURE || o.err_mode == OUT_FUNC;
   if (S->uv_spawn && p->out.piped) {
@@ -1213,7 +1107,7 @@ static int drv__proc_start(lua_State *L, const char *fname, int for_run) {
 
   p->t0 = uv_hrtime();
   if (S->uv_spawn) r = drv__spawn_uv(p, &o, args, envp, out_fd, err_fd);
-  else r = drv__spawn_posix(p, &o, args, envp, out_fd, err_fd);
+  else r = drv__spawn_clone(p, &o, args, envp, out_fd, err_fd);
   if (out_fd >= 0) close(out_fd); /* the child has its own copy now */
   if (err_fd >= 0) close(err_fd);
 
@@ -1510,10 +1404,14 @@ int drv__open_proc(lua_State *L) {
     S->cbL = lua_newthread(L);
     lua_setiuservalue(L, -2, 1); /* anchors the callback thread */
     /* How children are started, decided once per engine.  DROVER_SPAWN=uv
-     * forces libuv's uv_spawn (fork); so does a kernel without pidfds. */
+     * forces libuv's uv_spawn (fork); so does a kernel without pidfds.
+     * DROVER_SPAWN=pidfd_open starts as if clone() had refused CLONE_PIDFD
+     * (spawn.c then opens each pidfd after the clone).  Both keep a
+     * fallback tested on any kernel. */
     {
       const char *m = getenv("DROVER_SPAWN");
       S->uv_spawn = (m && strcmp(m, "uv") == 0) || !drv__have_pidfd();
+      S->spawner.no_clone_pidfd = m && strcmp(m, "pidfd_open") == 0;
     }
     lua_rawsetp(L, LUA_REGISTRYINDEX, &drv__procs_key);
   }

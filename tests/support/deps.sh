@@ -4,7 +4,7 @@
 set -euo pipefail
 pkgs=(build-essential pkg-config lua5.4 liblua5.4-dev libuv1-dev libcurl4-openssl-dev
       libssl-dev lua-cjson-dev lua-busted libsqlite3-dev sqlite3 libh2o-dev curl ca-certificates
-      python3 procps valgrind luarocks openssl clang lua-check)
+      python3 procps valgrind luarocks openssl clang lua-check strace)
 pkgs+=("$@")
 # the packages of the services the tests start (tests/services/NAME.sh packages)
 for svc in "$(dirname "$0")"/../services/*.sh; do
