@@ -4,7 +4,7 @@
 # pull from a shared counter) versus `seq N | xargs -P2 -n1 true`.
 # Not a test.  Prints, per process, the wall time of each command and the
 # CPU time drover's own process spent (not the children's), for both ways
-# drover starts children: posix_spawn + pidfd (the default) and libuv's
+# drover starts children: clone + pidfd (spawn.c, the default) and libuv's
 # uv_spawn (fork; DROVER_SPAWN=uv), and the ratio drover/xargs.
 #
 #   DROVER_BUILD=build-proc bash bench/proc.sh    (N=2000 ROUNDS=3 RUNS=2)
@@ -115,7 +115,7 @@ local function stats(xs)
   local m = median(xs)
   return m, xs[1], #xs
 end
-local labels = { drover = "posix_spawn (capture)", ["drover-null"] = "posix_spawn (null)",
+local labels = { drover = "clone (capture)", ["drover-null"] = "clone (null)",
                  ["drover-uv"] = "uv_spawn (capture)", ["drover-uv-null"] = "uv_spawn (null)",
                  xargs = "xargs -P2" }
 local order = { "drover", "drover-null", "drover-uv", "drover-uv-null", "xargs" }
