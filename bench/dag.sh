@@ -22,7 +22,10 @@
 # chain of CHAIN dependent tasks (drover vs make), where nothing overlaps.
 # drover, make and the floor are timed interleaved: each of RUNS rounds runs
 # every one of them once, in turn, so load from other work on a shared
-# machine falls on all of them alike; the median of the rounds is reported.
+# machine falls on all of them alike; the median of the rounds is reported,
+# with each command's own CPU per task (its process alone, not the `true`
+# children every runner pays alike: bench/own_cpu.py), the figure a
+# runner's overhead shows in, and one load from other work moves less.
 # Each drover run starts from a copy of an empty store made before the
 # rounds, as a user's run starts from the store their DROVER_HOME already
 # has: making a new store (its tables, the fsyncs SQLite pays for a new
@@ -96,17 +99,17 @@ interleaved() {
         drover-*) rm -rf "$DROVER_HOME"; cp -a "$work/empty-store" "$DROVER_HOME" ;;
         new-store) rm -rf "$DROVER_HOME" ;;
       esac
-      t0=$(date +%s%N)
-      $cmd >/dev/null 2>"$work/$name.err" || { echo "bench/dag: $name failed:" >&2; cat "$work/$name.err" >&2; exit 1; }
-      t1=$(date +%s%N)
-      echo "$(( t1 - t0 ))" >>"$work/$name.t"
+      # wall and the command's own CPU (not its children's): bench/own_cpu.py
+      python3 bench/own_cpu.py $cmd >>"$work/$name.t" 2>"$work/$name.err" ||
+        { echo "bench/dag: $name failed:" >&2; cat "$work/$name.err" >&2; exit 1; }
     done
     echo "bench/dag: round $round of $RUNS done" >&2
   done
   for spec in "$@"; do
     name=${spec%%=*}
-    sort -n "$work/$name.t" | awk '{ a[NR] = $1 } END { printf "{\"results\":[{\"median\":%.9f}]}\n", a[int((NR + 1) / 2)] / 1e9 }' \
-      >"$work/$name.json"
+    { sort -n -k1,1 "$work/$name.t" | awk '{ a[NR] = $1 } END { printf "%.9f ", a[int((NR + 1) / 2)] / 1e9 }'
+      sort -n -k2,2 "$work/$name.t" | awk '{ a[NR] = $2 } END { printf "%.9f", a[int((NR + 1) / 2)] / 1e9 }'
+    } | awk '{ printf "{\"results\":[{\"median\":%s,\"own_cpu\":%s}]}\n", $1, $2 }' >"$work/$name.json"
   done
 }
 DROVER_HOME=$work/empty-store "$DROVER" store migrate >/dev/null
@@ -163,11 +166,13 @@ fi
 lua5.4 - "$work" "$N" "$CHAIN" "$edges" "$snake_note" <<'LUA'
 local cjson = require "cjson"
 local work, n, chain, edges, snake_note = arg[1], tonumber(arg[2]), tonumber(arg[3]), arg[4], arg[5]
+local own = {} -- name -> median CPU of the command's own process (s)
 local function load(name)
   local f = io.open(work .. "/" .. name .. ".json")
   if not f then return nil end
   local r = cjson.decode(f:read("a")).results[1]
   f:close()
+  own[name] = r.own_cpu
   return r.median or r.mean
 end
 local d, m, s = load("drover-random"), load("make-random"), load("snakemake-random")
@@ -189,6 +194,12 @@ print(string.format("  drover     %7.3f ms/task  (%.2f s)", ms(dc, chain), dc))
 print(string.format("  make       %7.3f ms/task  (%.2f s)", ms(mc, chain), mc))
 print(string.format("  floor      %7.3f ms/task  (%.2f s)", ms(fc, chain), fc))
 print(string.format("a new store (once per DROVER_HOME, not in the drover figures): %.1f ms", new_store * 1000))
+local function us(name, k) return own[name] * 1e6 / k end
+print("own CPU per task (the runner's process, not the children it starts; median):")
+print(string.format("  DAG:    drover %.0f us, make %.0f us, floor %.0f us", us("drover-random", n),
+  us("make-random", n), us("floor-random", n)))
+print(string.format("  chain:  drover %.0f us, make %.0f us, floor %.0f us (start-up included)",
+  us("drover-chain", chain), us("make-chain", chain), us("floor-chain", chain)))
 print("ratios:")
 print(string.format("  drover/make, DAG:    %.2fx  (target <= 1.0x)", d / m))
 print(string.format("  drover/make, chain:  %.2fx  (target <= 1.0x)", dc / mc))
@@ -202,6 +213,8 @@ if s then
   print(string.format("  above make: drover %.3f ms/task, snakemake %.3f ms/task (%.1fx)",
     ms(d - m, n), ms(s - m, n), (s - m) / math.max(d - m, 1e-9)))
 end
+print(string.format("  own CPU drover/make, DAG: %.2fx, chain %.2fx", own["drover-random"] / own["make-random"],
+  own["drover-chain"] / own["make-chain"]))
 print(string.format("RESULT dag drover_make=%.2f chain_drover_make=%.2f drover_floor=%.2f chain_drover_floor=%.2f " ..
   "snakemake_drover=%s", d / m, dc / mc, d / f, dc / fc, s and string.format("%.2f", s / d) or "skipped"))
 LUA
