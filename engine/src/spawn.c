@@ -87,7 +87,7 @@ DRV_NO_SANITIZE static int drv__child_main(void *arg) {
   /* Zeroes are SIG_DFL with no flags and an empty mask in every
    * architecture's struct sigaction; 64 bytes covers the largest. */
   static const unsigned long dfl[8] = {0};
-  static const unsigned long none[2] = {0, 0};
+  static const unsigned long none[4] = {0};
   int sig, i;
   for (sig = 1; sig < _NSIG; sig++)
     if (sig != SIGKILL && sig != SIGSTOP) syscall(SYS_rt_sigaction, sig, dfl, NULL, DRV_KSIGSET);
@@ -137,8 +137,8 @@ static void drv__spawner_close(drv_res *r) {
  * *pid and *pidfd set, or an errno (no child left behind). */
 static int drv__clone(drv_spawner *sp, const drv_child *c, const char *path, char **argv, pid_t *pid,
                       int *pidfd) {
-  static const unsigned long all[2] = {~0UL, ~0UL};
-  unsigned long old[2];
+  static const unsigned long all[4] = {~0UL, ~0UL, ~0UL, ~0UL};
+  unsigned long old[4]; /* a kernel sigset_t: 8 bytes, 16 on MIPS */
   drv_cargs a;
   int fd = -1, e, flags;
   pid_t p;
