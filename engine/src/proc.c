@@ -37,23 +37,24 @@
  * the cheap way: clone(CLONE_VM|CLONE_VFORK), as glibc's posix_spawn (what
  * make and the shells use) does, but on a stack kept for it and with the
  * pidfd from the clone itself (spawn.c), the exit watched through that
- * pidfd on the loop and reaped with waitpid.  libuv 1.44's uv_spawn fork()s instead, which here
- * costs several times as much CPU in drover's own process (copying its page
- * tables, then a copy-on-write fault on every page it touches afterwards),
- * and it watches exits through a SIGCHLD handler that calls waitpid for
- * every child it has.  The pidfd and the captured output pipes are not
- * libuv handles but entries of one epoll set of the engine's (pset.c):
- * one epoll_ctl each, where a handle apiece cost five or six syscalls of
- * probing and bookkeeping.  The child is set up exactly as uv_spawn sets it up
- * -- new session, every signal at its default disposition and none
- * blocked, stdio from pipes, files, /dev/null or drover's own, the cwd,
- * argv[1] looked up in the *child's* PATH like execvp, a file without #!
- * run by /bin/sh like execvp -- so nothing a caller can see differs,
- * except that captured streams are pipes where libuv made socketpairs, and
- * that a program found in PATH is remembered for a second (spawn.c).
- * uv_spawn remains the fallback, chosen once per engine when it starts:
- * when the kernel has no pidfd_open (Linux < 5.3), or when the environment
- * says DROVER_SPAWN=uv (which keeps that path tested).
+ * pidfd on the loop and reaped with waitpid.  libuv 1.44's uv_spawn fork()s
+ * instead, which here costs several times as much CPU in drover's own
+ * process (copying its page tables, then a copy-on-write fault on every
+ * page it touches afterwards), and it watches exits through a SIGCHLD
+ * handler that calls waitpid for every child it has.  The pidfd and the
+ * captured output pipes are not libuv handles but entries of one epoll set
+ * of the engine's (pset.c): one epoll_ctl each, where a handle apiece cost
+ * five or six syscalls of probing and bookkeeping.  The child is set up
+ * exactly as uv_spawn sets it up -- new session, every signal at its
+ * default disposition and none blocked, stdio from pipes, files, /dev/null
+ * or drover's own, the cwd, argv[1] looked up in the *child's* PATH like
+ * execvp, a file without #! run by /bin/sh like execvp -- so nothing a
+ * caller can see differs, except that captured streams are pipes where
+ * libuv made socketpairs, and that a program found in PATH is remembered
+ * for a second (spawn.c).  uv_spawn remains the fallback, chosen once per
+ * engine when it starts: when the kernel has no pidfd_open (Linux < 5.3),
+ * or when the environment says DROVER_SPAWN=uv (which keeps that path
+ * tested).
  */
 #include "drover_int.h"
 
