@@ -26,8 +26,14 @@
  */
 #include "drover_int.h"
 
+#include <fcntl.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
+
+/* Chunks bigger than this are left to Lua's searcher (none is near it). */
+#define DRV_CHUNK_MAX (64 << 20)
 
 /* a older than b (modification times, to the nanosecond)? */
 static int drv__older(const struct stat *a, const struct stat *b) {
@@ -35,10 +41,41 @@ static int drv__older(const struct stat *a, const struct stat *b) {
   return a->st_mtim.tv_nsec < b->st_mtim.tv_nsec;
 }
 
+/* Load the chunk file `path` (not older than the source `ss`) as a binary
+ * chunk: one open, fstat and read, where luaL_loadfilex reads a byte,
+ * reopens the file in binary mode and reads it 4 KB at a time.  Pushes the
+ * function and returns LUA_OK, or pushes nothing and returns another code. */
+static int drv__load_chunk(lua_State *L, const char *path, const struct stat *ss) {
+  struct stat cs;
+  char *buf;
+  size_t got = 0;
+  int fd = open(path, O_RDONLY | O_CLOEXEC), rc = LUA_ERRFILE;
+  if (fd < 0) return LUA_ERRFILE;
+  if (fstat(fd, &cs) != 0 || !S_ISREG(cs.st_mode) || drv__older(&cs, ss) || cs.st_size <= 0 ||
+      cs.st_size > DRV_CHUNK_MAX || (buf = (char *)malloc((size_t)cs.st_size)) == NULL) {
+    close(fd);
+    return LUA_ERRFILE;
+  }
+  while (got < (size_t)cs.st_size) {
+    ssize_t n = read(fd, buf + got, (size_t)cs.st_size - got);
+    if (n <= 0) break; /* an error, or the file shrank: not this chunk */
+    got += (size_t)n;
+  }
+  close(fd);
+  if (got == (size_t)cs.st_size) {
+    lua_pushfstring(L, "@%s", path);
+    rc = luaL_loadbufferx(L, buf, got, lua_tostring(L, -1), "b");
+    if (rc == LUA_OK) lua_remove(L, -2); /* the name */
+    else lua_pop(L, 2);                  /* the name, the message */
+  }
+  free(buf);
+  return rc;
+}
+
 /* package.searchers entry: (name) -> loader, source path; or nothing. */
 static int drv__search_compiled(lua_State *L) {
   const char *src, *chunk;
-  struct stat ss, cs;
+  struct stat ss;
   lua_Debug ar;
   luaL_checkstring(L, 1);
   lua_settop(L, 1);
@@ -50,8 +87,7 @@ static int drv__search_compiled(lua_State *L) {
   lua_call(L, 2, 1);                                               /* 4: the source's path */
   if ((src = lua_tostring(L, 4)) == NULL) return 0; /* not on the path: Lua's searcher says so */
   chunk = lua_pushfstring(L, "%sc", src);                          /* 5 */
-  if (stat(src, &ss) != 0 || stat(chunk, &cs) != 0 || drv__older(&cs, &ss)) return 0;
-  if (luaL_loadfilex(L, chunk, "b") != LUA_OK) return 0;          /* 6: the chunk */
+  if (stat(src, &ss) != 0 || drv__load_chunk(L, chunk, &ss) != LUA_OK) return 0; /* 6: the chunk */
   lua_pushvalue(L, 6);
   if (!lua_getinfo(L, ">S", &ar) || ar.source[0] != '@' || strcmp(ar.source + 1, src) != 0) return 0;
   lua_pushvalue(L, 4); /* the loader's second argument, as Lua's searcher gives it */
