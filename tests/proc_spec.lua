@@ -779,43 +779,42 @@ describe("drover.proc through the drover binary", function()
     assert.are.equal("0 in out\nerr\n/dev/null\n/dev/null\n", read_file(out))
   end)
 
-  if not uv_mode then
-    it("takes the pidfd from the clone, or opens it after where the kernel says no", function()
-      -- DROVER_SPAWN=pidfd_open starts drover as if clone() had refused
-      -- CLONE_PIDFD (a kernel before 5.2, a seccomp filter): strace shows
-      -- which way each child's pidfd came
-      local path = script("pidfd_way.lua", [[
-        local P = require("drover").proc
-        for i = 1, 3 do assert(P.run({ "true" }).code == 0, "run " .. i) end
-        local r, msg = P.run({ "drover-no-such-program" })
-        assert(r == nil and msg:match("no such file"), msg)
-        r = assert(P.run({ "sh", "-c", "exit 7" }))
-        assert(r.code == 7)
-      ]])
-      local function trace(mode)
-        local log = tmp .. "/strace-" .. (mode or "default")
-        local r = assert(P.run({ "strace", "-f", "-e", "trace=clone,clone3,pidfd_open", "-o", log, H.drover_bin, path },
-          { env = { DROVER_SPAWN = mode or false } }))
-        assert.are.equal(0, r.code, r.stderr)
-        local t = read_file(log)
-        local with, without, opens = 0, 0, 0
-        for line in t:gmatch("[^\n]+") do
-          if line:match("clone%(") and line:match("CLONE_VFORK") then
-            if line:match("CLONE_PIDFD") then with = with + 1 else without = without + 1 end
-          elseif line:match("pidfd_open%(") and not line:match("resumed") then
-            opens = opens + 1
-          end
+  it("takes the pidfd from the clone, or opens it after where the kernel says no", function()
+    -- DROVER_SPAWN=pidfd_open starts drover as if clone() had refused
+    -- CLONE_PIDFD (a kernel before 5.2, a seccomp filter): strace shows
+    -- which way each child's pidfd came.  The child drover's DROVER_SPAWN
+    -- is set here, so the case holds in the uv_spawn run of this file too.
+    local path = script("pidfd_way.lua", [[
+      local P = require("drover").proc
+      for i = 1, 3 do assert(P.run({ "true" }).code == 0, "run " .. i) end
+      local r, msg = P.run({ "drover-no-such-program" })
+      assert(r == nil and msg:match("no such file"), msg)
+      r = assert(P.run({ "sh", "-c", "exit 7" }))
+      assert(r.code == 7)
+    ]])
+    local function trace(mode)
+      local log = tmp .. "/strace-" .. (mode or "default")
+      local r = assert(P.run({ "strace", "-f", "-e", "trace=clone,clone3,pidfd_open", "-o", log, H.drover_bin, path },
+        { env = { DROVER_SPAWN = mode or false } }))
+      assert.are.equal(0, r.code, r.stderr)
+      local t = read_file(log)
+      local with, without, opens = 0, 0, 0
+      for line in t:gmatch("[^\n]+") do
+        if line:match("clone%(") and line:match("CLONE_VFORK") then
+          if line:match("CLONE_PIDFD") then with = with + 1 else without = without + 1 end
+        elseif line:match("pidfd_open%(") and not line:match("resumed") then
+          opens = opens + 1
         end
-        return with, without, opens, t
       end
-      -- 4 children (the missing program is never cloned); the one
-      -- pidfd_open of drover's own pid is the start-up probe
-      local with, without, opens, t = trace(nil)
-      assert.are.same({ 4, 0, 1 }, { with, without, opens }, t)
-      with, without, opens, t = trace("pidfd_open")
-      assert.are.same({ 0, 4, 5 }, { with, without, opens }, t)
-    end)
-  end
+      return with, without, opens, t
+    end
+    -- 4 children (the missing program is never cloned); the one
+    -- pidfd_open of drover's own pid is the start-up probe
+    local with, without, opens, t = trace(nil)
+    assert.are.same({ 4, 0, 1 }, { with, without, opens }, t)
+    with, without, opens, t = trace("pidfd_open")
+    assert.are.same({ 0, 4, 5 }, { with, without, opens }, t)
+  end)
 
   it("lets detached children outlive the engine", function()
     local path = script("detach.lua", [[

@@ -12,10 +12,8 @@
 #include "drover.h"
 
 #include <lauxlib.h>
-#include <fcntl.h>
 #include <stdio.h>
 #include <string.h>
-#include <unistd.h>
 
 static void usage(FILE *f) {
   fputs("usage: drover FILE.lua [args...]   run a Lua script with the drover runtime\n"
@@ -58,24 +56,9 @@ static int run_command(drover *D, int argc, char **argv) {
   return rc;
 }
 
-/* Started with fd 0, 1 or 2 closed (`drover ... <&-`), the first files
- * drover opens would take those numbers: the loop's epoll fd would be
- * "stdin", and libuv refuses to close an fd below 3 (it aborts), while a
- * child told to inherit stdout would write into a database.  Fill each
- * closed one with /dev/null first, as node and the shells do. */
-static void open_missing_stdio(void) {
-  int fd, n;
-  for (fd = 0; fd <= 2; fd++) {
-    if (fcntl(fd, F_GETFD) >= 0) continue;
-    n = open("/dev/null", fd == 0 ? O_RDONLY : O_WRONLY);
-    if (n >= 0 && n != fd) close(n); /* cannot happen: the lowest free fd is fd */
-  }
-}
-
 int main(int argc, char **argv) {
   drover *D;
   int rc = 0;
-  open_missing_stdio();
   if (argc >= 2 && (strcmp(argv[1], "--version") == 0 || strcmp(argv[1], "-v") == 0)) {
     printf("drover %s (%s, libuv %s)\n", DROVER_VERSION, LUA_RELEASE, uv_version_string());
     return 0;

@@ -197,6 +197,9 @@ typedef struct {
  * none blocked.  Returns 0 with *pid and *pidfd (close-on-exec, ours to
  * close) set, or an errno, and then no child is left behind. */
 int drv__spawn(drv_engine *E, drv_spawner *sp, const drv_child *c, pid_t *pid, int *pidfd);
+/* Can this kernel give pidfds (pidfd_open, Linux 5.3)?  Asked once per
+ * engine: without them children are started with uv_spawn. */
+int drv__spawn_have_pidfd(void);
 
 /* ---- lalloc.c: the allocator of the states drover_open makes -------------- */
 typedef struct drv_lalloc drv_lalloc;

@@ -9,10 +9,12 @@
  */
 #include "drover_int.h"
 
+#include <fcntl.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
 #include <stdlib.h>
+#include <unistd.h>
 
 static const char drv__engine_key = 'E';
 
@@ -100,6 +102,21 @@ static int drv__engine_gc(lua_State *L) {
   return 0;
 }
 
+/* A process started with fd 0, 1 or 2 closed (`drover x.lua <&-`) would
+ * have the loop's epoll fd opened as "stdin", and libuv aborts when it
+ * closes an fd below 3; a child told to inherit stdout would write into
+ * whatever drover opened there.  Each closed one gets /dev/null first, as
+ * node and the shells do -- only when drover makes its own loop: a host
+ * that brings its loop has its descriptors in order already. */
+static void drv__fill_stdio(void) {
+  int fd, n;
+  for (fd = 0; fd <= 2; fd++) {
+    if (fcntl(fd, F_GETFD) >= 0) continue;
+    n = open("/dev/null", fd == 0 ? O_RDONLY : O_WRONLY);
+    if (n >= 0 && n != fd) close(n); /* cannot happen: the lowest free fd is fd */
+  }
+}
+
 void drv__engine_attach(lua_State *L, uv_loop_t *loop) {
   drv_engine *E;
   lua_rawgetp(L, LUA_REGISTRYINDEX, &drv__engine_key);
@@ -110,6 +127,7 @@ void drv__engine_attach(lua_State *L, uv_loop_t *loop) {
   if (loop) {
     E->loop = loop;
   } else {
+    drv__fill_stdio();
     if (uv_loop_init(&E->own_loop) != 0) luaL_error(L, "drover: cannot initialise the event loop");
     E->loop = &E->own_loop;
     E->owns_loop = 1;

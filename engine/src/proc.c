@@ -66,14 +66,9 @@
 #include <string.h>
 #include <strings.h>
 #include <sys/stat.h>
-#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
-
-#ifndef SYS_pidfd_open
-#define SYS_pidfd_open 434 /* Linux 5.3; the number is shared by (nearly) all architectures */
-#endif
 
 extern char **environ;
 
@@ -867,15 +862,6 @@ static int drv__spawn_uv(drv_proc *p, const drv_popts *o, char **args, char **en
 
 /* ---- spawning with drv__spawn (clone) + pidfd ---- */
 
-static int drv__pidfd_open(pid_t pid) { return (int)syscall(SYS_pidfd_open, pid, 0); }
-
-/* Can this kernel give us pidfds?  Asked once, when the engine starts. */
-static int drv__have_pidfd(void) {
-  int fd = drv__pidfd_open(getpid());
-  if (fd >= 0) { close(fd); return 1; }
-  return errno != ENOSYS && errno != EPERM && errno != EINVAL; /* EMFILE and such: it exists */
-}
-
 /* A descriptor the child is to receive as its 0, 1 or 2 must not itself be
  * 0, 1 or 2 (possible when drover runs with its own stdio closed): the
  * file action that sets up a lower fd would replace it before it is used.
@@ -1411,7 +1397,7 @@ int drv__open_proc(lua_State *L) {
      * fallback tested on any kernel. */
     {
       const char *m = getenv("DROVER_SPAWN");
-      S->uv_spawn = (m && strcmp(m, "uv") == 0) || !drv__have_pidfd();
+      S->uv_spawn = (m && strcmp(m, "uv") == 0) || !drv__spawn_have_pidfd();
       S->spawner.no_clone_pidfd = m && strcmp(m, "pidfd_open") == 0;
     }
     lua_rawsetp(L, LUA_REGISTRYINDEX, &drv__procs_key);

@@ -58,7 +58,7 @@
 #define CLONE_PIDFD 0x00001000
 #endif
 #ifndef SYS_pidfd_open
-#define SYS_pidfd_open 434
+#define SYS_pidfd_open 434 /* Linux 5.3; the number is shared by (nearly) all architectures */
 #endif
 
 #define DRV_SPAWN_STACK (64 * 1024)
@@ -287,6 +287,12 @@ static int drv__spawn_search(drv_spawner *sp, const drv_child *c, const char *pa
     if (*end == '\0') break;
   }
   return got_eacces ? EACCES : last;
+}
+
+int drv__spawn_have_pidfd(void) {
+  int fd = (int)syscall(SYS_pidfd_open, getpid(), 0);
+  if (fd >= 0) { close(fd); return 1; }
+  return errno != ENOSYS && errno != EPERM && errno != EINVAL; /* EMFILE and such: it exists */
 }
 
 int drv__spawn(drv_engine *E, drv_spawner *sp, const drv_child *c, pid_t *pid, int *pidfd) {
