@@ -42,7 +42,7 @@ build = {
     -- searcher.c, the require searcher api.c installs: lua5.4 has its own)
     ["drover.core"] = {
       sources = {
-        "engine/src/db.c", "engine/src/engine.c", "engine/src/event.c", "engine/src/fs.c",
+        "engine/src/db.c", "engine/src/dbwriter.c", "engine/src/engine.c", "engine/src/event.c", "engine/src/fs.c",
         "engine/src/http.c", "engine/src/json.c", "engine/src/lalloc.c", "engine/src/lazylib.c", "engine/src/pg.c", "engine/src/proc.c", "engine/src/pset.c",
         "engine/src/sched.c", "engine/src/server.c", "engine/src/sha256.c", "engine/src/signal.c", "engine/src/spawn.c",
         "engine/src/tar.c", "engine/src/timer.c",

@@ -602,6 +602,89 @@ describe("drover.db", function()
     end)
   end)
 
+  describe("batches written by a connection of their own (db:submit)", function()
+    it("writes every kind of value, as run and as run_rows from queue entries", function()
+      local b = dbm.batch()
+      b:run("INSERT INTO t(name, v) VALUES(?, ?)", "int", 42)
+      b:run("INSERT INTO t(name, v) VALUES(?, ?)", "float", 2.5)
+      b:run("INSERT INTO t(name, v) VALUES(?, ?)", "bool", true)
+      b:run("INSERT INTO t(name, v) VALUES(?, ?)", "nil", nil)
+      b:run("INSERT INTO t(name, v) VALUES(?, ?)", "text", "a\0b\255")
+      b:run("INSERT INTO t(name, v) VALUES(?, ?)", "blob", dbm.blob("\1\2"))
+      b:run("INSERT INTO t(name, v) VALUES(?, ?)", "empty", dbm.blob(""))
+      local sql = "INSERT INTO t(name, v) VALUES(?, ?)"
+      local entries = { { sql, 2, "r1", 1 }, { sql, 2, "r2", nil }, { sql, 2, "r3", "three" } }
+      b:run_rows("INSERT INTO t(name, v) VALUES(?, ?), (?, ?)", entries, 2, 2)
+      assert.equal(8, #b)
+      db:submit(b)
+      assert.equal(0, #b) -- handed over
+      assert.is_true(db:wait_batch())
+      assert.is_true(db:batch_done())
+      local got = {}
+      for _, r in ipairs(db:rows("SELECT name, v, typeof(v) AS ty FROM t ORDER BY id")) do
+        got[#got + 1] = { r.name, r.v, r.ty }
+      end
+      assert.same({ { "int", 42, "integer" }, { "float", 2.5, "real" }, { "bool", 1, "integer" },
+        { "nil", nil, "null" }, { "text", "a\0b\255", "text" }, { "blob", "\1\2", "blob" },
+        { "empty", "", "blob" }, { "r2", nil, "null" }, { "r3", "three", "text" } }, got)
+    end)
+
+    it("a statement that fails rolls the whole batch back, in one line naming why", function()
+      local function write(...)
+        local b = dbm.batch()
+        for _, st in ipairs({ ... }) do b:run(table.unpack(st)) end
+        db:submit(b)
+        return db:wait_batch()
+      end
+      local ins = "INSERT INTO t(name) VALUES(?)"
+      assert.same({ false, "drover.db.run: UNIQUE constraint failed: t.name" },
+        { write({ ins, "a" }, { ins, "b" }, { ins, "a" }) })
+      assert.same({ false, "drover.db.run: wrong number of parameters (the statement has 1, got 2)" },
+        { write({ ins, "c" }, { ins, "d", "e" }) })
+      assert.same({ false, "drover.db.run: no such table: nope" }, { write({ ins, "f" }, { "DELETE FROM nope" }) })
+      assert.equal(0, db:value("SELECT count(*) FROM t")) -- nothing of any of them
+      assert.is_true(write({ ins, "a" }, { ins, "b" }))
+      assert.equal(2, db:value("SELECT count(*) FROM t"))
+      assert.is_false(db:stats().in_transaction)
+    end)
+
+    it("takes one batch at a time, and refuses what it cannot write, naming it", function()
+      assert.is_true(db:wait_batch()) -- none out
+      local b = dbm.batch()
+      b:run("INSERT INTO t(name) VALUES('x')")
+      db:submit(b)
+      local b2 = dbm.batch()
+      assert.has_error(function() db:submit(b2) end,
+        "drover.db.submit: the previous batch of " .. path .. " is still out (wait_batch first)")
+      assert.is_true(db:wait_batch())
+      assert.has_error(function() b2:run("INSERT INTO t(name, v) VALUES(?, ?)", "y", {}) end,
+        "drover.db.batch.run: bad parameter #2 (nil, boolean, number, string or drover.db.blob expected, got table)")
+      assert.has_error(function() b2:run(42) end,
+        "drover.db.batch.run: bad argument 'sql' (string expected, got number)")
+      assert.has_error(function() db:submit({}) end,
+        "drover.db.submit: bad argument 'batch' (drover.db.batch expected, got table)")
+      local ro = assert(dbm.open(path, { readonly = true }))
+      assert.has_error(function() ro:submit(dbm.batch()) end, "drover.db.submit: " .. path .. " is open read-only")
+      ro:close()
+      db:close()
+      assert.has_error(function() db:submit(dbm.batch()) end, "drover.db.submit: database is closed (" .. path .. ")")
+      db = nil
+    end)
+
+    it("where the caller cannot yield, wait_batch blocks until the batch is written", function()
+      local b = dbm.batch()
+      for i = 1, 500 do b:run("INSERT INTO t(name) VALUES(?)", "n" .. i) end
+      drover.run(function()
+        db:submit(b)
+        local r
+        -- a comparator called from C: no yield possible there
+        table.sort({ 2, 1 }, function(x, y) r = r or { db:wait_batch() }; return x < y end)
+        assert.same({ true }, r)
+      end)
+      assert.equal(500, db:value("SELECT count(*) FROM t"))
+    end)
+  end)
+
   describe("several processes", function()
     local function script(name, src)
       local p = dir .. "/" .. name
@@ -651,6 +734,57 @@ describe("drover.db", function()
       d:run("INSERT INTO t(name) VALUES ('me')")
       assert.same({ { name = "holder" }, { name = "me" } }, d:rows("SELECT name FROM t ORDER BY id"))
       d:close()
+    end)
+
+    -- submit a batch of one INSERT of `name` into t on handle d
+    local function submit_insert(d, name)
+      local b = dbm.batch()
+      b:run("INSERT INTO t(name) VALUES(?)", name)
+      d:submit(b)
+    end
+
+    it("a batch waits for another process's lock on its own thread: the loop goes on", function()
+      local d = assert(dbm.open(path, { busy_timeout = 60000 }))
+      local p = hold_lock {}
+      submit_insert(d, "batch")
+      local ticks, waiter_error = 0, nil
+      drover.run(function()
+        local waiter = drover.spawn(function() return d:wait_batch() end)
+        H.wait_until(function() ticks = ticks + 1; return ticks >= 5 end, 60, "ticks while the batch waits")
+        assert.equal("waiting", waiter:status())
+        assert.is_false(d:batch_done())
+        waiter:cancel() -- the wait ends; the batch does not
+        waiter_error = select(2, pcall(waiter.join, waiter))
+        p:close() -- the holder commits: the batch goes through
+        local again = drover.spawn(function() return d:wait_batch() end)
+        assert.is_true(again:join())
+      end)
+      assert.matches("cancelled", tostring(waiter_error))
+      assert.same({ { name = "holder" }, { name = "batch" } }, d:rows("SELECT name FROM t ORDER BY id"))
+      d:close()
+    end)
+
+    it("a batch fails with 'database is locked' naming the path after busy_timeout", function()
+      local d = assert(dbm.open(path, { busy_timeout = 300 }))
+      local p = hold_lock {}
+      submit_insert(d, "batch")
+      assert.same({ false, "drover.db.run: database is locked: " .. path ..
+        " (another connection held the lock for more than 300 ms)" }, { d:wait_batch() })
+      p:close()
+      submit_insert(d, "again")
+      assert.is_true(d:wait_batch())
+      assert.same({ { name = "holder" }, { name = "again" } }, d:rows("SELECT name FROM t ORDER BY id"))
+      d:close()
+    end)
+
+    it("closing a handle with a batch out lets the batch finish", function()
+      local d = assert(dbm.open(path, { busy_timeout = 60000 }))
+      local p = hold_lock {}
+      submit_insert(d, "after close")
+      d:close() -- returns at once; the batch waits for the lock on its thread
+      p:close()
+      H.wait_until(function() return db:value("SELECT count(*) FROM t WHERE name = 'after close'") == 1 end,
+        60, "the batch of the closed handle")
     end)
 
     it("without WAL, even readers get 'database is locked'", function()
@@ -763,8 +897,83 @@ describe("drover.db", function()
   end)
 
   describe("the store's write queue", function()
+    local store_mod = require "drover.store"
+
+    local function task(id, i)
+      return { id = string.format("t%04d", i), flow_run_id = id, name = "n", kind = "task",
+        call_key = "/n#" .. i, state = "RUNNING", params = "[]", params_hash = "[]", attempts = 1, started = i }
+    end
+
+    -- another process holds the store's write lock until release() is called
+    local function hold_store_lock(home)
+      local holder = assert(drover.proc.spawn({ "sqlite3", home .. "/drover.db" }, { stdin = true }))
+      holder:write(".timeout 30000\nBEGIN IMMEDIATE;\n")
+      H.wait_until(function()
+        return drover.proc.run({ "sqlite3", "-cmd", ".timeout 10", home .. "/drover.db",
+          "BEGIN IMMEDIATE; ROLLBACK;" }).code ~= 0
+      end, 30, "the lock")
+      return function()
+        holder:write("ROLLBACK;\n")
+        holder:close()
+        holder:wait(10)
+      end
+    end
+
+    it("sends a full queue to the writer while the next fills; reads see every row once, in order", function()
+      local home = H.tempdir()
+      local s = assert(store_mod.open(home, { batch_size = 16 }))
+      local id = s:create_flow_run { name = "q", state = "RUNNING" }
+      local out = 0
+      for i = 1, 300 do
+        local t = task(id, i)
+        s:task_run_started(t)
+        s:task_run_finished(t.id, "COMPLETED", nil, nil, true, 1, i + 0.5, nil, nil)
+        s:log(id, t.id, "stdout", "line " .. i)
+        if s.inflight then out = out + 1 end
+      end
+      assert.is_true(out > 0, "no batch was written off the loop")
+      local runs = s:task_runs(id) -- a read: waits for the batch out, writes the rest
+      assert.equal(300, #runs)
+      for i, r in ipairs(runs) do
+        assert.equal(string.format("t%04d", i), r.id)
+        assert.equal("COMPLETED", r.state)
+        assert.equal(i + 0.5, r.ended)
+      end
+      local logs = s:logs(id)
+      assert.equal(300, #logs)
+      for i, l in ipairs(logs) do assert.equal("line " .. i, l.line) end
+      assert.equal(300, s:value("SELECT n FROM run_counts WHERE kind = 'task' AND state = 'COMPLETED'"))
+      s:close()
+      os.execute("rm -rf " .. home)
+    end)
+
+    it("a batch the writer cannot write comes back in front; a change queued since stays after it", function()
+      local home = H.tempdir()
+      local s = assert(store_mod.open(home, { batch_size = 4, busy_timeout = 100 }))
+      local id = s:create_flow_run { name = "q", state = "RUNNING" }
+      local release = hold_store_lock(home)
+      for i = 1, 4 do s:task_run_started(task(id, i)) end -- the fourth fills the queue: sent
+      assert.truthy(s.inflight)
+      for i = 1, 4 do s:task_run_state(string.format("t%04d", i), "SCHEDULED", "retry", 1) end
+      H.wait_until(function() return s.write_error end, 30, "the batch to fail")
+      assert.matches("database is locked", s.write_error)
+      -- changed again after the failure: must land after the SCHEDULED above
+      for i = 1, 4 do
+        s:task_run_finished(string.format("t%04d", i), "COMPLETED", nil, nil, true, 2, 10 + i, nil, nil)
+      end
+      release()
+      H.wait_until(function() return s.npending == 0 and not s.inflight and not s.write_error end, 30,
+        "the queue to be written")
+      local runs = s:task_runs(id)
+      assert.equal(4, #runs)
+      for i, r in ipairs(runs) do
+        assert.same({ string.format("t%04d", i), "COMPLETED", 2, 10 + i }, { r.id, r.state, r.attempts, r.ended })
+      end
+      s:close()
+      os.execute("rm -rf " .. home)
+    end)
+
     it("keeps a batch that fails until a later flush commits it", function()
-      local store_mod = require "drover.store"
       local home = H.tempdir()
       local s = assert(store_mod.open(home, { busy_timeout = 100 }))
       local id = s:create_flow_run { name = "q", state = "RUNNING" }
@@ -785,7 +994,8 @@ describe("drover.db", function()
       holder:close()
       holder:wait(10)
       -- tried again by itself, and written once
-      H.wait_until(function() return s.npending == 0 end, 30, "the queue to be written")
+      H.wait_until(function() return s.npending == 0 and not s.inflight and not s.write_error end, 30,
+        "the queue to be written")
       assert.is_nil(s.write_error)
       local lines = {}
       for _, l in ipairs(s:logs(id)) do lines[#lines + 1] = l.line end

@@ -28,7 +28,10 @@
  * stay on the Lua stack until the statement is reset, and the bindings are
  * cleared right after, so a statement never keeps a pointer to a string Lua
  * may collect.  The connection is opened SQLITE_OPEN_NOMUTEX: it belongs to
- * the loop thread.
+ * the loop thread.  The one exception is db:submit (dbwriter.c): a batch of
+ * writes goes to a second connection of the handle's, used by one libuv
+ * worker thread at a time, so the tracking store's rows are written beside
+ * the loop rather than on it.
  *
  * Blocking and lock waits.  SQLite calls run on the loop thread and block
  * it; for the short statements of the tracking store (a few microseconds)
@@ -104,6 +107,8 @@ typedef struct {
   int tx_began;          /* level 1 used BEGIN IMMEDIATE (else a SAVEPOINT) */
   drv_txwait *waiters;   /* threads waiting for the owner's transaction to end */
   lua_Integer prepares, hits;
+  int wal, fk;           /* as opened: the writer's connection is set up alike */
+  drv_dbw *writer;       /* batches written off the loop (dbwriter.c), or NULL */
 } drv_db;
 
 struct drv_txwait {
@@ -140,7 +145,7 @@ static drv_db *drv__check(lua_State *L, const char *fname) {
   return d;
 }
 
-static int drv__isblob(lua_State *L, int idx) {
+int drv__db_isblob(lua_State *L, int idx) {
   int r = 0;
   if (lua_getmetatable(L, idx)) {
     r = lua_rawequal(L, -1, lua_upvalueindex(2));
@@ -158,13 +163,6 @@ static void drv__nap_us(long us) {
   ts.tv_sec = us / 1000000;
   ts.tv_nsec = (us % 1000000) * 1000;
   while (nanosleep(&ts, &ts) == -1 && errno == EINTR) {}
-}
-
-/* Can this thread wait through drv__await (yield, or run the loop)? */
-static int drv__can_wait(lua_State *L) {
-  drv_engine *E = drv__engine(L);
-  if (drv__current_task(L) != NULL) return lua_isyieldable(L);
-  return E->loop_depth == 0;
 }
 
 /* Short in-SQLite naps before SQLITE_BUSY reaches us (see the top comment). */
@@ -501,7 +499,7 @@ static int drv__bind1(lua_State *L, sqlite3_stmt *st, int i, int idx) {
     return sqlite3_bind_text64(st, i, s, n, SQLITE_STATIC, SQLITE_UTF8);
   }
   case LUA_TUSERDATA:
-    if (drv__isblob(L, idx)) {
+    if (drv__db_isblob(L, idx)) {
       size_t n = lua_rawlen(L, idx);
       if (n == 0) return sqlite3_bind_zeroblob(st, i, 0);
       return sqlite3_bind_blob64(st, i, lua_touserdata(L, idx), n, SQLITE_STATIC);
@@ -846,6 +844,8 @@ static void drv__close(drv_db *d, int wake) {
     free(e);
   }
   d->cache_n = 0;
+  drv__dbw_close(d->writer); /* a batch being written finishes first, on its thread */
+  d->writer = NULL;
   if (d->db) sqlite3_close_v2(d->db);
   d->db = NULL;
   d->tx_owner = NULL;
@@ -1055,6 +1055,8 @@ static int drv__l_open(lua_State *L) {
   if (d->path == NULL) return luaL_error(L, "%s: out of memory", F);
   d->busy_ms = (int)busy;
   d->cache_max = (int)cache;
+  d->wal = wal && !readonly;
+  d->fk = fk;
   lua_newtable(L);
   lua_setiuservalue(L, -2, 1);
 
@@ -1090,6 +1092,30 @@ static int drv__l_open(lua_State *L) {
     return drv__open_fail(L, d, path, lua_tostring(L, -1));
   }
   sqlite3_busy_handler(d->db, drv__busy_handler, d);
+  return 1;
+}
+
+/* db:submit(batch): write it in one transaction on the handle's writer
+ * (dbwriter.c), without waiting. */
+static int drv__l_submit(lua_State *L) {
+  drv_db *d = drv__check(L, "drover.db.submit");
+  if (d->db == NULL) return drv__closed(L, d, "drover.db.submit");
+  if (sqlite3_db_readonly(d->db, "main") == 1)
+    return luaL_error(L, "drover.db.submit: %s is open read-only", d->path);
+  drv__dbw_submit(L, &d->writer, d->path, d->busy_ms, d->fk, d->wal, 2);
+  return 0;
+}
+
+/* db:wait_batch() -> true | false, message */
+static int drv__l_wait_batch(lua_State *L) {
+  drv_db *d = drv__check(L, "drover.db.wait_batch");
+  return drv__dbw_wait(L, d->writer);
+}
+
+/* db:batch_done() -> boolean */
+static int drv__l_batch_done(lua_State *L) {
+  drv_db *d = drv__check(L, "drover.db.batch_done");
+  lua_pushboolean(L, drv__dbw_done(d->writer));
   return 1;
 }
 
@@ -1131,6 +1157,9 @@ int drv__open_db(lua_State *L) {
       {"stats", drv__l_stats},
       {"isopen", drv__l_isopen},
       {"path", drv__l_path},
+      {"submit", drv__l_submit},
+      {"wait_batch", drv__l_wait_batch},
+      {"batch_done", drv__l_batch_done},
       {NULL, NULL}};
   static const luaL_Reg meta[] = {{"__gc", drv__l_gc},
                                   {"__close", drv__l_close},
@@ -1139,7 +1168,8 @@ int drv__open_db(lua_State *L) {
   static const luaL_Reg blobmeta[] = {{"__tostring", drv__l_blob_tostring},
                                       {"__len", drv__l_blob_len},
                                       {NULL, NULL}};
-  static const luaL_Reg funcs[] = {{"open", drv__l_open}, {"blob", drv__l_blob}, {NULL, NULL}};
+  static const luaL_Reg funcs[] = {{"open", drv__l_open}, {"blob", drv__l_blob},
+                                   {"batch", drv__dbw_new_batch}, {NULL, NULL}};
   static const luaL_Reg txfuncs[] = {{"begin", drv__l_begin}, {"finish", drv__l_finish},
                                      {"abort", drv__l_abort}, {NULL, NULL}};
   int mod = lua_gettop(L), mt, bmt, methods_idx, tx;
@@ -1160,6 +1190,7 @@ int drv__open_db(lua_State *L) {
   } while (0)
 
   DRV_SETFUNCS(bmt, blobmeta);
+  drv__dbw_register(L); /* the batch metatable; reads the blob metatable at the top */
   DRV_SETFUNCS(mt, meta);
   lua_newtable(L);
   methods_idx = lua_gettop(L);

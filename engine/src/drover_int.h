@@ -121,6 +121,9 @@ DRV_EXPORT int drv__await(lua_State *L, drv_wait *w);  /* use as: return drv__aw
 /* Like drv__await, but k(L, LUA_YIELD, kctx) produces the results after the wake. */
 int drv__awaitk(lua_State *L, drv_wait *w, lua_KFunction k, lua_KContext kctx);
 DRV_EXPORT int drv__task_cancel(drv_task *t);  /* request cancellation */
+/* Can L wait through drv__await (a task that can yield, or outside any
+ * task with the loop not running)?  Where not, drv__wait_init raises. */
+int drv__can_wait(lua_State *L);
 DRV_EXPORT void drv__wake(drv_wait *w, int nres);
 int drv__open_sched(lua_State *L);                  /* pushes nothing; adds fields to table at -1 */
 void drv__sched_init(lua_State *L);                 /* metatables, registry (idempotent) */
@@ -211,6 +214,27 @@ void drv__lalloc_free(drv_lalloc *A);
 /* lua_newstate with the pool's allocator, plus what luaL_newstate adds (the
  * panic function, warnings off until "@on"); NULL if out of memory. */
 lua_State *drv__lalloc_newstate(drv_lalloc *A);
+
+/* db.c: is the value at idx a drover.db.blob?  For functions whose
+ * upvalue 2 is the blob metatable, as db.c registers them. */
+int drv__db_isblob(lua_State *L, int idx);
+
+/* ---- dbwriter.c: batches written on a connection of their own, off the loop ---- */
+typedef struct drv_dbw drv_dbw;
+/* db:submit: start writing the drover.db.batch at idx through *slot (made
+ * on first use with these settings); raises on a wrong argument or while
+ * the previous batch is unclaimed. */
+int drv__dbw_submit(lua_State *L, drv_dbw **slot, const char *path, int busy_ms, int fk, int wal,
+                    int idx);
+/* db:wait_batch: pushes true, or false and the message (may yield). */
+int drv__dbw_wait(lua_State *L, drv_dbw *w);
+/* db:batch_done: 1 when no batch is out or its worker has finished. */
+int drv__dbw_done(drv_dbw *w);
+/* The handle closes: frees w now, or when its batch out has finished. */
+void drv__dbw_close(drv_dbw *w);
+/* Creates the drover.db.batch metatable; the blob metatable at the top. */
+void drv__dbw_register(lua_State *L);
+int drv__dbw_new_batch(lua_State *L); /* drover.db.batch() */
 
 /* ---- util -------------------------------------------------------------- */
 /* Raise "drover.MOD.FN: bad argument NAME (expected T, got U)". */

@@ -132,6 +132,12 @@ static void drv__enqueue(drv_task *t) {
 
 /* ---- waits ----------------------------------------------------------------- */
 
+int drv__can_wait(lua_State *L) {
+  drv_engine *E = drv__engine(L);
+  if (drv__current_task(L) != NULL) return lua_isyieldable(L);
+  return E->loop_depth == 0;
+}
+
 void drv__wait_init(drv_wait *w, lua_State *L) {
   drv_engine *E = drv__engine(L);
   memset(w, 0, sizeof *w);

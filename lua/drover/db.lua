@@ -35,6 +35,21 @@
 --   db:changes(), db:last_insert_rowid(), db:stats(), db:path(),
 --   db:isopen(), db:close() (idempotent; also __gc and <close>)
 --
+-- Writes off the loop thread (engine/src/dbwriter.c): a batch of
+-- statements, written in one transaction by a second connection of the
+-- handle's on a libuv worker thread, while the loop goes on:
+--
+--   batch()                 -> an empty batch; b:run(sql, ...) appends a
+--                              statement (its values copied: positional only),
+--                              b:run_rows(sql, q, i, k) one whose values are
+--                              those of entries q[i..i+k-1] ({sql, n, v1..vn});
+--                              #b is how many statements it holds
+--   db:submit(b)            starts writing b (b is left empty); one batch
+--                              per handle at a time
+--   db:batch_done()         -> true when none is out or it has been written
+--   db:wait_batch()         -> true, or false and "drover.db.run: why" (the
+--                              whole batch rolled back); yields in a task
+--
 -- Parameters are positional (`?`, one vararg each, count must match) or one
 -- table for named ones (`:name`, `@name`, `$name`; a missing key is NULL).
 -- nil -> NULL, booleans -> 0/1, integers -> INTEGER (64-bit), floats -> REAL.
@@ -48,6 +63,7 @@ local core = require "drover.core"
 local M = {
   open = core.db.open,
   blob = core.db.blob,
+  batch = core.db.batch,
 }
 
 local methods = core.db.methods

@@ -14,7 +14,10 @@
 -- Tracking must cost little: state changes of task runs are queued and
 -- written in one transaction per batch (at most `batch_size` statements, or
 -- after `batch_delay` seconds), not one transaction per statement.  Reads
--- flush the queue first, so a process always reads its own writes.
+-- flush the queue first, so a process always reads its own writes.  On
+-- SQLite a batch is written by a connection of its own on a worker thread
+-- (dialect.submit, engine/src/dbwriter.c) while this one queues the next;
+-- every other write of the store's waits for the batch out (Store:locked).
 local core = require "drover.core"
 local json = require "drover.json"
 local states = require "drover.states"
@@ -129,7 +132,7 @@ function M.open(home, opts)
   local self = setmetatable({
     db = db, dialect = D, home = home, path = dialect == "sqlite" and loc or nil,
     location = dialect == "sqlite" and loc or db:label(),
-    pending = {}, npending = 0, inserting = {}, owner = nil, unlocked = core.event(),
+    pending = {}, npending = 0, inserting = {}, owner = nil, unlocked = core.event(), inflight = nil,
     batch_size = opts.batch_size or 2000, batch_delay = opts.batch_delay or 0.05,
     flush_task = nil, write_error = nil, write_failures = 0,
   }, Store)
@@ -180,6 +183,9 @@ function Store:queue(sql, ...)
   return self:enqueue({ sql, select("#", ...), ... })
 end
 
+-- How many batches a queue may hold while the one before is written.
+local MAX_AHEAD = 4
+
 --- Queue entry `e`: {sql, number of values, values...}.
 function Store:enqueue(e)
   local n = self.npending + 1
@@ -188,11 +194,83 @@ function Store:enqueue(e)
   if self.owner then e.by = coroutine.running() end
   self.pending[n] = e
   self.npending = n
-  if n >= self.batch_size and not self.write_error then
-    self:try_flush()
-  else
-    self:schedule_flush()
+  if n < self.batch_size or self.write_error then return self:schedule_flush() end
+  if self.dialect.submit and not self.owner then
+    -- while the batch out is still being written (a checkpoint's syncs
+    -- can take the writer milliseconds), the queue grows up to
+    -- MAX_AHEAD batches rather than wait for it
+    if self.inflight and n < MAX_AHEAD * self.batch_size and not self.db:batch_done() then
+      return self:schedule_flush()
+    end
+    return self:send_queue()
   end
+  self:try_flush()
+end
+
+--- A full queue, where the dialect writes off the loop (SQLite): sent to
+-- the writer without waiting for it, after the batch sent before it (one
+-- batch out at a time: the next fills while it is written).  Nothing is
+-- raised here; a batch that fails comes back to the queue (requeue).
+function Store:send_queue()
+  if self.inflight then pcall(self.settle, self) end
+  if not (self.owner or self.inflight or self.write_error) and self.npending > 0 then
+    self:submit_queue()
+  end
+  self:schedule_flush() -- its flush sees the batch written at the latest
+end
+
+--- Hand the whole queue to the dialect's writer (self.inflight).  Returns
+-- true, or false and why (a value it cannot take: the queue is back).
+function Store:submit_queue()
+  local q, n = self.pending, self.npending
+  self.pending, self.npending, self.inserting = {}, 0, {}
+  local ok, err = pcall(self.dialect.submit, self.db, q, n)
+  if ok then
+    self.inflight = { q = q, n = n }
+    return true
+  end
+  self:requeue(q, n, tostring(err))
+  return false, tostring(err)
+end
+
+--- Wait for the batch out (submit_queue) to be written.  Returns true, or
+-- false and why: the batch is back in front of the queue and write_error
+-- says why.  One task waits on the writer; others wait for that one.
+-- Raises only when this task is cancelled while it waits (the outcome is
+-- kept for the next settle).
+function Store:settle()
+  while self.inflight do
+    local f = self.inflight
+    if f.waiter then
+      self.unlocked:clear()
+      self.unlocked:wait()
+    else
+      f.waiter = true
+      local ok, written, err = pcall(self.db.wait_batch, self.db)
+      f.waiter = nil
+      if not ok then error(written, 0) end
+      self.inflight = nil
+      self.unlocked:set()
+      if not written then
+        self:requeue(f.q, f.n, err)
+        return false, err
+      end
+      self.write_error, self.write_failures = nil, 0
+      if self.npending == 0 then self:unschedule_flush() end
+    end
+  end
+  return true
+end
+
+--- Batch q[1..n], not written, goes back in front of what was queued
+-- since, and another try is scheduled.  Its INSERTs no longer take later
+-- state changes (the `inserting` of what was queued since is kept): one
+-- queued since as an UPDATE must stay after the INSERT it changes.
+function Store:requeue(q, n, err)
+  for i = 1, self.npending do q[n + i] = self.pending[i] end
+  self.pending, self.npending = q, n + self.npending
+  self.write_error, self.write_failures = err, (self.write_failures or 0) + 1
+  self:schedule_flush()
 end
 
 -- Longest wait between two tries of a batch that failed.
@@ -244,8 +322,17 @@ end
 -- and redone.  Other tasks' flushes wait for this one (the writer lock), so
 -- batches commit in the order they were queued.
 function Store:flush()
+  if self.owner == coroutine.running() then
+    if self.npending == 0 then return end
+    return self:write_queue(true)
+  end
+  if self.inflight then
+    -- the batch out failing was this flush's try: it is back in the queue
+    -- for the retry requeue scheduled, not sent again at once
+    local ok, err = self:settle()
+    if not ok then error(err, 0) end
+  end
   if self.npending == 0 then return end
-  if self.owner == coroutine.running() then return self:write_queue(true) end
   return self:locked(self.write_queue, self, false)
 end
 
@@ -259,9 +346,15 @@ end
 function Store:locked(fn, ...)
   local me = coroutine.running()
   if self.owner == me then return fn(...) end
-  while self.owner do
-    self.unlocked:clear()
-    self.unlocked:wait()
+  -- a batch out (send_queue) is written before anything else of ours:
+  -- batches commit in the order they were queued
+  while self.owner or self.inflight do
+    if self.owner then
+      self.unlocked:clear()
+      self.unlocked:wait()
+    else
+      self:settle()
+    end
   end
   self.owner = me
   local r = table.pack(pcall(fn, ...))
@@ -273,8 +366,14 @@ end
 
 function Store:write_queue(nested)
   if self.npending == 0 then return end
+  if not nested and self.dialect.submit then -- through the writer, waited for
+    local ok, err = self:submit_queue()
+    if ok then ok, err = self:settle() end
+    if not ok then error(err, 0) end
+    return
+  end
   local db = self.db
-  local q, n, inserting = self.pending, self.npending, self.inserting
+  local q, n = self.pending, self.npending
   self.pending, self.npending, self.inserting = {}, 0, {}
   local ok, err = pcall(db.transaction, db, function() self.dialect.run_queue(db, q, n) end)
   if ok then
@@ -283,13 +382,7 @@ function Store:write_queue(nested)
     return
   end
   err = tostring(err)
-  if not nested then
-    for i = 1, self.npending do q[n + i] = self.pending[i] end
-    for id, e in pairs(self.inserting) do inserting[id] = e end
-    self.pending, self.npending, self.inserting = q, n + self.npending, inserting
-    self.write_error, self.write_failures = err, (self.write_failures or 0) + 1
-    self:schedule_flush()
-  end
+  if not nested then self:requeue(q, n, err) end
   error(err, 0)
 end
 
@@ -1076,7 +1169,7 @@ end
 -- inside a transaction or a query that would wait (for a caller outside
 -- any task: server.listen's fast path).
 function Store:change_mark(since, no_wait)
-  if no_wait and (self.npending > 0 or self.owner or self:in_transaction()) then return nil end
+  if no_wait and (self.npending > 0 or self.inflight or self.owner or self:in_transaction()) then return nil end
   self:flush()
   local state = self.mark_state
   if not state then state = {}; self.mark_state = state end

@@ -29,8 +29,10 @@ end
 -- db:run can yield.)
 local args = {}
 
---- Run q[1..n] ({sql, nargs, values...}) on `db`, at most `max_rows` rows
--- (a power of two) per multi-row INSERT.
+--- Run q[1..n] ({sql, nargs, values...}) on `db` (a connection, or a
+-- drover.db.batch, whose run_rows copies a chunk's values straight from
+-- the entries), at most `max_rows` rows (a power of two) per multi-row
+-- INSERT.
 function M.run_queue(db, q, n, max_rows)
   local i = 1
   while i <= n do
@@ -47,18 +49,22 @@ function M.run_queue(db, q, n, max_rows)
       if k == 1 then
         db:run(q[i][1], table.unpack(q[i], 3, 2 + q[i][2]))
       else
-        local m = 0
-        for r = i, i + k - 1 do
-          local ra = q[r]
-          table.move(ra, 3, 2 + ra[2], m + 1, args)
-          m = m + ra[2]
-        end
         local text = s[k]
         if not text then
           text = s.head .. " VALUES" .. string.rep(s.row, k, ",")
           s[k] = text
         end
-        db:run(text, table.unpack(args, 1, m))
+        if db.run_rows then -- a drover.db.batch reads the entries itself
+          db:run_rows(text, q, i, k)
+        else
+          local m = 0
+          for r = i, i + k - 1 do
+            local ra = q[r]
+            table.move(ra, 3, 2 + ra[2], m + 1, args)
+            m = m + ra[2]
+          end
+          db:run(text, table.unpack(args, 1, m))
+        end
       end
       i = i + k
     end
