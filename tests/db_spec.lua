@@ -671,6 +671,26 @@ describe("drover.db", function()
       db = nil
     end)
 
+    it("says so when the second connection cannot be opened, and keeps the batch", function()
+      assert.equal(0, db:value("SELECT count(*) FROM t")) -- the handle's own files are open
+      local b = dbm.batch()
+      b:run("INSERT INTO t(name) VALUES('kept')")
+      local files = {}
+      while true do -- use up every descriptor
+        local f = io.open("/dev/null")
+        if not f then break end
+        files[#files + 1] = f
+      end
+      local sent, why = db:submit(b)
+      for _, f in ipairs(files) do f:close() end
+      assert.is_false(sent)
+      assert.equal("drover.db.submit: cannot open " .. path .. " for writing: unable to open database file", why)
+      assert.equal(1, #b) -- kept
+      assert.is_true(db:submit(b))
+      assert.is_true(db:wait_batch())
+      assert.equal("kept", db:value("SELECT name FROM t"))
+    end)
+
     it("where the caller cannot yield, wait_batch blocks until the batch is written", function()
       local b = dbm.batch()
       for i = 1, 500 do b:run("INSERT INTO t(name) VALUES(?)", "n" .. i) end

@@ -1095,15 +1095,14 @@ static int drv__l_open(lua_State *L) {
   return 1;
 }
 
-/* db:submit(batch): write it in one transaction on the handle's writer
- * (dbwriter.c), without waiting. */
+/* db:submit(batch) -> true | false, message: write it in one transaction
+ * on the handle's writer (dbwriter.c), without waiting. */
 static int drv__l_submit(lua_State *L) {
   drv_db *d = drv__check(L, "drover.db.submit");
   if (d->db == NULL) return drv__closed(L, d, "drover.db.submit");
   if (sqlite3_db_readonly(d->db, "main") == 1)
     return luaL_error(L, "drover.db.submit: %s is open read-only", d->path);
-  drv__dbw_submit(L, &d->writer, d->path, d->busy_ms, d->fk, d->wal, 2);
-  return 0;
+  return drv__dbw_submit(L, &d->writer, d->path, d->busy_ms, d->fk, d->wal, 2);
 }
 
 /* db:wait_batch() -> true | false, message */

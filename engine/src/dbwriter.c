@@ -8,8 +8,12 @@
  *   b:run_rows(sql, q, i, k)       append one statement whose values are
  *                                  those of the queue entries q[i..i+k-1]
  *                                  ({sql, n, v1..vn}), one after the other
- *   db:submit(b)                   start writing b (b is left empty); one
- *                                  batch per connection at a time
+ *   db:submit(b) -> true | false, message
+ *                                  start writing b (b is left empty); one
+ *                                  batch per connection at a time.  false:
+ *                                  the writer's connection cannot be opened
+ *                                  (no descriptor left...): b is kept, for
+ *                                  the caller to write another way
  *   db:batch_done() -> boolean     is no batch out, or has it been written
  *                                  (wait_batch would not wait)?
  *   db:wait_batch() -> true | false, message
@@ -27,7 +31,7 @@
  * copy.
  *
  * Rules (db.c's header says the rest):
- *   - The writer has its own connection, opened by its first batch with the
+ *   - The writer has its own connection, opened at the first submit with the
  *     handle's settings (busy_timeout, synchronous=NORMAL under WAL,
  *     foreign_keys).  A lock held by another process is waited for in the
  *     worker thread with SQLite's own busy_timeout: blocking there blocks
@@ -391,7 +395,8 @@ static int drv__wbind(sqlite3_stmt *st, int i, const drv_batch *b, const drv_bva
   }
 }
 
-/* Open the writer's connection with the handle's settings (worker thread). */
+/* Open the writer's connection with the handle's settings (on the loop
+ * thread, at the first submit: a failure is then the caller's to handle). */
 static int drv__wopen(drv_dbw *w) {
   int rc = sqlite3_open_v2(w->path, &w->db, SQLITE_OPEN_NOMUTEX | SQLITE_OPEN_READWRITE, NULL);
   if (rc != SQLITE_OK) return rc;
@@ -409,13 +414,6 @@ static char *drv__write(drv_dbw *w, const drv_batch *b) {
   int rc, np;
   sqlite3_stmt *st = NULL;
   char *msg = NULL;
-  if (w->db == NULL && (rc = drv__wopen(w)) != SQLITE_OK) {
-    msg = drv__msgf("drover.db.run: cannot open %s for writing: %s", w->path,
-                    w->db ? sqlite3_errmsg(w->db) : sqlite3_errstr(rc));
-    if (w->db) sqlite3_close_v2(w->db);
-    w->db = NULL;
-    return msg;
-  }
   rc = sqlite3_exec(w->db, "BEGIN IMMEDIATE", NULL, NULL, NULL);
   for (k = 0; rc == SQLITE_OK && b && k < b->nstmts; k++) {
     const drv_bstmt *s = &b->stmts[k];
@@ -542,6 +540,15 @@ int drv__dbw_submit(lua_State *L, drv_dbw **slot, const char *path, int busy_ms,
   w->busy_ms = busy_ms;
   w->fk = fk;
   w->wal = wal;
+  if (w->db == NULL && (rc = drv__wopen(w)) != SQLITE_OK) {
+    /* no descriptor left, say: the caller writes on its own connection */
+    lua_pushboolean(L, 0);
+    lua_pushfstring(L, "%s: cannot open %s for writing: %s", F, path,
+                    w->db ? sqlite3_errmsg(w->db) : sqlite3_errstr(rc));
+    if (w->db) sqlite3_close_v2(w->db);
+    w->db = NULL;
+    return 2;
+  }
   j = (drv_dbjob *)calloc(1, sizeof *j);
   if (j == NULL) return luaL_error(L, "%s: out of memory", F);
   j->w = w;
@@ -556,7 +563,8 @@ int drv__dbw_submit(lua_State *L, drv_dbw **slot, const char *path, int busy_ms,
   w->job = j;
   w->running++;
   drv__res_link(E, &j->res, drv__job_res_close);
-  return 0;
+  lua_pushboolean(L, 1);
+  return 1;
 }
 
 int drv__dbw_wait(lua_State *L, drv_dbw *w) {

@@ -222,8 +222,9 @@ int drv__db_isblob(lua_State *L, int idx);
 /* ---- dbwriter.c: batches written on a connection of their own, off the loop ---- */
 typedef struct drv_dbw drv_dbw;
 /* db:submit: start writing the drover.db.batch at idx through *slot (made
- * on first use with these settings); raises on a wrong argument or while
- * the previous batch is unclaimed. */
+ * on first use with these settings) and push true; push false and a
+ * message when the writer's connection cannot be opened; raises on a wrong
+ * argument or while the previous batch is unclaimed.  Returns the count. */
 int drv__dbw_submit(lua_State *L, drv_dbw **slot, const char *path, int busy_ms, int fk, int wal,
                     int idx);
 /* db:wait_batch: pushes true, or false and the message (may yield). */

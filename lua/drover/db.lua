@@ -44,8 +44,10 @@
 --                              b:run_rows(sql, q, i, k) one whose values are
 --                              those of entries q[i..i+k-1] ({sql, n, v1..vn});
 --                              #b is how many statements it holds
---   db:submit(b)            starts writing b (b is left empty); one batch
---                              per handle at a time
+--   db:submit(b)            -> true: writing b has started (b is left
+--                              empty); one batch per handle at a time;
+--                              false and why: the second connection cannot
+--                              be opened (no descriptor left), b is kept
 --   db:batch_done()         -> true when none is out or it has been written
 --   db:wait_batch()         -> true, or false and "drover.db.run: why" (the
 --                              whole batch rolled back); yields in a task

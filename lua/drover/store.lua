@@ -214,23 +214,27 @@ end
 function Store:send_queue()
   if self.inflight then pcall(self.settle, self) end
   if not (self.owner or self.inflight or self.write_error) and self.npending > 0 then
-    self:submit_queue()
+    if self:submit_queue() == nil then return self:try_flush() end
   end
   self:schedule_flush() -- its flush sees the batch written at the latest
 end
 
 --- Hand the whole queue to the dialect's writer (self.inflight).  Returns
--- true, or false and why (a value it cannot take: the queue is back).
+-- true; false and why (a value it cannot take: the queue is back, to be
+-- tried again); or nil and why when there is no writer now (its connection
+-- cannot be opened: no descriptor left, say), the queue untouched, for
+-- the caller to write on the store's own connection.
 function Store:submit_queue()
   local q, n = self.pending, self.npending
+  local ok, sent, why = pcall(self.dialect.submit, self.db, q, n)
+  if ok and not sent then return nil, why end
   self.pending, self.npending, self.inserting = {}, 0, {}
-  local ok, err = pcall(self.dialect.submit, self.db, q, n)
   if ok then
     self.inflight = { q = q, n = n }
     return true
   end
-  self:requeue(q, n, tostring(err))
-  return false, tostring(err)
+  self:requeue(q, n, tostring(sent))
+  return false, tostring(sent)
 end
 
 --- Wait for the batch out (submit_queue) to be written.  Returns true, or
@@ -368,9 +372,12 @@ function Store:write_queue(nested)
   if self.npending == 0 then return end
   if not nested and self.dialect.submit then -- through the writer, waited for
     local ok, err = self:submit_queue()
-    if ok then ok, err = self:settle() end
-    if not ok then error(err, 0) end
-    return
+    if ok ~= nil then
+      if ok then ok, err = self:settle() end
+      if not ok then error(err, 0) end
+      return
+    end
+    -- no writer now: written below, on the store's own connection
   end
   local db = self.db
   local q, n = self.pending, self.npending

@@ -162,11 +162,13 @@ function D.run_queue(db, q, n) return run_queue(db, q, n, 32) end
 --- Send q[1..n] to the connection's writer (engine/src/dbwriter.c): one
 -- transaction on a connection of its own, on a libuv worker thread, so the
 -- loop goes on queueing while it is written; db:wait_batch() tells how it
--- went.  Raises only on a value SQLite cannot take.
+-- went.  Returns true, or false and why when the writer's connection
+-- cannot be opened (no descriptor left); raises on a value SQLite cannot
+-- take.
 function D.submit(db, q, n)
   local b = core.db.batch()
   run_queue(b, q, n, 32)
-  db:submit(b)
+  return db:submit(b)
 end
 
 --- Log lines are stored as they are (TEXT, byte for byte).
