@@ -115,7 +115,7 @@ static int drv__grow(void **p, size_t *cap, size_t used, size_t n, size_t sz) {
 
 static size_t drv__bytes_add(lua_State *L, drv_batch *b, const char *s, size_t n) {
   size_t off = b->nbytes;
-  if (drv__grow((void **)&b->bytes, &b->capbytes, b->nbytes, n ? n : 1, 1) != 0)
+  if (off + n > b->capbytes && drv__grow((void **)&b->bytes, &b->capbytes, off, n ? n : 1, 1) != 0)
     luaL_error(L, "drover.db.batch: out of memory");
   if (n) memcpy(b->bytes + off, s, n);
   b->nbytes += n;
@@ -132,20 +132,25 @@ static drv_batch *drv__batch_of(lua_State *L, const char *fname) {
   return u->b;
 }
 
-/* Copy the value at idx as parameter number `pos` of the statement being
- * appended; raises on a value SQLite cannot take (db.c's wording). */
-static void drv__bval_add(lua_State *L, drv_batch *b, int idx, const char *fname, size_t pos) {
+/* Copy the value at idx, of Lua type `type`, as parameter number `pos` of
+ * the statement being appended; raises on a value SQLite cannot take
+ * (db.c's wording).  (Per value of every task run: the checks that need no
+ * call come first.) */
+static void drv__bval_add(lua_State *L, drv_batch *b, int idx, int type, const char *fname, size_t pos) {
   drv_bval *v;
   const char *s;
   size_t n;
-  if (drv__grow((void **)&b->vals, &b->capvals, b->nvals, 1, sizeof *b->vals) != 0)
+  if (b->nvals == b->capvals &&
+      drv__grow((void **)&b->vals, &b->capvals, b->nvals, 1, sizeof *b->vals) != 0)
     luaL_error(L, "%s: out of memory", fname);
   v = &b->vals[b->nvals];
-  switch (lua_type(L, idx)) {
+  switch (type) {
   case LUA_TNIL: v->type = SQLITE_NULL; break;
-  case LUA_TBOOLEAN:
-    v->type = SQLITE_INTEGER;
-    v->v.i = lua_toboolean(L, idx);
+  case LUA_TSTRING:
+    s = lua_tolstring(L, idx, &n);
+    v->type = SQLITE_TEXT;
+    v->len = n;
+    v->v.off = drv__bytes_add(L, b, s, n);
     break;
   case LUA_TNUMBER:
     if (lua_isinteger(L, idx)) {
@@ -156,11 +161,9 @@ static void drv__bval_add(lua_State *L, drv_batch *b, int idx, const char *fname
       v->v.f = lua_tonumber(L, idx);
     }
     break;
-  case LUA_TSTRING:
-    s = lua_tolstring(L, idx, &n);
-    v->type = SQLITE_TEXT;
-    v->len = n;
-    v->v.off = drv__bytes_add(L, b, s, n);
+  case LUA_TBOOLEAN:
+    v->type = SQLITE_INTEGER;
+    v->v.i = lua_toboolean(L, idx);
     break;
   case LUA_TUSERDATA:
     if (drv__db_isblob(L, idx)) {
@@ -211,7 +214,7 @@ static int drv__l_batch_run(lua_State *L) {
   /* n counts as values are added: a batch an append raised in stays
    * consistent, and fails as a whole if it is submitted anyway */
   for (i = 3; i <= top; i++) {
-    drv__bval_add(L, b, i, F, (size_t)(i - 2));
+    drv__bval_add(L, b, i, lua_type(L, i), F, (size_t)(i - 2));
     b->stmts[b->nstmts - 1].n++;
   }
   return 0;
@@ -224,10 +227,12 @@ static int drv__l_batch_run_rows(lua_State *L) {
   drv_batch *b = drv__batch_of(L, F);
   lua_Integer i, k, r, j, nv;
   size_t first;
+  drv_bstmt *st;
   luaL_checktype(L, 3, LUA_TTABLE);
   i = luaL_checkinteger(L, 4);
   k = luaL_checkinteger(L, 5);
   drv__bstmt_add(L, b, 2, F);
+  st = &b->stmts[b->nstmts - 1]; /* stmts does not grow while values are added */
   first = b->nvals;
   for (r = i; r < i + k; r++) {
     if (lua_rawgeti(L, 3, r) != LUA_TTABLE) luaL_error(L, "%s: entry %d is not a table", F, (int)r);
@@ -235,9 +240,9 @@ static int drv__l_batch_run_rows(lua_State *L) {
     nv = lua_tointeger(L, -1);
     lua_pop(L, 1);
     for (j = 1; j <= nv; j++) {
-      lua_rawgeti(L, -1, 2 + j);
-      drv__bval_add(L, b, -1, F, b->nvals - first + 1);
-      b->stmts[b->nstmts - 1].n++;
+      int t = lua_rawgeti(L, -1, 2 + j);
+      drv__bval_add(L, b, -1, t, F, b->nvals - first + 1);
+      st->n++;
       lua_pop(L, 1);
     }
     lua_pop(L, 1);

@@ -647,6 +647,10 @@ function Store:task_run_finished(id, state, message, result, result_ok, attempts
   if e and (flow_run_id == nil or e[4] == flow_run_id) then
     e[I_STATE], e[I_MESSAGE], e[I_RESULT], e[I_RESULT_OK] = state, message, result, result_ok and 1 or 0
     e[I_ATTEMPTS], e[I_ENDED], e[I_EXPIRES], e[I_REUSED] = attempts, ended, cache_expires, reused_from
+    -- its end is its last change: the map keeps only the runs still going
+    -- (a map of every run of a batch, rehashed as it grew, cost ~1.4k
+    -- instructions a task run)
+    self.inserting[id] = nil
     return
   end
   self:queue([[UPDATE task_runs SET state = ?, message = ?, result = ?, result_ok = ?,
