@@ -185,6 +185,12 @@ end
 
 -- How many batches a queue may hold while the one before is written.
 local MAX_AHEAD = 4
+-- Fewer queued writes than this are written on the store's own connection
+-- when flushed (the batch_delay timer, a read): handing them to the writer
+-- costs a thread's wake-up each way and a cold cache, more than the rows
+-- (bench/dag.sh, drover's own CPU per task: 229-230 us this way, 239-268
+-- us with every flush handed over).
+local SMALL_BATCH = 256
 
 --- Queue entry `e`: {sql, number of values, values...}.
 function Store:enqueue(e)
@@ -370,7 +376,7 @@ end
 
 function Store:write_queue(nested)
   if self.npending == 0 then return end
-  if not nested and self.dialect.submit then -- through the writer, waited for
+  if not nested and self.dialect.submit and self.npending >= SMALL_BATCH then -- through the writer, waited for
     local ok, err = self:submit_queue()
     if ok ~= nil then
       if ok then ok, err = self:settle() end
