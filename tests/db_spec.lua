@@ -612,10 +612,11 @@ describe("drover.db", function()
       b:run("INSERT INTO t(name, v) VALUES(?, ?)", "text", "a\0b\255")
       b:run("INSERT INTO t(name, v) VALUES(?, ?)", "blob", dbm.blob("\1\2"))
       b:run("INSERT INTO t(name, v) VALUES(?, ?)", "empty", dbm.blob(""))
+      b:run("INSERT INTO t(name, v) VALUES(?, ?)", "empty text", "")
       local sql = "INSERT INTO t(name, v) VALUES(?, ?)"
       local entries = { { sql, 2, "r1", 1 }, { sql, 2, "r2", nil }, { sql, 2, "r3", "three" } }
       b:run_rows("INSERT INTO t(name, v) VALUES(?, ?), (?, ?)", entries, 2, 2)
-      assert.equal(8, #b)
+      assert.equal(9, #b)
       db:submit(b)
       assert.equal(0, #b) -- handed over
       assert.is_true(db:wait_batch())
@@ -626,7 +627,7 @@ describe("drover.db", function()
       end
       assert.same({ { "int", 42, "integer" }, { "float", 2.5, "real" }, { "bool", 1, "integer" },
         { "nil", nil, "null" }, { "text", "a\0b\255", "text" }, { "blob", "\1\2", "blob" },
-        { "empty", "", "blob" }, { "r2", nil, "null" }, { "r3", "three", "text" } }, got)
+        { "empty", "", "blob" }, { "empty text", "", "text" }, { "r2", nil, "null" }, { "r3", "three", "text" } }, got)
     end)
 
     it("a statement that fails rolls the whole batch back, in one line naming why", function()

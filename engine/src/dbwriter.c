@@ -100,22 +100,11 @@ static void drv__batch_free(drv_batch *b) {
   free(b);
 }
 
-/* Make room for n more elements of size sz in *p (capacity *cap). */
-static int drv__grow(void **p, size_t *cap, size_t used, size_t n, size_t sz) {
-  size_t c = *cap ? *cap : 16;
-  void *q;
-  if (used + n <= *cap) return 0;
-  while (c < used + n) c *= 2;
-  q = realloc(*p, c * sz);
-  if (q == NULL) return -1;
-  *p = q;
-  *cap = c;
-  return 0;
-}
-
 static size_t drv__bytes_add(lua_State *L, drv_batch *b, const char *s, size_t n) {
   size_t off = b->nbytes;
-  if (off + n > b->capbytes && drv__grow((void **)&b->bytes, &b->capbytes, off, n ? n : 1, 1) != 0)
+  /* at least one byte: an empty string binds from a non-NULL pointer, as
+   * TEXT '' (SQLite binds a NULL pointer as NULL) */
+  if (off + n >= b->capbytes && drv__grow((void **)&b->bytes, &b->capbytes, off + n + 1, 1, 256) != 0)
     luaL_error(L, "drover.db.batch: out of memory");
   if (n) memcpy(b->bytes + off, s, n);
   b->nbytes += n;
@@ -141,7 +130,7 @@ static void drv__bval_add(lua_State *L, drv_batch *b, int idx, int type, const c
   const char *s;
   size_t n;
   if (b->nvals == b->capvals &&
-      drv__grow((void **)&b->vals, &b->capvals, b->nvals, 1, sizeof *b->vals) != 0)
+      drv__grow((void **)&b->vals, &b->capvals, b->nvals + 1, sizeof *b->vals, 16) != 0)
     luaL_error(L, "%s: out of memory", fname);
   v = &b->vals[b->nvals];
   switch (type) {
@@ -188,7 +177,7 @@ static drv_bstmt *drv__bstmt_add(lua_State *L, drv_batch *b, int idx, const char
   drv_bstmt *st, *prev;
   if (lua_type(L, idx) != LUA_TSTRING) drv__argerror(L, fname, "sql", "string", idx);
   sql = lua_tolstring(L, idx, &n);
-  if (drv__grow((void **)&b->stmts, &b->capstmts, b->nstmts, 1, sizeof *b->stmts) != 0)
+  if (drv__grow((void **)&b->stmts, &b->capstmts, b->nstmts + 1, sizeof *b->stmts, 16) != 0)
     luaL_error(L, "%s: out of memory", fname);
   st = &b->stmts[b->nstmts];
   prev = b->nstmts ? st - 1 : NULL;

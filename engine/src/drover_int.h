@@ -238,6 +238,9 @@ void drv__dbw_register(lua_State *L);
 int drv__dbw_new_batch(lua_State *L); /* drover.db.batch() */
 
 /* ---- util -------------------------------------------------------------- */
+/* Make the array *p (capacity *cap elements of `elem` bytes) hold at least
+ * `need`, doubling from `first`; 0, or -1 when out of memory (*p is kept). */
+int drv__grow(void **p, size_t *cap, size_t need, size_t elem, size_t first);
 /* Raise "drover.MOD.FN: bad argument NAME (expected T, got U)". */
 DRV_EXPORT int drv__argerror(lua_State *L, const char *fname, const char *argname,
                              const char *expected, int idx);

@@ -150,6 +150,20 @@ void drv__engine_attach(lua_State *L, uv_loop_t *loop) {
   drv__sched_init(L);
 }
 
+/* ---- buffers ---------------------------------------------------------------- */
+
+int drv__grow(void **p, size_t *cap, size_t need, size_t elem, size_t first) {
+  size_t c = *cap ? *cap : first;
+  void *np;
+  if (need <= *cap) return 0;
+  while (c < need) c *= 2;
+  np = realloc(*p, c * elem);
+  if (np == NULL) return -1;
+  *p = np;
+  *cap = c;
+  return 0;
+}
+
 /* ---- argument helpers --------------------------------------------------- */
 
 int drv__argerror(lua_State *L, const char *fname, const char *argname,

@@ -102,18 +102,6 @@ struct drv_http {
 
 /* ---- small helpers --------------------------------------------------------- */
 
-static int drv__grow(char **p, size_t *cap, size_t need) {
-  size_t c = *cap ? *cap : 1024;
-  char *np;
-  if (need <= *cap) return 0;
-  while (c < need) c *= 2;
-  np = (char *)realloc(*p, c);
-  if (np == NULL) return -1;
-  *p = np;
-  *cap = c;
-  return 0;
-}
-
 /* Copy url without "user:password@" so it can go into messages. */
 static char *drv__redact_url(const char *url) {
   const char *scheme = strstr(url, "://"), *at, *end;
@@ -426,7 +414,7 @@ static size_t drv__curl_header_cb(char *p, size_t size, size_t n, void *ud) {
   }
   if (end == 0) return len;
   if ((p[0] == ' ' || p[0] == '\t') && r->hdrs_len > 0) {
-    if (drv__grow(&r->hdrs, &r->hdrs_cap, r->hdrs_len + end + 2) != 0) {
+    if (drv__grow((void **)&r->hdrs, &r->hdrs_cap, r->hdrs_len + end + 2, 1, 1024) != 0) {
       r->oom = 1;
       return 0;
     }
@@ -442,7 +430,7 @@ static size_t drv__curl_header_cb(char *p, size_t size, size_t n, void *ud) {
   i = colon + 1;
   while (i < end && (p[i] == ' ' || p[i] == '\t')) i++;
   while (end > i && (p[end - 1] == ' ' || p[end - 1] == '\t')) end--;
-  if (drv__grow(&r->hdrs, &r->hdrs_cap, r->hdrs_len + colon + (end - i) + 2) != 0) {
+  if (drv__grow((void **)&r->hdrs, &r->hdrs_cap, r->hdrs_len + colon + (end - i) + 2, 1, 1024) != 0) {
     r->oom = 1;
     return 0;
   }
@@ -512,7 +500,7 @@ static size_t drv__curl_write_cb(char *p, size_t size, size_t n, void *ud) {
     lua_settop(C, 1);
     return r->cancelled ? 0 : len;
   }
-  if (drv__grow(&r->body, &r->body_cap, r->body_len + len + 1) != 0) {
+  if (drv__grow((void **)&r->body, &r->body_cap, r->body_len + len + 1, 1, 1024) != 0) {
     r->oom = 1;
     return 0;
   }
